@@ -1,0 +1,181 @@
+//! Orchestration at the CLI edge: load a policy, gather the facts the compiler
+//! needs from the running system, compile, and load — with an optional
+//! commit-confirm that rolls back unless `egret confirm` comes in time.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::nft::Nftables;
+use crate::kernel::sockets;
+use crate::policy::{self, Policy, PolicyErrors, SystemAccounts};
+use crate::ruleset::{compile, CompileInput, Ruleset};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/egret";
+const PENDING_FILE: &str = "pending-confirm.json";
+const ROLLBACK_LOG: &str = "last-rollback.json";
+
+pub fn load_policy(path: &Path) -> std::result::Result<Policy, PolicyErrors> {
+    policy::load(path, &SystemAccounts)
+}
+
+/// Compiles `policy` against the system as it is now (unit cgroups, open connections).
+pub fn compile_live(policy: &Policy) -> Result<Ruleset> {
+    let units = crate::cgroup::resolve_units(policy.rules.iter().flat_map(|r| &r.units));
+    let open_flows = sockets::open_flows().context("listing open connections (sock_diag)")?;
+    Ok(compile(policy, &CompileInput { units, open_flows }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pending {
+    pub deadline_unix: u64,
+    pub token: u64,
+    /// What to restore: the table that was live before, or none.
+    pub previous: Option<Ruleset>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub at_unix: u64,
+    pub restored_previous: bool,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn pending_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(PENDING_FILE)
+}
+
+pub fn read_pending(state_dir: &Path) -> Option<Pending> {
+    let text = std::fs::read_to_string(pending_path(state_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Loads `rs`. With `confirm`, first records what was live and starts a
+/// detached watcher that restores it after the timeout unless confirmed.
+pub fn apply(rs: &Ruleset, confirm: Option<Duration>, state_dir: &Path) -> Result<()> {
+    let mut nft = Nftables::open().context("opening nf_tables netlink")?;
+    let Some(timeout) = confirm else {
+        nft.apply(rs).context("loading the ruleset")?;
+        return Ok(());
+    };
+    if let Some(p) = read_pending(state_dir) {
+        bail!(
+            "an apply is already waiting for confirmation (rollback in {} s); run `egret confirm` or wait for the rollback",
+            p.deadline_unix.saturating_sub(now_unix())
+        );
+    }
+    let previous = nft
+        .read()
+        .context("reading the live ruleset to roll back to")?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    let token = u64::from(std::process::id()) << 32 | (now_unix() & 0xffff_ffff);
+    let pending = Pending {
+        deadline_unix: now_unix() + timeout.as_secs().max(1),
+        token,
+        previous,
+    };
+    write_atomic(&pending_path(state_dir), &serde_json::to_vec(&pending)?)?;
+    if let Err(e) = spawn_watcher(state_dir, token) {
+        let _ = std::fs::remove_file(pending_path(state_dir));
+        return Err(e.context("starting the rollback watcher; nothing was applied"));
+    }
+    if let Err(e) = nft.apply(rs) {
+        let _ = std::fs::remove_file(pending_path(state_dir));
+        return Err(anyhow::Error::new(e).context("loading the ruleset"));
+    }
+    Ok(())
+}
+
+/// The watcher runs in its own session, so closing the terminal (or losing
+/// the SSH connection) that ran `apply` does not stop the rollback.
+fn spawn_watcher(state_dir: &Path, token: u64) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().context("finding egret's own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("rollback-watch")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--token")
+        .arg(token.to_string());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    cmd.spawn().context("spawning `egret rollback-watch`")?;
+    Ok(())
+}
+
+/// Body of the hidden `rollback-watch` command.
+pub fn watch_and_roll_back(state_dir: &Path, token: u64) -> Result<()> {
+    loop {
+        let Some(pending) = read_pending(state_dir) else {
+            return Ok(());
+        };
+        if pending.token != token {
+            return Ok(());
+        }
+        let now = now_unix();
+        if now >= pending.deadline_unix {
+            // Claim the pending file first: if `egret confirm` removed it a moment
+            // ago, the rename fails and nothing is rolled back.
+            let claimed = pending_path(state_dir).with_extension("rolling-back");
+            if std::fs::rename(pending_path(state_dir), &claimed).is_err() {
+                return Ok(());
+            }
+            let mut nft = Nftables::open()?;
+            match &pending.previous {
+                Some(previous) => nft.apply(previous)?,
+                None => nft.remove()?,
+            }
+            let record = RollbackRecord {
+                at_unix: now,
+                restored_previous: pending.previous.is_some(),
+            };
+            let _ = write_atomic(&state_dir.join(ROLLBACK_LOG), &serde_json::to_vec(&record)?);
+            let _ = std::fs::remove_file(&claimed);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(
+            ((pending.deadline_unix - now) * 1000).min(250),
+        ));
+    }
+}
+
+/// `egret confirm`: keeps the applied ruleset. False when nothing was pending.
+pub fn confirm(state_dir: &Path) -> Result<bool> {
+    match std::fs::remove_file(pending_path(state_dir)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pending_path(state_dir).display())),
+    }
+}
+
+pub fn last_rollback(state_dir: &Path) -> Option<RollbackRecord> {
+    serde_json::from_str(&std::fs::read_to_string(state_dir.join(ROLLBACK_LOG)).ok()?).ok()
+}

@@ -1,0 +1,7 @@
+//! Everything that talks to the kernel. One submodule per interface:
+//! `nft` (nf_tables), `sockets` (sock_diag). Callers use small types from
+//! `crate::ruleset`; no netlink detail leaks out.
+
+pub mod netlink;
+pub mod nft;
+pub mod sockets;

@@ -1,0 +1,9 @@
+//! egret: a default-deny egress firewall that turns every blocked outbound
+//! attempt into an intrusion signal. See docs/architecture.md for the map.
+
+pub mod apply;
+pub mod cgroup;
+pub mod cli;
+pub mod kernel;
+pub mod policy;
+pub mod ruleset;

@@ -1,0 +1,143 @@
+//! The policy model: what a user wrote in `policy.toml`, validated.
+//!
+//! Invariant: this module does no I/O except reading the policy files themselves
+//! (and asking an [`Accounts`] for user and group ids). Everything else is pure,
+//! so it is unit- and property-tested without a kernel.
+
+mod diagnostic;
+mod parse;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use diagnostic::{Diagnostic, PolicyErrors};
+pub use parse::{load, parse_str, Accounts, SystemAccounts};
+
+/// The NFLOG group egret logs to unless the policy says otherwise.
+pub const DEFAULT_LOG_GROUP: u16 = 5;
+
+/// A whole, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub block: BlockAction,
+    pub log_group: u16,
+    pub rules: Vec<AllowRule>,
+}
+
+impl Policy {
+    /// The policy `egret run` uses when none is given: audit mode, nothing allowed
+    /// beyond the baseline, so a new user sees what the server really talks to.
+    pub fn audit_default() -> Policy {
+        Policy {
+            mode: Mode::Audit,
+            block: BlockAction::Drop,
+            log_group: DEFAULT_LOG_GROUP,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Block what no rule allows, and log it.
+    Enforce,
+    /// Log what would be blocked; block nothing.
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+/// What happens to a blocked packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockAction {
+    /// Silently drop. The default: a blocked TCP connect stays in SYN-SENT where it
+    /// can be attributed to its process, and the SYN retries show the attempt persists.
+    Drop,
+    /// TCP reset / ICMP administratively prohibited: the client fails fast.
+    Reject,
+}
+
+/// Layer-4 protocol a rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum L4 {
+    Tcp,
+    Udp,
+    /// ICMP for IPv4 and ICMPv6 for IPv6.
+    Icmp,
+}
+
+impl L4 {
+    pub fn name(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+            L4::Icmp => "icmp",
+        }
+    }
+}
+
+/// An inclusive port range; a single port has `first == last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Where a rule was written, for messages and `plan` comments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+/// One `[[allow]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    pub name: String,
+    pub comment: Option<String>,
+    /// Destination networks; empty means any destination.
+    pub cidrs: Vec<IpNet>,
+    /// Protocols; empty means any protocol.
+    pub protocols: Vec<L4>,
+    /// Destination ports; empty means all ports.
+    pub ports: Vec<PortRange>,
+    /// Socket owner uids; empty means any user.
+    pub users: Vec<u32>,
+    pub groups: Vec<u32>,
+    /// systemd units or cgroup v2 paths (relative to the cgroup2 root).
+    pub units: Vec<String>,
+    /// Per-rule mode: applies to traffic of this rule's subject (users, groups,
+    /// units) that no rule allows. `None` follows the policy's mode.
+    pub mode: Option<Mode>,
+    pub origin: Origin,
+}
+
+impl AllowRule {
+    /// True when the rule names who may send (users, groups or units).
+    pub fn has_subject(&self) -> bool {
+        !(self.users.is_empty() && self.groups.is_empty() && self.units.is_empty())
+    }
+}

@@ -1,0 +1,818 @@
+//! TOML → [`Policy`], with every problem reported as `file:line:col`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diagnostic::Diagnostic;
+use super::{
+    AllowRule, BlockAction, Mode, Origin, Policy, PolicyErrors, PortRange, DEFAULT_LOG_GROUP, L4,
+};
+
+/// Resolves user and group names to ids. The system implementation asks NSS;
+/// tests use a fixed table.
+pub trait Accounts {
+    fn uid(&self, name: &str) -> Option<u32>;
+    fn gid(&self, name: &str) -> Option<u32>;
+}
+
+/// Accounts from the system's name service (passwd, group, LDAP, ...).
+pub struct SystemAccounts;
+
+impl Accounts for SystemAccounts {
+    fn uid(&self, name: &str) -> Option<u32> {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    }
+    fn gid(&self, name: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMain {
+    mode: Option<Spanned<Mode>>,
+    block: Option<Spanned<BlockAction>>,
+    log_group: Option<Spanned<i64>>,
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<RawRule>,
+}
+
+/// A drop-in file (from `include`) holds rules only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDropIn {
+    #[serde(default)]
+    allow: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    comment: Option<String>,
+    #[serde(default)]
+    cidrs: Vec<Spanned<String>>,
+    protocol: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    ports: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    users: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    groups: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    units: Vec<Spanned<String>>,
+    mode: Option<Spanned<Mode>>,
+}
+
+/// Reads and validates the policy at `path`, with its includes.
+pub fn load(path: &Path, accounts: &dyn Accounts) -> Result<Policy, PolicyErrors> {
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        PolicyErrors(vec![Diagnostic::at(
+            path,
+            "",
+            None,
+            format!("cannot read policy file: {e}"),
+        )
+        .with_hint(
+            "pass the path of an existing policy file, e.g. /etc/egret/policy.toml",
+        )])
+    })?;
+    parse_str(&source, path, accounts)
+}
+
+/// Validates policy text that was read from `path` (used to name errors and to
+/// resolve `include` patterns relative to its directory).
+pub fn parse_str(
+    source: &str,
+    path: &Path,
+    accounts: &dyn Accounts,
+) -> Result<Policy, PolicyErrors> {
+    let mut errors = Vec::new();
+    let raw: RawMain = match toml::from_str(source) {
+        Ok(raw) => raw,
+        Err(e) => return Err(PolicyErrors(vec![toml_error(path, source, &e, false)])),
+    };
+
+    let mode = raw.mode.map(|m| m.into_inner()).unwrap_or(Mode::Enforce);
+    let block = raw
+        .block
+        .map(|b| b.into_inner())
+        .unwrap_or(BlockAction::Drop);
+    let log_group = match raw.log_group {
+        None => DEFAULT_LOG_GROUP,
+        Some(g) => match u16::try_from(*g.get_ref()) {
+            Ok(g) => g,
+            Err(_) => {
+                errors.push(
+                    Diagnostic::at(
+                        path,
+                        source,
+                        Some(g.span()),
+                        format!("log_group {} is out of range", g.get_ref()),
+                    )
+                    .with_hint("an NFLOG group is a number from 0 to 65535"),
+                );
+                DEFAULT_LOG_GROUP
+            }
+        },
+    };
+
+    let mut checker = RuleChecker {
+        accounts,
+        names: HashMap::new(),
+        rules: Vec::new(),
+        errors,
+    };
+    for rule in raw.allow {
+        checker.rule(path, source, rule);
+    }
+    for pattern in &raw.include {
+        for file in checker.expand_include(path, source, pattern) {
+            checker.drop_in(&file);
+        }
+    }
+
+    if checker.errors.is_empty() {
+        Ok(Policy {
+            mode,
+            block,
+            log_group,
+            rules: checker.rules,
+        })
+    } else {
+        Err(PolicyErrors(checker.errors))
+    }
+}
+
+fn toml_error(path: &Path, source: &str, e: &toml::de::Error, drop_in: bool) -> Diagnostic {
+    let message = e.message().trim().to_string();
+    let d = Diagnostic::at(path, source, e.span(), message.clone());
+    if drop_in && message.starts_with("unknown field") {
+        d.with_hint("an included file may only hold [[allow]] rules; set mode, block and log_group in the main policy")
+    } else if message.starts_with("unknown field") {
+        d.with_hint("see docs/policy.md for the keys a policy and a rule accept")
+    } else {
+        d
+    }
+}
+
+struct RuleChecker<'a> {
+    accounts: &'a dyn Accounts,
+    /// Rule name → where it was first defined.
+    names: HashMap<String, (PathBuf, usize)>,
+    rules: Vec<AllowRule>,
+    errors: Vec<Diagnostic>,
+}
+
+impl RuleChecker<'_> {
+    fn err(
+        &mut self,
+        path: &Path,
+        source: &str,
+        span: Range<usize>,
+        message: impl Into<String>,
+        hint: &str,
+    ) {
+        let mut d = Diagnostic::at(path, source, Some(span), message);
+        if !hint.is_empty() {
+            d = d.with_hint(hint);
+        }
+        self.errors.push(d);
+    }
+
+    fn expand_include(
+        &mut self,
+        path: &Path,
+        source: &str,
+        pattern: &Spanned<String>,
+    ) -> Vec<PathBuf> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let joined = base.join(pattern.get_ref());
+        let text = joined.to_string_lossy().to_string();
+        let is_glob = pattern.get_ref().contains(['*', '?', '[']);
+        if !is_glob {
+            if joined.is_file() {
+                return vec![joined];
+            }
+            self.err(
+                path,
+                source,
+                pattern.span(),
+                format!("included file {text} does not exist"),
+                "use a glob such as \"policy.d/*.toml\" to include files that may be absent",
+            );
+            return Vec::new();
+        }
+        match glob::glob(&text) {
+            Ok(paths) => {
+                let mut files: Vec<PathBuf> = paths
+                    .filter_map(Result::ok)
+                    .filter(|p| p.is_file())
+                    .collect();
+                files.sort();
+                files
+            }
+            Err(e) => {
+                self.err(
+                    path,
+                    source,
+                    pattern.span(),
+                    format!("invalid include pattern: {e}"),
+                    "",
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn drop_in(&mut self, file: &Path) {
+        let source = match std::fs::read_to_string(file) {
+            Ok(s) => s,
+            Err(e) => {
+                self.errors.push(Diagnostic::at(
+                    file,
+                    "",
+                    None,
+                    format!("cannot read included file: {e}"),
+                ));
+                return;
+            }
+        };
+        match toml::from_str::<RawDropIn>(&source) {
+            Ok(raw) => {
+                for rule in raw.allow {
+                    self.rule(file, &source, rule);
+                }
+            }
+            Err(e) => self.errors.push(toml_error(file, &source, &e, true)),
+        }
+    }
+
+    fn rule(&mut self, path: &Path, source: &str, raw: RawRule) {
+        let errors_before = self.errors.len();
+        let name_span = raw.name.span();
+        let name = raw.name.get_ref().clone();
+        let (line, _) = super::diagnostic::line_column(source, name_span.start);
+
+        if !valid_rule_name(&name) {
+            self.err(path, source, name_span.clone(), format!("invalid rule name {name:?}"), "a rule name is 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit");
+        } else if let Some((first_file, first_line)) = self.names.get(&name) {
+            let hint = format!(
+                "first defined at {}:{}; rule names must be unique",
+                first_file.display(),
+                first_line
+            );
+            self.err(
+                path,
+                source,
+                name_span.clone(),
+                format!("rule {name:?} is defined twice"),
+                &hint,
+            );
+        } else {
+            self.names.insert(name.clone(), (path.to_path_buf(), line));
+        }
+
+        let mut cidrs = Vec::new();
+        for c in &raw.cidrs {
+            match parse_cidr(c.get_ref()) {
+                Ok(net) => cidrs.push(net),
+                Err((msg, hint)) => self.err(path, source, c.span(), msg, &hint),
+            }
+        }
+        cidrs.sort();
+        cidrs.dedup();
+
+        let protocols = match &raw.protocol {
+            None => vec![L4::Tcp],
+            Some(p) => self.protocols(path, source, p),
+        };
+
+        let mut ports = Vec::new();
+        for p in &raw.ports {
+            match parse_port(p.get_ref()) {
+                Ok(r) => ports.push(r),
+                Err(msg) => self.err(
+                    path,
+                    source,
+                    p.span(),
+                    msg,
+                    "a port is a number from 1 to 65535, or a range like \"8000-8100\"",
+                ),
+            }
+        }
+        ports.sort();
+        ports.dedup();
+        if !ports.is_empty() && (protocols.is_empty() || protocols.contains(&L4::Icmp)) {
+            let span = raw
+                .protocol
+                .as_ref()
+                .map(|p| p.span())
+                .unwrap_or_else(|| raw.ports[0].span());
+            self.err(
+                path,
+                source,
+                span,
+                "ports only apply to tcp and udp",
+                "set protocol = \"tcp\", \"udp\" or [\"tcp\", \"udp\"], or remove ports",
+            );
+        }
+
+        let users = self.ids(path, source, &raw.users, "user", |a, n| a.uid(n));
+        let groups = self.ids(path, source, &raw.groups, "group", |a, n| a.gid(n));
+
+        let mut units = Vec::new();
+        for u in &raw.units {
+            match normalize_unit(u.get_ref()) {
+                Some(unit) => units.push(unit),
+                None => self.err(path, source, u.span(), format!("invalid unit {:?}", u.get_ref()), "write a systemd unit such as \"borg.service\" or a cgroup v2 path such as \"system.slice/borg.service\""),
+            }
+        }
+        units.sort();
+        units.dedup();
+
+        let has_subject = !(raw.users.is_empty() && raw.groups.is_empty() && raw.units.is_empty());
+        if let Some(m) = &raw.mode {
+            if !has_subject {
+                self.err(path, source, m.span(), "a per-rule mode needs users, groups or units", "a rule's mode applies to what its subject sends that no rule allows; without a subject use the policy-wide `mode`");
+            }
+        }
+        if raw.cidrs.is_empty() && raw.ports.is_empty() && !has_subject {
+            self.err(
+                path,
+                source,
+                name_span,
+                format!("rule {name:?} is empty: it names no cidrs, ports, users, groups or units"),
+                "to allow all egress deliberately, write cidrs = [\"0.0.0.0/0\", \"::/0\"]",
+            );
+        }
+
+        if self.errors.len() == errors_before {
+            self.rules.push(AllowRule {
+                name,
+                comment: raw.comment,
+                cidrs,
+                protocols,
+                ports,
+                users,
+                groups,
+                units,
+                mode: raw.mode.map(|m| m.into_inner()),
+                origin: Origin {
+                    file: path.to_path_buf(),
+                    line,
+                },
+            });
+        }
+    }
+
+    fn protocols(&mut self, path: &Path, source: &str, value: &Spanned<toml::Value>) -> Vec<L4> {
+        let names: Vec<&str> = match value.get_ref() {
+            toml::Value::String(s) => vec![s.as_str()],
+            toml::Value::Array(items) if items.iter().all(|i| i.is_str()) => {
+                items.iter().filter_map(|i| i.as_str()).collect()
+            }
+            _ => {
+                self.err(
+                    path,
+                    source,
+                    value.span(),
+                    "protocol must be a string or a list of strings",
+                    "use \"tcp\", \"udp\", \"icmp\", \"any\" or a list such as [\"tcp\", \"udp\"]",
+                );
+                return vec![L4::Tcp];
+            }
+        };
+        let mut out = Vec::new();
+        for n in &names {
+            match n.to_ascii_lowercase().as_str() {
+                "tcp" => out.push(L4::Tcp),
+                "udp" => out.push(L4::Udp),
+                "icmp" | "icmpv6" | "ipv6-icmp" => out.push(L4::Icmp),
+                "any" if names.len() == 1 => return Vec::new(),
+                "any" => {
+                    self.err(
+                        path,
+                        source,
+                        value.span(),
+                        "\"any\" cannot be combined with other protocols",
+                        "write protocol = \"any\" alone",
+                    );
+                }
+                other => self.err(
+                    path,
+                    source,
+                    value.span(),
+                    format!("unknown protocol {other:?}"),
+                    "use \"tcp\", \"udp\", \"icmp\" or \"any\"",
+                ),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn ids(
+        &mut self,
+        path: &Path,
+        source: &str,
+        values: &[Spanned<toml::Value>],
+        what: &str,
+        lookup: impl Fn(&dyn Accounts, &str) -> Option<u32>,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for v in values {
+            match v.get_ref() {
+                toml::Value::Integer(n) => match u32::try_from(*n) {
+                    Ok(id) if id != u32::MAX => ids.push(id),
+                    _ => self.err(
+                        path,
+                        source,
+                        v.span(),
+                        format!("{what} id {n} is out of range"),
+                        "ids are numbers from 0 to 4294967294",
+                    ),
+                },
+                toml::Value::String(name) => match lookup(self.accounts, name) {
+                    Some(id) => ids.push(id),
+                    None => {
+                        let hint = format!("create the {what} first, or write its numeric id");
+                        self.err(
+                            path,
+                            source,
+                            v.span(),
+                            format!("unknown {what} {name:?}"),
+                            &hint,
+                        );
+                    }
+                },
+                _ => {
+                    let hint = format!("write a {what} name such as \"backup\" or a numeric id");
+                    self.err(
+                        path,
+                        source,
+                        v.span(),
+                        format!("{what}s must be names or numeric ids"),
+                        &hint,
+                    );
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+fn valid_rule_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Parses `10.0.0.0/8`, `192.0.2.7` (a host) or `2001:db8::/32`.
+pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, (String, String)> {
+    let text = text.trim();
+    if text.contains('/') {
+        let net: IpNet = text.parse().map_err(|_| {
+            (format!("invalid CIDR {text:?}"), "write an address with a prefix length, such as \"10.20.0.0/16\" or \"2001:db8::/32\"".to_string())
+        })?;
+        if net.trunc() != net {
+            return Err((
+                format!("{text} has host bits set"),
+                format!("did you mean \"{}\"?", net.trunc()),
+            ));
+        }
+        Ok(net)
+    } else {
+        let addr: IpAddr = text.parse().map_err(|_| {
+            (
+                format!("invalid address {text:?}"),
+                "write an IPv4 or IPv6 address, or a CIDR such as \"10.20.0.0/16\"".to_string(),
+            )
+        })?;
+        Ok(IpNet::from(addr))
+    }
+}
+
+fn parse_port(value: &toml::Value) -> Result<PortRange, String> {
+    fn one(n: i64) -> Result<u16, String> {
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!("port {n} is out of range")),
+        }
+    }
+    fn text_port(s: &str) -> Result<u16, String> {
+        let n: i64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid port {s:?}"))?;
+        one(n)
+    }
+    match value {
+        toml::Value::Integer(n) => one(*n).map(|p| PortRange { first: p, last: p }),
+        toml::Value::String(s) => {
+            let (first, last) = match s.split_once('-') {
+                Some((a, b)) => (text_port(a)?, text_port(b)?),
+                None => {
+                    let p = text_port(s)?;
+                    (p, p)
+                }
+            };
+            if first > last {
+                return Err(format!("port range {s:?} is reversed"));
+            }
+            Ok(PortRange { first, last })
+        }
+        other => Err(format!("expected a port, found {}", other.type_str())),
+    }
+}
+
+/// `borg.service`, `system.slice/borg.service` or `/system.slice/borg.service`.
+fn normalize_unit(unit: &str) -> Option<String> {
+    let trimmed = unit.trim().trim_matches('/');
+    if trimmed.is_empty()
+        || trimmed
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return None;
+    }
+    if trimmed.chars().any(|c| c.is_control() || c == '"') {
+        return None;
+    }
+    Some(trimmed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) struct FakeAccounts;
+    impl Accounts for FakeAccounts {
+        fn uid(&self, name: &str) -> Option<u32> {
+            match name {
+                "root" => Some(0),
+                "backup" => Some(34),
+                "nobody" => Some(65534),
+                _ => None,
+            }
+        }
+        fn gid(&self, name: &str) -> Option<u32> {
+            match name {
+                "staff" => Some(50),
+                _ => None,
+            }
+        }
+    }
+
+    fn parse(text: &str) -> Result<Policy, PolicyErrors> {
+        parse_str(text, Path::new("/etc/egret/policy.toml"), &FakeAccounts)
+    }
+
+    fn first_error(text: &str) -> Diagnostic {
+        parse(text)
+            .expect_err("policy should be invalid")
+            .0
+            .remove(0)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let p = parse(
+            r#"
+mode = "enforce"
+
+[[allow]]
+name = "backups"
+cidrs = ["10.20.0.0/16", "192.0.2.7", "2001:db8::/32"]
+protocol = "tcp"
+ports = [22, "8000-8100"]
+users = ["backup", 0]
+groups = ["staff"]
+units = ["borg.service"]
+"#,
+        )
+        .expect("valid");
+        assert_eq!(p.mode, Mode::Enforce);
+        let r = &p.rules[0];
+        assert_eq!(r.name, "backups");
+        assert_eq!(r.cidrs.len(), 3);
+        assert_eq!(
+            r.ports,
+            vec![
+                PortRange {
+                    first: 22,
+                    last: 22
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                }
+            ]
+        );
+        assert_eq!(r.users, vec![0, 34]);
+        assert_eq!(r.groups, vec![50]);
+        assert_eq!(r.units, vec!["borg.service".to_string()]);
+        assert_eq!(r.protocols, vec![L4::Tcp]);
+        assert_eq!(r.origin.line, 5);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let d = first_error("[[allow]]\nname = \"a\"\ncidr = [\"10.0.0.0/8\"]\n");
+        assert_eq!((d.line, d.column), (3, 1));
+        assert!(d.message.contains("unknown field `cidr`"), "{}", d.message);
+    }
+
+    #[test]
+    fn bad_cidr_points_at_the_value() {
+        let d =
+            first_error("[[allow]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\", \"10.0.0.300/8\"]\n");
+        assert_eq!((d.line, d.column), (3, 24));
+        assert!(d.message.contains("invalid CIDR"));
+    }
+
+    #[test]
+    fn host_bits_are_an_error_with_a_suggestion() {
+        let d = first_error("[[allow]]\nname = \"a\"\ncidrs = [\"10.1.2.3/8\"]\n");
+        assert_eq!(d.hint.as_deref(), Some("did you mean \"10.0.0.0/8\"?"));
+    }
+
+    #[test]
+    fn bad_ports() {
+        for (ports, needle) in [
+            ("[0]", "out of range"),
+            ("[70000]", "out of range"),
+            ("[\"9-3\"]", "reversed"),
+            ("[\"x\"]", "invalid port"),
+            ("[true]", "expected a port"),
+        ] {
+            let d = first_error(&format!(
+                "[[allow]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\nports = {ports}\n"
+            ));
+            assert!(d.message.contains(needle), "{ports}: {}", d.message);
+            assert_eq!(d.line, 4);
+        }
+    }
+
+    #[test]
+    fn ports_need_tcp_or_udp() {
+        let d = first_error(
+            "[[allow]]\nname = \"a\"\nprotocol = \"icmp\"\nports = [1]\ncidrs = [\"10.0.0.0/8\"]\n",
+        );
+        assert!(d.message.contains("ports only apply"));
+        assert_eq!(d.line, 3);
+    }
+
+    #[test]
+    fn unknown_user_and_group() {
+        let errs = parse("[[allow]]\nname = \"a\"\nusers = [\"ghost\"]\ngroups = [\"nogroup\"]\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 2);
+        assert_eq!((errs[0].line, errs[0].column), (3, 10));
+        assert!(errs[0].message.contains("unknown user \"ghost\""));
+        assert!(errs[1].message.contains("unknown group"));
+    }
+
+    #[test]
+    fn empty_rule_is_an_error() {
+        let d = first_error("[[allow]]\nname = \"nothing\"\nprotocol = \"udp\"\n");
+        assert!(d.message.contains("is empty"));
+        assert_eq!((d.line, d.column), (2, 8));
+    }
+
+    #[test]
+    fn duplicate_names_point_at_the_first() {
+        let d = first_error(
+            "[[allow]]\nname = \"a\"\nports = [1]\n[[allow]]\nname = \"a\"\nports = [2]\n",
+        );
+        assert_eq!(d.line, 5);
+        assert!(d.hint.unwrap().contains("policy.toml:2"));
+    }
+
+    #[test]
+    fn missing_name_is_reported() {
+        let d = first_error("[[allow]]\nports = [1]\n");
+        assert!(d.message.contains("missing field `name`"), "{}", d.message);
+    }
+
+    #[test]
+    fn bad_mode_value() {
+        let d = first_error("mode = \"enforcing\"\n");
+        assert!(d.message.contains("unknown variant"), "{}", d.message);
+        assert_eq!((d.line, d.column), (1, 8));
+    }
+
+    #[test]
+    fn rule_mode_needs_a_subject() {
+        let d = first_error("[[allow]]\nname = \"a\"\nports = [1]\nmode = \"audit\"\n");
+        assert!(d.message.contains("per-rule mode"));
+        assert!(parse("[[allow]]\nname = \"a\"\nusers = [0]\nmode = \"audit\"\n").is_ok());
+    }
+
+    #[test]
+    fn protocol_lists_and_any() {
+        let p = parse("[[allow]]\nname = \"dns\"\nprotocol = [\"udp\", \"tcp\"]\nports = [53]\ncidrs=[\"192.0.2.53\"]\n[[allow]]\nname = \"all\"\nprotocol = \"any\"\ncidrs = [\"10.0.0.0/8\"]\n").unwrap();
+        assert_eq!(p.rules[0].protocols, vec![L4::Tcp, L4::Udp]);
+        assert!(p.rules[1].protocols.is_empty());
+        let d = first_error(
+            "[[allow]]\nname = \"a\"\nprotocol = [\"any\", \"tcp\"]\ncidrs = [\"10.0.0.0/8\"]\n",
+        );
+        assert!(d.message.contains("cannot be combined"));
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let errs = parse(
+            "log_group = 70000\n[[allow]]\nname = \"a b\"\ncidrs = [\"nope\"]\nports = [0]\n",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn includes_merge_and_catch_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("policy.toml");
+        std::fs::create_dir(dir.path().join("policy.d")).unwrap();
+        std::fs::write(
+            &main,
+            "include = [\"policy.d/*.toml\"]\n[[allow]]\nname = \"a\"\nports = [1]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("policy.d/10-b.toml"),
+            "[[allow]]\nname = \"b\"\nports = [2]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("policy.d/20-c.toml"),
+            "[[allow]]\nname = \"c\"\nports = [3]\n",
+        )
+        .unwrap();
+        let p = load(&main, &FakeAccounts).unwrap();
+        let names: Vec<_> = p.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+
+        std::fs::write(
+            dir.path().join("policy.d/30-dup.toml"),
+            "[[allow]]\nname = \"b\"\nports = [4]\n",
+        )
+        .unwrap();
+        let d = load(&main, &FakeAccounts).unwrap_err().0.remove(0);
+        assert!(d.file.ends_with("policy.d/30-dup.toml"));
+        assert!(d.message.contains("defined twice"));
+
+        std::fs::write(
+            dir.path().join("policy.d/30-dup.toml"),
+            "mode = \"audit\"\n",
+        )
+        .unwrap();
+        let d = load(&main, &FakeAccounts).unwrap_err().0.remove(0);
+        assert!(d.hint.unwrap().contains("included file may only hold"));
+    }
+
+    #[test]
+    fn a_missing_literal_include_is_an_error() {
+        let d = first_error("include = [\"nope.toml\"]\n");
+        assert!(d.message.contains("does not exist"));
+    }
+
+    #[test]
+    fn units_are_normalized() {
+        let p = parse(
+            "[[allow]]\nname = \"a\"\nunits = [\"/system.slice/x.service\", \"y.service\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.rules[0].units,
+            vec![
+                "system.slice/x.service".to_string(),
+                "y.service".to_string()
+            ]
+        );
+        let d = first_error("[[allow]]\nname = \"a\"\nunits = [\"../etc\"]\n");
+        assert!(d.message.contains("invalid unit"));
+    }
+}

@@ -1,0 +1,645 @@
+//! Policy → Ruleset. Pure: every fact from the running system (cgroup ids of
+//! units, connections already open) comes in through [`CompileInput`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::policy::{AllowRule, BlockAction, Mode, Policy, L4};
+
+use super::*;
+
+/// Unit (as written in the policy) → the cgroups it has now: (level, cgroup id).
+pub type UnitCgroups = BTreeMap<String, Vec<(u32, u64)>>;
+
+#[derive(Debug, Default, Clone)]
+pub struct CompileInput {
+    pub units: UnitCgroups,
+    pub open_flows: Vec<OpenFlow>,
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// ICMP types a host must be able to send whatever the policy: errors.
+const BASELINE_ICMP: &[u8] = &[3, 11, 12]; // destination-unreachable, time-exceeded, parameter-problem
+/// ICMPv6 errors, and neighbour discovery and MLD without which IPv6 does not work.
+const BASELINE_ICMPV6: &[u8] = &[1, 2, 3, 4, 130, 131, 132, 133, 135, 136, 143];
+
+/// The level a unit's cgroup is expected at when it is not running yet:
+/// a path counts its components; a bare unit name lives in a slice (level 2).
+pub fn unit_default_level(unit: &str) -> u32 {
+    if unit.contains('/') {
+        unit.split('/').count() as u32
+    } else {
+        2
+    }
+}
+
+pub fn table_comment(policy: &Policy) -> String {
+    format!("egret mode={} log_group={}", policy.mode, policy.log_group)
+}
+
+pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
+    let mut c = Compiler {
+        sets: Vec::new(),
+        rules: Vec::new(),
+    };
+    c.baseline(&input.open_flows);
+    for rule in &policy.rules {
+        c.allow_rule(rule, input);
+    }
+    for rule in &policy.rules {
+        if let Some(mode) = rule.mode.filter(|m| *m != policy.mode) {
+            c.subject_override(rule, mode, policy, input);
+        }
+    }
+    c.final_rules(policy);
+    c.sets.sort_by(|a, b| a.name.cmp(&b.name));
+    Ruleset {
+        comment: table_comment(policy),
+        sets: c.sets,
+        chains: vec![Chain {
+            name: OUTPUT_CHAIN.to_string(),
+            base: Some(BaseChain {
+                hook: Hook::Output,
+                priority: 0,
+                accept: policy.mode == Mode::Audit,
+            }),
+            rules: c.rules,
+        }],
+    }
+}
+
+struct Compiler {
+    sets: Vec<Set>,
+    rules: Vec<Rule>,
+}
+
+fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
+    Rule {
+        matches,
+        counter: Some(Counter::default()),
+        log: None,
+        verdict: Some(verdict),
+        comment: Some(comment.into()),
+    }
+}
+
+impl Compiler {
+    fn add_set(
+        &mut self,
+        name: String,
+        key: Vec<Field>,
+        interval: bool,
+        elements: Vec<Element>,
+    ) -> String {
+        self.sets.push(Set {
+            name: name.clone(),
+            key,
+            interval,
+            elements,
+        });
+        name
+    }
+
+    fn baseline(&mut self, open_flows: &[OpenFlow]) {
+        self.rules.push(Rule {
+            counter: None,
+            ..rule(
+                vec![Match::OifName("lo".into())],
+                Verdict::Accept,
+                "baseline: loopback",
+            )
+        });
+        self.rules.push(Rule {
+            counter: None,
+            ..rule(
+                vec![Match::CtState(CT_ESTABLISHED | CT_RELATED)],
+                Verdict::Accept,
+                "baseline: established and related",
+            )
+        });
+        for family in [Family::V4, Family::V6] {
+            let (name, addr) = match family {
+                Family::V4 => (PREEXISTING_V4, Field::Ipv4),
+                Family::V6 => (PREEXISTING_V6, Field::Ipv6),
+            };
+            let mut elements: Vec<Element> = open_flows
+                .iter()
+                .filter(|f| {
+                    Family::of(&f.local.ip()) == family && Family::of(&f.remote.ip()) == family
+                })
+                .map(|f| {
+                    Element::single(vec![
+                        f.protocol as u128,
+                        ip_to_u128(&f.local.ip()),
+                        f.local.port() as u128,
+                        ip_to_u128(&f.remote.ip()),
+                        f.remote.port() as u128,
+                    ])
+                })
+                .collect();
+            elements.sort();
+            elements.dedup();
+            let set = self.add_set(
+                name.into(),
+                vec![Field::L4Proto, addr, Field::Port, addr, Field::Port],
+                false,
+                elements,
+            );
+            self.rules.push(rule(
+                vec![Match::NfProto(family), Match::Flow(family, set)],
+                Verdict::Accept,
+                "baseline: connections open before egret",
+            ));
+        }
+        let icmp = self.add_set(
+            "baseline_icmp".into(),
+            vec![Field::IcmpType],
+            false,
+            singles(BASELINE_ICMP),
+        );
+        self.rules.push(rule(
+            vec![
+                Match::NfProto(Family::V4),
+                Match::L4Proto(IPPROTO_ICMP),
+                Match::IcmpType(Family::V4, icmp),
+            ],
+            Verdict::Accept,
+            "baseline: ICMP errors",
+        ));
+        let icmp6 = self.add_set(
+            "baseline_icmpv6".into(),
+            vec![Field::Icmpv6Type],
+            false,
+            singles(BASELINE_ICMPV6),
+        );
+        self.rules.push(rule(
+            vec![
+                Match::NfProto(Family::V6),
+                Match::L4Proto(IPPROTO_ICMPV6),
+                Match::IcmpType(Family::V6, icmp6),
+            ],
+            Verdict::Accept,
+            "baseline: ICMPv6 errors, neighbour discovery, MLD",
+        ));
+    }
+
+    /// The matches on who sends: users, groups, one cgroup level. A rule whose
+    /// units sit at several levels needs one variant per level (an OR).
+    fn subject_variants(&mut self, r: &AllowRule, input: &CompileInput) -> Vec<Vec<Match>> {
+        let mut base = Vec::new();
+        if let Some(m) = self.ids(&r.name, "uid", Field::Uid, &r.users) {
+            base.push(Match::SkUid(m));
+        }
+        if let Some(m) = self.ids(&r.name, "gid", Field::Gid, &r.groups) {
+            base.push(Match::SkGid(m));
+        }
+        if r.units.is_empty() {
+            return vec![base];
+        }
+        let mut by_level: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+        for unit in &r.units {
+            match input.units.get(unit).filter(|ids| !ids.is_empty()) {
+                Some(ids) => {
+                    for &(level, id) in ids {
+                        by_level.entry(level).or_default().insert(id);
+                    }
+                }
+                None => {
+                    by_level.entry(unit_default_level(unit)).or_default();
+                }
+            }
+        }
+        by_level
+            .into_iter()
+            .map(|(level, ids)| {
+                let elements = ids
+                    .into_iter()
+                    .map(|id| Element::single(vec![id as u128]))
+                    .collect();
+                let set = self.add_set(
+                    format!("a_{}_cg{}", r.name, level),
+                    vec![Field::CgroupId],
+                    false,
+                    elements,
+                );
+                let mut m = base.clone();
+                m.push(Match::Cgroup { level, set });
+                m
+            })
+            .collect()
+    }
+
+    fn ids(&mut self, rule: &str, what: &str, field: Field, ids: &[u32]) -> Option<IdMatch> {
+        match ids {
+            [] => None,
+            [one] => Some(IdMatch::Eq(*one)),
+            many => {
+                let elements = many
+                    .iter()
+                    .map(|&id| Element::single(vec![id as u128]))
+                    .collect();
+                Some(IdMatch::Set(self.add_set(
+                    format!("a_{rule}_{what}"),
+                    vec![field],
+                    false,
+                    elements,
+                )))
+            }
+        }
+    }
+
+    /// Protocol and port matches, shared by both families.
+    fn service(&mut self, r: &AllowRule) -> Vec<Match> {
+        let numbers = |p: L4| match p {
+            L4::Tcp => vec![IPPROTO_TCP],
+            L4::Udp => vec![IPPROTO_UDP],
+            L4::Icmp => vec![IPPROTO_ICMP, IPPROTO_ICMPV6],
+        };
+        if !r.ports.is_empty() {
+            let mut elements = Vec::new();
+            for &p in &r.protocols {
+                for n in numbers(p) {
+                    for range in &r.ports {
+                        let end = (range.first != range.last)
+                            .then(|| vec![n as u128, range.last as u128]);
+                        let end = end.or_else(|| Some(vec![n as u128, range.first as u128]));
+                        elements.push(Element {
+                            key: vec![n as u128, range.first as u128],
+                            end,
+                        });
+                    }
+                }
+            }
+            let set = self.add_set(
+                format!("a_{}_svc", r.name),
+                vec![Field::L4Proto, Field::Port],
+                true,
+                elements,
+            );
+            return vec![Match::ProtoDport(set)];
+        }
+        let all: Vec<u8> = r.protocols.iter().flat_map(|&p| numbers(p)).collect();
+        match all.as_slice() {
+            [] => vec![],
+            [one] => vec![Match::L4Proto(*one)],
+            many => {
+                let set = self.add_set(
+                    format!("a_{}_proto", r.name),
+                    vec![Field::L4Proto],
+                    false,
+                    singles(many),
+                );
+                vec![Match::L4ProtoIn(set)]
+            }
+        }
+    }
+
+    fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput) {
+        let service = self.service(r);
+        let subjects = self.subject_variants(r, input);
+        let mut destinations: Vec<Vec<Match>> = Vec::new();
+        if r.cidrs.is_empty() {
+            destinations.push(Vec::new());
+        }
+        for family in [Family::V4, Family::V6] {
+            let ranges: Vec<(u128, u128)> = r
+                .cidrs
+                .iter()
+                .filter(|n| Family::of(&n.addr()) == family)
+                .map(|n| (ip_to_u128(&n.network()), ip_to_u128(&n.broadcast())))
+                .collect();
+            if ranges.is_empty() {
+                continue;
+            }
+            let (suffix, field) = match family {
+                Family::V4 => ("v4", Field::Ipv4),
+                Family::V6 => ("v6", Field::Ipv6),
+            };
+            let elements = merge_ranges(ranges)
+                .into_iter()
+                .map(|(s, e)| Element {
+                    key: vec![s],
+                    end: (s != e).then(|| vec![e]),
+                })
+                .collect();
+            let set = self.add_set(
+                format!("a_{}_{suffix}", r.name),
+                vec![field],
+                true,
+                elements,
+            );
+            destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
+        }
+        for dest in &destinations {
+            for subject in &subjects {
+                let mut m = dest.clone();
+                m.extend(service.iter().cloned());
+                m.extend(subject.iter().cloned());
+                self.rules.push(rule(m, Verdict::Accept, r.name.clone()));
+            }
+        }
+    }
+
+    /// A rule whose mode differs from the policy's: what its subject sends that no
+    /// rule allowed is logged under the rule's name and then handled per the rule's mode.
+    fn subject_override(
+        &mut self,
+        r: &AllowRule,
+        mode: Mode,
+        policy: &Policy,
+        input: &CompileInput,
+    ) {
+        // Reuse the subject sets the allow rule created (same names) instead of adding twice.
+        let existing: Vec<String> = self.sets.iter().map(|s| s.name.clone()).collect();
+        let before = self.sets.len();
+        let subjects = self.subject_variants(r, input);
+        self.sets.truncate(before);
+        debug_assert!(subjects.iter().flatten().all(|m| match m {
+            Match::Cgroup { set, .. }
+            | Match::SkUid(IdMatch::Set(set))
+            | Match::SkGid(IdMatch::Set(set)) => existing.contains(set),
+            _ => true,
+        }));
+        for subject in subjects {
+            let (prefix, comment) = match mode {
+                Mode::Audit => (
+                    PREFIX_WOULD_BLOCK,
+                    format!("{}: audit mode for its subject", r.name),
+                ),
+                Mode::Enforce => (
+                    PREFIX_BLOCKED,
+                    format!("{}: enforce mode for its subject", r.name),
+                ),
+            };
+            let log = Some(Log {
+                group: policy.log_group,
+                prefix: format!("{prefix}:{}", r.name),
+            });
+            match mode {
+                Mode::Audit => self.rules.push(Rule {
+                    log,
+                    ..rule(subject, Verdict::Accept, comment)
+                }),
+                Mode::Enforce => self.block(subject, log, policy.block, comment),
+            }
+        }
+    }
+
+    fn block(
+        &mut self,
+        matches: Vec<Match>,
+        log: Option<Log>,
+        action: BlockAction,
+        comment: String,
+    ) {
+        match action {
+            BlockAction::Drop => self.rules.push(Rule {
+                log,
+                ..rule(matches, Verdict::Drop, comment)
+            }),
+            BlockAction::Reject => {
+                self.rules.push(Rule {
+                    log,
+                    verdict: None,
+                    ..rule(matches.clone(), Verdict::Drop, comment.clone())
+                });
+                let mut tcp = matches.clone();
+                tcp.push(Match::L4Proto(IPPROTO_TCP));
+                self.rules.push(Rule {
+                    counter: None,
+                    ..rule(tcp, Verdict::RejectTcpReset, comment.clone())
+                });
+                self.rules.push(Rule {
+                    counter: None,
+                    ..rule(matches, Verdict::RejectAdminProhibited, comment)
+                });
+            }
+        }
+    }
+
+    fn final_rules(&mut self, policy: &Policy) {
+        match policy.mode {
+            Mode::Audit => {
+                let log = Some(Log {
+                    group: policy.log_group,
+                    prefix: PREFIX_WOULD_BLOCK.into(),
+                });
+                self.rules.push(Rule {
+                    log,
+                    ..rule(vec![], Verdict::Accept, "audit: log what would be blocked")
+                });
+            }
+            Mode::Enforce => {
+                let log = Some(Log {
+                    group: policy.log_group,
+                    prefix: PREFIX_BLOCKED.into(),
+                });
+                self.block(
+                    vec![],
+                    log,
+                    policy.block,
+                    "enforce: block and log the rest".into(),
+                );
+            }
+        }
+    }
+}
+
+fn singles(values: &[u8]) -> Vec<Element> {
+    values
+        .iter()
+        .map(|&v| Element::single(vec![v as u128]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Origin, PortRange};
+    use std::path::PathBuf;
+
+    fn allow(name: &str) -> AllowRule {
+        AllowRule {
+            name: name.into(),
+            comment: None,
+            cidrs: vec![],
+            protocols: vec![L4::Tcp],
+            ports: vec![],
+            users: vec![],
+            groups: vec![],
+            units: vec![],
+            mode: None,
+            origin: Origin {
+                file: PathBuf::from("p.toml"),
+                line: 1,
+            },
+        }
+    }
+
+    fn policy(rules: Vec<AllowRule>) -> Policy {
+        Policy {
+            mode: Mode::Enforce,
+            block: BlockAction::Drop,
+            log_group: 5,
+            rules,
+        }
+    }
+
+    fn text(p: &Policy) -> String {
+        render(&compile(p, &CompileInput::default()))
+    }
+
+    #[test]
+    fn baseline_and_final_rule_are_always_there() {
+        let t = text(&policy(vec![]));
+        assert!(t.contains("oifname \"lo\" accept"), "{t}");
+        assert!(t.contains("ct state established,related accept"));
+        assert!(t.contains("policy drop;"));
+        assert!(
+            t.trim_end().ends_with("}\n}")
+                || t.contains("counter log prefix \"egret:blocked\" group 5 drop"),
+            "{t}"
+        );
+        let audit = text(&Policy {
+            mode: Mode::Audit,
+            ..policy(vec![])
+        });
+        assert!(audit.contains("policy accept;"));
+        assert!(audit.contains("log prefix \"egret:would-block\" group 5 accept"));
+    }
+
+    #[test]
+    fn cidrs_become_one_interval_set_per_family() {
+        let mut r = allow("backups");
+        r.cidrs = vec![
+            "10.20.0.0/16".parse().unwrap(),
+            "10.21.0.0/16".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        r.ports = vec![
+            PortRange {
+                first: 22,
+                last: 22,
+            },
+            PortRange {
+                first: 8000,
+                last: 8100,
+            },
+        ];
+        r.users = vec![0, 34];
+        let rs = compile(&policy(vec![r]), &CompileInput::default());
+        let v4 = rs.set("a_backups_v4").unwrap();
+        assert_eq!(v4.elements.len(), 2, "adjacent /16s are merged");
+        assert!(rs.set("a_backups_v6").is_some());
+        let t = render(&rs);
+        assert!(t.contains("meta nfproto ipv4 ip daddr @a_backups_v4 meta l4proto . th dport @a_backups_svc meta skuid @a_backups_uid counter accept comment \"backups\""), "{t}");
+        assert!(t.contains("elements = { 10.20.0.0/15, 192.0.2.7 }"), "{t}");
+        assert!(
+            t.contains("elements = { tcp . 22, tcp . 8000-8100 }"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn rules_without_cidrs_match_any_destination() {
+        let mut r = allow("proxy");
+        r.users = vec![13];
+        r.protocols = vec![];
+        let t = text(&policy(vec![r]));
+        assert!(
+            t.contains("meta skuid 13 counter accept comment \"proxy\""),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn units_at_several_levels_give_one_rule_per_level() {
+        let mut r = allow("borg");
+        r.ports = vec![PortRange {
+            first: 22,
+            last: 22,
+        }];
+        r.units = vec![
+            "borg.service".into(),
+            "a.slice/b.slice/c.service".into(),
+            "stopped.service".into(),
+        ];
+        let mut input = CompileInput::default();
+        input.units.insert("borg.service".into(), vec![(2, 1234)]);
+        input
+            .units
+            .insert("a.slice/b.slice/c.service".into(), vec![(3, 99)]);
+        let rs = compile(&policy(vec![r]), &input);
+        assert_eq!(
+            rs.set("a_borg_cg2").unwrap().elements,
+            vec![Element::single(vec![1234])]
+        );
+        assert_eq!(rs.set("a_borg_cg3").unwrap().elements.len(), 1);
+        let t = render(&rs);
+        assert!(
+            t.contains("socket cgroupv2 level 2 @a_borg_cg2 counter accept"),
+            "{t}"
+        );
+        assert!(
+            t.contains("socket cgroupv2 level 3 @a_borg_cg3 counter accept"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn per_rule_audit_logs_the_subjects_other_traffic() {
+        let mut r = allow("web");
+        r.users = vec![33];
+        r.ports = vec![PortRange {
+            first: 443,
+            last: 443,
+        }];
+        r.mode = Some(Mode::Audit);
+        let t = text(&policy(vec![r]));
+        assert!(
+            t.contains("meta skuid 33 counter log prefix \"egret:would-block:web\" group 5 accept"),
+            "{t}"
+        );
+        let allow_at = t.find("comment \"web\"").unwrap();
+        let audit_at = t.find("egret:would-block:web").unwrap();
+        assert!(allow_at < audit_at);
+    }
+
+    #[test]
+    fn reject_logs_once_then_rejects_by_protocol() {
+        let p = Policy {
+            block: BlockAction::Reject,
+            ..policy(vec![])
+        };
+        let t = text(&p);
+        assert!(
+            t.contains("counter log prefix \"egret:blocked\" group 5 comment"),
+            "{t}"
+        );
+        assert!(t.contains("meta l4proto tcp reject with tcp reset"));
+        assert!(t.contains("reject with icmpx admin-prohibited"));
+    }
+
+    #[test]
+    fn open_flows_seed_the_preexisting_set() {
+        let flows = vec![OpenFlow {
+            protocol: 6,
+            local: "10.0.0.1:22".parse().unwrap(),
+            remote: "10.0.0.2:50000".parse().unwrap(),
+        }];
+        let rs = compile(
+            &policy(vec![]),
+            &CompileInput {
+                open_flows: flows,
+                ..Default::default()
+            },
+        );
+        let set = rs.set(PREEXISTING_V4).unwrap();
+        assert_eq!(set.elements.len(), 1);
+        assert!(render(&rs).contains("tcp . 10.0.0.1 . 22 . 10.0.0.2 . 50000"));
+    }
+}

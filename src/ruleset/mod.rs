@@ -1,0 +1,280 @@
+//! The compiled ruleset: egret's one `inet egret` table as data.
+//!
+//! This is the boundary between policy and kernel. [`compile`] builds it from a
+//! [`crate::policy::Policy`] (pure), [`render`] prints it in nft syntax for `plan`,
+//! and `crate::kernel::nft` turns it into one netlink transaction (and reads it
+//! back for `status`, `plan` diffs and rollback). No I/O here.
+
+mod compile;
+mod merge;
+mod render;
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+pub use compile::{compile, unit_default_level, CompileInput, UnitCgroups};
+pub use merge::merge_ranges;
+pub use render::{render, render_rule};
+
+/// The table egret owns. Nothing else is ever touched.
+pub const TABLE: &str = "egret";
+/// The base chain on the output hook.
+pub const OUTPUT_CHAIN: &str = "output";
+/// Set holding connections that were open before egret's first ruleset (see
+/// docs/architecture.md, "connections opened before conntrack").
+pub const PREEXISTING_V4: &str = "preexisting_v4";
+pub const PREEXISTING_V6: &str = "preexisting_v6";
+/// NFLOG prefixes: the monitor reads the action (and rule) from them.
+pub const PREFIX_BLOCKED: &str = "egret:blocked";
+pub const PREFIX_WOULD_BLOCK: &str = "egret:would-block";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// One field of a set key. Lengths and byte order follow the kernel's registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Field {
+    Ipv4,
+    Ipv6,
+    L4Proto,
+    Port,
+    Uid,
+    Gid,
+    /// cgroup v2 id (the inode of the cgroup directory), 8 bytes, host order.
+    CgroupId,
+    IcmpType,
+    Icmpv6Type,
+}
+
+impl Field {
+    /// Length of the value in bytes (before padding to 4 in concatenations).
+    pub fn byte_len(self) -> usize {
+        match self {
+            Field::Ipv4 => 4,
+            Field::Ipv6 => 16,
+            Field::L4Proto | Field::IcmpType | Field::Icmpv6Type => 1,
+            Field::Port => 2,
+            Field::Uid | Field::Gid => 4,
+            Field::CgroupId => 8,
+        }
+    }
+
+    /// nft's datatype id, so `nft list` shows the elements properly.
+    pub fn nft_type(self) -> u32 {
+        match self {
+            Field::Ipv4 => 7,
+            Field::Ipv6 => 8,
+            Field::L4Proto => 12,
+            Field::Port => 13,
+            Field::IcmpType => 14,
+            Field::Uid => 24,
+            Field::Gid => 25,
+            Field::Icmpv6Type => 29,
+            Field::CgroupId => 4, // integer
+        }
+    }
+
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Field::Ipv4 => "ipv4_addr",
+            Field::Ipv6 => "ipv6_addr",
+            Field::L4Proto => "inet_proto",
+            Field::Port => "inet_service",
+            Field::IcmpType => "icmp_type",
+            Field::Icmpv6Type => "icmpv6_type",
+            Field::Uid => "uid",
+            Field::Gid => "gid",
+            Field::CgroupId => "integer",
+        }
+    }
+
+    /// Big-endian (network order) fields; the rest are in host order.
+    pub fn big_endian(self) -> bool {
+        matches!(self, Field::Ipv4 | Field::Ipv6 | Field::Port)
+    }
+
+    /// The largest value the field can hold.
+    pub fn max(self) -> u128 {
+        match self.byte_len() {
+            16 => u128::MAX,
+            n => (1u128 << (8 * n)) - 1,
+        }
+    }
+
+    pub fn from_nft_type(t: u32) -> Option<Field> {
+        Some(match t {
+            7 => Field::Ipv4,
+            8 => Field::Ipv6,
+            12 => Field::L4Proto,
+            13 => Field::Port,
+            14 => Field::IcmpType,
+            24 => Field::Uid,
+            25 => Field::Gid,
+            29 => Field::Icmpv6Type,
+            4 => Field::CgroupId,
+            _ => return None,
+        })
+    }
+}
+
+/// A named set. Interval sets hold ranges; `end` is inclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Set {
+    pub name: String,
+    pub key: Vec<Field>,
+    pub interval: bool,
+    pub elements: Vec<Element>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Element {
+    /// One value per key field.
+    pub key: Vec<u128>,
+    /// For interval sets: the inclusive end, one value per field. `None` = a single value.
+    pub end: Option<Vec<u128>>,
+}
+
+impl Element {
+    pub fn single(key: Vec<u128>) -> Element {
+        Element { key, end: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ruleset {
+    /// Stored as the table's comment: `egret mode=<mode> log_group=<n>`.
+    pub comment: String,
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain>,
+}
+
+impl Ruleset {
+    pub fn set(&self, name: &str) -> Option<&Set> {
+        self.sets.iter().find(|s| s.name == name)
+    }
+    pub fn set_mut(&mut self, name: &str) -> Option<&mut Set> {
+        self.sets.iter_mut().find(|s| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hook {
+    Output,
+    Forward,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseChain {
+    pub hook: Hook,
+    pub priority: i32,
+    /// Chain policy: true = accept, false = drop.
+    pub accept: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    pub name: String,
+    pub base: Option<BaseChain>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub counter: Option<Counter>,
+    pub log: Option<Log>,
+    pub verdict: Option<Verdict>,
+    /// The policy rule name or baseline item; shown by `nft list` and `egret status`.
+    pub comment: Option<String>,
+}
+
+/// Packet and byte counts. Compiled rules carry zeros; rules read back from
+/// the kernel carry the live counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Log {
+    pub group: u16,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    /// `reject with tcp reset` (the rule must match TCP first).
+    RejectTcpReset,
+    /// `reject with icmpx admin-prohibited`.
+    RejectAdminProhibited,
+}
+
+/// Who may send, by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdMatch {
+    Eq(u32),
+    Set(String),
+}
+
+/// The matches egret uses. Each has one netlink encoding and one nft spelling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Match {
+    /// `oifname "lo"`
+    OifName(String),
+    /// `ct state ...` with nft's state bits (established = 2, related = 4, new = 8).
+    CtState(u32),
+    /// `meta nfproto ipv4|ipv6`
+    NfProto(Family),
+    /// `meta l4proto tcp`
+    L4Proto(u8),
+    /// `meta l4proto @set`
+    L4ProtoIn(String),
+    /// `ip daddr @set` / `ip6 daddr @set`
+    Daddr(Family, String),
+    /// `meta l4proto . th dport @set`
+    ProtoDport(String),
+    /// `icmp type @set` / `icmpv6 type @set`
+    IcmpType(Family, String),
+    /// `meta skuid ...`
+    SkUid(IdMatch),
+    /// `meta skgid ...`
+    SkGid(IdMatch),
+    /// `socket cgroupv2 level N @set`
+    Cgroup { level: u32, set: String },
+    /// `meta l4proto . ip saddr . th sport . ip daddr . th dport @set`
+    Flow(Family, String),
+}
+
+pub const CT_ESTABLISHED: u32 = 2;
+pub const CT_RELATED: u32 = 4;
+
+/// A connection that exists before a ruleset is applied (local end first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpenFlow {
+    pub protocol: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+pub fn ip_to_u128(ip: &IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(*a) as u128,
+        IpAddr::V6(a) => u128::from(*a),
+    }
+}
