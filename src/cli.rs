@@ -57,6 +57,9 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Also print every live rule in nft syntax with its counters.
+        #[arg(long)]
+        rules: bool,
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -164,7 +167,11 @@ fn run(command: Command) -> Result<u8> {
                 Ok(EXIT_INVALID)
             }
         }
-        Command::Status { json, state_dir } => status(json, &state_dir),
+        Command::Status {
+            json,
+            rules,
+            state_dir,
+        } => status(json, rules, &state_dir),
         Command::Remove => {
             Nftables::open()
                 .context("opening nf_tables netlink")?
@@ -267,7 +274,7 @@ fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
     }
 }
 
-fn status(json: bool, state_dir: &Path) -> Result<u8> {
+fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
     let live = Nftables::open()
         .context("opening nf_tables netlink")?
         .read()
@@ -305,13 +312,9 @@ fn status(json: bool, state_dir: &Path) -> Result<u8> {
             );
         }
         println!("blocked: {} packet(s)", s.blocked_packets);
-        if let Some(rs) = &live {
-            if std::env::var_os("EGRET_STATUS_RULES").is_some() {
-                for c in &rs.chains {
-                    for r in &c.rules {
-                        println!("  {}", render_rule(r, true));
-                    }
-                }
+        if let (Some(rs), true) = (&live, show_rules) {
+            for r in rs.chains.iter().flat_map(|c| &c.rules) {
+                println!("  {}", render_rule(r, true));
             }
         }
     }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what egret's build, tests and demo need on Debian 12 (run as root).
+# egret itself needs no nft binary; the tests use nft as an independent witness.
+set -euo pipefail
+need=()
+for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter iptables:iptables; do
+  pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }

@@ -1,0 +1,89 @@
+//! The command-line contract: exit codes and messages that scripts rely on.
+
+mod common;
+
+use std::process::Command;
+
+use common::{egret_bin, PolicyFile};
+
+fn egret(args: &[&str]) -> std::process::Output {
+    Command::new(egret_bin())
+        .args(args)
+        .output()
+        .expect("running egret")
+}
+
+#[test]
+fn check_accepts_a_valid_policy() {
+    let p = PolicyFile::new(
+        "mode = \"audit\"\n[[allow]]\nname = \"web\"\ncidrs = [\"192.0.2.0/24\"]\nports = [443]\n",
+    );
+    let out = egret(&["check", p.path()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 rule(s), mode audit)"));
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_column_and_exits_1() {
+    let p = PolicyFile::new("[[allow]]\nname = \"web\"\ncidrs = [\"192.0.2.0/24\", \"nope\"]\nports = [443, \"99999\"]\nusers = [\"no-such-user-egret\"]\n");
+    let out = egret(&["check", p.path()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:3:26: error: invalid address \"nope\"",
+            p.path()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}:4:15: error: port 99999 is out of range",
+            p.path()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}:5:10: error: unknown user \"no-such-user-egret\"",
+            p.path()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("hint:"), "errors say how to fix them: {err}");
+    assert!(err.contains("3 error(s); nothing was applied"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let out = egret(&["check", "/nonexistent/egret/policy.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("/nonexistent/egret/policy.toml:1:1: error: cannot read policy file"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(egret(&["apply"]).status.code(), Some(2));
+    assert_eq!(egret(&["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn the_shipped_example_policies_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/policies") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = egret(&["check", path.to_str().expect("utf-8")]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2);
+}

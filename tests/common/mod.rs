@@ -1,0 +1,359 @@
+//! Test harness: network namespaces and veth links that clean up after
+//! themselves (even when a test fails), real peers, and the egret binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn egret_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_egret")
+}
+
+pub fn peer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/peer.py")
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        assert!(
+            nix_is_root(),
+            "the namespace tests need root (they create network namespaces with `ip netns add`)"
+        );
+        let name = unique("egt");
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        run_ok(&mut ns.cmd("ip", &["link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// A command run inside this namespace. `nsenter --net` changes only the
+    /// network namespace (`ip netns exec` would also remount /sys).
+    pub fn cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    pub fn egret(&self, args: &[&str]) -> Command {
+        self.cmd(egret_bin(), args)
+    }
+
+    /// Runs egret and returns its output, whatever the exit status.
+    pub fn egret_out(&self, args: &[&str]) -> Output {
+        self.egret(args).output().expect("running egret")
+    }
+
+    pub fn egret_ok(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&run_ok(&mut self.egret(args)).stdout).into_owned()
+    }
+
+    /// The peer script, optionally as another user.
+    pub fn peer(&self, uid: Option<u32>, args: &[&str]) -> Command {
+        let script = peer_script();
+        let script = script.to_str().expect("utf-8 path");
+        match uid {
+            None => {
+                let mut a = vec![script];
+                a.extend_from_slice(args);
+                self.cmd("/usr/bin/python3", &a)
+            }
+            Some(uid) => {
+                let id = uid.to_string();
+                let (reuid, regid) = (format!("--reuid={id}"), format!("--regid={id}"));
+                let mut a = vec![
+                    reuid.as_str(),
+                    regid.as_str(),
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    script,
+                ];
+                a.extend_from_slice(args);
+                self.cmd("setpriv", &a)
+            }
+        }
+    }
+
+    /// True when a TCP connection and an echo round trip to host:port work.
+    pub fn tcp_ok(&self, uid: Option<u32>, host: &str, port: u16) -> bool {
+        self.peer(uid, &["tcp-connect", host, &port.to_string()])
+            .status()
+            .expect("peer")
+            .success()
+    }
+
+    pub fn udp_ok(&self, host: &str, port: u16) -> bool {
+        self.peer(None, &["udp-send", host, &port.to_string()])
+            .status()
+            .expect("peer")
+            .success()
+    }
+
+    /// Starts an echo server and waits until it listens.
+    pub fn server(&self, proto: &str, host: &str, port: u16) -> Server {
+        let mut child = self
+            .peer(None, &[&format!("{proto}-server"), host, &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("server output");
+        assert_eq!(line.trim(), "listening", "server did not start");
+        Server(child)
+    }
+
+    /// `nft list ruleset` in this namespace: an independent view of what is loaded.
+    pub fn nft_ruleset(&self) -> String {
+        String::from_utf8_lossy(&run_ok(&mut self.cmd("nft", &["list", "ruleset"])).stdout)
+            .into_owned()
+    }
+
+    /// The ruleset with counter values blanked: for comparing rule structure
+    /// while background traffic (IPv6 neighbour discovery) moves counters.
+    pub fn nft_rules_only(&self) -> String {
+        let text = self.nft_ruleset();
+        let mut tokens = text.split_whitespace().peekable();
+        let mut out = Vec::new();
+        while let Some(t) = tokens.next() {
+            out.push(t);
+            if t == "counter" && tokens.peek() == Some(&"packets") {
+                tokens.nth(3); // packets N bytes M
+            }
+        }
+        out.join(" ")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.egret_out(&["status", "--json", "--state-dir", "/nonexistent"]);
+        serde_json::from_slice(&out.stdout).expect("status --json")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+/// Two namespaces joined by a veth pair: `a` (10.1.0.1, 2001:db8:1::1) and
+/// `b` (10.1.0.2, 2001:db8:1::2). Documentation/test addresses only.
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub const A4: &str = "10.1.0.1";
+pub const B4: &str = "10.1.0.2";
+pub const A6: &str = "2001:db8:1::1";
+pub const B6: &str = "2001:db8:1::2";
+
+impl Pair {
+    pub fn new() -> Pair {
+        let (a, b) = (Netns::new(), Netns::new());
+        let (va, vb) = (unique("va"), unique("vb"));
+        run_ok(
+            a.cmd(
+                "ip",
+                &[
+                    "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &b.name,
+                ],
+            )
+            .stdout(Stdio::null()),
+        );
+        for (ns, dev, v4, v6) in [(&a, &va, A4, A6), (&b, &vb, B4, B6)] {
+            run_ok(&mut ns.cmd("ip", &["addr", "add", &format!("{v4}/24"), "dev", dev]));
+            run_ok(&mut ns.cmd(
+                "ip",
+                &["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"],
+            ));
+            run_ok(&mut ns.cmd("ip", &["link", "set", dev, "up"]));
+        }
+        Pair { a, b }
+    }
+}
+
+/// A running peer server; killed on drop.
+pub struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client that holds one TCP connection open until told to use it.
+pub struct Held {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Held {
+    pub fn connect(ns: &Netns, host: &str, port: u16) -> Held {
+        let mut child = ns
+            .peer(None, &["hold", host, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning hold");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("hold output");
+        assert_eq!(line.trim(), "connected");
+        let stdin = child.stdin.take();
+        Held { child, stdin }
+    }
+
+    /// Sends on the held connection and reports whether the echo came back.
+    pub fn round_trip(mut self) -> bool {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cgroup v2 directory (a stand-in for a systemd unit's cgroup), removed on drop.
+pub struct Cgroup {
+    pub root: PathBuf,
+    /// Path relative to the cgroup2 root, as a policy's `units` names it.
+    pub relative: String,
+}
+
+impl Cgroup {
+    pub fn new(leaf: &str) -> Cgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let root = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2").then_some(())?;
+                left.split_whitespace().nth(4).map(PathBuf::from)
+            })
+            .expect("a cgroup2 hierarchy is mounted (needed by `socket cgroupv2`)");
+        let relative = format!("{}.slice/{leaf}", unique("egret-test-"));
+        std::fs::create_dir_all(root.join(&relative)).expect("creating a test cgroup");
+        Cgroup { root, relative }
+    }
+
+    pub fn procs(&self) -> String {
+        self.root
+            .join(&self.relative)
+            .join("cgroup.procs")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A TCP round trip from a process placed in this cgroup before it opens its socket.
+    pub fn tcp_ok(&self, ns: &Netns, host: &str, port: u16) -> bool {
+        let script = format!(
+            "echo $$ > {} && exec nsenter --net=/run/netns/{} -- /usr/bin/python3 {} tcp-connect {host} {port}",
+            self.procs(),
+            ns.name,
+            peer_script().display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let dir = self.root.join(&self.relative);
+        let _ = std::fs::remove_dir(&dir);
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// A policy file in a temporary directory.
+pub struct PolicyFile {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl PolicyFile {
+    pub fn new(text: &str) -> PolicyFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, text).expect("write policy");
+        PolicyFile { dir, path }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8")
+    }
+
+    pub fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_string_lossy().into_owned()
+    }
+}
+
+/// Packets counted by the final log rule (blocked or would-block).
+pub fn blocked_packets(ns: &Netns) -> u64 {
+    ns.status_json()["blocked_packets"].as_u64().unwrap_or(0)
+}
