@@ -154,36 +154,35 @@ impl Compiler {
                 "baseline: connections open before egret",
             ));
         }
-        let icmp = self.add_set(
-            "baseline_icmp".into(),
-            vec![Field::IcmpType],
-            false,
-            singles(BASELINE_ICMP),
-        );
-        self.rules.push(rule(
-            vec![
-                Match::NfProto(Family::V4),
-                Match::L4Proto(IPPROTO_ICMP),
-                Match::IcmpType(Family::V4, icmp),
-            ],
-            Verdict::Accept,
-            "baseline: ICMP errors",
-        ));
-        let icmp6 = self.add_set(
-            "baseline_icmpv6".into(),
-            vec![Field::Icmpv6Type],
-            false,
-            singles(BASELINE_ICMPV6),
-        );
-        self.rules.push(rule(
-            vec![
-                Match::NfProto(Family::V6),
-                Match::L4Proto(IPPROTO_ICMPV6),
-                Match::IcmpType(Family::V6, icmp6),
-            ],
-            Verdict::Accept,
-            "baseline: ICMPv6 errors, neighbour discovery, MLD",
-        ));
+        for (family, proto, field, name, types, comment) in [
+            (
+                Family::V4,
+                IPPROTO_ICMP,
+                Field::IcmpType,
+                "baseline_icmp",
+                BASELINE_ICMP,
+                "baseline: ICMP errors",
+            ),
+            (
+                Family::V6,
+                IPPROTO_ICMPV6,
+                Field::Icmpv6Type,
+                "baseline_icmpv6",
+                BASELINE_ICMPV6,
+                "baseline: ICMPv6 errors, neighbour discovery, MLD",
+            ),
+        ] {
+            let set = self.add_set(name.into(), vec![field], false, singles(types));
+            self.rules.push(rule(
+                vec![
+                    Match::NfProto(family),
+                    Match::L4Proto(proto),
+                    Match::IcmpType(family, set),
+                ],
+                Verdict::Accept,
+                comment,
+            ));
+        }
     }
 
     /// The matches on who sends: users, groups, one cgroup level. A rule whose
