@@ -23,7 +23,15 @@ pub fn load_policy(path: &Path) -> std::result::Result<Policy, PolicyErrors> {
 
 /// Compiles `policy` against the system as it is now (unit cgroups, open connections).
 pub fn compile_live(policy: &Policy) -> Result<Ruleset> {
-    let units = crate::cgroup::resolve_units(policy.rules.iter().flat_map(|r| &r.units));
+    compile_with_units(policy, resolve_units(policy))
+}
+
+/// The cgroups of every unit the policy names, as they are now.
+pub fn resolve_units(policy: &Policy) -> crate::ruleset::UnitCgroups {
+    crate::cgroup::resolve_units(policy.rules.iter().flat_map(|r| &r.units))
+}
+
+pub fn compile_with_units(policy: &Policy, units: crate::ruleset::UnitCgroups) -> Result<Ruleset> {
     let open_flows = sockets::open_flows().context("listing open connections (sock_diag)")?;
     Ok(compile(policy, &CompileInput { units, open_flows }))
 }

@@ -65,6 +65,63 @@ pub enum Command {
     },
     /// Delete egret's table: all egress is allowed again (the emergency exit).
     Remove,
+    /// Apply the policy, then report every blocked outbound attempt (egret's main job).
+    ///
+    /// Events go to stdout as ECS JSON lines and to the store in the state dir;
+    /// diagnostics go to stderr. SIGHUP (or `egret reload`) re-reads the policy.
+    /// On exit the ruleset stays loaded (fail closed); `egret remove` deletes it.
+    Run {
+        /// Policy file. Without it: audit mode, nothing allowed beyond the baseline.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Repeats of an incident are reported at most this often.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        update_every: Duration,
+        /// Events older than this are deleted from the store.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        retention: Duration,
+        /// At most this many events are kept in the store.
+        #[arg(long, default_value_t = 1_000_000)]
+        max_events: u64,
+        /// NFLOG socket receive buffer in bytes (tuning; default 32 MiB).
+        #[arg(long, hide = true)]
+        nflog_rcvbuf: Option<usize>,
+        /// Packets the kernel batches per NFLOG message burst (tuning; default 32).
+        #[arg(long, hide = true)]
+        nflog_qthresh: Option<u32>,
+        /// Diagnostics level on stderr: error, warn, info, debug.
+        #[arg(long, default_value = "info")]
+        log_level: tracing::Level,
+    },
+    /// Make a running `egret run` re-read its policy (same as SIGHUP).
+    Reload {
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List stored events (incidents), newest first.
+    Events {
+        /// Only events seen within this long, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        since: Duration,
+        /// One ECS JSON document per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Summarise stored events by process and by destination.
+    Top {
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        since: Duration,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Internal: waits for a confirmation and rolls back without one.
     #[command(hide = true)]
     RollbackWatch {
@@ -85,6 +142,10 @@ pub fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 1h, 7d)"))
 }
 
 fn load_or_report(path: &Path) -> Option<crate::policy::Policy> {
@@ -180,6 +241,66 @@ fn run(command: Command) -> Result<u8> {
             println!("removed egret's table: egress is no longer filtered by egret");
             Ok(EXIT_OK)
         }
+        Command::Run {
+            policy,
+            state_dir,
+            update_every,
+            retention,
+            max_events,
+            nflog_rcvbuf,
+            nflog_qthresh,
+            log_level,
+        } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_max_level(log_level)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            let p = match &policy {
+                Some(path) => match load_or_report(path) {
+                    Some(p) => p,
+                    None => return Ok(EXIT_INVALID),
+                },
+                None => crate::policy::Policy::audit_default(),
+            };
+            let opts = crate::monitor::daemon::RunOptions {
+                policy_path: policy,
+                state_dir,
+                nflog_rcvbuf,
+                nflog_qthresh,
+                update_every,
+                retention: crate::monitor::store::Retention {
+                    max_age: retention,
+                    max_rows: max_events,
+                },
+            };
+            crate::monitor::daemon::run(opts, p)?;
+            Ok(EXIT_OK)
+        }
+        Command::Reload { state_dir } => {
+            let Some(pid) = crate::monitor::daemon::running_pid(&state_dir) else {
+                eprintln!(
+                    "egret: no `egret run` is running for {}",
+                    state_dir.display()
+                );
+                return Ok(EXIT_NOT_LOADED);
+            };
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP)
+                .with_context(|| format!("signalling egret run (pid {pid})"))?;
+            println!("asked egret run (pid {pid}) to reload its policy; its log says how it went");
+            Ok(EXIT_OK)
+        }
+        Command::Events {
+            since,
+            json,
+            limit,
+            state_dir,
+        } => crate::report::events(&state_dir, since, json, limit),
+        Command::Top {
+            since,
+            limit,
+            state_dir,
+        } => crate::report::top(&state_dir, since, limit),
         Command::RollbackWatch { state_dir, token } => {
             apply::watch_and_roll_back(&state_dir, token)?;
             Ok(EXIT_OK)
@@ -204,6 +325,8 @@ struct Status {
     /// Packets logged as blocked (enforce) or would-be-blocked (audit).
     blocked_packets: u64,
     pending_confirm_seconds: Option<u64>,
+    /// The daemon's books: what the kernel logged versus what egret received.
+    monitor: Option<serde_json::Value>,
 }
 
 fn comment_field(comment: &str, key: &str) -> Option<String> {
@@ -228,6 +351,7 @@ fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
             rules: vec![],
             blocked_packets: 0,
             pending_confirm_seconds,
+            monitor: crate::report::monitor_status(state_dir),
         };
     };
     let mut rules = Vec::new();
@@ -271,6 +395,7 @@ fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
         rules,
         blocked_packets: blocked,
         pending_confirm_seconds,
+        monitor: crate::report::monitor_status(state_dir),
     }
 }
 
@@ -312,6 +437,9 @@ fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
             );
         }
         println!("blocked: {} packet(s)", s.blocked_packets);
+        if let Some(m) = &s.monitor {
+            crate::report::print_monitor(m);
+        }
         if let (Some(rs), true) = (&live, show_rules) {
             for r in rs.chains.iter().flat_map(|c| &c.rules) {
                 println!("  {}", render_rule(r, true));

@@ -5,5 +5,7 @@ pub mod apply;
 pub mod cgroup;
 pub mod cli;
 pub mod kernel;
+pub mod monitor;
 pub mod policy;
+pub mod report;
 pub mod ruleset;

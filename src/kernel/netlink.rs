@@ -316,6 +316,48 @@ impl NetlinkSocket {
         }
     }
 
+    /// One non-blocking receive into `buf`: `WouldBlock` when the queue is
+    /// empty, and the kernel's ENOBUFS (an overrun happened) as an error.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: valid fd; buf is a writable region of buf.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                self.raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Waits until the socket is readable or `timeout` passes.
+    pub fn wait_readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match rc {
+            n if n > 0 => Ok(true),
+            0 => Ok(false),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     fn recv(&mut self) -> io::Result<usize> {
         loop {
             match self.sock.recv(&mut &mut self.buf[..], 0) {

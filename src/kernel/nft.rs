@@ -251,14 +251,15 @@ impl Nftables {
         let mut raw_sets = Vec::new();
         self.sock.dump(&req, |_, p| raw_sets.push(p.to_vec()))??;
         for p in raw_sets {
-            let mut set = decode_set(&p[4..])?;
+            let mut set = decode_set(p.get(4..).unwrap_or_default())?;
             let req = self.request(MSG_GETSETELEM, |b| {
                 b.attr_str(ELEM_LIST_TABLE, TABLE);
                 b.attr_str(ELEM_LIST_SET, &set.name);
             });
             let mut points = Vec::new();
-            self.sock
-                .dump(&req, |_, p| decode_elements(&p[4..], &set, &mut points))??;
+            self.sock.dump(&req, |_, p| {
+                decode_elements(p.get(4..).unwrap_or_default(), &set, &mut points)
+            })??;
             set.elements = assemble_elements(&set, points);
             sets.push(set);
         }
@@ -266,16 +267,17 @@ impl Nftables {
 
         let mut chains = Vec::new();
         let req = self.request(MSG_GETCHAIN, |b| b.attr_str(CHAIN_TABLE, TABLE));
-        self.sock
-            .dump(&req, |_, p| chains.push(decode_chain(&p[4..])))??;
+        self.sock.dump(&req, |_, p| {
+            chains.push(decode_chain(p.get(4..).unwrap_or_default()))
+        })??;
         let mut rules: Vec<(String, Vec<u8>)> = Vec::new();
         let req = self.request(MSG_GETRULE, |b| b.attr_str(RULE_TABLE, TABLE));
         self.sock.dump(&req, |_, p| {
-            let chain = attrs(&p[4..])
+            let chain = attrs(p.get(4..).unwrap_or_default())
                 .find(|(k, _)| *k == RULE_CHAIN)
                 .map(|(_, v)| c_str(v))
                 .unwrap_or_default();
-            rules.push((chain, p[4..].to_vec()));
+            rules.push((chain, p.get(4..).unwrap_or_default().to_vec()));
         })??;
         for (chain_name, payload) in rules {
             let rule = decode_rule(&payload)?;
@@ -290,6 +292,36 @@ impl Nftables {
         }))
     }
 
+    /// Packets egret's log rules have counted since the table was loaded, or
+    /// `None` when it is not loaded. Reads rules only (no set elements), so
+    /// it stays cheap with 100k-entry sets.
+    pub fn logged_packets(&mut self) -> Result<Option<u64>> {
+        if self.get_table()?.is_none() {
+            return Ok(None);
+        }
+        let req = self.request(MSG_GETRULE, |b| b.attr_str(RULE_TABLE, TABLE));
+        let mut payloads = Vec::new();
+        match self.sock.dump(&req, |_, p| {
+            payloads.push(p.get(4..).unwrap_or_default().to_vec())
+        })? {
+            Ok(()) => {}
+            Err(e) if e.errno == libc::ENOENT => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let mut total = 0;
+        for p in payloads {
+            let rule = decode_rule(&p)?;
+            let ours = rule
+                .log
+                .as_ref()
+                .is_some_and(|l| l.prefix.starts_with("egret:"));
+            if let (true, Some(c)) = (ours, rule.counter) {
+                total += c.packets;
+            }
+        }
+        Ok(Some(total))
+    }
+
     fn get_table(&mut self) -> Result<Option<String>> {
         let seq = self.next_seq();
         let mut b = MsgBuilder::default();
@@ -298,7 +330,7 @@ impl Nftables {
         b.end();
         let mut comment = None;
         match self.sock.dump(&b.buf, |_, p| {
-            let ud = attrs(&p[4..])
+            let ud = attrs(p.get(4..).unwrap_or_default())
                 .find(|(k, _)| *k == TABLE_USERDATA)
                 .map(|(_, v)| v.to_vec());
             comment = Some(ud.and_then(|u| udata_comment(&u)).unwrap_or_default());

@@ -357,3 +357,157 @@ impl PolicyFile {
 pub fn blocked_packets(ns: &Netns) -> u64 {
     ns.status_json()["blocked_packets"].as_u64().unwrap_or(0)
 }
+
+/// A running `egret run` in a namespace: its stdout JSON lines are collected
+/// as they come; SIGTERM (then SIGKILL) on drop.
+pub struct Running {
+    child: Child,
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    pub state_dir: String,
+}
+
+impl Running {
+    pub fn start(ns: &Netns, state_dir: &str, extra: &[&str]) -> Running {
+        let mut args = vec!["run", "--state-dir", state_dir, "--update-every", "1s"];
+        args.extend_from_slice(extra);
+        let mut child = ns
+            .egret(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning egret run");
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let out = child.stdout.take().expect("stdout");
+        let sink = std::sync::Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let doc = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("egret run printed a non-JSON line ({e}): {line}"));
+                sink.lock().expect("events").push(doc);
+            }
+        });
+        let err = child.stderr.take().expect("stderr");
+        let errs = std::sync::Arc::clone(&stderr);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("watching blocked egress") {
+                    let _ = ready_tx.send(());
+                }
+                let mut e = errs.lock().expect("stderr");
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        let r = Running {
+            child,
+            events,
+            stderr,
+            state_dir: state_dir.to_string(),
+        };
+        if ready_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_err()
+        {
+            panic!("egret run did not start:\n{}", r.stderr_text());
+        }
+        r
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("stderr").clone()
+    }
+
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        self.events.lock().expect("events").clone()
+    }
+
+    /// Waits (up to `secs`) until an event matches; panics with what was seen.
+    pub fn wait_event(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(e) = self.snapshot().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "no event {what} within {secs} s; events: {:#?}\nstderr:\n{}",
+                    self.snapshot(),
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        run_ok(Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]));
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let status = self.child.wait().expect("waiting for egret run");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// JSON pointer lookup that reads well in assertions.
+pub fn at<'a>(doc: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+    doc.pointer(pointer).unwrap_or(&serde_json::Value::Null)
+}
+
+/// A peer that keeps running (and so keeps its socket) until dropped.
+pub struct Attempt {
+    child: Child,
+    pub pid: u32,
+}
+
+impl Attempt {
+    pub fn start(ns: &Netns, uid: Option<u32>, args: &[&str]) -> Attempt {
+        let mut child = ns
+            .peer(uid, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning peer");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("peer output");
+        let pid = line.trim().parse().expect("peer prints its pid");
+        Attempt { child, pid }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

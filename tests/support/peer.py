@@ -7,7 +7,16 @@
   udp-send HOST PORT          exit 0 if a datagram comes back
   hold HOST PORT              connect, print "connected", wait for a line on stdin,
                               then do an echo round trip on the same connection
+  try-tcp HOST PORT           start a connect (no wait), print our pid, then stay
+                              alive (SYN retries go on) until stdin closes
+  try-udp HOST PORT [N]       send N datagrams (default 1) 0.2 s apart, print our
+                              pid, then stay alive until stdin closes
+  flood-udp HOST PORT N       send N datagrams as fast as possible; print how many
+                              sends the firewall refused (EPERM)
 """
+import errno
+import os
+import time
 import socket
 import sys
 import threading
@@ -92,10 +101,52 @@ def hold(host, port):
     return 0 if ok else 1
 
 
+def try_tcp(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect((host, port))
+    except BlockingIOError:
+        pass
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    return 0
+
+
+def try_udp(host, port, n=1):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    print(os.getpid(), flush=True)
+    for i in range(int(n)):
+        if i:
+            time.sleep(0.2)
+        try:
+            s.sendto(b"x", (host, port))
+        except PermissionError:
+            pass
+    sys.stdin.read()
+    return 0
+
+
+def flood_udp(host, port, n):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    refused = 0
+    for _ in range(int(n)):
+        try:
+            s.sendto(b"x", (host, port))
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            refused += 1
+    print(refused, flush=True)
+    return 0
+
+
 def main():
-    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    run = {"tcp-server": tcp_server, "udp-server": udp_server, "tcp-connect": tcp_connect, "udp-send": udp_send, "hold": hold}[mode]
-    sys.exit(run(host, port) or 0)
+    mode, host, port, rest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    run = {"tcp-server": tcp_server, "udp-server": udp_server, "tcp-connect": tcp_connect,
+           "udp-send": udp_send, "hold": hold, "try-tcp": try_tcp, "try-udp": try_udp,
+           "flood-udp": flood_udp}[mode]
+    sys.exit(run(host, port, *rest) or 0)
 
 
 if __name__ == "__main__":

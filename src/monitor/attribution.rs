@@ -1,0 +1,685 @@
+//! Who sent a logged packet: socket owner from NFLOG, then the socket itself
+//! (sock_diag exact lookup by 5-tuple: inode, cgroup id), then the process
+//! holding that inode (/proc), its executable, command line and unit.
+//!
+//! Cost control: results are cached per 5-tuple (SYN retries and UDP floods
+//! from one socket are looked up once), inode→pid is cached from every scan,
+//! scans visit recently seen processes and the socket owner's processes first,
+//! and deep lookups are rate-limited so a flood from fresh sockets degrades to
+//! `uid-only` instead of stalling the pipeline.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::kernel::netlink::{attrs, NetlinkSocket};
+use crate::monitor::packet::{Flow, IPPROTO_TCP, IPPROTO_UDP, L4};
+
+const NETLINK_SOCK_DIAG: isize = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const SOCKET_CACHE_TTL: Duration = Duration::from_secs(10);
+const SOCKET_CACHE_MAX: usize = 65_536;
+const INODE_CACHE_MAX: usize = 262_144;
+/// Deep lookups (sock_diag + /proc) per second, with the same burst.
+const DEEP_LOOKUPS_PER_SEC: f64 = 2_000.0;
+
+/// How an event was attributed, from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Socket found by sock_diag, process found in /proc.
+    SockDiagProc,
+    /// Socket found (uid, cgroup) but no process holds it any more.
+    SockDiag,
+    /// Only the socket owner's uid/gid from NFLOG.
+    UidOnly,
+    /// Nothing: no local socket (forwarded traffic) or no uid.
+    None,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::SockDiagProc => "sock_diag+proc",
+            Method::SockDiag => "sock_diag",
+            Method::UidOnly => "uid-only",
+            Method::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Process {
+    pub pid: u32,
+    pub name: Option<String>,
+    pub executable: Option<String>,
+    pub command_line: Option<String>,
+    pub parent_pid: Option<u32>,
+    pub parent_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub method: Method,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub user_name: Option<String>,
+    pub group_name: Option<String>,
+    pub process: Option<Process>,
+    /// cgroup v2 path relative to the hierarchy root, e.g. `/system.slice/nginx.service`.
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    pub container_id: Option<String>,
+}
+
+/// What the aggregation keys on: executable, else unit, else uid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Identity {
+    Executable(String),
+    Unit(String),
+    Uid(u32),
+    Unknown,
+}
+
+impl Attribution {
+    pub fn identity(&self) -> Identity {
+        if let Some(exe) = self.process.as_ref().and_then(|p| p.executable.clone()) {
+            Identity::Executable(exe)
+        } else if let Some(unit) = &self.unit {
+            Identity::Unit(unit.clone())
+        } else if let Some(uid) = self.uid {
+            Identity::Uid(uid)
+        } else {
+            Identity::Unknown
+        }
+    }
+}
+
+type SocketKey = (u8, IpAddr, u16, IpAddr, u16, Option<u32>);
+
+pub struct Attributor {
+    diag: Option<NetlinkSocket>,
+    proc_root: PathBuf,
+    sockets: HashMap<SocketKey, (Instant, Attribution)>,
+    inodes: HashMap<u64, (u32, u32)>,
+    recent_pids: Vec<u32>,
+    names: Names,
+    cgroups: CgroupPaths,
+    tokens: f64,
+    refilled: Instant,
+    pub stats: AttributionStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AttributionStats {
+    pub cache_hits: u64,
+    pub deep_lookups: u64,
+    pub rate_limited: u64,
+}
+
+impl Attributor {
+    pub fn new() -> Attributor {
+        Attributor {
+            diag: NetlinkSocket::open(NETLINK_SOCK_DIAG).ok(),
+            proc_root: PathBuf::from("/proc"),
+            sockets: HashMap::new(),
+            inodes: HashMap::new(),
+            recent_pids: Vec::new(),
+            names: Names::default(),
+            cgroups: CgroupPaths::default(),
+            tokens: DEEP_LOOKUPS_PER_SEC,
+            refilled: Instant::now(),
+            stats: AttributionStats::default(),
+        }
+    }
+
+    pub fn attribute(
+        &mut self,
+        flow: Option<&Flow>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Attribution {
+        let base = Attribution {
+            method: if uid.is_some() {
+                Method::UidOnly
+            } else {
+                Method::None
+            },
+            uid,
+            gid,
+            user_name: uid.and_then(|u| self.names.user(u)),
+            group_name: gid.and_then(|g| self.names.group(g)),
+            process: None,
+            cgroup: None,
+            unit: None,
+            container_id: None,
+        };
+        let Some(flow) = flow else { return base };
+        let (
+            L4::Ports {
+                src: sport,
+                dst: dport,
+            },
+            IPPROTO_TCP | IPPROTO_UDP,
+        ) = (flow.l4, flow.protocol)
+        else {
+            return base;
+        };
+        // Without a uid the packet did not come from a local socket.
+        if uid.is_none() {
+            return base;
+        }
+        let key = (flow.protocol, flow.src, sport, flow.dst, dport, uid);
+        let now = Instant::now();
+        if let Some((at, a)) = self.sockets.get(&key) {
+            if now.duration_since(*at) < SOCKET_CACHE_TTL {
+                self.stats.cache_hits += 1;
+                return a.clone();
+            }
+        }
+        if !self.take_token(now) {
+            self.stats.rate_limited += 1;
+            return base;
+        }
+        self.stats.deep_lookups += 1;
+        let found = self.deep(flow.protocol, flow.src, sport, flow.dst, dport, base);
+        if self.sockets.len() >= SOCKET_CACHE_MAX {
+            self.sockets
+                .retain(|_, (at, _)| now.duration_since(*at) < SOCKET_CACHE_TTL);
+            if self.sockets.len() >= SOCKET_CACHE_MAX {
+                self.sockets.clear();
+            }
+        }
+        self.sockets.insert(key, (now, found.clone()));
+        found
+    }
+
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * DEEP_LOOKUPS_PER_SEC).min(DEEP_LOOKUPS_PER_SEC);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn deep(
+        &mut self,
+        protocol: u8,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        mut a: Attribution,
+    ) -> Attribution {
+        let Some(diag) = self.diag.as_mut() else {
+            return a;
+        };
+        let Some(sock) = lookup_socket(diag, protocol, src, sport, dst, dport) else {
+            return a;
+        };
+        a.method = Method::SockDiag;
+        if let Some(pid) = self.find_inode(sock.inode, sock.uid) {
+            let process = read_process(&self.proc_root, pid);
+            if let Some(path) = read_cgroup(&self.proc_root, pid) {
+                a.cgroup = Some(path);
+            }
+            if let Some(p) = process {
+                a.method = Method::SockDiagProc;
+                a.process = Some(p);
+            }
+        }
+        if a.cgroup.is_none() {
+            a.cgroup = sock.cgroup_id.and_then(|id| self.cgroups.path(id));
+        }
+        if let Some(cg) = &a.cgroup {
+            (a.unit, a.container_id) = unit_and_container(cg);
+        }
+        a
+    }
+
+    /// The pid holding socket `inode`.
+    fn find_inode(&mut self, inode: u64, uid: u32) -> Option<u32> {
+        if let Some(&(pid, fd)) = self.inodes.get(&inode) {
+            if fd_is_socket(&self.proc_root, pid, fd, inode) {
+                self.remember(pid);
+                return Some(pid);
+            }
+            self.inodes.remove(&inode);
+        }
+        let recent = self.recent_pids.clone();
+        for pid in recent.into_iter().rev() {
+            if self.scan_pid(pid, inode) {
+                self.remember(pid);
+                return Some(pid);
+            }
+        }
+        let mut pids = list_pids(&self.proc_root);
+        // Newest first: a blocked connect usually comes from a fresh process.
+        pids.sort_unstable_by(|a, b| b.cmp(a));
+        let (own, rest): (Vec<u32>, Vec<u32>) = pids
+            .into_iter()
+            .partition(|&p| pid_uid(&self.proc_root, p) == Some(uid));
+        for pid in own.into_iter().chain(rest) {
+            if self.scan_pid(pid, inode) {
+                self.remember(pid);
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    fn remember(&mut self, pid: u32) {
+        self.recent_pids.retain(|&p| p != pid);
+        self.recent_pids.push(pid);
+        if self.recent_pids.len() > 16 {
+            self.recent_pids.remove(0);
+        }
+    }
+
+    /// Indexes every socket of `pid`; true if `inode` is among them.
+    fn scan_pid(&mut self, pid: u32, inode: u64) -> bool {
+        let dir = self.proc_root.join(pid.to_string()).join("fd");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        if self.inodes.len() > INODE_CACHE_MAX {
+            self.inodes.clear();
+        }
+        let mut found = false;
+        for entry in entries.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            if let Some(ino) = socket_inode(&target) {
+                self.inodes.insert(ino, (pid, fd));
+                found |= ino == inode;
+            }
+        }
+        found
+    }
+}
+
+impl Default for Attributor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+fn fd_is_socket(proc_root: &Path, pid: u32, fd: u32, inode: u64) -> bool {
+    let link = proc_root.join(format!("{pid}/fd/{fd}"));
+    std::fs::read_link(link).ok().and_then(|t| socket_inode(&t)) == Some(inode)
+}
+
+fn list_pids(proc_root: &Path) -> Vec<u32> {
+    std::fs::read_dir(proc_root)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pid_uid(proc_root: &Path, pid: u32) -> Option<u32> {
+    std::fs::metadata(proc_root.join(pid.to_string()))
+        .ok()
+        .map(|m| m.uid())
+}
+
+fn read_trimmed(path: PathBuf) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim_end_matches('\n');
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+pub fn read_process(proc_root: &Path, pid: u32) -> Option<Process> {
+    let dir = proc_root.join(pid.to_string());
+    let name = read_trimmed(dir.join("comm"));
+    // A process that exited between lookup and read leaves nothing behind.
+    name.as_ref()?;
+    let executable = std::fs::read_link(dir.join("exe")).ok().map(|p| {
+        p.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    });
+    let command_line = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (!args.is_empty()).then(|| args.join(" "))
+    });
+    let parent_pid = std::fs::read_to_string(dir.join("status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        });
+    let parent_name = parent_pid
+        .filter(|&p| p != 0)
+        .and_then(|p| read_trimmed(proc_root.join(format!("{p}/comm"))));
+    Some(Process {
+        pid,
+        name,
+        executable,
+        command_line,
+        parent_pid,
+        parent_name,
+    })
+}
+
+/// The process's cgroup v2 path (or, on hybrid hosts, the systemd v1 one).
+fn read_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join(format!("{pid}/cgroup"))).ok()?;
+    let mut v2 = None;
+    let mut systemd = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path.to_string());
+        } else if controllers == "name=systemd" {
+            systemd = Some(path.to_string());
+        }
+    }
+    let path = match (v2, systemd) {
+        (Some(p), Some(s)) if p == "/" => s,
+        (Some(p), _) => p,
+        (None, s) => s?,
+    };
+    // The root cgroup says nothing about who sent the packet.
+    (path != "/").then_some(path)
+}
+
+/// The systemd unit and the container id a cgroup path names, if any.
+pub fn unit_and_container(path: &str) -> (Option<String>, Option<String>) {
+    const UNIT_SUFFIXES: [&str; 4] = [".service", ".scope", ".socket", ".mount"];
+    let mut unit = None;
+    let mut container = None;
+    for part in path.rsplit('/').filter(|p| !p.is_empty()) {
+        if container.is_none() {
+            let stem = part.strip_suffix(".scope").unwrap_or(part);
+            let id = stem.rsplit(['-', ':']).next().unwrap_or(stem);
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                container = Some(id.to_string());
+            }
+        }
+        if unit.is_none() && UNIT_SUFFIXES.iter().any(|s| part.ends_with(s)) {
+            unit = Some(part.to_string());
+        }
+    }
+    (unit, container)
+}
+
+/// cgroup id (the cgroup directory's inode) → path, for sockets whose
+/// process is gone. The tree is re-walked on a miss, at most every 10 s.
+#[derive(Default)]
+struct CgroupPaths {
+    by_id: HashMap<u64, String>,
+    walked: Option<Instant>,
+}
+
+impl CgroupPaths {
+    fn path(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.by_id.get(&id) {
+            return Some(p.clone());
+        }
+        if self
+            .walked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.walked = Some(Instant::now());
+        let root = crate::cgroup::cgroup2_root()?;
+        self.by_id.clear();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let rel = dir
+                .strip_prefix(&root)
+                .map(|r| format!("/{}", r.display()))
+                .ok();
+            if let Some(rel) = rel {
+                self.by_id.insert(meta.ino(), rel);
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        self.by_id.get(&id).cloned()
+    }
+}
+
+/// uid/gid → name through NSS, cached (NSS may be slow: LDAP, sssd).
+#[derive(Default)]
+struct Names {
+    users: HashMap<u32, Option<String>>,
+    groups: HashMap<u32, Option<String>>,
+}
+
+impl Names {
+    fn user(&mut self, uid: u32) -> Option<String> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone()
+    }
+    fn group(&mut self, gid: u32) -> Option<String> {
+        self.groups
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(gid.into())
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+            })
+            .clone()
+    }
+}
+
+/// What sock_diag knows about one socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub inode: u64,
+    pub uid: u32,
+    pub cgroup_id: Option<u64>,
+}
+
+/// Exact lookup of the local socket that sent `src:sport → dst:dport`.
+pub fn lookup_socket(
+    diag: &mut NetlinkSocket,
+    protocol: u8,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+) -> Option<SocketInfo> {
+    // udp_diag looks sockets up with source and destination swapped (a
+    // historical quirk of the kernel), so UDP tries both orientations.
+    let orientations: &[bool] = if protocol == IPPROTO_UDP {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    orientations.iter().find_map(|&swap| {
+        let req = if swap {
+            diag_request(protocol, dst, dport, src, sport)
+        } else {
+            diag_request(protocol, src, sport, dst, dport)
+        };
+        let mut info = None;
+        diag.dump(&req, |_, payload| info = parse_diag_msg(payload))
+            .ok()?
+            .ok()?;
+        info
+    })
+}
+
+fn diag_request(protocol: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    let family = match src {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    } as u8;
+    let mut b = Vec::with_capacity(72);
+    b.extend_from_slice(&72u32.to_ne_bytes());
+    b.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    b.extend_from_slice(&(crate::kernel::netlink::NLM_F_REQUEST).to_ne_bytes());
+    // Sequence numbers only need to differ from the previous request's.
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&[family, protocol, 0, 0]);
+    b.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    b.extend_from_slice(&sport.to_be_bytes());
+    b.extend_from_slice(&dport.to_be_bytes());
+    for addr in [src, dst] {
+        let mut a = [0u8; 16];
+        match addr {
+            IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => a.copy_from_slice(&v6.octets()),
+        }
+        b.extend_from_slice(&a);
+    }
+    b.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    b.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    b
+}
+
+/// Parses an inet_diag_msg: 4 bytes of family/state/timer/retrans, a
+/// 48-byte socket id, then expires, rqueue, wqueue, uid, inode; then attributes.
+pub fn parse_diag_msg(payload: &[u8]) -> Option<SocketInfo> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(
+            payload.get(at..at + 4)?.try_into().ok()?,
+        ))
+    };
+    let uid = word(64)?;
+    let inode = u64::from(word(68)?);
+    let cgroup_id = attrs(payload.get(72..).unwrap_or(&[]))
+        .find(|(k, _)| *k == INET_DIAG_CGROUP_ID)
+        .and_then(|(_, v)| Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?)));
+    Some(SocketInfo {
+        inode,
+        uid,
+        cgroup_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_and_containers_from_cgroup_paths() {
+        assert_eq!(
+            unit_and_container("/system.slice/nginx.service"),
+            (Some("nginx.service".into()), None)
+        );
+        let id = "a".repeat(64);
+        assert_eq!(
+            unit_and_container(&format!("/system.slice/docker-{id}.scope")),
+            (Some(format!("docker-{id}.scope")), Some(id.clone()))
+        );
+        assert_eq!(
+            unit_and_container(&format!("/docker/{id}")),
+            (None, Some(id))
+        );
+        assert_eq!(
+            unit_and_container(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service"
+            ),
+            (Some("foo.service".into()), None)
+        );
+        assert_eq!(unit_and_container("/egret-test"), (None, None));
+    }
+
+    #[test]
+    fn identity_prefers_executable_then_unit_then_uid() {
+        let mut a = Attribution {
+            method: Method::UidOnly,
+            uid: Some(7),
+            gid: None,
+            user_name: None,
+            group_name: None,
+            process: None,
+            cgroup: None,
+            unit: None,
+            container_id: None,
+        };
+        assert_eq!(a.identity(), Identity::Uid(7));
+        a.unit = Some("x.service".into());
+        assert_eq!(a.identity(), Identity::Unit("x.service".into()));
+        a.process = Some(Process {
+            pid: 1,
+            executable: Some("/usr/bin/java".into()),
+            ..Process::default()
+        });
+        assert_eq!(a.identity(), Identity::Executable("/usr/bin/java".into()));
+    }
+
+    #[test]
+    fn diag_messages_parse_and_truncations_do_not_panic() {
+        let mut m = vec![0u8; 72];
+        m[64..68].copy_from_slice(&1000u32.to_ne_bytes());
+        m[68..72].copy_from_slice(&4242u32.to_ne_bytes());
+        m.extend_from_slice(&12u16.to_ne_bytes());
+        m.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        m.extend_from_slice(&99u64.to_ne_bytes());
+        assert_eq!(
+            parse_diag_msg(&m),
+            Some(SocketInfo {
+                inode: 4242,
+                uid: 1000,
+                cgroup_id: Some(99)
+            })
+        );
+        for cut in 0..m.len() {
+            let _ = parse_diag_msg(&m[..cut]);
+        }
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = read_process(Path::new("/proc"), std::process::id()).unwrap();
+        assert!(me.executable.is_some());
+        assert!(me.command_line.is_some());
+        assert!(me.parent_pid.is_some());
+    }
+}

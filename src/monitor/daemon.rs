@@ -1,0 +1,519 @@
+//! `egret run`: applies the policy, then turns every logged packet into an
+//! attributed, deduplicated event until SIGTERM/SIGINT. SIGHUP (or `egret
+//! reload`) swaps in a re-read policy; an invalid one is refused and the old
+//! one stays. On exit the ruleset stays loaded: egress stays filtered (fail
+//! closed) and a later `egret run` picks up where this one left off.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tracing::{error, info, warn};
+
+use crate::apply;
+use crate::kernel::nft::Nftables;
+use crate::monitor::accounting::{Accounting, ReaderCounts};
+use crate::monitor::attribution::Attributor;
+use crate::monitor::event;
+use crate::monitor::incident::{Aggregator, Incident};
+use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats};
+use crate::monitor::store::{Retention, Store};
+use crate::policy::Policy;
+use crate::ruleset::{Ruleset, UnitCgroups};
+
+pub const PID_FILE: &str = "egret.pid";
+const TICK: Duration = Duration::from_millis(250);
+const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
+const UNITS_EVERY: Duration = Duration::from_secs(2);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// data-loss events are rate-limited to one per this interval.
+const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
+const CHANNEL_DEPTH: usize = 16_384;
+
+pub struct RunOptions {
+    /// None: the embedded default (audit mode, baseline only).
+    pub policy_path: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub nflog_rcvbuf: Option<usize>,
+    pub nflog_qthresh: Option<u32>,
+    pub update_every: Duration,
+    pub retention: Retention,
+}
+
+pub fn pid_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(PID_FILE)
+}
+
+/// The pid of a running `egret run` for this state dir, if any.
+pub fn running_pid(state_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_path(state_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "egret").then_some(pid)
+}
+
+struct Signals {
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn register() -> Result<Signals> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reload = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&stop))?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))?;
+        Ok(Signals { stop, reload })
+    }
+}
+
+/// stdout, one JSON document per line. A closed pipe is reported once and
+/// does not stop the daemon: the store still gets every event.
+struct Output {
+    out: std::io::BufWriter<std::io::Stdout>,
+    broken: bool,
+}
+
+impl Output {
+    fn line(&mut self, doc: &Value) {
+        if self.broken {
+            return;
+        }
+        let r = serde_json::to_writer(&mut self.out, doc)
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = r {
+            warn!("stdout is gone ({e}); events still go to the store");
+            self.broken = true;
+        }
+    }
+    fn flush(&mut self) {
+        if !self.broken && self.out.flush().is_err() {
+            self.broken = true;
+        }
+    }
+}
+
+struct Daemon {
+    opts: RunOptions,
+    policy: Policy,
+    units: UnitCgroups,
+    nft: Nftables,
+    store: Store,
+    agg: Aggregator,
+    attributor: Attributor,
+    accounting: Accounting,
+    stats: Arc<NflogStats>,
+    epoch: Instant,
+    out: Output,
+    host: String,
+    pending: Vec<(Incident, Value)>,
+    reported_lost: u64,
+    last_loss_event: Option<Instant>,
+}
+
+pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
+    let signals = Signals::register().context("installing signal handlers")?;
+    let store = Store::open(&opts.state_dir)?;
+    if let Some(pid) = running_pid(&opts.state_dir) {
+        bail!(
+            "another `egret run` (pid {pid}) uses {}",
+            opts.state_dir.display()
+        );
+    }
+    let pid_file = pid_path(&opts.state_dir);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .context("writing the pid file")?;
+    let _pid_guard = PidFile(pid_file);
+    run_inner(opts, policy, store, signals)
+}
+
+fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -> Result<()> {
+    let epoch = Instant::now();
+    let mut nft = Nftables::open().context("opening nf_tables netlink")?;
+
+    // Packets logged while no daemon listened never reached anyone: book them.
+    let live_before = nft
+        .logged_packets()
+        .context("reading egret's log counters")?;
+    let seen_at_exit: Option<u64> = store
+        .counter("live_logged_at_exit")?
+        .and_then(|s| s.parse().ok());
+    let while_down = match (live_before, seen_at_exit) {
+        (Some(now), Some(then)) if now >= then => now - then,
+        (Some(now), _) => now,
+        (None, _) => 0,
+    };
+
+    let mut cfg = NflogConfig::new(policy.log_group);
+    if let Some(b) = opts.nflog_rcvbuf {
+        cfg.rcvbuf = b;
+    }
+    if let Some(q) = opts.nflog_qthresh {
+        cfg.qthresh = q;
+    }
+    let (tx, rx) = sync_channel::<LoggedPacket>(CHANNEL_DEPTH);
+    let mut early = Vec::new();
+    let mut reader = NflogReader::bind(cfg, epoch, &mut |p| early.push(p))?;
+    let stats = Arc::clone(&reader.stats);
+
+    let units = apply::resolve_units(&policy);
+    let rs = apply::compile_with_units(&policy, units.clone())?;
+    nft.apply(&rs).context("loading the ruleset")?;
+    info!(
+        policy = %opts.policy_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded default: audit mode, baseline only)".into()),
+        mode = %policy.mode,
+        rules = policy.rules.len(),
+        log_group = policy.log_group,
+        "policy applied; watching blocked egress"
+    );
+
+    let stop = Arc::clone(&signals.stop);
+    let reader_thread = std::thread::Builder::new()
+        .name("nflog".into())
+        .spawn(move || -> std::io::Result<()> {
+            for p in early {
+                if tx.send(p).is_err() {
+                    return Ok(());
+                }
+            }
+            let mut gone = false;
+            while !stop.load(Ordering::Relaxed) && !gone {
+                reader.drain(Duration::from_millis(100), &mut |p| {
+                    gone |= tx.send(p).is_err();
+                })?;
+            }
+            Ok(())
+        })
+        .context("starting the NFLOG reader")?;
+
+    let mut accounting = Accounting::new(cfg.flush);
+    accounting.add_while_down(while_down);
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let mut daemon = Daemon {
+        agg: Aggregator::new(store.next_incident_id()?),
+        store,
+        opts,
+        policy,
+        units,
+        nft,
+        attributor: Attributor::new(),
+        accounting,
+        stats,
+        epoch,
+        out: Output {
+            out: std::io::BufWriter::new(std::io::stdout()),
+            broken: false,
+        },
+        host,
+        pending: Vec::new(),
+        reported_lost: 0,
+        last_loss_event: None,
+    };
+    daemon.agg.update_every = daemon.opts.update_every;
+    if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
+        if n > 0 {
+            info!(events = n, "pruned events past retention");
+        }
+    }
+    let result = daemon.main_loop(&rx, &signals);
+    signals.stop.store(true, Ordering::Relaxed);
+    match reader_thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!("NFLOG reader failed: {e}"),
+        Err(_) => error!("NFLOG reader panicked"),
+    }
+    // Whatever the reader queued before stopping still counts.
+    while let Ok(p) = rx.try_recv() {
+        daemon.handle(p);
+    }
+    daemon.finish();
+    result
+}
+
+struct PidFile(PathBuf);
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Daemon {
+    fn main_loop(&mut self, rx: &Receiver<LoggedPacket>, signals: &Signals) -> Result<()> {
+        let mut last_tick = Instant::now();
+        let mut last_account = Instant::now() - ACCOUNT_EVERY;
+        let mut last_units = Instant::now();
+        let mut last_prune = Instant::now();
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(p) => {
+                    self.handle(p);
+                    // Take what is queued before looking at the clock again.
+                    for p in rx.try_iter().take(4096) {
+                        self.handle(p);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) if signals.stop.load(Ordering::Relaxed) => {}
+                Err(RecvTimeoutError::Disconnected) => bail!("the NFLOG reader stopped"),
+            }
+            if signals.stop.load(Ordering::Relaxed) {
+                info!("stopping; the ruleset stays loaded (`egret remove` deletes it)");
+                return Ok(());
+            }
+            if signals.reload.swap(false, Ordering::Relaxed) {
+                self.reload();
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.tick(false);
+            }
+            if last_account.elapsed() >= ACCOUNT_EVERY {
+                last_account = Instant::now();
+                self.account();
+            }
+            if last_units.elapsed() >= UNITS_EVERY {
+                last_units = Instant::now();
+                self.refresh_units();
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                if let Err(e) = self.store.prune(self.opts.retention, SystemTime::now()) {
+                    warn!("pruning the event store: {e:#}");
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, p: LoggedPacket) {
+        let flow = p.flow.as_ref().ok();
+        let who = self.attributor.attribute(flow, p.uid, p.gid);
+        if let Some(inc) = self.agg.observe(&p.verdict, flow, &who, p.received) {
+            let doc = event::incident(inc, false, &self.host);
+            self.out.line(&doc);
+            self.out.flush();
+            self.pending.push((inc.clone(), doc));
+        }
+    }
+
+    /// Emits due updates and writes everything pending to the store.
+    fn tick(&mut self, force: bool) {
+        let now = SystemTime::now();
+        for inc in self.agg.due(now, force) {
+            let doc = event::incident(&inc, true, &self.host);
+            self.out.line(&doc);
+            self.pending.push((inc, doc));
+        }
+        self.agg.close_idle(now);
+        self.out.flush();
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch: Vec<(&Incident, &Value)> = self.pending.iter().map(|(i, d)| (i, d)).collect();
+        match self.store.upsert(&batch) {
+            Ok(()) => self.pending.clear(),
+            // Kept for the next tick; bounded so a dead disk cannot eat memory.
+            Err(e) => {
+                warn!("writing events to the store: {e:#}");
+                if self.pending.len() > 100_000 {
+                    self.pending.drain(..50_000);
+                }
+            }
+        }
+    }
+
+    fn counts(&self) -> ReaderCounts {
+        ReaderCounts {
+            received: self.stats.received.load(Ordering::Relaxed),
+            seq_lost: self.stats.seq_lost.load(Ordering::Relaxed),
+            enobufs: self.stats.enobufs.load(Ordering::Relaxed),
+            drained_at_ms: self.stats.drained_at_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn account(&mut self) {
+        match self.nft.logged_packets() {
+            Ok(Some(live)) => {
+                let (now_ms, counts) = (self.now_ms(), self.counts());
+                self.accounting.kernel_reading(live, now_ms, counts);
+                self.write_books(live);
+            }
+            Ok(None) => warn!("egret's table is gone (`egret remove`?); egress is not filtered"),
+            Err(e) => warn!("reading egret's log counters: {e}"),
+        }
+        let figures = self.accounting.figures(self.counts());
+        let lost = figures.lost();
+        let may_report = self
+            .last_loss_event
+            .map_or(true, |t| t.elapsed() >= LOSS_EVENT_EVERY);
+        if lost > self.reported_lost && may_report {
+            let now = SystemTime::now();
+            let delta = lost - self.reported_lost;
+            let doc = event::data_loss(now, delta, &figures, &self.host);
+            warn!(
+                lost = delta,
+                total = lost,
+                "blocked-packet log messages were lost"
+            );
+            self.out.line(&doc);
+            self.out.flush();
+            if let Err(e) = self.store.insert_data_loss(now, delta, &doc) {
+                warn!("storing a data-loss event: {e:#}");
+            }
+            self.reported_lost = lost;
+            self.last_loss_event = Some(Instant::now());
+        }
+    }
+
+    fn write_books(&mut self, live: u64) {
+        let figures = self.accounting.figures(self.counts());
+        let a = self.attributor.stats;
+        let books = serde_json::json!({
+            "pid": std::process::id(),
+            "updated_at": event::timestamp(SystemTime::now()),
+            "loss": figures,
+            "open_incidents": self.agg.open_count(),
+            "attribution": {"cache_hits": a.cache_hits, "deep_lookups": a.deep_lookups, "rate_limited": a.rate_limited},
+        });
+        let r = self
+            .store
+            .put_counter("books", &books.to_string())
+            .and_then(|()| {
+                self.store
+                    .put_counter("loss", &serde_json::to_string(&figures)?)
+            })
+            .and_then(|()| {
+                self.store
+                    .put_counter("live_logged_at_exit", &live.to_string())
+            });
+        if let Err(e) = r {
+            warn!("writing counters to the store: {e:#}");
+        }
+    }
+
+    /// Swaps the whole ruleset; the old one's counts are kept in the books.
+    fn swap_ruleset(&mut self, rs: &Ruleset) -> Result<()> {
+        let last = self.nft.logged_packets().ok().flatten().unwrap_or(0);
+        self.nft.apply(rs).context("loading the ruleset")?;
+        self.accounting.retire(last);
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = self.opts.policy_path.clone() else {
+            info!("reload: running on the embedded default policy; nothing to re-read");
+            return;
+        };
+        let policy = match apply::load_policy(&path) {
+            Ok(p) => p,
+            Err(errors) => {
+                for d in &errors.0 {
+                    error!("{d}");
+                }
+                error!(
+                    "reload: {} has {} error(s); the running policy stays",
+                    path.display(),
+                    errors.0.len()
+                );
+                return;
+            }
+        };
+        if policy.log_group != self.policy.log_group {
+            error!(
+                "reload: log_group changed ({} → {}); that needs a restart. The running policy stays",
+                self.policy.log_group, policy.log_group
+            );
+            return;
+        }
+        let units = apply::resolve_units(&policy);
+        let applied =
+            apply::compile_with_units(&policy, units.clone()).and_then(|rs| self.swap_ruleset(&rs));
+        match applied {
+            Ok(()) => {
+                info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
+                self.policy = policy;
+                self.units = units;
+            }
+            Err(e) => error!("reload failed, the running policy stays: {e:#}"),
+        }
+    }
+
+    /// A restarted unit gets a new cgroup (new id): follow it, or its
+    /// `units` rules would silently stop matching.
+    fn refresh_units(&mut self) {
+        if !self.policy.rules.iter().any(|r| !r.units.is_empty()) {
+            return;
+        }
+        let units = apply::resolve_units(&self.policy);
+        if units == self.units {
+            return;
+        }
+        let rs = match apply::compile_with_units(&self.policy, units.clone()) {
+            Ok(rs) => rs,
+            Err(e) => return warn!("recompiling for changed unit cgroups: {e:#}"),
+        };
+        let cg_sets = |rs: &Ruleset| -> Vec<String> {
+            rs.sets
+                .iter()
+                .filter(|s| is_cgroup_set(&s.name))
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        let live = apply::compile_with_units(&self.policy, self.units.clone()).ok();
+        let same_shape = live.as_ref().is_some_and(|l| cg_sets(l) == cg_sets(&rs));
+        let result = if same_shape {
+            // Same sets, new members: swap elements only (counters survive).
+            rs.sets
+                .iter()
+                .filter(|s| is_cgroup_set(&s.name))
+                .try_for_each(|s| self.nft.replace_elements(s, &s.elements))
+                .map_err(anyhow::Error::from)
+        } else {
+            self.swap_ruleset(&rs)
+        };
+        match result {
+            Ok(()) => {
+                info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
+                self.units = units;
+            }
+            Err(e) => warn!("updating unit cgroups: {e:#}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        self.tick(true);
+        // Settle the books: let the kernel flush, read once more.
+        std::thread::sleep(Duration::from_millis(50));
+        self.account();
+        self.out.flush();
+        let f = self.accounting.figures(self.counts());
+        info!(
+            received = f.received,
+            lost = f.lost(),
+            kernel_logged = f.kernel_logged,
+            "stopped"
+        );
+    }
+}
+
+fn is_cgroup_set(name: &str) -> bool {
+    name.rsplit_once("_cg")
+        .is_some_and(|(_, level)| !level.is_empty() && level.bytes().all(|b| b.is_ascii_digit()))
+}

@@ -1,0 +1,262 @@
+//! Incidents and loss reports as Elastic Common Schema documents: one JSON
+//! object per line on stdout, the same document stored in SQLite.
+
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value};
+
+use crate::monitor::incident::Incident;
+use crate::monitor::packet::L4;
+use crate::policy::Mode;
+
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Removes nulls so documents carry only what is known.
+fn compact(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let out: Map<String, Value> = map
+                .into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, compact(v)))
+                .filter(|(_, v)| !matches!(v, Value::Object(m) if m.is_empty()))
+                .collect();
+            Value::Object(out)
+        }
+        other => other,
+    }
+}
+
+/// The rule name reported for packets caught by the final default rule.
+pub const DEFAULT_RULE: &str = "default";
+
+pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
+    let blocked = inc.key.verdict.blocked;
+    let a = &inc.attribution;
+    let p = a.process.as_ref();
+    let flow = inc.flow.as_ref();
+    let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {
+        Some(L4::Icmp { kind, code }) => (Some(kind), Some(code)),
+        _ => (None, None),
+    };
+    let at = if update {
+        inc.last_seen
+    } else {
+        inc.first_seen
+    };
+    compact(json!({
+        "@timestamp": timestamp(at),
+        "message": summary(inc),
+        "event": {
+            "kind": if blocked { "alert" } else { "event" },
+            "category": ["network"],
+            "type": ["connection", if blocked { "denied" } else { "allowed" }],
+            "action": if blocked { "blocked" } else { "would-block" },
+            "outcome": if blocked { "failure" } else { "success" },
+            "id": inc.id.to_string(),
+            "start": timestamp(inc.first_seen),
+            "end": timestamp(inc.last_seen),
+            "module": "egret",
+            "dataset": "egret.egress",
+        },
+        "host": { "hostname": host },
+        "network": {
+            "direction": "egress",
+            "transport": flow.map(|f| f.transport()),
+            "type": flow.map(|f| f.network_type()),
+            "iana_number": flow.map(|f| f.protocol.to_string()),
+        },
+        "source": { "ip": flow.map(|f| f.src.to_string()), "port": flow.and_then(|f| f.src_port()) },
+        "destination": { "ip": flow.map(|f| f.dst.to_string()), "port": flow.and_then(|f| f.dst_port()) },
+        "process": p.map(|p| json!({
+            "pid": p.pid,
+            "name": p.name,
+            "executable": p.executable,
+            "command_line": p.command_line,
+            "parent": { "pid": p.parent_pid, "name": p.parent_name },
+        })),
+        "user": {
+            "id": a.uid.map(|u| u.to_string()),
+            "name": a.user_name,
+            "group": { "id": a.gid.map(|g| g.to_string()), "name": a.group_name },
+        },
+        "container": { "id": a.container_id },
+        "rule": { "name": inc.key.verdict.rule.as_deref().unwrap_or(DEFAULT_RULE) },
+        "egret": {
+            "count": inc.count,
+            "first_seen": timestamp(inc.first_seen),
+            "last_seen": timestamp(inc.last_seen),
+            "attribution": a.method.as_str(),
+            "mode": if blocked { Mode::Enforce.as_str() } else { Mode::Audit.as_str() },
+            "update": update,
+            "unit": a.unit,
+            "cgroup": a.cgroup,
+            "icmp": { "type": icmp_type, "code": icmp_code },
+        },
+    }))
+}
+
+/// One line a human reads in a terminal or a SIEM's message column.
+pub fn summary(inc: &Incident) -> String {
+    let what = if inc.key.verdict.blocked {
+        "blocked"
+    } else {
+        "would block"
+    };
+    format!(
+        "{what} {} → {}",
+        who(inc),
+        destination(inc).unwrap_or_else(|| "?".into())
+    )
+}
+
+/// "java (pid 4242, user app)" / "unit foo.service" / "uid 1000".
+pub fn who(inc: &Incident) -> String {
+    let a = &inc.attribution;
+    let user = a.user_name.clone().or_else(|| a.uid.map(|u| u.to_string()));
+    let user = user.map(|u| format!("user {u}")).unwrap_or_default();
+    match (&a.process, &a.unit) {
+        (Some(p), _) => format!(
+            "{} (pid {}{}{})",
+            p.executable.as_deref().or(p.name.as_deref()).unwrap_or("?"),
+            p.pid,
+            if user.is_empty() { "" } else { ", " },
+            user
+        ),
+        (None, Some(unit)) => format!("unit {unit} ({user})"),
+        (None, None) if !user.is_empty() => user,
+        (None, None) => "unknown sender".into(),
+    }
+}
+
+/// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
+pub fn destination(inc: &Incident) -> Option<String> {
+    let f = inc.flow.as_ref()?;
+    let ip = match f.dst {
+        std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
+        other => other.to_string(),
+    };
+    Some(match f.dst_port() {
+        Some(p) => format!("{ip}:{p}/{}", f.transport()),
+        None => format!("{ip}/{}", f.transport()),
+    })
+}
+
+/// Packets the kernel logged that egret did not receive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LossFigures {
+    /// All-time packets egret's log rules counted (across ruleset swaps).
+    pub kernel_logged: u64,
+    pub received: u64,
+    /// Numbered by the kernel, never received.
+    pub seq_lost: u64,
+    /// Logged by the ruleset but neither received nor numbered (tail loss,
+    /// allocation failures), measured when the stream was quiet.
+    pub unaccounted: u64,
+    /// Logged while no egret daemon was listening.
+    pub while_down: u64,
+    pub enobufs: u64,
+}
+
+impl LossFigures {
+    pub fn lost(&self) -> u64 {
+        self.seq_lost + self.unaccounted + self.while_down
+    }
+}
+
+pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, host: &str) -> Value {
+    json!({
+        "@timestamp": timestamp(at),
+        "message": format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
+        "event": {
+            "kind": "event",
+            "category": ["network"],
+            "type": ["info"],
+            "action": "data-loss",
+            "module": "egret",
+            "dataset": "egret.egress",
+        },
+        "host": { "hostname": host },
+        "egret": {
+            "lost": lost_since_last,
+            "loss": figures,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::attribution::{Attribution, Method, Process};
+    use crate::monitor::incident::Aggregator;
+    use crate::monitor::nflog::Verdict;
+    use crate::monitor::packet::Flow;
+
+    #[test]
+    fn an_incident_has_the_ecs_fields_siems_expect() {
+        let mut agg = Aggregator::new(42);
+        let flow = Flow {
+            src: "10.1.0.1".parse().unwrap(),
+            dst: "10.1.0.2".parse().unwrap(),
+            protocol: 6,
+            l4: L4::Ports {
+                src: 40000,
+                dst: 1389,
+            },
+        };
+        let who = Attribution {
+            method: Method::SockDiagProc,
+            uid: Some(1000),
+            gid: Some(1000),
+            user_name: Some("app".into()),
+            group_name: None,
+            process: Some(Process {
+                pid: 4242,
+                name: Some("java".into()),
+                executable: Some("/usr/bin/java".into()),
+                command_line: Some("java -jar app.jar".into()),
+                parent_pid: Some(1),
+                parent_name: Some("systemd".into()),
+            }),
+            cgroup: Some("/system.slice/app.service".into()),
+            unit: Some("app.service".into()),
+            container_id: None,
+        };
+        let v = Verdict {
+            blocked: true,
+            rule: None,
+        };
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let inc = agg.observe(&v, Some(&flow), &who, at).unwrap().clone();
+        let doc = incident(&inc, false, "web1");
+        let get = |p: &str| doc.pointer(p).cloned().unwrap_or(Value::Null);
+        assert_eq!(get("/@timestamp"), "2023-11-14T22:13:20.123Z");
+        assert_eq!(get("/event/action"), "blocked");
+        assert_eq!(get("/event/kind"), "alert");
+        assert_eq!(get("/network/transport"), "tcp");
+        assert_eq!(get("/network/type"), "ipv4");
+        assert_eq!(get("/destination/port"), 1389);
+        assert_eq!(get("/source/ip"), "10.1.0.1");
+        assert_eq!(get("/process/pid"), 4242);
+        assert_eq!(get("/process/executable"), "/usr/bin/java");
+        assert_eq!(get("/user/id"), "1000");
+        assert_eq!(get("/user/name"), "app");
+        assert_eq!(get("/rule/name"), "default");
+        assert_eq!(get("/egret/count"), 1);
+        assert_eq!(get("/egret/attribution"), "sock_diag+proc");
+        assert_eq!(get("/egret/mode"), "enforce");
+        assert_eq!(get("/egret/unit"), "app.service");
+        assert_eq!(get("/event/id"), "42");
+        assert!(
+            doc.pointer("/user/group/name").is_none(),
+            "unknowns are left out, not null"
+        );
+        assert!(doc.pointer("/container").is_none());
+        assert_eq!(
+            get("/message"),
+            "blocked /usr/bin/java (pid 4242, user app) → 10.1.0.2:1389/tcp"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! The blocked-egress monitor behind `egret run`: kernel log messages →
+//! decoded packets → attribution → incidents → stdout (ECS JSON), SQLite,
+//! with loss accounting against the kernel's own counters.
+//!
+//! Data flow: `nflog` (reader thread) → channel → `daemon` loop:
+//! `attribution` → `incident` → `event` → stdout + `store`; `accounting`
+//! reconciles `nflog`'s counters with the ruleset's log counters.
+
+pub mod accounting;
+pub mod attribution;
+pub mod daemon;
+pub mod event;
+pub mod incident;
+pub mod nflog;
+pub mod packet;
+pub mod store;

@@ -1,0 +1,332 @@
+//! The event store: SQLite (WAL) under the state dir. One row per incident,
+//! updated in place as its count grows; the row keeps the full ECS document
+//! for `egret events --json`, plus the columns that listing and `egret top`
+//! filter and group on. Also holds the daemon's counters for `egret status`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+
+use crate::monitor::event::{self, LossFigures};
+use crate::monitor::incident::Incident;
+
+pub const DB_FILE: &str = "events.db";
+
+pub fn db_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(DB_FILE)
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// How long and how many events are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_rows: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_rows: 1_000_000,
+        }
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// A stored event as `egret events` lists it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub action: String,
+    pub last_seen_ms: i64,
+    pub count: i64,
+    pub who: String,
+    pub destination: String,
+    pub rule: String,
+    pub doc: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY,
+    action      TEXT NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    who         TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    rule        TEXT NOT NULL,
+    doc         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_last_seen ON events(last_seen);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        let path = db_path(state_dir);
+        let conn =
+            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL + NORMAL: a crash may lose the last commit, never corrupts.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)
+            .with_context(|| format!("creating the schema in {}", path.display()))?;
+        Ok(Store { conn })
+    }
+
+    /// Opens an existing store read-only (for `events`, `top`, `status`).
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>> {
+        let path = db_path(state_dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(Some(Store { conn }))
+    }
+
+    pub fn next_incident_id(&self) -> Result<u64> {
+        let max: Option<i64> = self
+            .conn
+            .query_row("SELECT max(id) FROM events", [], |r| r.get(0))?;
+        Ok(max.unwrap_or(0) as u64 + 1)
+    }
+
+    /// Writes a batch of incident documents (insert or update) in one transaction.
+    pub fn upsert(&mut self, batch: &[(&Incident, &Value)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO events (id, action, first_seen, last_seen, count, who, destination, rule, doc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen,
+                     count = excluded.count, doc = excluded.doc",
+            )?;
+            for (inc, doc) in batch {
+                let action = if inc.key.verdict.blocked {
+                    "blocked"
+                } else {
+                    "would-block"
+                };
+                stmt.execute(params![
+                    inc.id as i64,
+                    action,
+                    unix_ms(inc.first_seen),
+                    unix_ms(inc.last_seen),
+                    inc.count as i64,
+                    event::who(inc),
+                    event::destination(inc).unwrap_or_default(),
+                    inc.key
+                        .verdict
+                        .rule
+                        .as_deref()
+                        .unwrap_or(event::DEFAULT_RULE),
+                    doc.to_string(),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn insert_data_loss(&mut self, at: SystemTime, lost: u64, doc: &Value) -> Result<()> {
+        let id = self.next_incident_id()?;
+        self.conn.execute(
+            "INSERT INTO events (id, action, first_seen, last_seen, count, who, destination, rule, doc)
+             VALUES (?1, 'data-loss', ?2, ?2, ?3, 'egret', '', '', ?4)",
+            params![id as i64, unix_ms(at), lost as i64, doc.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn prune(&mut self, retention: Retention, now: SystemTime) -> Result<usize> {
+        let cutoff = unix_ms(now) - retention.max_age.as_millis() as i64;
+        let mut n = self
+            .conn
+            .execute("DELETE FROM events WHERE last_seen < ?1", [cutoff])?;
+        n += self.conn.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY last_seen DESC LIMIT -1 OFFSET ?1)",
+            [retention.max_rows as i64],
+        )?;
+        Ok(n)
+    }
+
+    pub fn put_counter(&mut self, name: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn counter(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn loss(&self) -> Result<Option<LossFigures>> {
+        Ok(self
+            .counter("loss")?
+            .and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Events last seen at or after `since`, newest first.
+    pub fn events(&self, since: SystemTime, limit: usize) -> Result<Vec<Row>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, action, last_seen, count, who, destination, rule, doc FROM events
+             WHERE last_seen >= ?1 ORDER BY last_seen DESC, id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![unix_ms(since), limit as i64], |r| {
+                Ok(Row {
+                    id: r.get(0)?,
+                    action: r.get(1)?,
+                    last_seen_ms: r.get(2)?,
+                    count: r.get(3)?,
+                    who: r.get(4)?,
+                    destination: r.get(5)?,
+                    rule: r.get(6)?,
+                    doc: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// (label, packets, incidents) grouped by `column`, biggest first.
+    pub fn top(
+        &self,
+        column: TopBy,
+        since: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<(String, i64, i64)>> {
+        let col = match column {
+            TopBy::Process => "who",
+            TopBy::Destination => "destination",
+        };
+        let sql = format!(
+            "SELECT {col}, sum(count), count(*) FROM events
+             WHERE last_seen >= ?1 AND action != 'data-loss'
+             GROUP BY {col} ORDER BY sum(count) DESC, {col} LIMIT ?2"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params![unix_ms(since), limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum TopBy {
+    Process,
+    Destination,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::attribution::{Attribution, Method};
+    use crate::monitor::incident::Aggregator;
+    use crate::monitor::nflog::Verdict;
+    use crate::monitor::packet::{Flow, L4};
+
+    fn sample(agg: &mut Aggregator, port: u16, uid: u32, at: SystemTime) -> Incident {
+        let flow = Flow {
+            src: "10.1.0.1".parse().unwrap(),
+            dst: "192.0.2.7".parse().unwrap(),
+            protocol: 6,
+            l4: L4::Ports { src: 1, dst: port },
+        };
+        let who = Attribution {
+            method: Method::UidOnly,
+            uid: Some(uid),
+            gid: None,
+            user_name: None,
+            group_name: None,
+            process: None,
+            cgroup: None,
+            unit: None,
+            container_id: None,
+        };
+        let v = Verdict {
+            blocked: true,
+            rule: None,
+        };
+        agg.observe(&v, Some(&flow), &who, at).unwrap().clone()
+    }
+
+    #[test]
+    fn incidents_upsert_list_group_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(store.next_incident_id().unwrap());
+        let now = SystemTime::now();
+        let old = now - Duration::from_secs(7200);
+        let mut a = sample(&mut agg, 1389, 1000, old);
+        let b = sample(&mut agg, 53, 1000, now);
+        let c = sample(&mut agg, 1389, 0, now);
+        for inc in [&a, &b, &c] {
+            store
+                .upsert(&[(inc, &event::incident(inc, false, "h"))])
+                .unwrap();
+        }
+        a.count = 10;
+        a.last_seen = now;
+        store
+            .upsert(&[(&a, &event::incident(&a, true, "h"))])
+            .unwrap();
+        let rows = store.events(now - Duration::from_secs(3600), 100).unwrap();
+        assert_eq!(rows.len(), 3, "the updated incident is recent again");
+        assert_eq!(rows.iter().find(|r| r.id == a.id as i64).unwrap().count, 10);
+        let doc: Value = serde_json::from_str(&rows[0].doc).unwrap();
+        assert!(doc.pointer("/event/action").is_some());
+
+        let top = store.top(TopBy::Destination, old, 10).unwrap();
+        assert_eq!(top[0], ("192.0.2.7:1389/tcp".to_string(), 11, 2));
+        let top = store.top(TopBy::Process, old, 10).unwrap();
+        assert_eq!(top[0], ("user 1000".to_string(), 11, 2));
+
+        assert_eq!(
+            Store::open(dir.path()).unwrap().next_incident_id().unwrap(),
+            c.id + 1
+        );
+        let pruned = store
+            .prune(
+                Retention {
+                    max_age: Duration::from_secs(60),
+                    max_rows: 2,
+                },
+                now + Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(pruned, 1);
+    }
+}

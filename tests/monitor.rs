@@ -1,0 +1,278 @@
+//! `egret run` against the real kernel: real sockets in namespaces the tests
+//! create, real NFLOG messages, the real binary's stdout, store and status.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+
+fn python_exe() -> String {
+    std::fs::canonicalize("/usr/bin/python3")
+        .expect("python3")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn enforce_policy(extra: &str) -> PolicyFile {
+    PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[[allow]]\nname = \"web\"\ncidrs = [\"{B4}\"]\nports = [443]\n{extra}"
+    ))
+}
+
+fn is_new(e: &Value, port: u64) -> bool {
+    at(e, "/destination/port") == port && at(e, "/egret/update") == false
+}
+
+#[test]
+fn blocked_tcp_and_udp_name_the_process_user_destination_and_rule() {
+    let pair = Pair::new();
+    let policy = enforce_policy("");
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    let tcp = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "1389"]);
+    let e = daemon.wait_event(10, "for the TCP attempt", |e| is_new(e, 1389));
+    assert_eq!(at(&e, "/event/action"), "blocked");
+    assert_eq!(at(&e, "/event/kind"), "alert");
+    assert_eq!(at(&e, "/network/transport"), "tcp");
+    assert_eq!(at(&e, "/network/type"), "ipv4");
+    assert_eq!(at(&e, "/destination/ip"), B4);
+    assert_eq!(at(&e, "/source/ip"), A4);
+    assert_eq!(at(&e, "/process/pid"), tcp.pid);
+    assert_eq!(at(&e, "/process/executable"), python_exe().as_str());
+    assert!(at(&e, "/process/command_line")
+        .as_str()
+        .is_some_and(|c| c.contains("try-tcp")));
+    assert_eq!(at(&e, "/user/id"), "65534");
+    assert_eq!(at(&e, "/user/name"), "nobody");
+    assert_eq!(at(&e, "/rule/name"), "default");
+    assert_eq!(at(&e, "/egret/attribution"), "sock_diag+proc");
+    assert_eq!(at(&e, "/egret/mode"), "enforce");
+    assert_eq!(at(&e, "/egret/count"), 1);
+    assert!(at(&e, "/@timestamp")
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+
+    let udp = Attempt::start(&pair.a, Some(NOBODY), &["try-udp", B6, "53"]);
+    let e = daemon.wait_event(10, "for the UDP attempt", |e| is_new(e, 53));
+    assert_eq!(at(&e, "/network/transport"), "udp");
+    assert_eq!(at(&e, "/network/type"), "ipv6");
+    assert_eq!(at(&e, "/destination/ip"), B6);
+    assert_eq!(at(&e, "/process/pid"), udp.pid);
+    assert_eq!(at(&e, "/user/name"), "nobody");
+    assert_eq!(at(&e, "/egret/attribution"), "sock_diag+proc");
+
+    // Stopping the daemon leaves the rules in place: egress stays filtered.
+    let status = daemon.stop();
+    assert!(status.success(), "egret run exits cleanly on SIGTERM");
+    let _server = pair.b.server("tcp", B4, 1389);
+    assert!(
+        !pair.a.tcp_ok(None, B4, 1389),
+        "fail closed: still blocked after exit"
+    );
+    assert_eq!(pair.a.status_json()["loaded"], true);
+}
+
+#[test]
+fn repeated_attempts_are_one_incident_whose_count_grows() {
+    let pair = Pair::new();
+    let policy = enforce_policy("");
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let _udp = Attempt::start(&pair.a, None, &["try-udp", B4, "5353", "6"]);
+    let first = daemon.wait_event(10, "for the first datagram", |e| is_new(e, 5353));
+    let id = at(&first, "/event/id").clone();
+    let update = daemon.wait_event(15, "with all 6 datagrams counted", |e| {
+        at(e, "/event/id") == &id && at(e, "/egret/count").as_u64() == Some(6)
+    });
+    assert_eq!(at(&update, "/egret/update"), true);
+    assert_eq!(
+        at(&update, "/egret/first_seen"),
+        at(&first, "/egret/first_seen")
+    );
+    let new_events = daemon.snapshot().iter().filter(|e| is_new(e, 5353)).count();
+    assert_eq!(new_events, 1, "six datagrams, one incident");
+
+    // The store has the same incident, with its final count.
+    let out = pair
+        .a
+        .egret_ok(&["events", "--json", "--state-dir", &policy.state_dir()]);
+    let stored: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = stored
+        .iter()
+        .find(|e| at(e, "/event/id") == &id)
+        .expect("stored incident");
+    assert_eq!(at(row, "/egret/count"), 6);
+    let table = pair
+        .a
+        .egret_ok(&["events", "--state-dir", &policy.state_dir()]);
+    assert!(table.contains("10.1.0.2:5353/udp"), "{table}");
+    let top = pair
+        .a
+        .egret_ok(&["top", "--state-dir", &policy.state_dir()]);
+    assert!(top.contains("10.1.0.2:5353/udp"), "{top}");
+    assert!(top.contains("python3"), "{top}");
+}
+
+#[test]
+fn without_a_policy_egret_run_audits_and_reports_would_block() {
+    let pair = Pair::new();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_string_lossy().into_owned();
+    let daemon = Running::start(&pair.a, &state_dir, &[]);
+    let _server = pair.b.server("tcp", B4, 8080);
+    assert!(pair.a.tcp_ok(None, B4, 8080), "audit mode blocks nothing");
+    let e = daemon.wait_event(10, "would-block for 8080", |e| is_new(e, 8080));
+    assert_eq!(at(&e, "/event/action"), "would-block");
+    assert_eq!(at(&e, "/egret/mode"), "audit");
+    assert_eq!(at(&e, "/event/kind"), "event");
+    assert_eq!(at(&pair.a.status_json(), "/mode"), "audit");
+}
+
+#[test]
+fn a_flood_keeps_the_books_exact_kernel_count_equals_received_plus_lost() {
+    let pair = Pair::new();
+    let policy = enforce_policy("");
+    let state_dir = policy.state_dir();
+    // A deliberately tiny receive buffer so that the kernel must drop.
+    let daemon = Running::start(
+        &pair.a,
+        &state_dir,
+        &[
+            "--policy",
+            policy.path(),
+            "--nflog-rcvbuf",
+            "65536",
+            "--nflog-qthresh",
+            "1",
+        ],
+    );
+    let sent: u64 = String::from_utf8(
+        run_ok(&mut pair.a.peer(None, &["flood-udp", B4, "9999", "20000"])).stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    assert_eq!(sent, 20000, "every datagram was refused by the ruleset");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let books = loop {
+        let status = pair
+            .a
+            .egret_out(&["status", "--json", "--state-dir", &state_dir]);
+        let s: Value = serde_json::from_slice(&status.stdout).unwrap();
+        let m = at(&s, "/monitor").clone();
+        let received = at(&m, "/loss/received").as_u64().unwrap_or(0);
+        let lost = at(&m, "/lost").as_u64().unwrap_or(0);
+        if received + lost == sent {
+            break m;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("books never balanced: {m:#}\n{}", daemon.stderr_text());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // The kernel's own counter (read independently through nft) agrees.
+    let kernel: u64 = at(&pair.a.status_json(), "/blocked_packets")
+        .as_u64()
+        .unwrap();
+    assert!(kernel >= sent, "kernel counted {kernel}, sent {sent}");
+    assert_eq!(at(&books, "/loss/kernel_logged").as_u64(), Some(kernel));
+    assert!(
+        at(&books, "/lost").as_u64().unwrap() > 0,
+        "the tiny buffer overflowed: {books:#}"
+    );
+    let loss = daemon.wait_event(10, "data-loss", |e| at(e, "/event/action") == "data-loss");
+    assert!(at(&loss, "/egret/lost").as_u64().unwrap() > 0);
+}
+
+#[test]
+fn sighup_reloads_a_valid_policy_and_refuses_an_invalid_one() {
+    let pair = Pair::new();
+    let policy = enforce_policy("");
+    let state_dir = policy.state_dir();
+    let daemon = Running::start(&pair.a, &state_dir, &["--policy", policy.path()]);
+    let _server = pair.b.server("tcp", B4, 1389);
+    assert!(!pair.a.tcp_ok(None, B4, 1389));
+
+    std::fs::write(
+        &policy.path,
+        "mode = \"enforce\"\n[[allow]]\nname = \"ldap\"\ncidrs = [\"10.1.0.2\"]\nports = [1389]\n",
+    )
+    .unwrap();
+    pair.a.egret_ok(&["reload", "--state-dir", &state_dir]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.stderr_text().contains("reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.stderr_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        pair.a.tcp_ok(None, B4, 1389),
+        "the reloaded policy allows 1389"
+    );
+
+    let before = pair.a.nft_rules_only();
+    std::fs::write(
+        &policy.path,
+        "mode = \"enforce\"\n[[allow]]\nname = \"x\"\ncidrs = [\"10.1.0.300\"]\n",
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.stderr_text().contains("the running policy stays") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.stderr_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        daemon.stderr_text().contains("policy.toml:4:"),
+        "{}",
+        daemon.stderr_text()
+    );
+    assert_eq!(
+        pair.a.nft_rules_only(),
+        before,
+        "the live ruleset is unchanged"
+    );
+    assert!(pair.a.tcp_ok(None, B4, 1389));
+}
+
+#[test]
+fn unit_rules_follow_a_restarted_unit_to_its_new_cgroup() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7000);
+    let cg = Cgroup::new("app.service");
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[[allow]]\nname = \"app\"\ncidrs = [\"{B4}\"]\nports = [7000]\nunits = [\"{}\"]\n",
+        cg.relative
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(cg.tcp_ok(&pair.a, B4, 7000), "the unit's cgroup is allowed");
+    assert!(!pair.a.tcp_ok(None, B4, 7000), "others are not");
+
+    // A restart: systemd removes the cgroup and creates it again, with a new id.
+    let dir = cg.root.join(&cg.relative);
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !cg.tcp_ok(&pair.a, B4, 7000) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rule never followed the new cgroup:\n{}",
+            daemon.stderr_text()
+        );
+    }
+    assert!(daemon.stderr_text().contains("unit cgroups changed"));
+    assert!(!pair.a.tcp_ok(None, B4, 7000));
+}
