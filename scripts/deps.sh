@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what egret's build, tests and demo need on Debian 12 (run as root).
+# Installs what egret's build, tests and demos need on Debian 12 (run as root).
+# A C compiler builds the bundled SQLite.
 # egret itself needs no nft binary; the tests use nft as an independent witness.
 set -euo pipefail
 need=()
-for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter iptables:iptables; do
+for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -1,5 +1,5 @@
 //! The command line: argument parsing and the text users read. Exit codes are
-//! part of the contract (see `egret --help` and docs/cli.md).
+//! part of the contract (see `egret --help` and README.md).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,7 +31,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 success; 1 invalid policy (or nothing to confirm); 2 usage error; 3 kernel or system error; 4 egret's table is not loaded (status).\nEvery command acts on the network namespace it runs in.";
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 invalid policy (or nothing to confirm); 2 usage error; 3 kernel or system error; 4 egret's table is not loaded (status) or no `egret run` is running (reload).\nEvery command acts on the network namespace it runs in.";
 
 #[derive(Subcommand)]
 pub enum Command {

@@ -262,13 +262,15 @@ impl Attributor {
         let mut pids = list_pids(&self.proc_root);
         // Newest first: a blocked connect usually comes from a fresh process.
         pids.sort_unstable_by(|a, b| b.cmp(a));
-        let (own, rest): (Vec<u32>, Vec<u32>) = pids
-            .into_iter()
-            .partition(|&p| pid_uid(&self.proc_root, p) == Some(uid));
-        for pid in own.into_iter().chain(rest) {
-            if self.scan_pid(pid, inode) {
-                self.remember(pid);
-                return Some(pid);
+        // The socket owner's processes first (one stat each, stopping at the
+        // first hit), then everyone else's.
+        for own in [true, false] {
+            for &pid in &pids {
+                if (pid_uid(&self.proc_root, pid) == Some(uid)) == own && self.scan_pid(pid, inode)
+                {
+                    self.remember(pid);
+                    return Some(pid);
+                }
             }
         }
         None
