@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod cgroup;
 pub mod cli;
+pub mod dns;
 pub mod kernel;
 pub mod monitor;
 pub mod policy;

@@ -128,4 +128,15 @@ pub fn print_monitor(m: &Value) {
         n("/loss/while_down"),
         n("/loss/enobufs"),
     );
+    if m.pointer("/dns_guard").is_some_and(|g| !g.is_null()) {
+        println!(
+            "  dns guard: {} queries, {} from cache, {} forwarded, {} refused; upstream failures {}, kernel set failures {}",
+            n("/dns_guard/queries"),
+            n("/dns_guard/cache_hits"),
+            n("/dns_guard/forwarded"),
+            n("/dns_guard/refused"),
+            n("/dns_guard/upstream_failures"),
+            n("/dns_guard/set_failures"),
+        );
+    }
 }

@@ -56,6 +56,7 @@ const SET_USERDATA: u16 = 13;
 const SET_DESC_CONCAT: u16 = 2;
 const SET_FIELD_LEN: u16 = 1;
 const SET_F_INTERVAL: u32 = 0x4;
+const SET_F_TIMEOUT: u32 = 0x10;
 const SET_F_CONCAT: u32 = 0x80;
 const ELEM_LIST_TABLE: u16 = 1;
 const ELEM_LIST_SET: u16 = 2;
@@ -64,6 +65,7 @@ const ELEM_LIST_SET_ID: u16 = 4;
 const ELEM_KEY: u16 = 1;
 const ELEM_FLAGS: u16 = 3;
 const ELEM_TIMEOUT: u16 = 4;
+const ELEM_EXPIRATION: u16 = 5;
 const ELEM_KEY_END: u16 = 10;
 const ELEM_F_INTERVAL_END: u32 = 1;
 const DATA_VALUE: u16 = 1;
@@ -102,6 +104,7 @@ const SOCKET_KEY: u16 = 1;
 const SOCKET_DREG: u16 = 2;
 const SOCKET_LEVEL: u16 = 3;
 
+const META_MARK: u32 = 3;
 const META_OIFNAME: u32 = 7;
 const META_SKUID: u32 = 10;
 const META_SKGID: u32 = 11;
@@ -181,10 +184,64 @@ impl Nftables {
 
     /// Replaces egret's table with `rs` in one transaction: either all of it is
     /// live afterwards or nothing changed.
+    ///
+    /// Elements of timeout sets (addresses the DNS guard resolved) are run-time
+    /// state, not policy: those of a live set with the same name and key are
+    /// carried into the new table with their remaining time, in the same transaction.
     pub fn apply(&mut self, rs: &Ruleset) -> Result<()> {
+        let mut carried = Vec::new();
+        if rs.sets.iter().any(|s| s.timeout) && self.get_table()?.is_some() {
+            let live = self.live_sets()?;
+            for set in rs.sets.iter().filter(|s| s.timeout) {
+                if live
+                    .iter()
+                    .any(|l| l.name == set.name && l.key == set.key && l.timeout)
+                {
+                    carried.push((set, self.timed_elements(set)?));
+                }
+            }
+        }
         let mut batch = Batch::new(self.next_seq());
         batch.replace_table(rs);
+        for (set, elements) in &carried {
+            batch.timed_elements(set, elements);
+        }
         self.commit(batch)
+    }
+
+    /// Adds elements with their timeouts (milliseconds) to live timeout sets,
+    /// all in one transaction. Re-adding an element resets its timeout.
+    pub fn add_timed_elements(&mut self, items: &[(&Set, Vec<(Element, u64)>)]) -> Result<()> {
+        let mut batch = Batch::new(self.next_seq());
+        for (set, elements) in items {
+            batch.timed_elements(set, elements);
+        }
+        self.commit(batch)
+    }
+
+    /// The elements of a live timeout set with the milliseconds each has left.
+    pub fn timed_elements(&mut self, set: &Set) -> Result<Vec<(Element, u64)>> {
+        let req = self.request(MSG_GETSETELEM, |b| {
+            b.attr_str(ELEM_LIST_TABLE, TABLE);
+            b.attr_str(ELEM_LIST_SET, &set.name);
+        });
+        let mut out = Vec::new();
+        match self.sock.dump(&req, |_, p| {
+            decode_timed_elements(p.get(4..).unwrap_or_default(), set, &mut out)
+        })? {
+            Ok(()) => Ok(out),
+            Err(e) if e.errno == libc::ENOENT => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn live_sets(&mut self) -> Result<Vec<Set>> {
+        let req = self.request(MSG_GETSET, |b| b.attr_str(SET_TABLE, TABLE));
+        let mut raw = Vec::new();
+        self.sock.dump(&req, |_, p| raw.push(p.to_vec()))??;
+        raw.iter()
+            .map(|p| decode_set(p.get(4..).unwrap_or_default()))
+            .collect()
     }
 
     /// Deletes egret's table if it exists.
@@ -194,30 +251,11 @@ impl Nftables {
         self.commit(batch)
     }
 
-    /// Adds elements to a live set (replacing elements with the same key).
-    pub fn add_elements(
-        &mut self,
-        set: &Set,
-        elements: &[Element],
-        timeout_ms: Option<u64>,
-    ) -> Result<()> {
-        let mut batch = Batch::new(self.next_seq());
-        batch.elements(
-            MSG_NEWSETELEM,
-            NLM_F_CREATE,
-            set,
-            None,
-            elements,
-            timeout_ms,
-        );
-        self.commit(batch)
-    }
-
     /// Replaces all elements of a live set atomically.
     pub fn replace_elements(&mut self, set: &Set, elements: &[Element]) -> Result<()> {
         let mut batch = Batch::new(self.next_seq());
         batch.flush_set(&set.name);
-        batch.elements(MSG_NEWSETELEM, NLM_F_CREATE, set, None, elements, None);
+        batch.elements(MSG_NEWSETELEM, NLM_F_CREATE, set, None, elements, &[]);
         self.commit(batch)
     }
 
@@ -252,6 +290,11 @@ impl Nftables {
         self.sock.dump(&req, |_, p| raw_sets.push(p.to_vec()))??;
         for p in raw_sets {
             let mut set = decode_set(p.get(4..).unwrap_or_default())?;
+            if set.timeout {
+                // Run-time state (the DNS guard's addresses), not policy.
+                sets.push(set);
+                continue;
+            }
             let req = self.request(MSG_GETSETELEM, |b| {
                 b.attr_str(ELEM_LIST_TABLE, TABLE);
                 b.attr_str(ELEM_LIST_SET, &set.name);
@@ -457,7 +500,7 @@ impl Batch {
                 set,
                 Some(id),
                 &set.elements,
-                None,
+                &[],
             );
         }
         for chain in &rs.chains {
@@ -481,6 +524,9 @@ impl Batch {
         self.b.attr_str(SET_NAME, &set.name);
         let concat = set.key.len() > 1;
         let mut flags = 0;
+        if set.timeout {
+            flags |= SET_F_TIMEOUT;
+        }
         if set.interval {
             flags |= SET_F_INTERVAL;
             if concat {
@@ -519,8 +565,15 @@ impl Batch {
         self.b.end();
     }
 
+    fn timed_elements(&mut self, set: &Set, items: &[(Element, u64)]) {
+        let (elements, timeouts): (Vec<Element>, Vec<u64>) = items.iter().cloned().unzip();
+        let id = self.set_ids.get(&set.name).copied();
+        self.elements(MSG_NEWSETELEM, NLM_F_CREATE, set, id, &elements, &timeouts);
+    }
+
     /// Element messages for `elements`, split so each element list fits its
-    /// 16-bit attribute length.
+    /// 16-bit attribute length. `timeouts_ms`, when not empty, holds one
+    /// timeout per element.
     fn elements(
         &mut self,
         msg: u16,
@@ -528,41 +581,44 @@ impl Batch {
         set: &Set,
         set_id: Option<u32>,
         elements: &[Element],
-        timeout_ms: Option<u64>,
+        timeouts_ms: &[u64],
     ) {
         let single_interval = set.interval && set.key.len() == 1;
         let max = set.key[0].max();
         let mut list: Option<usize> = None;
-        let mut emit =
-            |this: &mut Batch, key: &[u8], key_end: Option<&[u8]>, interval_end: bool| {
-                if list.is_some() && this.b.message_len() > MAX_ELEMENTS_BYTES {
-                    if let Some(l) = list.take() {
-                        this.b.nest_end(l);
-                        this.b.end();
-                    }
+        let mut emit = |this: &mut Batch,
+                        key: &[u8],
+                        key_end: Option<&[u8]>,
+                        interval_end: bool,
+                        timeout_ms: Option<u64>| {
+            if list.is_some() && this.b.message_len() > MAX_ELEMENTS_BYTES {
+                if let Some(l) = list.take() {
+                    this.b.nest_end(l);
+                    this.b.end();
                 }
-                if list.is_none() {
-                    this.msg(msg, flags);
-                    this.b.attr_str(ELEM_LIST_TABLE, TABLE);
-                    this.b.attr_str(ELEM_LIST_SET, &set.name);
-                    if let Some(id) = set_id {
-                        this.b.attr_u32(ELEM_LIST_SET_ID, id);
-                    }
-                    list = Some(this.b.nest(ELEM_LIST_ELEMENTS));
+            }
+            if list.is_none() {
+                this.msg(msg, flags);
+                this.b.attr_str(ELEM_LIST_TABLE, TABLE);
+                this.b.attr_str(ELEM_LIST_SET, &set.name);
+                if let Some(id) = set_id {
+                    this.b.attr_u32(ELEM_LIST_SET_ID, id);
                 }
-                let e = this.b.nest(LIST_ELEM);
-                data_attr(&mut this.b, ELEM_KEY, key);
-                if let Some(end) = key_end {
-                    data_attr(&mut this.b, ELEM_KEY_END, end);
-                }
-                if interval_end {
-                    this.b.attr_u32(ELEM_FLAGS, ELEM_F_INTERVAL_END);
-                }
-                if let (Some(t), false) = (timeout_ms, interval_end) {
-                    this.b.attr_u64(ELEM_TIMEOUT, t);
-                }
-                this.b.nest_end(e);
-            };
+                list = Some(this.b.nest(ELEM_LIST_ELEMENTS));
+            }
+            let e = this.b.nest(LIST_ELEM);
+            data_attr(&mut this.b, ELEM_KEY, key);
+            if let Some(end) = key_end {
+                data_attr(&mut this.b, ELEM_KEY_END, end);
+            }
+            if interval_end {
+                this.b.attr_u32(ELEM_FLAGS, ELEM_F_INTERVAL_END);
+            }
+            if let (Some(t), false) = (timeout_ms, interval_end) {
+                this.b.attr_u64(ELEM_TIMEOUT, t);
+            }
+            this.b.nest_end(e);
+        };
         self.label(format!("elements of set {}", set.name));
         if single_interval {
             // rbtree sets take a start element and an end marker at end+1; like
@@ -571,25 +627,32 @@ impl Batch {
                 && msg == MSG_NEWSETELEM
                 && set_id.is_some()
             {
-                emit(self, &encode_key(&set.key, &[0]), None, true);
+                emit(self, &encode_key(&set.key, &[0]), None, true, None);
             }
-            for el in elements {
+            for (i, el) in elements.iter().enumerate() {
                 let start = el.key[0];
                 let end = el.end.as_ref().map(|e| e[0]).unwrap_or(start);
-                emit(self, &encode_key(&set.key, &[start]), None, false);
+                let timeout = timeouts_ms.get(i).copied();
+                emit(self, &encode_key(&set.key, &[start]), None, false, timeout);
                 if end < max {
-                    emit(self, &encode_key(&set.key, &[end + 1]), None, true);
+                    emit(self, &encode_key(&set.key, &[end + 1]), None, true, None);
                 }
             }
         } else {
-            for el in elements {
+            for (i, el) in elements.iter().enumerate() {
                 let key = encode_key(&set.key, &el.key);
                 let end = if set.interval {
                     Some(encode_key(&set.key, el.end.as_deref().unwrap_or(&el.key)))
                 } else {
                     None
                 };
-                emit(self, &key, end.as_deref(), false);
+                emit(
+                    self,
+                    &key,
+                    end.as_deref(),
+                    false,
+                    timeouts_ms.get(i).copied(),
+                );
             }
         }
         if let Some(l) = list {
@@ -759,6 +822,10 @@ impl Batch {
             Match::L4Proto(p) => {
                 self.meta(META_L4PROTO, REG_1);
                 self.cmp(CMP_EQ, &[*p]);
+            }
+            Match::Mark(mark) => {
+                self.meta(META_MARK, REG_1);
+                self.cmp(CMP_EQ, &mark.to_ne_bytes());
             }
             Match::L4ProtoIn(set) => {
                 self.meta(META_L4PROTO, REG_1);
@@ -972,8 +1039,36 @@ fn decode_set(payload: &[u8]) -> Result<Set> {
         name,
         key,
         interval: flags & SET_F_INTERVAL != 0,
+        timeout: flags & SET_F_TIMEOUT != 0,
         elements: Vec::new(),
     })
+}
+
+/// Elements of a timeout set with the milliseconds they have left.
+fn decode_timed_elements(payload: &[u8], set: &Set, out: &mut Vec<(Element, u64)>) {
+    for (k, v) in attrs(payload) {
+        if k != ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (_, elem) in attrs(v) {
+            let (mut key, mut left) = (None, None);
+            for (ek, ev) in attrs(elem) {
+                match ek {
+                    ELEM_KEY => {
+                        key = attrs(ev)
+                            .find(|(k, _)| *k == DATA_VALUE)
+                            .map(|(_, d)| decode_key(&set.key, d))
+                    }
+                    ELEM_EXPIRATION => left = be_u64(ev),
+                    _ => {}
+                }
+            }
+            // An element without expiration never expires: keep it a day at a time.
+            if let Some(key) = key {
+                out.push((Element::single(key), left.unwrap_or(86_400_000).max(1)));
+            }
+        }
+    }
 }
 
 /// An element as dumped: key, optional key end, and whether it is an rbtree end marker.
@@ -1222,6 +1317,12 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                             _ => return Err(foreign("an l4proto match egret does not write")),
                         }
                     }
+                    (META_MARK, REG_1) => match cmp_data(next, CMP_EQ) {
+                        Some(d) if d.len() == 4 => {
+                            (Match::Mark(u32::from_ne_bytes([d[0], d[1], d[2], d[3]])), 2)
+                        }
+                        _ => return Err(foreign("a mark match egret does not write")),
+                    },
                     (META_SKUID | META_SKGID, REG_1) => {
                         let id = match (cmp_data(next, CMP_EQ), lookup_set(next)) {
                             (Some(d), _) if d.len() == 4 => {
@@ -1468,6 +1569,7 @@ ports = [443]
                 name: "big".into(),
                 key: vec![Field::Ipv4],
                 interval: true,
+                timeout: false,
                 elements: elements.clone(),
             }],
             chains: vec![],

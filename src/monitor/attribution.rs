@@ -84,6 +84,21 @@ pub enum Identity {
 }
 
 impl Attribution {
+    /// Nothing known yet.
+    pub fn unknown() -> Attribution {
+        Attribution {
+            method: Method::None,
+            uid: None,
+            gid: None,
+            user_name: None,
+            group_name: None,
+            process: None,
+            cgroup: None,
+            unit: None,
+            container_id: None,
+        }
+    }
+
     pub fn identity(&self) -> Identity {
         if let Some(exe) = self.process.as_ref().and_then(|p| p.executable.clone()) {
             Identity::Executable(exe)
@@ -151,10 +166,7 @@ impl Attributor {
             gid,
             user_name: uid.and_then(|u| self.names.user(u)),
             group_name: gid.and_then(|g| self.names.group(g)),
-            process: None,
-            cgroup: None,
-            unit: None,
-            container_id: None,
+            ..Attribution::unknown()
         };
         let Some(flow) = flow else { return base };
         let (
@@ -172,6 +184,31 @@ impl Attributor {
             return base;
         }
         let key = (flow.protocol, flow.src, sport, flow.dst, dport, uid);
+        self.lookup(key, base)
+    }
+
+    /// Who holds a local socket that talked to us (a DNS client of the guard):
+    /// no uid comes with it, so the socket's own is used.
+    pub fn attribute_socket(
+        &mut self,
+        protocol: u8,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+    ) -> Attribution {
+        let key = (
+            protocol,
+            local.ip(),
+            local.port(),
+            remote.ip(),
+            remote.port(),
+            None,
+        );
+        self.lookup(key, Attribution::unknown())
+    }
+
+    /// The socket behind `key`, from the cache or a deep lookup (rate-limited:
+    /// past the budget, `base` is all we say).
+    fn lookup(&mut self, key: SocketKey, base: Attribution) -> Attribution {
         let now = Instant::now();
         if let Some((at, a)) = self.sockets.get(&key) {
             if now.duration_since(*at) < SOCKET_CACHE_TTL {
@@ -184,7 +221,8 @@ impl Attributor {
             return base;
         }
         self.stats.deep_lookups += 1;
-        let found = self.deep(flow.protocol, flow.src, sport, flow.dst, dport, base);
+        let (protocol, src, sport, dst, dport, _) = key;
+        let found = self.deep(protocol, src, sport, dst, dport, base);
         if self.sockets.len() >= SOCKET_CACHE_MAX {
             self.sockets
                 .retain(|_, (at, _)| now.duration_since(*at) < SOCKET_CACHE_TTL);
@@ -224,6 +262,10 @@ impl Attributor {
             return a;
         };
         a.method = Method::SockDiag;
+        if a.uid.is_none() {
+            a.uid = Some(sock.uid);
+            a.user_name = self.names.user(sock.uid);
+        }
         if let Some(pid) = self.find_inode(sock.inode, sock.uid) {
             let process = read_process(&self.proc_root, pid);
             if let Some(path) = read_cgroup(&self.proc_root, pid) {
@@ -637,13 +679,7 @@ mod tests {
         let mut a = Attribution {
             method: Method::UidOnly,
             uid: Some(7),
-            gid: None,
-            user_name: None,
-            group_name: None,
-            process: None,
-            cgroup: None,
-            unit: None,
-            container_id: None,
+            ..Attribution::unknown()
         };
         assert_eq!(a.identity(), Identity::Uid(7));
         a.unit = Some("x.service".into());

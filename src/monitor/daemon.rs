@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
@@ -16,15 +16,16 @@ use serde_json::Value;
 use tracing::{error, info, warn};
 
 use crate::apply;
+use crate::dns::{Guard, GuardConfig, RecentNames, RefusedQuery};
 use crate::kernel::nft::Nftables;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::Attributor;
 use crate::monitor::event;
-use crate::monitor::incident::{Aggregator, Incident};
-use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats};
+use crate::monitor::incident::{Aggregator, Incident, Observation};
+use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats, Verdict};
 use crate::monitor::store::{Retention, Store};
 use crate::policy::Policy;
-use crate::ruleset::{Ruleset, UnitCgroups};
+use crate::ruleset::{Ruleset, UnitCgroups, DNS_GUARD_RULE};
 
 pub const PID_FILE: &str = "egret.pid";
 const TICK: Duration = Duration::from_millis(250);
@@ -34,6 +35,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
+
+/// What reaches the pipeline: packets from the NFLOG reader, queries the DNS guard refused.
+pub enum Input {
+    Packet(LoggedPacket),
+    Query(Box<RefusedQuery>),
+}
 
 pub struct RunOptions {
     /// None: the embedded default (audit mode, baseline only).
@@ -118,6 +125,8 @@ struct Daemon {
     out: Output,
     host: String,
     pending: Vec<(Incident, Value)>,
+    guard: Option<Guard>,
+    recent: Arc<Mutex<RecentNames>>,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
 }
@@ -162,10 +171,30 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     if let Some(q) = opts.nflog_qthresh {
         cfg.qthresh = q;
     }
-    let (tx, rx) = sync_channel::<LoggedPacket>(CHANNEL_DEPTH);
+    let (tx, rx) = sync_channel::<Input>(CHANNEL_DEPTH);
     let mut early = Vec::new();
     let mut reader = NflogReader::bind(cfg, epoch, &mut |p| early.push(p))?;
     let stats = Arc::clone(&reader.stats);
+
+    // The guard binds its port before anything changes in the kernel, so a
+    // port in use fails the start cleanly.
+    let recent = Arc::new(Mutex::new(RecentNames::default()));
+    let guard = match GuardConfig::from_policy(&policy) {
+        Some(gc) => {
+            let tx = tx.clone();
+            let guard = Guard::start(
+                gc,
+                Arc::clone(&recent),
+                Box::new(move |q| {
+                    // A full pipeline drops the report, never the answer.
+                    let _ = tx.try_send(Input::Query(Box::new(q)));
+                }),
+            )?;
+            info!(listen = %guard.listen(), "DNS guard listening");
+            Some(guard)
+        }
+        None => None,
+    };
 
     let units = apply::resolve_units(&policy);
     let rs = apply::compile_with_units(&policy, units.clone())?;
@@ -183,14 +212,14 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         .name("nflog".into())
         .spawn(move || -> std::io::Result<()> {
             for p in early {
-                if tx.send(p).is_err() {
+                if tx.send(Input::Packet(p)).is_err() {
                     return Ok(());
                 }
             }
             let mut gone = false;
             while !stop.load(Ordering::Relaxed) && !gone {
                 reader.drain(Duration::from_millis(100), &mut |p| {
-                    gone |= tx.send(p).is_err();
+                    gone |= tx.send(Input::Packet(p)).is_err();
                 })?;
             }
             Ok(())
@@ -220,6 +249,8 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         },
         host,
         pending: Vec::new(),
+        guard,
+        recent,
         reported_lost: 0,
         last_loss_event: None,
     };
@@ -229,7 +260,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
             info!(events = n, "pruned events past retention");
         }
     }
-    let result = daemon.main_loop(&rx, &signals);
+    let result = daemon.main_loop(&rx, &signals, &reader_thread);
     signals.stop.store(true, Ordering::Relaxed);
     match reader_thread.join() {
         Ok(Ok(())) => {}
@@ -252,7 +283,12 @@ impl Drop for PidFile {
 }
 
 impl Daemon {
-    fn main_loop(&mut self, rx: &Receiver<LoggedPacket>, signals: &Signals) -> Result<()> {
+    fn main_loop(
+        &mut self,
+        rx: &Receiver<Input>,
+        signals: &Signals,
+        reader: &std::thread::JoinHandle<std::io::Result<()>>,
+    ) -> Result<()> {
         let mut last_tick = Instant::now();
         let mut last_account = Instant::now() - ACCOUNT_EVERY;
         let mut last_units = Instant::now();
@@ -269,6 +305,10 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) if signals.stop.load(Ordering::Relaxed) => {}
                 Err(RecvTimeoutError::Disconnected) => bail!("the NFLOG reader stopped"),
+            }
+            // The guard holds a sender too, so a dead reader does not disconnect the channel.
+            if reader.is_finished() && !signals.stop.load(Ordering::Relaxed) {
+                bail!("the NFLOG reader stopped");
             }
             if signals.stop.load(Ordering::Relaxed) {
                 info!("stopping; the ruleset stays loaded (`egret remove` deletes it)");
@@ -298,10 +338,49 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, p: LoggedPacket) {
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Packet(p) => self.packet(p),
+            Input::Query(q) => self.refused_query(*q),
+        }
+    }
+
+    fn packet(&mut self, p: LoggedPacket) {
         let flow = p.flow.as_ref().ok();
         let who = self.attributor.attribute(flow, p.uid, p.gid);
-        if let Some(inc) = self.agg.observe(&p.verdict, flow, &who, p.received) {
+        let resolved = flow.and_then(|f| {
+            self.recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&f.dst, Instant::now())
+        });
+        self.record(Observation {
+            verdict: &p.verdict,
+            flow,
+            question: None,
+            attribution: &who,
+            resolved: resolved.as_ref(),
+            at: p.received,
+        });
+    }
+
+    fn refused_query(&mut self, q: RefusedQuery) {
+        let verdict = Verdict {
+            blocked: q.blocked,
+            rule: Some(DNS_GUARD_RULE.into()),
+        };
+        self.record(Observation {
+            verdict: &verdict,
+            flow: None,
+            question: Some(&q.question),
+            attribution: &q.attribution,
+            resolved: None,
+            at: q.at,
+        });
+    }
+
+    fn record(&mut self, o: Observation<'_>) {
+        if let Some(inc) = self.agg.record(o) {
             let doc = event::incident(inc, false, &self.host);
             self.out.line(&doc);
             self.out.flush();
@@ -391,6 +470,7 @@ impl Daemon {
             "loss": figures,
             "open_incidents": self.agg.open_count(),
             "attribution": {"cache_hits": a.cache_hits, "deep_lookups": a.deep_lookups, "rate_limited": a.rate_limited},
+            "dns_guard": self.guard.as_ref().map(|g| g.stats.snapshot()),
         });
         let r = self
             .store
@@ -409,9 +489,19 @@ impl Daemon {
     }
 
     /// Swaps the whole ruleset; the old one's counts are kept in the books.
-    fn swap_ruleset(&mut self, rs: &Ruleset) -> Result<()> {
-        let last = self.nft.logged_packets().ok().flatten().unwrap_or(0);
-        self.nft.apply(rs).context("loading the ruleset")?;
+    /// With a DNS guard, the swap happens with its set writer held (and its
+    /// configuration replaced by `guard_config`, if given).
+    fn swap_ruleset(&mut self, rs: &Ruleset, guard_config: Option<GuardConfig>) -> Result<()> {
+        let nft = &mut self.nft;
+        let mut swap = || -> Result<u64> {
+            let last = nft.logged_packets().ok().flatten().unwrap_or(0);
+            nft.apply(rs).context("loading the ruleset")?;
+            Ok(last)
+        };
+        let last = match &self.guard {
+            Some(g) => g.swap(guard_config, swap)?,
+            None => swap()?,
+        };
         self.accounting.retire(last);
         Ok(())
     }
@@ -442,9 +532,15 @@ impl Daemon {
             );
             return;
         }
+        let listen = |p: &Policy| p.dns.as_ref().map(|d| d.listen);
+        if listen(&policy) != listen(&self.policy) {
+            error!("reload: the [dns] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
+            return;
+        }
         let units = apply::resolve_units(&policy);
-        let applied =
-            apply::compile_with_units(&policy, units.clone()).and_then(|rs| self.swap_ruleset(&rs));
+        let guard_config = GuardConfig::from_policy(&policy);
+        let applied = apply::compile_with_units(&policy, units.clone())
+            .and_then(|rs| self.swap_ruleset(&rs, guard_config));
         match applied {
             Ok(()) => {
                 info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
@@ -486,7 +582,7 @@ impl Daemon {
                 .try_for_each(|s| self.nft.replace_elements(s, &s.elements))
                 .map_err(anyhow::Error::from)
         } else {
-            self.swap_ruleset(&rs)
+            self.swap_ruleset(&rs, None)
         };
         match result {
             Ok(()) => {
@@ -498,6 +594,9 @@ impl Daemon {
     }
 
     fn finish(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.stop();
+        }
         self.tick(true);
         // Settle the books: let the kernel flush, read once more.
         std::thread::sleep(Duration::from_millis(50));

@@ -32,8 +32,30 @@ fn compact(v: Value) -> Value {
 /// The rule name reported for packets caught by the final default rule.
 pub const DEFAULT_RULE: &str = "default";
 
+/// ECS `event.action`: `blocked` / `would-block` for packets,
+/// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
+pub fn action(inc: &Incident) -> &'static str {
+    match (inc.question.is_some(), inc.key.verdict.blocked) {
+        (false, true) => "blocked",
+        (false, false) => "would-block",
+        (true, true) => "dns-refused",
+        (true, false) => "dns-would-refuse",
+    }
+}
+
+/// A short ECS-shaped description of a process, for `egret.dns.asked_by`.
+fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
+    let p = a.process.as_ref();
+    json!({
+        "process": p.map(|p| json!({"pid": p.pid, "name": p.name, "executable": p.executable})),
+        "user": { "id": a.uid.map(|u| u.to_string()), "name": a.user_name },
+        "unit": a.unit,
+    })
+}
+
 pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let blocked = inc.key.verdict.blocked;
+    let q = inc.question.as_ref();
     let a = &inc.attribution;
     let p = a.process.as_ref();
     let flow = inc.flow.as_ref();
@@ -52,24 +74,36 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         "event": {
             "kind": if blocked { "alert" } else { "event" },
             "category": ["network"],
-            "type": ["connection", if blocked { "denied" } else { "allowed" }],
-            "action": if blocked { "blocked" } else { "would-block" },
+            "type": [if q.is_some() { "protocol" } else { "connection" }, if blocked { "denied" } else { "allowed" }],
+            "action": action(inc),
             "outcome": if blocked { "failure" } else { "success" },
             "id": inc.id.to_string(),
             "start": timestamp(inc.first_seen),
             "end": timestamp(inc.last_seen),
             "module": "egret",
-            "dataset": "egret.egress",
+            "dataset": if q.is_some() { "egret.dns" } else { "egret.egress" },
         },
         "host": { "hostname": host },
         "network": {
             "direction": "egress",
-            "transport": flow.map(|f| f.transport()),
+            "transport": flow.map(|f| f.transport()).or(q.map(|q| q.transport.to_string())),
             "type": flow.map(|f| f.network_type()),
             "iana_number": flow.map(|f| f.protocol.to_string()),
+            "protocol": q.map(|_| "dns"),
         },
-        "source": { "ip": flow.map(|f| f.src.to_string()), "port": flow.and_then(|f| f.src_port()) },
-        "destination": { "ip": flow.map(|f| f.dst.to_string()), "port": flow.and_then(|f| f.dst_port()) },
+        "source": {
+            "ip": flow.map(|f| f.src).or(q.map(|q| q.client.ip())).map(|ip| ip.to_string()),
+            "port": flow.and_then(|f| f.src_port()).or(q.map(|q| q.client.port())),
+        },
+        "destination": {
+            "ip": flow.map(|f| f.dst.to_string()),
+            "port": flow.and_then(|f| f.dst_port()),
+            "domain": inc.resolved.as_ref().map(|r| r.name.clone()),
+        },
+        "dns": q.map(|q| json!({
+            "question": { "name": q.name, "type": q.qtype },
+            "response_code": if blocked { "REFUSED" } else { "NOERROR" },
+        })),
         "process": p.map(|p| json!({
             "pid": p.pid,
             "name": p.name,
@@ -94,12 +128,24 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "unit": a.unit,
             "cgroup": a.cgroup,
             "icmp": { "type": icmp_type, "code": icmp_code },
+            "dns": inc.resolved.as_ref().map(|r| json!({
+                "resolved": r.name,
+                "asked_by": r.asked_by.as_ref().map(asker),
+            })),
         },
     }))
 }
 
 /// One line a human reads in a terminal or a SIEM's message column.
 pub fn summary(inc: &Incident) -> String {
+    if let Some(q) = &inc.question {
+        let what = if inc.key.verdict.blocked {
+            "refused"
+        } else {
+            "would refuse"
+        };
+        return format!("{what} DNS query {} {} from {}", q.qtype, q.name, who(inc));
+    }
     let what = if inc.key.verdict.blocked {
         "blocked"
     } else {
@@ -133,14 +179,22 @@ pub fn who(inc: &Incident) -> String {
 
 /// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
 pub fn destination(inc: &Incident) -> Option<String> {
+    if let Some(q) = &inc.question {
+        return Some(format!("{} {} (dns)", q.name, q.qtype));
+    }
     let f = inc.flow.as_ref()?;
     let ip = match f.dst {
         std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
         other => other.to_string(),
     };
+    let name = inc
+        .resolved
+        .as_ref()
+        .map(|r| format!(" ({})", r.name))
+        .unwrap_or_default();
     Some(match f.dst_port() {
-        Some(p) => format!("{ip}:{p}/{}", f.transport()),
-        None => format!("{ip}/{}", f.transport()),
+        Some(p) => format!("{ip}:{p}/{}{name}", f.transport()),
+        None => format!("{ip}/{}{name}", f.transport()),
     })
 }
 

@@ -3,7 +3,7 @@
 //! of events. Pure: time is passed in, so tests drive it directly.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use crate::monitor::attribution::{Attribution, Identity};
@@ -17,6 +17,39 @@ pub struct IncidentKey {
     pub destination: Option<IpAddr>,
     pub port: Option<u16>,
     pub protocol: Option<u8>,
+    /// For queries the DNS guard refused: (name, type).
+    pub question: Option<(String, String)>,
+}
+
+/// A DNS query the guard refused (or, in audit mode, would have refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsQuestion {
+    /// Wire form: ASCII, lower case, no trailing dot.
+    pub name: String,
+    /// "A", "AAAA", "TXT", ...
+    pub qtype: String,
+    /// The asking socket.
+    pub client: SocketAddr,
+    /// "udp" or "tcp".
+    pub transport: &'static str,
+}
+
+/// The name the DNS guard recently resolved to a packet's destination, and who asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedName {
+    pub name: String,
+    pub asked_by: Option<Attribution>,
+}
+
+/// One thing the monitor saw: a logged packet or a refused query.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub verdict: &'a Verdict,
+    pub flow: Option<&'a Flow>,
+    pub question: Option<&'a DnsQuestion>,
+    pub attribution: &'a Attribution,
+    pub resolved: Option<&'a ResolvedName>,
+    pub at: SystemTime,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +62,9 @@ pub struct Incident {
     /// The first packet's flow and attribution (later ones differ only in
     /// source port and timing).
     pub flow: Option<Flow>,
+    pub question: Option<DnsQuestion>,
+    /// The host name behind the destination address, if the guard resolved it.
+    pub resolved: Option<ResolvedName>,
     pub attribution: Attribution,
     emitted_count: u64,
     emitted_at: SystemTime,
@@ -65,7 +101,8 @@ impl Aggregator {
         }
     }
 
-    /// Records one packet. Returns the incident when it is new (emit now).
+    /// Records one packet (tests' shorthand for [`Aggregator::record`]).
+    #[cfg(test)]
     pub fn observe(
         &mut self,
         verdict: &Verdict,
@@ -73,12 +110,33 @@ impl Aggregator {
         attribution: &Attribution,
         at: SystemTime,
     ) -> Option<&Incident> {
+        self.record(Observation {
+            verdict,
+            flow,
+            question: None,
+            attribution,
+            resolved: None,
+            at,
+        })
+    }
+
+    /// Records one observation. Returns the incident when it is new (emit now).
+    pub fn record(&mut self, o: Observation<'_>) -> Option<&Incident> {
+        let Observation {
+            verdict,
+            flow,
+            question,
+            attribution,
+            resolved,
+            at,
+        } = o;
         let key = IncidentKey {
             verdict: verdict.clone(),
             identity: attribution.identity(),
             destination: flow.map(|f| f.dst),
             port: flow.and_then(|f| f.dst_port()),
             protocol: flow.map(|f| f.protocol),
+            question: question.map(|q| (q.name.clone(), q.qtype.clone())),
         };
         if let Some(inc) = self.open.get_mut(&key) {
             if at.duration_since(inc.last_seen).unwrap_or_default() < self.idle_close {
@@ -99,6 +157,8 @@ impl Aggregator {
             last_seen: at,
             count: 1,
             flow: flow.copied(),
+            question: question.cloned(),
+            resolved: resolved.cloned(),
             attribution: attribution.clone(),
             emitted_count: 1,
             emitted_at: at,
@@ -174,13 +234,7 @@ mod tests {
         Attribution {
             method: Method::UidOnly,
             uid: Some(uid),
-            gid: None,
-            user_name: None,
-            group_name: None,
-            process: None,
-            cgroup: None,
-            unit: None,
-            container_id: None,
+            ..Attribution::unknown()
         }
     }
 

@@ -123,14 +123,9 @@ impl Store {
                      count = excluded.count, doc = excluded.doc",
             )?;
             for (inc, doc) in batch {
-                let action = if inc.key.verdict.blocked {
-                    "blocked"
-                } else {
-                    "would-block"
-                };
                 stmt.execute(params![
                     inc.id as i64,
-                    action,
+                    event::action(inc),
                     unix_ms(inc.first_seen),
                     unix_ms(inc.last_seen),
                     inc.count as i64,
@@ -268,13 +263,7 @@ mod tests {
         let who = Attribution {
             method: Method::UidOnly,
             uid: Some(uid),
-            gid: None,
-            user_name: None,
-            group_name: None,
-            process: None,
-            cgroup: None,
-            unit: None,
-            container_id: None,
+            ..Attribution::unknown()
         };
         let v = Verdict {
             blocked: true,

@@ -5,19 +5,29 @@
 //! so it is unit- and property-tested without a kernel.
 
 mod diagnostic;
+mod host;
 mod parse;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use diagnostic::{Diagnostic, PolicyErrors};
+pub use host::HostPattern;
 pub use parse::{load, parse_str, Accounts, SystemAccounts};
 
 /// The NFLOG group egret logs to unless the policy says otherwise.
 pub const DEFAULT_LOG_GROUP: u16 = 5;
+/// The firewall mark on egret's own upstream sockets (DNS guard, proxy) unless
+/// the policy says otherwise: "egrt" in ASCII. Setting a mark needs
+/// CAP_NET_ADMIN, so ordinary processes cannot borrow the guard's exemption.
+pub const DEFAULT_MARK: u32 = 0x6567_7274;
+/// Rule names egret uses for its own log rules; a policy rule may not take them.
+pub const RESERVED_RULE_NAMES: &[&str] = &["default", "dns-bypass", "dns-guard"];
 
 /// A whole, validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +35,46 @@ pub struct Policy {
     pub mode: Mode,
     pub block: BlockAction,
     pub log_group: u16,
+    /// Firewall mark of egret's own upstream sockets.
+    pub mark: u32,
+    /// The DNS guard, when the policy has a `[dns]` section.
+    pub dns: Option<DnsConfig>,
     pub rules: Vec<AllowRule>,
+}
+
+/// `[dns]`: the guard that turns host names into kernel set elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Where local resolvers send their queries (UDP and TCP).
+    pub listen: SocketAddr,
+    /// The real resolvers, tried in order.
+    pub upstream: Vec<SocketAddr>,
+    /// The answer for a name no rule allows.
+    pub refuse: Refusal,
+    /// Addresses stay in the kernel sets at least this long...
+    pub ttl_floor: Duration,
+    /// ...plus this, after the record's TTL (clients cache past the TTL).
+    pub grace: Duration,
+}
+
+impl DnsConfig {
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:53";
+    pub const DEFAULT_TTL_FLOOR: Duration = Duration::from_secs(60);
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
+
+    /// How long an address answered with `ttl` stays in a rule's set.
+    pub fn set_timeout(&self, ttl: u32) -> Duration {
+        Duration::from_secs(ttl as u64).max(self.ttl_floor) + self.grace
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Refusal {
+    /// RCODE 5: the client knows it was refused and does not retry elsewhere.
+    Refused,
+    /// RCODE 3: the name "does not exist".
+    Nxdomain,
 }
 
 impl Policy {
@@ -36,8 +85,15 @@ impl Policy {
             mode: Mode::Audit,
             block: BlockAction::Drop,
             log_group: DEFAULT_LOG_GROUP,
+            mark: DEFAULT_MARK,
+            dns: None,
             rules: Vec::new(),
         }
+    }
+
+    /// Rules that name hosts: the guard answers for these.
+    pub fn host_rules(&self) -> impl Iterator<Item = &AllowRule> {
+        self.rules.iter().filter(|r| !r.hosts.is_empty())
     }
 }
 
@@ -124,8 +180,12 @@ pub struct Origin {
 pub struct AllowRule {
     pub name: String,
     pub comment: Option<String>,
-    /// Destination networks; empty means any destination.
+    /// Destination networks. With `hosts`, the rule allows both; with
+    /// neither, any destination.
     pub cidrs: Vec<IpNet>,
+    /// Destination host names: the DNS guard puts what they resolve to in the
+    /// rule's sets.
+    pub hosts: Vec<HostPattern>,
     /// Protocols; empty means any protocol.
     pub protocols: Vec<L4>,
     /// Destination ports; empty means all ports.
@@ -145,5 +205,10 @@ impl AllowRule {
     /// True when the rule names who may send (users, groups or units).
     pub fn has_subject(&self) -> bool {
         !(self.users.is_empty() && self.groups.is_empty() && self.units.is_empty())
+    }
+
+    /// True when `name` (wire form) matches one of the rule's host patterns.
+    pub fn allows_host(&self, name: &str) -> bool {
+        self.hosts.iter().any(|h| h.matches(name))
     }
 }

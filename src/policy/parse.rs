@@ -1,7 +1,7 @@
 //! TOML → [`Policy`], with every problem reported as `file:line:col`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,8 @@ use toml::Spanned;
 
 use super::diagnostic::Diagnostic;
 use super::{
-    AllowRule, BlockAction, Mode, Origin, Policy, PolicyErrors, PortRange, DEFAULT_LOG_GROUP, L4,
+    AllowRule, BlockAction, DnsConfig, HostPattern, Mode, Origin, Policy, PolicyErrors, PortRange,
+    Refusal, DEFAULT_LOG_GROUP, DEFAULT_MARK, L4, RESERVED_RULE_NAMES,
 };
 
 /// Resolves user and group names to ids. The system implementation asks NSS;
@@ -45,10 +46,23 @@ struct RawMain {
     mode: Option<Spanned<Mode>>,
     block: Option<Spanned<BlockAction>>,
     log_group: Option<Spanned<i64>>,
+    mark: Option<Spanned<i64>>,
+    dns: Option<Spanned<RawDns>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    upstream: Vec<Spanned<String>>,
+    refuse: Option<Spanned<Refusal>>,
+    ttl_floor: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
 }
 
 /// A drop-in file (from `include`) holds rules only.
@@ -66,6 +80,8 @@ struct RawRule {
     comment: Option<String>,
     #[serde(default)]
     cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
     protocol: Option<Spanned<toml::Value>>,
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
@@ -131,11 +147,35 @@ pub fn parse_str(
         },
     };
 
+    let mark = match raw.mark {
+        None => DEFAULT_MARK,
+        Some(m) => match u32::try_from(*m.get_ref()) {
+            Ok(v) if v != 0 => v,
+            _ => {
+                errors.push(
+                    Diagnostic::at(
+                        path,
+                        source,
+                        Some(m.span()),
+                        format!("mark {} is out of range", m.get_ref()),
+                    )
+                    .with_hint("a firewall mark is a number from 1 to 4294967295, e.g. 0x65677274"),
+                );
+                DEFAULT_MARK
+            }
+        },
+    };
+    let dns = raw
+        .dns
+        .as_ref()
+        .map(|d| dns_config(path, source, d, &mut errors));
+
     let mut checker = RuleChecker {
         accounts,
         names: HashMap::new(),
         rules: Vec::new(),
         errors,
+        hosts_without_dns: Vec::new(),
     };
     for rule in raw.allow {
         checker.rule(path, source, rule);
@@ -146,11 +186,25 @@ pub fn parse_str(
         }
     }
 
+    if dns.is_none() {
+        for (file, src, span) in std::mem::take(&mut checker.hosts_without_dns) {
+            checker.err(
+                &file,
+                &src,
+                span,
+                "host names need the DNS guard",
+                "add a [dns] section with the upstream resolvers (see docs/dns.md)",
+            );
+        }
+    }
+
     if checker.errors.is_empty() {
         Ok(Policy {
             mode,
             block,
             log_group,
+            mark,
+            dns,
             rules: checker.rules,
         })
     } else {
@@ -176,6 +230,8 @@ struct RuleChecker<'a> {
     names: HashMap<String, (PathBuf, usize)>,
     rules: Vec<AllowRule>,
     errors: Vec<Diagnostic>,
+    /// Where `hosts` appeared, reported if the policy turns out to have no `[dns]`.
+    hosts_without_dns: Vec<(PathBuf, String, Range<usize>)>,
 }
 
 impl RuleChecker<'_> {
@@ -268,7 +324,9 @@ impl RuleChecker<'_> {
         let name = raw.name.get_ref().clone();
         let (line, _) = super::diagnostic::line_column(source, name_span.start);
 
-        if !valid_rule_name(&name) {
+        if RESERVED_RULE_NAMES.contains(&name.as_str()) {
+            self.err(path, source, name_span.clone(), format!("rule name {name:?} is reserved"), "egret reports its own rules under \"default\", \"dns-bypass\" and \"dns-guard\"; choose another name");
+        } else if !valid_rule_name(&name) {
             self.err(path, source, name_span.clone(), format!("invalid rule name {name:?}"), "a rule name is 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit");
         } else if let Some((first_file, first_line)) = self.names.get(&name) {
             let hint = format!(
@@ -296,6 +354,20 @@ impl RuleChecker<'_> {
         }
         cidrs.sort();
         cidrs.dedup();
+
+        let mut hosts = Vec::new();
+        for h in &raw.hosts {
+            match HostPattern::parse(h.get_ref()) {
+                Ok(p) => hosts.push(p),
+                Err(msg) => self.err(path, source, h.span(), format!("invalid host pattern {:?}: {msg}", h.get_ref()), "write a name such as \"deb.debian.org\", \"*.debian.org\" (any subdomain) or \"s3.*.amazonaws.com\" (one label)"),
+            }
+        }
+        hosts.sort();
+        hosts.dedup();
+        if let Some(h) = raw.hosts.first() {
+            self.hosts_without_dns
+                .push((path.to_path_buf(), source.to_string(), h.span()));
+        }
 
         let protocols = match &raw.protocol {
             None => vec![L4::Tcp],
@@ -351,12 +423,12 @@ impl RuleChecker<'_> {
                 self.err(path, source, m.span(), "a per-rule mode needs users, groups or units", "a rule's mode applies to what its subject sends that no rule allows; without a subject use the policy-wide `mode`");
             }
         }
-        if raw.cidrs.is_empty() && raw.ports.is_empty() && !has_subject {
+        if raw.cidrs.is_empty() && raw.hosts.is_empty() && raw.ports.is_empty() && !has_subject {
             self.err(
                 path,
                 source,
                 name_span,
-                format!("rule {name:?} is empty: it names no cidrs, ports, users, groups or units"),
+                format!("rule {name:?} is empty: it names no cidrs, hosts, ports, users, groups or units"),
                 "to allow all egress deliberately, write cidrs = [\"0.0.0.0/0\", \"::/0\"]",
             );
         }
@@ -366,6 +438,7 @@ impl RuleChecker<'_> {
                 name,
                 comment: raw.comment,
                 cidrs,
+                hosts,
                 protocols,
                 ports,
                 users,
@@ -477,6 +550,84 @@ impl RuleChecker<'_> {
         ids.dedup();
         ids
     }
+}
+
+fn dns_config(
+    path: &Path,
+    source: &str,
+    raw: &Spanned<RawDns>,
+    errors: &mut Vec<Diagnostic>,
+) -> DnsConfig {
+    let mut err = |span: Range<usize>, msg: String, hint: &str| {
+        errors.push(Diagnostic::at(path, source, Some(span), msg).with_hint(hint));
+    };
+    let d = raw.get_ref();
+    let listen = match &d.listen {
+        None => DnsConfig::DEFAULT_LISTEN.parse().ok(),
+        Some(l) => match parse_socket_addr(l.get_ref()) {
+            Some(a) => Some(a),
+            None => {
+                err(
+                    l.span(),
+                    format!("invalid listen address {:?}", l.get_ref()),
+                    "write an address and port such as \"127.0.0.1:53\" or \"[::1]:53\"",
+                );
+                None
+            }
+        },
+    };
+    let mut upstream = Vec::new();
+    for u in &d.upstream {
+        match parse_socket_addr(u.get_ref()) {
+            Some(a) if Some(a) == listen => err(u.span(), format!("upstream {a} is the guard itself"), "name the resolvers the guard forwards to, not its own listen address"),
+            Some(a) => upstream.push(a),
+            None => err(u.span(), format!("invalid upstream resolver {:?}", u.get_ref()), "write an IP address, optionally with a port: \"192.0.2.53\", \"192.0.2.53:5353\", \"[2001:db8::53]:53\""),
+        }
+    }
+    if d.upstream.is_empty() {
+        err(
+            raw.span(),
+            "[dns] needs at least one upstream resolver".into(),
+            "add upstream = [\"192.0.2.53\"] with your network's resolvers",
+        );
+    }
+    let mut duration = |v: &Option<Spanned<String>>, default| match v {
+        None => default,
+        Some(t) => match humantime::parse_duration(t.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                err(
+                    t.span(),
+                    format!("invalid duration {:?}: {e}", t.get_ref()),
+                    "write a duration such as \"30s\", \"5m\" or \"1h\"",
+                );
+                default
+            }
+        },
+    };
+    let ttl_floor = duration(&d.ttl_floor, DnsConfig::DEFAULT_TTL_FLOOR);
+    let grace = duration(&d.grace, DnsConfig::DEFAULT_GRACE);
+    DnsConfig {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53))),
+        upstream,
+        refuse: d
+            .refuse
+            .as_ref()
+            .map(|r| *r.get_ref())
+            .unwrap_or(Refusal::Refused),
+        ttl_floor,
+        grace,
+    }
+}
+
+/// `192.0.2.53`, `192.0.2.53:5353`, `2001:db8::53`, `[2001:db8::53]:5353` (port 53 by default).
+fn parse_socket_addr(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    text.parse::<SocketAddr>().ok().or_else(|| {
+        text.parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
 }
 
 fn valid_rule_name(name: &str) -> bool {
@@ -692,6 +843,59 @@ units = ["borg.service"]
         assert_eq!((errs[0].line, errs[0].column), (3, 10));
         assert!(errs[0].message.contains("unknown user \"ghost\""));
         assert!(errs[1].message.contains("unknown group"));
+    }
+
+    #[test]
+    fn dns_section_and_host_rules() {
+        let p = parse(
+            "[dns]\nlisten = \"127.0.0.1:5353\"\nupstream = [\"192.0.2.53\", \"[2001:db8::53]:5300\"]\nrefuse = \"nxdomain\"\nttl_floor = \"5s\"\ngrace = \"2m\"\n\n[[allow]]\nname = \"debian\"\nhosts = [\"Deb.Debian.org.\", \"*.debian.org\"]\nports = [80, 443]\n",
+        )
+        .unwrap();
+        let dns = p.dns.unwrap();
+        assert_eq!(dns.listen, "127.0.0.1:5353".parse().unwrap());
+        assert_eq!(
+            dns.upstream,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:5300".parse().unwrap()
+            ]
+        );
+        assert_eq!(dns.refuse, Refusal::Nxdomain);
+        assert_eq!(dns.set_timeout(1), std::time::Duration::from_secs(125));
+        assert_eq!(dns.set_timeout(600), std::time::Duration::from_secs(720));
+        let hosts: Vec<String> = p.rules[0].hosts.iter().map(|h| h.to_string()).collect();
+        assert_eq!(hosts, ["deb.debian.org", "*.debian.org"]);
+        assert!(p.rules[0].allows_host("ftp.debian.org."));
+        assert!(!p.rules[0].allows_host("debian.org"));
+        assert_eq!(p.mark, DEFAULT_MARK);
+    }
+
+    #[test]
+    fn dns_and_host_errors_name_line_and_column() {
+        let d = first_error("[[allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n");
+        assert!(d.message.contains("need the DNS guard"), "{}", d.message);
+        assert_eq!((d.line, d.column), (3, 10));
+        let d = first_error("[dns]\nupstream = [\"192.0.2.1\"]\n[[allow]]\nname = \"a\"\nhosts = [\"ok.example\", \"bad*.example\"]\n");
+        assert!(
+            d.message.contains("invalid host pattern \"bad*.example\""),
+            "{}",
+            d.message
+        );
+        assert_eq!((d.line, d.column), (5, 24));
+        let d = first_error("[dns]\nupstream = [\"not-an-ip\"]\n");
+        assert!(d.message.contains("invalid upstream resolver"));
+        assert_eq!((d.line, d.column), (2, 13));
+        let d = first_error("[dns]\nlisten = \"127.0.0.1:53\"\n");
+        assert!(d.message.contains("at least one upstream"), "{}", d.message);
+        let d = first_error("[dns]\nupstream = [\"192.0.2.1\"]\ngrace = \"soon\"\n");
+        assert!(d.message.contains("invalid duration"));
+        assert_eq!((d.line, d.column), (3, 9));
+        let d = first_error("[dns]\nupstream = [\"192.0.2.1\"]\ncache = 1\n");
+        assert!(d.message.contains("unknown field `cache`"), "{}", d.message);
+        let d = first_error("[[allow]]\nname = \"dns-bypass\"\nports = [1]\n");
+        assert!(d.message.contains("reserved"));
+        let d = first_error("mark = 0\n");
+        assert!(d.message.contains("mark 0 is out of range"));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         rules: Vec::new(),
     };
     c.baseline(&input.open_flows);
+    c.dns_guard(policy);
     for rule in &policy.rules {
         c.allow_rule(rule, input);
     }
@@ -98,9 +99,117 @@ impl Compiler {
             name: name.clone(),
             key,
             interval,
+            timeout: false,
             elements,
         });
         name
+    }
+
+    /// A set the DNS guard fills at run time; elements expire.
+    fn add_timeout_set(&mut self, name: String, field: Field) -> String {
+        self.sets.push(Set {
+            name: name.clone(),
+            key: vec![field],
+            interval: false,
+            timeout: true,
+            elements: Vec::new(),
+        });
+        name
+    }
+
+    /// With a DNS guard: its upstream queries (marked) may leave; any other
+    /// DNS, DNS-over-TLS or DNS-over-QUIC is blocked and logged, whatever the
+    /// allow rules say, so names cannot be resolved around the guard.
+    fn dns_guard(&mut self, policy: &Policy) {
+        let Some(dns) = &policy.dns else { return };
+        let ports = |list: &[u16]| -> Vec<Element> {
+            let mut v: Vec<Element> = [IPPROTO_TCP, IPPROTO_UDP]
+                .iter()
+                .flat_map(|&p| {
+                    list.iter().map(move |&port| Element {
+                        key: vec![p as u128, port as u128],
+                        end: Some(vec![p as u128, port as u128]),
+                    })
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let upstream_ports: Vec<u16> = dns.upstream.iter().map(|a| a.port()).collect();
+        let svc = self.add_set(
+            "dns_upstream_svc".into(),
+            vec![Field::L4Proto, Field::Port],
+            true,
+            ports(&upstream_ports),
+        );
+        for family in [Family::V4, Family::V6] {
+            let mut ips: Vec<Element> = dns
+                .upstream
+                .iter()
+                .filter(|a| Family::of(&a.ip()) == family)
+                .map(|a| Element::single(vec![ip_to_u128(&a.ip())]))
+                .collect();
+            if ips.is_empty() {
+                continue;
+            }
+            ips.sort();
+            ips.dedup();
+            let (name, field) = match family {
+                Family::V4 => ("dns_upstream_v4", Field::Ipv4),
+                Family::V6 => ("dns_upstream_v6", Field::Ipv6),
+            };
+            let set = self.add_set(name.into(), vec![field], false, ips);
+            self.rules.push(rule(
+                vec![
+                    Match::Mark(policy.mark),
+                    Match::NfProto(family),
+                    Match::Daddr(family, set),
+                    Match::ProtoDport(svc.clone()),
+                ],
+                Verdict::Accept,
+                "dns guard: its upstream resolvers",
+            ));
+        }
+        let dns_ports = self.add_set(
+            "dns_ports".into(),
+            vec![Field::L4Proto, Field::Port],
+            true,
+            ports(&[53, 853]),
+        );
+        self.log_then(
+            vec![Match::ProtoDport(dns_ports)],
+            policy.mode,
+            policy,
+            DNS_BYPASS_RULE,
+            "dns guard: DNS sent around the guard".into(),
+        );
+    }
+
+    /// Logs what `matches` under `rule_name`, then blocks it (enforce) or lets it pass (audit).
+    fn log_then(
+        &mut self,
+        matches: Vec<Match>,
+        mode: Mode,
+        policy: &Policy,
+        rule_name: &str,
+        comment: String,
+    ) {
+        let prefix = match mode {
+            Mode::Audit => PREFIX_WOULD_BLOCK,
+            Mode::Enforce => PREFIX_BLOCKED,
+        };
+        let log = Some(Log {
+            group: policy.log_group,
+            prefix: format!("{prefix}:{rule_name}"),
+        });
+        match mode {
+            Mode::Audit => self.rules.push(Rule {
+                log,
+                ..rule(matches, Verdict::Accept, comment)
+            }),
+            Mode::Enforce => self.block(matches, log, policy.block, comment),
+        }
     }
 
     fn baseline(&mut self, open_flows: &[OpenFlow]) {
@@ -300,7 +409,7 @@ impl Compiler {
         let service = self.service(r);
         let subjects = self.subject_variants(r, input);
         let mut destinations: Vec<Vec<Match>> = Vec::new();
-        if r.cidrs.is_empty() {
+        if r.cidrs.is_empty() && r.hosts.is_empty() {
             destinations.push(Vec::new());
         }
         for family in [Family::V4, Family::V6] {
@@ -331,6 +440,12 @@ impl Compiler {
                 elements,
             );
             destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
+        }
+        if !r.hosts.is_empty() {
+            for (family, field) in [(Family::V4, Field::Ipv4), (Family::V6, Field::Ipv6)] {
+                let set = self.add_timeout_set(host_set_name(&r.name, family), field);
+                destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
+            }
         }
         for dest in &destinations {
             for subject in &subjects {
@@ -363,27 +478,8 @@ impl Compiler {
             _ => true,
         }));
         for subject in subjects {
-            let (prefix, comment) = match mode {
-                Mode::Audit => (
-                    PREFIX_WOULD_BLOCK,
-                    format!("{}: audit mode for its subject", r.name),
-                ),
-                Mode::Enforce => (
-                    PREFIX_BLOCKED,
-                    format!("{}: enforce mode for its subject", r.name),
-                ),
-            };
-            let log = Some(Log {
-                group: policy.log_group,
-                prefix: format!("{prefix}:{}", r.name),
-            });
-            match mode {
-                Mode::Audit => self.rules.push(Rule {
-                    log,
-                    ..rule(subject, Verdict::Accept, comment)
-                }),
-                Mode::Enforce => self.block(subject, log, policy.block, comment),
-            }
+            let comment = format!("{}: {mode} mode for its subject", r.name);
+            self.log_then(subject, mode, policy, &r.name, comment);
         }
     }
 
@@ -465,6 +561,7 @@ mod tests {
             name: name.into(),
             comment: None,
             cidrs: vec![],
+            hosts: vec![],
             protocols: vec![L4::Tcp],
             ports: vec![],
             users: vec![],
@@ -483,8 +580,83 @@ mod tests {
             mode: Mode::Enforce,
             block: BlockAction::Drop,
             log_group: 5,
+            mark: crate::policy::DEFAULT_MARK,
+            dns: None,
             rules,
         }
+    }
+
+    fn with_dns(rules: Vec<AllowRule>) -> Policy {
+        Policy {
+            dns: Some(crate::policy::DnsConfig {
+                listen: "127.0.0.1:53".parse().unwrap(),
+                upstream: vec![
+                    "192.0.2.53:53".parse().unwrap(),
+                    "[2001:db8::53]:5353".parse().unwrap(),
+                ],
+                refuse: crate::policy::Refusal::Refused,
+                ttl_floor: std::time::Duration::from_secs(60),
+                grace: std::time::Duration::from_secs(300),
+            }),
+            ..policy(rules)
+        }
+    }
+
+    #[test]
+    fn host_rules_get_timeout_sets_per_family_beside_their_cidrs() {
+        let mut r = allow("debian");
+        r.hosts = vec![crate::policy::HostPattern::parse("*.debian.org").unwrap()];
+        r.cidrs = vec!["10.9.0.0/16".parse().unwrap()];
+        r.ports = vec![PortRange {
+            first: 443,
+            last: 443,
+        }];
+        let rs = compile(&with_dns(vec![r]), &CompileInput::default());
+        for name in ["h_debian_v4", "h_debian_v6"] {
+            let set = rs.set(name).unwrap();
+            assert!(set.timeout && !set.interval && set.elements.is_empty());
+        }
+        assert!(!rs.set("a_debian_v4").unwrap().timeout);
+        let t = render(&rs);
+        assert!(t.contains("ip daddr @a_debian_v4 meta l4proto . th dport @a_debian_svc counter accept comment \"debian\""), "{t}");
+        assert!(t.contains("ip daddr @h_debian_v4 meta l4proto . th dport @a_debian_svc counter accept comment \"debian\""), "{t}");
+        assert!(
+            t.contains("ip6 daddr @h_debian_v6 meta l4proto . th dport @a_debian_svc"),
+            "{t}"
+        );
+        assert!(t.contains("flags timeout"), "{t}");
+    }
+
+    #[test]
+    fn dns_guard_lets_its_marked_upstream_out_and_blocks_dns_around_it_before_any_allow() {
+        let mut any = allow("everything");
+        any.cidrs = vec!["0.0.0.0/0".parse().unwrap()];
+        any.protocols = vec![L4::Tcp, L4::Udp];
+        let t = text(&with_dns(vec![any]));
+        let upstream = t
+            .find("meta mark 0x65677274 meta nfproto ipv4 ip daddr @dns_upstream_v4 meta l4proto . th dport @dns_upstream_svc counter accept")
+            .expect(&t);
+        assert!(t.contains("ip6 daddr @dns_upstream_v6"), "{t}");
+        let bypass = t
+            .find("meta l4proto . th dport @dns_ports counter log prefix \"egret:blocked:dns-bypass\" group 5 drop")
+            .expect(&t);
+        let allow_at = t.find("comment \"everything\"").unwrap();
+        assert!(upstream < bypass && bypass < allow_at, "{t}");
+        assert!(t.contains("tcp . 853"), "{t}");
+        assert!(t.contains("udp . 5353"), "{t}");
+        // Audit mode logs DNS around the guard and lets it pass.
+        let audit = text(&Policy {
+            mode: Mode::Audit,
+            ..with_dns(vec![])
+        });
+        assert!(
+            audit.contains(
+                "@dns_ports counter log prefix \"egret:would-block:dns-bypass\" group 5 accept"
+            ),
+            "{audit}"
+        );
+        // No [dns]: none of it.
+        assert!(!text(&policy(vec![])).contains("dns"));
     }
 
     fn text(p: &Policy) -> String {

@@ -28,6 +28,18 @@ pub const PREEXISTING_V6: &str = "preexisting_v6";
 /// NFLOG prefixes: the monitor reads the action (and rule) from them.
 pub const PREFIX_BLOCKED: &str = "egret:blocked";
 pub const PREFIX_WOULD_BLOCK: &str = "egret:would-block";
+/// The rule name in the log prefix of DNS sent around the guard.
+pub const DNS_BYPASS_RULE: &str = "dns-bypass";
+/// The rule name on events about queries the DNS guard refused.
+pub const DNS_GUARD_RULE: &str = "dns-guard";
+
+/// The sets the DNS guard fills for a rule with `hosts`.
+pub fn host_set_name(rule: &str, family: Family) -> String {
+    match family {
+        Family::V4 => format!("h_{rule}_v4"),
+        Family::V6 => format!("h_{rule}_v6"),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Family {
@@ -136,6 +148,11 @@ pub struct Set {
     pub name: String,
     pub key: Vec<Field>,
     pub interval: bool,
+    /// Elements expire (the DNS guard's addresses). Their elements are run-time
+    /// state: the compiler leaves them empty and the kernel layer carries live
+    /// ones across a reload.
+    #[serde(default)]
+    pub timeout: bool,
     pub elements: Vec<Element>,
 }
 
@@ -243,6 +260,8 @@ pub enum Match {
     NfProto(Family),
     /// `meta l4proto tcp`
     L4Proto(u8),
+    /// `meta mark 0x...`: set only by egret's own upstream sockets.
+    Mark(u32),
     /// `meta l4proto @set`
     L4ProtoIn(String),
     /// `ip daddr @set` / `ip6 daddr @set`

@@ -69,7 +69,11 @@ fn render_set(out: &mut String, set: &Set, cgroup_level: Option<u32>) {
     if set.interval {
         let _ = writeln!(out, "\t\tflags interval");
     }
-    if !set.elements.is_empty() {
+    if set.timeout {
+        // Its elements are the DNS guard's run-time state, not part of the plan.
+        let _ = writeln!(out, "\t\tflags timeout");
+    }
+    if !set.elements.is_empty() && !set.timeout {
         let items: Vec<String> = set
             .elements
             .iter()
@@ -185,6 +189,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
         .iter()
         .map(|m| match m {
             Match::OifName(name) => format!("oifname {}", quote(name)),
+            Match::Mark(mark) => format!("meta mark {mark:#010x}"),
             Match::CtState(bits) => {
                 let names: Vec<&str> = [
                     (1, "invalid"),

@@ -351,6 +351,10 @@ impl PolicyFile {
     pub fn state_dir(&self) -> String {
         self.dir.path().join("state").to_string_lossy().into_owned()
     }
+
+    pub fn rewrite(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("rewrite policy");
+    }
 }
 
 /// Packets counted by the final log rule (blocked or would-block).
@@ -462,6 +466,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

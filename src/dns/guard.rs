@@ -1,0 +1,595 @@
+//! The DNS guard's server: UDP and TCP on the policy's `[dns] listen`, one
+//! tokio thread. Cache hits are answered inline on the receive loop; misses,
+//! refusals and TCP connections are tasks. Kernel writes and attribution run
+//! on tokio's blocking pool, so a slow `/proc` scan never stalls other queries.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use hickory_proto::op::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tracing::{debug, warn};
+
+use super::cache::{Cache, CacheKey};
+use super::message::{self, Incoming, Query};
+use super::sets::{HostSets, RecentNames};
+use crate::monitor::attribution::{Attribution, Attributor};
+use crate::monitor::incident::{DnsQuestion, ResolvedName};
+use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
+
+const UDP_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+const TCP_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
+const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
+const CACHE_ENTRIES: usize = 20_000;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// What the guard needs from the policy. Swapped whole on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    pub dns: DnsConfig,
+    pub mark: u32,
+    /// Audit mode: forward every name, report those no rule allows.
+    pub audit: bool,
+    /// Rules with `hosts`: name and patterns.
+    pub rules: Vec<(String, Vec<HostPattern>)>,
+}
+
+impl GuardConfig {
+    pub fn from_policy(p: &Policy) -> Option<GuardConfig> {
+        Some(GuardConfig {
+            dns: p.dns.clone()?,
+            mark: p.mark,
+            audit: p.mode == Mode::Audit,
+            rules: p
+                .host_rules()
+                .map(|r| (r.name.clone(), r.hosts.clone()))
+                .collect(),
+        })
+    }
+
+    /// Does any rule allow `name` (wire form)?
+    pub fn allows(&self, name: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|(_, pats)| pats.iter().any(|p| p.matches(name)))
+    }
+
+    /// The rules whose host patterns match `name` (wire form).
+    pub fn matching(&self, name: &str) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|(_, pats)| pats.iter().any(|p| p.matches(name)))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// A query the guard refused, or would have in audit mode.
+#[derive(Debug, Clone)]
+pub struct RefusedQuery {
+    pub question: DnsQuestion,
+    pub attribution: Attribution,
+    pub blocked: bool,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    pub queries: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub refused: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub set_failures: AtomicU64,
+}
+
+impl GuardStats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "queries": g(&self.queries),
+            "cache_hits": g(&self.cache_hits),
+            "forwarded": g(&self.forwarded),
+            "refused": g(&self.refused),
+            "upstream_failures": g(&self.upstream_failures),
+            "set_failures": g(&self.set_failures),
+        })
+    }
+}
+
+type OnRefused = Box<dyn Fn(RefusedQuery) + Send + Sync>;
+
+struct Shared {
+    config: RwLock<Arc<GuardConfig>>,
+    cache: Mutex<Cache>,
+    sets: Arc<Mutex<HostSets>>,
+    recent: Arc<Mutex<RecentNames>>,
+    attributor: Arc<Mutex<Attributor>>,
+    on_refused: OnRefused,
+    stats: Arc<GuardStats>,
+}
+
+/// A running guard. Dropping it does not stop it; call [`Guard::stop`].
+pub struct Guard {
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub stats: Arc<GuardStats>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl Guard {
+    /// Binds the listen address (errors surface here, at startup) and starts serving.
+    pub fn start(
+        config: GuardConfig,
+        recent: Arc<Mutex<RecentNames>>,
+        on_refused: OnRefused,
+    ) -> Result<Guard> {
+        let listen = config.dns.listen;
+        let udp = std::net::UdpSocket::bind(listen)
+            .with_context(|| format!("DNS guard: binding UDP {listen}"))?;
+        let tcp = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("DNS guard: binding TCP {listen}"))?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        // Fail now, not on the first query, if marks cannot be set.
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        set_mark(probe.as_raw_fd(), config.mark).context(
+            "DNS guard: setting the firewall mark on upstream sockets needs CAP_NET_ADMIN",
+        )?;
+        let sets = HostSets::open().context("DNS guard: opening nf_tables netlink")?;
+        let stats = Arc::new(GuardStats::default());
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            cache: Mutex::new(Cache::new(CACHE_ENTRIES)),
+            sets: Arc::new(Mutex::new(sets)),
+            recent,
+            attributor: Arc::new(Mutex::new(Attributor::new())),
+            on_refused,
+            stats: Arc::clone(&stats),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(8)
+            .build()
+            .context("DNS guard: starting its runtime")?;
+        let inner = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("dns-guard".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let udp = match UdpSocket::from_std(udp) {
+                        Ok(s) => Arc::new(s),
+                        Err(e) => return warn!("DNS guard: {e}"),
+                    };
+                    let tcp = match TcpListener::from_std(tcp) {
+                        Ok(s) => s,
+                        Err(e) => return warn!("DNS guard: {e}"),
+                    };
+                    tokio::select! {
+                        r = serve_udp(Arc::clone(&inner), udp) => if let Err(e) = r { warn!("DNS guard (UDP) stopped: {e}") },
+                        r = serve_tcp(Arc::clone(&inner), tcp) => if let Err(e) = r { warn!("DNS guard (TCP) stopped: {e}") },
+                        _ = stop_rx => {}
+                    }
+                });
+                // Blocking tasks (attribution) may still run; don't wait for them.
+                runtime.shutdown_background();
+            })
+            .context("DNS guard: starting its thread")?;
+        Ok(Guard {
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Runs `swap` (a ruleset swap) with the set writer held, so no address
+    /// is written into a table that is being replaced; then forgets what was
+    /// written and cached, and takes the new configuration.
+    pub fn swap<T>(
+        &self,
+        config: Option<GuardConfig>,
+        swap: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let mut sets = self.shared.sets.lock().unwrap_or_else(|p| p.into_inner());
+        let out = swap()?;
+        sets.forget();
+        lock(&self.shared.cache).clear();
+        if let Some(c) = config {
+            *self
+                .shared
+                .config
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        }
+        Ok(out)
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.shared.config().dns.listen
+    }
+
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn config(&self) -> Arc<GuardConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The answer from the cache, when the name may be forwarded and is cached.
+    fn cached(&self, cfg: &GuardConfig, q: &Query, limit: usize) -> Option<Vec<u8>> {
+        if !cfg.audit && !cfg.allows(&q.name) {
+            return None;
+        }
+        let reply = lock(&self.cache).answer(&cache_key(q), q, limit, Instant::now())?;
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(reply)
+    }
+
+    /// Who holds the client's socket (blocking: sock_diag and /proc).
+    fn attribute(&self, client: SocketAddr, server: SocketAddr, t: Transport) -> Attribution {
+        let proto = match t {
+            Transport::Udp => IPPROTO_UDP,
+            Transport::Tcp => IPPROTO_TCP,
+        };
+        lock(&self.attributor).attribute_socket(proto, client, server)
+    }
+}
+
+fn cache_key(q: &Query) -> CacheKey {
+    let dnssec = q.message.checking_disabled()
+        || q.message
+            .extensions()
+            .as_ref()
+            .is_some_and(|e| e.flags().dnssec_ok);
+    (q.name.clone(), q.qtype, dnssec)
+}
+
+async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, peer) = sock.recv_from(&mut buf).await?;
+        let q = match message::parse(&buf[..n]) {
+            Incoming::Query(q) => q,
+            Incoming::Reply(r) => {
+                let _ = sock.send_to(&r, peer).await;
+                continue;
+            }
+            Incoming::Ignore => continue,
+        };
+        shared.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let cfg = shared.config();
+        if let Some(reply) = shared.cached(&cfg, &q, q.udp_limit()) {
+            let _ = sock.send_to(&reply, peer).await;
+            continue;
+        }
+        let (shared, sock) = (Arc::clone(&shared), Arc::clone(&sock));
+        tokio::spawn(async move {
+            let limit = q.udp_limit();
+            let reply = answer(&shared, cfg, *q, peer, Transport::Udp, limit).await;
+            let _ = sock.send_to(&reply, peer).await;
+        });
+    }
+}
+
+async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(e) = tcp_client(&shared, stream, peer).await {
+                debug!(%peer, "DNS guard: TCP client: {e}");
+            }
+        });
+    }
+}
+
+async fn tcp_client(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    loop {
+        let len = match tokio::time::timeout(TCP_CLIENT_IDLE, stream.read_u16()).await {
+            Ok(Ok(n)) => n as usize,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        let mut buf = vec![0u8; len];
+        tokio::time::timeout(TCP_CLIENT_IDLE, stream.read_exact(&mut buf))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let reply = match message::parse(&buf) {
+            Incoming::Query(q) => {
+                shared.stats.queries.fetch_add(1, Ordering::Relaxed);
+                let cfg = shared.config();
+                match shared.cached(&cfg, &q, u16::MAX as usize) {
+                    Some(r) => r,
+                    None => answer(shared, cfg, *q, peer, Transport::Tcp, u16::MAX as usize).await,
+                }
+            }
+            Incoming::Reply(r) => r,
+            Incoming::Ignore => continue,
+        };
+        let len = u16::try_from(reply.len()).unwrap_or(u16::MAX);
+        stream.write_all(&len.to_be_bytes()).await?;
+        stream.write_all(&reply[..len as usize]).await?;
+    }
+}
+
+/// The slow path: refuse (and report), or forward, put the addresses in the
+/// kernel sets, cache, reply.
+async fn answer(
+    shared: &Arc<Shared>,
+    cfg: Arc<GuardConfig>,
+    q: Query,
+    client: SocketAddr,
+    transport: Transport,
+    limit: usize,
+) -> Vec<u8> {
+    let rules = cfg.matching(&q.name);
+    let server = reachable(cfg.dns.listen, client);
+    if rules.is_empty() {
+        // Attribute before replying: the asking socket may close right after.
+        let s = Arc::clone(shared);
+        let attribution =
+            tokio::task::spawn_blocking(move || s.attribute(client, server, transport))
+                .await
+                .ok();
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(attribution) = attribution {
+            (shared.on_refused)(RefusedQuery {
+                question: DnsQuestion {
+                    name: q.name.clone(),
+                    qtype: q.qtype.to_string(),
+                    client,
+                    transport: transport.name(),
+                },
+                attribution,
+                blocked: !cfg.audit,
+                at: SystemTime::now(),
+            });
+        }
+        if !cfg.audit {
+            return message::refusal(&q, cfg.dns.refuse);
+        }
+    }
+    shared.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    let asker = {
+        let s = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || s.attribute(client, server, transport))
+    };
+    let Some(response) = exchange(&cfg, &q, transport == Transport::Tcp).await else {
+        shared
+            .stats
+            .upstream_failures
+            .fetch_add(1, Ordering::Relaxed);
+        return message::server_failure(&q);
+    };
+    let addrs = message::addresses(&response, &q.name);
+    if !rules.is_empty() && !addrs.is_empty() {
+        let lives: Vec<(IpAddr, Duration)> = addrs
+            .iter()
+            .map(|&(ip, ttl)| (ip, cfg.dns.set_timeout(ttl)))
+            .collect();
+        let sets = Arc::clone(&shared.sets);
+        let rules = rules.clone();
+        let written = tokio::task::spawn_blocking(move || lock(&sets).insert(&rules, &lives)).await;
+        match written {
+            Ok(Ok(n)) => debug!(name = %q.name, elements = n, "DNS guard: addresses allowed"),
+            Ok(Err(e)) => {
+                // Fail closed: an answer the kernel would not honour helps nobody.
+                shared.stats.set_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(name = %q.name, "DNS guard: writing the kernel sets failed: {e}");
+                return message::server_failure(&q);
+            }
+            Err(e) => {
+                shared.stats.set_failures.fetch_add(1, Ordering::Relaxed);
+                warn!("DNS guard: set writer failed: {e}");
+                return message::server_failure(&q);
+            }
+        }
+    }
+    if !addrs.is_empty() {
+        let now = Instant::now();
+        let mut recent = lock(&shared.recent);
+        for &(ip, ttl) in &addrs {
+            let resolved = ResolvedName {
+                name: q.name.clone(),
+                asked_by: None,
+            };
+            recent.insert(ip, resolved, now + cfg.dns.set_timeout(ttl));
+        }
+    }
+    lock(&shared.cache).put(
+        cache_key(&q),
+        response.clone(),
+        message::cache_ttl(&response),
+        Instant::now(),
+    );
+    if !addrs.is_empty() {
+        let recent = Arc::clone(&shared.recent);
+        let (name, ips): (String, Vec<IpAddr>) =
+            (q.name.clone(), addrs.iter().map(|a| a.0).collect());
+        tokio::spawn(async move {
+            if let Ok(a) = asker.await {
+                lock(&recent).set_asker(&ips, &name, &a);
+            }
+        });
+    }
+    message::reply_for(&q, &response, 0, limit)
+}
+
+/// The address the client sent to: the listen address, or loopback when the
+/// guard listens on a wildcard.
+fn reachable(listen: SocketAddr, client: SocketAddr) -> SocketAddr {
+    if !listen.ip().is_unspecified() {
+        return listen;
+    }
+    let ip: IpAddr = match client.ip() {
+        IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// Asks the upstream resolvers in order; UDP first (TCP when the client used
+/// TCP or the answer was truncated). Only a response that matches our random
+/// id and the question is accepted.
+async fn exchange(cfg: &GuardConfig, q: &Query, tcp: bool) -> Option<Message> {
+    let id = random_id();
+    let mut out = q.message.clone();
+    out.set_id(id);
+    let bytes = out.to_vec().ok()?;
+    let ex = Exchange {
+        bytes: &bytes,
+        id,
+        query: q,
+        mark: cfg.mark,
+    };
+    for &upstream in &cfg.dns.upstream {
+        if !tcp {
+            match tokio::time::timeout(UDP_UPSTREAM_TIMEOUT, ex.udp(upstream)).await {
+                Ok(Ok(m)) if !m.truncated() => return Some(m),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!(%upstream, "DNS guard: upstream over UDP: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    debug!(%upstream, "DNS guard: upstream over UDP timed out");
+                    continue;
+                }
+            }
+        }
+        match tokio::time::timeout(TCP_UPSTREAM_TIMEOUT, ex.tcp(upstream)).await {
+            Ok(Ok(m)) => return Some(m),
+            Ok(Err(e)) => debug!(%upstream, "DNS guard: upstream over TCP: {e}"),
+            Err(_) => debug!(%upstream, "DNS guard: upstream over TCP timed out"),
+        }
+    }
+    None
+}
+
+fn expected(bytes: &[u8], id: u16, q: &Query) -> Option<Message> {
+    let m = Message::from_vec(bytes).ok()?;
+    (m.id() == id && message::answers(q, &m)).then_some(m)
+}
+
+/// One upstream exchange: our copy of the query, its id, and the mark.
+struct Exchange<'a> {
+    bytes: &'a [u8],
+    id: u16,
+    query: &'a Query,
+    mark: u32,
+}
+
+impl Exchange<'_> {
+    async fn udp(&self, upstream: SocketAddr) -> io::Result<Message> {
+        let bind: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let std_sock = std::net::UdpSocket::bind(bind)?;
+        set_mark(std_sock.as_raw_fd(), self.mark)?;
+        std_sock.set_nonblocking(true)?;
+        let sock = UdpSocket::from_std(std_sock)?;
+        sock.connect(upstream).await?;
+        sock.send(self.bytes).await?;
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            // Anything else (a stray or spoofed datagram) is ignored.
+            if let Some(m) = expected(&buf[..n], self.id, self.query) {
+                return Ok(m);
+            }
+        }
+    }
+
+    async fn tcp(&self, upstream: SocketAddr) -> io::Result<Message> {
+        let sock = match upstream {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        set_mark(sock.as_raw_fd(), self.mark)?;
+        let mut stream = sock.connect(upstream).await?;
+        let len = u16::try_from(self.bytes.len()).map_err(io::Error::other)?;
+        stream.write_all(&len.to_be_bytes()).await?;
+        stream.write_all(self.bytes).await?;
+        let n = stream.read_u16().await? as usize;
+        let mut buf = vec![0u8; n];
+        stream.read_exact(&mut buf).await?;
+        expected(&buf, self.id, self.query)
+            .ok_or_else(|| io::Error::other("the answer does not match the query"))
+    }
+}
+
+fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
+    // SAFETY: fd is a live socket owned by the caller; the option value is a u32.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &mark as *const u32 as *const libc::c_void,
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A query id an off-path attacker cannot guess (with the random source port).
+fn random_id() -> u16 {
+    let mut b = [0u8; 2];
+    // SAFETY: writes at most 2 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 2, 0) };
+    if n != 2 {
+        // getrandom(2) does not fail for 2 bytes once the pool is up; fall back anyway.
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return (t ^ (t >> 16)) as u16;
+    }
+    u16::from_ne_bytes(b)
+}

@@ -1,0 +1,358 @@
+//! The DNS guard end to end: a real upstream (dnsmasq) in one namespace, egret
+//! and real clients (dig, Python sockets) in another, the kernel's sets read
+//! back with `nft` as the independent witness.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Addresses in `b` beyond B4/B6: what the test names resolve to.
+const ALLOWED4: &str = "10.1.0.10";
+const ALLOWED6: &str = "2001:db8:1::10";
+const OTHER4: &str = "10.1.0.11";
+const EDGE4: &str = "10.1.0.12";
+const IDN4: &str = "10.1.0.13";
+const PORT: u16 = 8080;
+
+/// dnsmasq serving the test names with a 2 s TTL; killed on drop.
+struct Upstream(Child);
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Lab {
+    pair: Pair,
+    _upstream: Upstream,
+    _servers: Vec<Server>,
+}
+
+fn lab() -> Lab {
+    let pair = Pair::new();
+    let dev = String::from_utf8_lossy(
+        &run_ok(&mut pair.b.cmd("ip", &["-o", "link", "show", "type", "veth"])).stdout,
+    )
+    .split(':')
+    .nth(1)
+    .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+    .expect("b's veth");
+    for a in [ALLOWED4, OTHER4, EDGE4, IDN4] {
+        run_ok(
+            &mut pair
+                .b
+                .cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &dev]),
+        );
+    }
+    run_ok(&mut pair.b.cmd(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{ALLOWED6}/64"),
+            "dev",
+            &dev,
+            "nodad",
+        ],
+    ));
+    let upstream = pair
+        .b
+        .cmd(
+            "dnsmasq",
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--bind-interfaces",
+                &format!("--listen-address={B4}"),
+                &format!("--listen-address={B6}"),
+                "--port=53",
+                "--local-ttl=2",
+                "--user=root",
+                "--pid-file=",
+                &format!("--host-record=allowed.test,{ALLOWED4},{ALLOWED6}"),
+                &format!("--host-record=other.test,{OTHER4}"),
+                &format!("--host-record=edge.cdn.test,{EDGE4}"),
+                "--cname=alias.allowed.test,edge.cdn.test",
+                &format!("--host-record=xn--bcher-kva.test,{IDN4}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (apt-get install dnsmasq-base)");
+    let upstream = Upstream(upstream);
+    // Wait until dnsmasq answers (no firewall in b).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != ALLOWED4 {
+        assert!(Instant::now() < deadline, "dnsmasq did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let servers = [ALLOWED4, OTHER4, EDGE4, IDN4, ALLOWED6]
+        .iter()
+        .map(|h| pair.b.server("tcp", h, PORT))
+        .collect();
+    Lab {
+        pair,
+        _upstream: upstream,
+        _servers: servers,
+    }
+}
+
+fn dig(ns: &Netns, args: &[&str]) -> String {
+    let mut a = vec!["+tries=1", "+time=2", "+noidnin", "+noidnout"];
+    a.extend_from_slice(args);
+    String::from_utf8_lossy(&ns.cmd("dig", &a).output().expect("dig").stdout).into_owned()
+}
+
+/// `dig +short @127.0.0.1 NAME [TYPE]` through the guard.
+fn resolve(ns: &Netns, name: &str, qtype: &str) -> String {
+    dig(ns, &["@127.0.0.1", "+short", name, qtype])
+}
+
+fn status_of(ns: &Netns, name: &str) -> String {
+    let out = dig(ns, &["@127.0.0.1", name]);
+    out.split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("(no answer)")
+        .to_string()
+}
+
+const POLICY: &str = r#"
+mode = "enforce"
+
+[dns]
+listen = "127.0.0.1:53"
+upstream = ["10.1.0.2"]
+ttl_floor = "0s"
+grace = "2s"
+
+[[allow]]
+name = "web"
+hosts = ["allowed.test", "*.allowed.test", "bücher.test"]
+ports = [8080]
+"#;
+
+fn set_text(ns: &Netns, set: &str) -> String {
+    String::from_utf8_lossy(
+        &run_ok(&mut ns.cmd("nft", &["list", "set", "inet", "egret", set])).stdout,
+    )
+    .into_owned()
+}
+
+#[test]
+fn allowed_names_open_their_addresses_and_nothing_else() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    // Nothing resolved yet: even the allowed name's address is closed.
+    assert!(!a.tcp_ok(None, ALLOWED4, PORT));
+
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    let v4 = set_text(a, "h_web_v4");
+    assert!(v4.contains(&format!("{ALLOWED4} timeout 4s")), "{v4}");
+    assert!(
+        a.tcp_ok(None, ALLOWED4, PORT),
+        "resolved through the guard, then allowed"
+    );
+
+    // AAAA, and case does not matter.
+    assert_eq!(resolve(a, "ALLOWED.Test.", "AAAA").trim(), ALLOWED6);
+    assert!(a.tcp_ok(None, ALLOWED6, PORT));
+
+    // An allowed name that is an alias: the CNAME target's address is opened.
+    let alias = resolve(a, "alias.allowed.test", "A");
+    assert!(
+        alias.contains("edge.cdn.test.") && alias.contains(EDGE4),
+        "{alias}"
+    );
+    assert!(a.tcp_ok(None, EDGE4, PORT));
+
+    // An internationalised pattern matches the punycode name on the wire.
+    assert_eq!(resolve(a, "XN--BCHER-KVA.test", "A").trim(), IDN4);
+    assert!(a.tcp_ok(None, IDN4, PORT));
+
+    // A name no rule allows is refused, and its address stays closed.
+    assert_eq!(status_of(a, "other.test"), "REFUSED");
+    assert!(!a.tcp_ok(None, OTHER4, PORT));
+    assert!(!set_text(a, "h_web_v4").contains(OTHER4));
+
+    // The allowed name's address on a port the rule does not name: blocked,
+    // and the event says which host that address was for.
+    assert!(!a.tcp_ok(None, ALLOWED4, 9090));
+    let e = run.wait_event(10, "blocked 10.1.0.10:9090", |e| {
+        at(e, "/destination/port") == 9090 && at(e, "/event/action") == "blocked"
+    });
+    assert_eq!(at(&e, "/destination/domain"), "allowed.test", "{e:#}");
+    assert_eq!(
+        at(&e, "/egret/dns/asked_by/process/executable"),
+        "/usr/bin/dig",
+        "{e:#}"
+    );
+    drop(run);
+}
+
+#[test]
+fn refused_names_and_dns_around_the_guard_are_reported_with_the_process() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    // A Log4Shell-style DNS callback: a name no rule allows.
+    for _ in 0..3 {
+        assert_eq!(status_of(a, "x1y2z3.callback.other.test"), "REFUSED");
+    }
+    let e = run.wait_event(10, "dns-refused", |e| {
+        at(e, "/event/action") == "dns-refused"
+    });
+    assert_eq!(at(&e, "/dns/question/name"), "x1y2z3.callback.other.test");
+    assert_eq!(at(&e, "/dns/question/type"), "A");
+    assert_eq!(at(&e, "/process/executable"), "/usr/bin/dig", "{e:#}");
+    assert_eq!(at(&e, "/user/name"), "root");
+    assert_eq!(at(&e, "/rule/name"), "dns-guard");
+    assert_eq!(at(&e, "/egret/attribution"), "sock_diag+proc");
+    // Deduplicated like other incidents: one incident whose count grows.
+    let update = run.wait_event(10, "dns-refused update", |e| {
+        at(e, "/event/action") == "dns-refused" && at(e, "/egret/count") == 3
+    });
+    assert_eq!(at(&update, "/event/id"), at(&e, "/event/id"));
+
+    // DNS straight to the upstream, UDP and TCP, bypassing the guard: blocked and logged.
+    assert!(!dig(a, &[&format!("@{B4}"), "+short", "allowed.test"]).contains(ALLOWED4));
+    assert!(!dig(a, &[&format!("@{B4}"), "+tcp", "+short", "allowed.test"]).contains(ALLOWED4));
+    let bypass = run.wait_event(10, "dns-bypass", |e| {
+        at(e, "/rule/name") == "dns-bypass" && at(e, "/network/transport") == "tcp"
+    });
+    assert_eq!(at(&bypass, "/destination/port"), 53);
+    assert_eq!(at(&bypass, "/process/name"), "dig");
+    run.wait_event(10, "dns-bypass over udp", |e| {
+        at(e, "/rule/name") == "dns-bypass" && at(e, "/network/transport") == "udp"
+    });
+
+    // The guard itself answers over TCP too.
+    let tcp = dig(a, &["@127.0.0.1", "+tcp", "+short", "allowed.test"]);
+    assert_eq!(tcp.trim(), ALLOWED4);
+    drop(run);
+    let events = String::from_utf8_lossy(
+        &run_ok(&mut a.egret(&["events", "--state-dir", &policy.state_dir()])).stdout,
+    )
+    .into_owned();
+    assert!(events.contains("dns-refused"), "{events}");
+    assert!(events.contains("x1y2z3.callback.other.test"), "{events}");
+}
+
+#[test]
+fn elements_expire_after_ttl_plus_grace_but_connections_and_restarts_keep_working() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    let held = Held::connect(a, ALLOWED4, PORT);
+    // TTL 2 s + grace 2 s: the element goes away on its own.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while set_text(a, "h_web_v4").contains(ALLOWED4) {
+        assert!(Instant::now() < deadline, "the element did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !a.tcp_ok(None, ALLOWED4, PORT),
+        "expired: new connections are blocked"
+    );
+    assert!(
+        held.round_trip(),
+        "an established connection outlives its element"
+    );
+
+    // Resolved again, then SIGHUP (a reload) and a restart of the daemon: the
+    // element survives both with its remaining time (fail closed, not reset).
+    let long = POLICY.replace("grace = \"2s\"", "grace = \"10m\"");
+    policy.rewrite(&long);
+    run.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run.stderr_text().contains("reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload:\n{}",
+            run.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    assert!(set_text(a, "h_web_v4").contains(&format!("{ALLOWED4} timeout 10m2s")));
+    run.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        set_text(a, "h_web_v4").contains(ALLOWED4),
+        "kept across a reload"
+    );
+    run.stop();
+    assert!(
+        set_text(a, "h_web_v4").contains(ALLOWED4),
+        "kept while egret is down"
+    );
+    assert!(a.tcp_ok(None, ALLOWED4, PORT), "and still allowed");
+    let again = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    let text = set_text(a, "h_web_v4");
+    assert!(text.contains(ALLOWED4), "kept across a restart: {text}");
+    assert!(
+        text.contains("expires 9m") || text.contains("expires 10m"),
+        "{text}"
+    );
+    assert!(a.tcp_ok(None, ALLOWED4, PORT));
+    drop(again);
+}
+
+#[test]
+fn audit_mode_forwards_every_name_and_reports_those_no_rule_allows() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(&POLICY.replace("mode = \"enforce\"", "mode = \"audit\""));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert_eq!(resolve(a, "other.test", "A").trim(), OTHER4);
+    let e = run.wait_event(10, "dns-would-refuse", |e| {
+        at(e, "/event/action") == "dns-would-refuse"
+    });
+    assert_eq!(at(&e, "/dns/question/name"), "other.test");
+    // The would-block event for the address names the host it came from.
+    assert!(a.tcp_ok(None, OTHER4, PORT));
+    let w = run.wait_event(10, "would-block 10.1.0.11", |e| {
+        at(e, "/event/action") == "would-block" && at(e, "/destination/ip") == OTHER4
+    });
+    assert_eq!(at(&w, "/destination/domain"), "other.test", "{w:#}");
+    drop(run);
+}
+
+#[test]
+fn a_busy_port_fails_the_start_before_the_ruleset_changes() {
+    let ns = Netns::new();
+    let _squatter = ns.server("udp", "127.0.0.1", 53);
+    let policy = PolicyFile::new(&POLICY.replace("10.1.0.2", "192.0.2.53"));
+    let out = ns
+        .egret(&[
+            "run",
+            "--policy",
+            policy.path(),
+            "--state-dir",
+            &policy.state_dir(),
+        ])
+        .stdout(Stdio::null())
+        .output()
+        .expect("egret run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DNS guard: binding UDP 127.0.0.1:53"), "{err}");
+    assert!(!ns.nft_ruleset().contains("egret"), "nothing was loaded");
+}
