@@ -356,3 +356,36 @@ fn a_busy_port_fails_the_start_before_the_ruleset_changes() {
     assert!(err.contains("DNS guard: binding UDP 127.0.0.1:53"), "{err}");
     assert!(!ns.nft_ruleset().contains("egret"), "nothing was loaded");
 }
+
+#[test]
+fn intercept_answers_dns_sent_to_any_resolver_from_the_guard() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy =
+        PolicyFile::new(&POLICY.replace("grace = \"2s\"", "grace = \"2s\"\nintercept = true"));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    // Sent straight to the upstream's address: the guard answers, so the
+    // address lands in the rule's set and the connection is allowed.
+    let direct = dig(a, &[&format!("@{B4}"), "+short", "allowed.test"]);
+    assert_eq!(direct.trim(), ALLOWED4, "{direct}\n{}", run.stderr_text());
+    assert!(set_text(a, "h_web_v4").contains(ALLOWED4));
+    assert!(a.tcp_ok(None, ALLOWED4, PORT));
+    let tcp = dig(
+        a,
+        &[&format!("@{B4}"), "+tcp", "+short", "alias.allowed.test"],
+    );
+    assert!(tcp.contains(EDGE4), "{tcp}");
+    // A name no rule allows, sent to any address: refused by the guard, reported.
+    let refused = dig(a, &["@10.1.0.99", "other.test"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let e = run.wait_event(10, "dns-refused", |e| {
+        at(e, "/event/action") == "dns-refused"
+    });
+    assert_eq!(at(&e, "/dns/question/name"), "other.test");
+    // DNS-over-TLS is not redirected: still blocked and logged.
+    assert!(!a.tcp_ok(None, B4, 853));
+    run.wait_event(10, "dns-bypass 853", |e| {
+        at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
+    });
+    drop(run);
+}

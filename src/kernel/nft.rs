@@ -100,6 +100,7 @@ const IMMEDIATE_DREG: u16 = 1;
 const IMMEDIATE_DATA: u16 = 2;
 const REJECT_TYPE: u16 = 1;
 const REJECT_ICMP_CODE: u16 = 2;
+const REDIR_REG_PROTO_MIN: u16 = 1;
 const SOCKET_KEY: u16 = 1;
 const SOCKET_DREG: u16 = 2;
 const SOCKET_LEVEL: u16 = 3;
@@ -680,7 +681,8 @@ impl Batch {
             self.b.nest_end(hook);
             self.b
                 .attr_u32(CHAIN_POLICY, if base.accept { NF_ACCEPT } else { NF_DROP });
-            self.b.attr_str(CHAIN_TYPE, "filter");
+            self.b
+                .attr_str(CHAIN_TYPE, if base.nat { "nat" } else { "filter" });
         }
         self.b.end();
     }
@@ -720,6 +722,13 @@ impl Batch {
                 b.attr_u32(REJECT_TYPE, REJECT_ICMPX);
                 b.attr(REJECT_ICMP_CODE, &[REJECT_ICMPX_ADMIN_PROHIBITED]);
             }),
+            Some(Verdict::Redirect(port)) => {
+                self.expr("immediate", |b| {
+                    b.attr_u32(IMMEDIATE_DREG, REG_1);
+                    data_attr(b, IMMEDIATE_DATA, &port.to_be_bytes());
+                });
+                self.expr("redir", |b| b.attr_u32(REDIR_REG_PROTO_MIN, REG_1));
+            }
             None => {}
         }
         self.b.nest_end(list);
@@ -1153,9 +1162,11 @@ fn decode_chain(payload: &[u8]) -> Chain {
         rules: Vec::new(),
     };
     let (mut hook, mut priority, mut policy) = (None, 0i32, NF_ACCEPT);
+    let mut nat = false;
     for (k, v) in attrs(payload) {
         match k {
             CHAIN_NAME => chain.name = c_str(v),
+            CHAIN_TYPE => nat = c_str(v) == "nat",
             CHAIN_HOOK => {
                 for (hk, hv) in attrs(v) {
                     match hk {
@@ -1177,6 +1188,7 @@ fn decode_chain(payload: &[u8]) -> Chain {
         };
         chain.base = Some(BaseChain {
             hook,
+            nat,
             priority,
             accept: policy == NF_ACCEPT,
         });
@@ -1407,6 +1419,19 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                 i += 1;
                 continue;
             }
+            // `redirect to :PORT`: the port loaded into a register, then redir.
+            "immediate"
+                if e.u32(IMMEDIATE_DREG) == Some(REG_1) && next.is_some_and(|n| n.is("redir")) =>
+            {
+                let port = e
+                    .raw(IMMEDIATE_DATA)
+                    .and_then(|d| attrs(d).find(|(k, _)| *k == DATA_VALUE).map(|(_, v)| v))
+                    .and_then(|v| Some(u16::from_be_bytes(v.get(..2)?.try_into().ok()?)))
+                    .ok_or_else(|| foreign("a redirect egret does not write"))?;
+                rule.verdict = Some(Verdict::Redirect(port));
+                i += 2;
+                continue;
+            }
             "immediate" => {
                 let code = e
                     .raw(IMMEDIATE_DATA)
@@ -1496,7 +1521,12 @@ mod tests {
                 x if x == MSG_NEWCHAIN => chains.push(decode_chain(p)),
                 x if x == MSG_NEWRULE => {
                     let rule = decode_rule(p).unwrap();
-                    chains.last_mut().unwrap().rules.push(rule);
+                    let chain = attrs(p)
+                        .find(|(k, _)| *k == RULE_CHAIN)
+                        .map(|(_, v)| c_str(v))
+                        .unwrap();
+                    let c = chains.iter_mut().find(|c| c.name == chain).unwrap();
+                    c.rules.push(rule);
                 }
                 _ => {}
             }
@@ -1515,6 +1545,14 @@ mod tests {
     #[test]
     fn a_full_policy_survives_encode_and_decode() {
         let text = r#"
+[dns]
+upstream = ["192.0.2.53", "[2001:db8::53]:5353"]
+listen = "[::]:53"
+intercept = true
+[[allow]]
+name = "mirrors"
+hosts = ["*.debian.org"]
+ports = [80, 443]
 [[allow]]
 name = "backups"
 cidrs = ["10.20.0.0/16", "192.0.2.7", "2001:db8::/32", "0.0.0.0/1"]

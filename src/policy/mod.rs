@@ -55,6 +55,9 @@ pub struct DnsConfig {
     pub ttl_floor: Duration,
     /// ...plus this, after the record's TTL (clients cache past the TTL).
     pub grace: Duration,
+    /// Redirect plain DNS (port 53) sent anywhere to the guard, so no
+    /// resolver configuration is needed.
+    pub intercept: bool,
 }
 
 impl DnsConfig {

@@ -63,6 +63,7 @@ struct RawDns {
     refuse: Option<Spanned<Refusal>>,
     ttl_floor: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
+    intercept: Option<Spanned<bool>>,
 }
 
 /// A drop-in file (from `include`) holds rules only.
@@ -607,6 +608,22 @@ fn dns_config(
     };
     let ttl_floor = duration(&d.ttl_floor, DnsConfig::DEFAULT_TTL_FLOOR);
     let grace = duration(&d.grace, DnsConfig::DEFAULT_GRACE);
+    let intercept = d.intercept.as_ref().is_some_and(|i| *i.get_ref());
+    if let (Some(i), Some(l)) = (&d.intercept, listen) {
+        if *i.get_ref() && !(l.ip().is_loopback() || l.ip().is_unspecified()) {
+            errors.push(
+                Diagnostic::at(
+                    path,
+                    source,
+                    Some(i.span()),
+                    format!("intercept redirects DNS to this host, but the guard listens on {l}"),
+                )
+                .with_hint(
+                    "listen on 127.0.0.1 (or 0.0.0.0, or ::1 / :: for IPv6) to use intercept",
+                ),
+            );
+        }
+    }
     DnsConfig {
         listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53))),
         upstream,
@@ -617,6 +634,7 @@ fn dns_config(
             .unwrap_or(Refusal::Refused),
         ttl_floor,
         grace,
+        intercept,
     }
 }
 

@@ -44,6 +44,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
     let mut c = Compiler {
         sets: Vec::new(),
         rules: Vec::new(),
+        nat_rules: Vec::new(),
     };
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
@@ -57,24 +58,41 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
     }
     c.final_rules(policy);
     c.sets.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut chains = vec![Chain {
+        name: OUTPUT_CHAIN.to_string(),
+        base: Some(BaseChain {
+            hook: Hook::Output,
+            nat: false,
+            priority: 0,
+            accept: policy.mode == Mode::Audit,
+        }),
+        rules: c.rules,
+    }];
+    if !c.nat_rules.is_empty() {
+        chains.push(Chain {
+            name: DNS_INTERCEPT_CHAIN.to_string(),
+            base: Some(BaseChain {
+                hook: Hook::Output,
+                nat: true,
+                priority: -100,
+                accept: true,
+            }),
+            rules: c.nat_rules,
+        });
+    }
     Ruleset {
         comment: table_comment(policy),
         sets: c.sets,
-        chains: vec![Chain {
-            name: OUTPUT_CHAIN.to_string(),
-            base: Some(BaseChain {
-                hook: Hook::Output,
-                priority: 0,
-                accept: policy.mode == Mode::Audit,
-            }),
-            rules: c.rules,
-        }],
+        chains,
     }
 }
 
 struct Compiler {
     sets: Vec<Set>,
+    /// The output filter chain.
     rules: Vec<Rule>,
+    /// The DNS intercept nat chain, when there is one.
+    nat_rules: Vec<Rule>,
 }
 
 fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
@@ -171,6 +189,9 @@ impl Compiler {
                 "dns guard: its upstream resolvers",
             ));
         }
+        if dns.intercept {
+            self.dns_intercept(policy, &ports(&[53]));
+        }
         let dns_ports = self.add_set(
             "dns_ports".into(),
             vec![Field::L4Proto, Field::Port],
@@ -184,6 +205,75 @@ impl Compiler {
             DNS_BYPASS_RULE,
             "dns guard: DNS sent around the guard".into(),
         );
+    }
+
+    /// `intercept = true`: plain DNS to any address is redirected to the guard
+    /// (nat, output hook, before filtering), except the guard's own queries and
+    /// what already goes to this host. The redirected packet reaches the filter
+    /// chain addressed to loopback but still routed out of the original
+    /// interface, so it is accepted there by destination.
+    fn dns_intercept(&mut self, policy: &Policy, plain: &[Element]) {
+        let Some(dns) = &policy.dns else { return };
+        let listen = dns.listen;
+        let families: Vec<Family> = match listen.ip() {
+            std::net::IpAddr::V4(_) => vec![Family::V4],
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => vec![Family::V4, Family::V6],
+            std::net::IpAddr::V6(_) => vec![Family::V6],
+        };
+        let plain = self.add_set(
+            "dns_plain".into(),
+            vec![Field::L4Proto, Field::Port],
+            true,
+            plain.to_vec(),
+        );
+        let mut loopbacks = Vec::new();
+        for &family in &families {
+            let (name, field, range) = match family {
+                Family::V4 => (
+                    "loopback_v4",
+                    Field::Ipv4,
+                    (0x7f00_0000u128, 0x7fff_ffffu128),
+                ),
+                Family::V6 => ("loopback_v6", Field::Ipv6, (1u128, 1u128)),
+            };
+            let set = self.add_set(
+                name.into(),
+                vec![field],
+                true,
+                vec![Element {
+                    key: vec![range.0],
+                    end: (range.0 != range.1).then(|| vec![range.1]),
+                }],
+            );
+            loopbacks.push((family, set));
+        }
+        for (family, set) in &loopbacks {
+            let to_loopback = vec![Match::NfProto(*family), Match::Daddr(*family, set.clone())];
+            self.rules.push(rule(
+                to_loopback.clone(),
+                Verdict::Accept,
+                "dns guard: intercepted queries",
+            ));
+            self.nat_rules.push(Rule {
+                counter: None,
+                ..rule(to_loopback, Verdict::Accept, "dns guard: already local")
+            });
+        }
+        self.nat_rules.push(Rule {
+            counter: None,
+            ..rule(
+                vec![Match::Mark(policy.mark)],
+                Verdict::Accept,
+                "dns guard: its own queries",
+            )
+        });
+        for family in families {
+            self.nat_rules.push(rule(
+                vec![Match::NfProto(family), Match::ProtoDport(plain.clone())],
+                Verdict::Redirect(listen.port()),
+                "dns guard: intercept",
+            ));
+        }
     }
 
     /// Logs what `matches` under `rule_name`, then blocks it (enforce) or lets it pass (audit).
@@ -597,6 +687,7 @@ mod tests {
                 refuse: crate::policy::Refusal::Refused,
                 ttl_floor: std::time::Duration::from_secs(60),
                 grace: std::time::Duration::from_secs(300),
+                intercept: false,
             }),
             ..policy(rules)
         }
@@ -657,6 +748,38 @@ mod tests {
         );
         // No [dns]: none of it.
         assert!(!text(&policy(vec![])).contains("dns"));
+    }
+
+    #[test]
+    fn intercept_redirects_plain_dns_except_the_guards_own_and_local() {
+        let mut p = with_dns(vec![]);
+        if let Some(d) = p.dns.as_mut() {
+            d.intercept = true;
+        }
+        let t = text(&p);
+        let nat = t.find("chain dns_intercept {").expect(&t);
+        let body = &t[nat..];
+        assert!(
+            body.contains("type nat hook output priority dstnat; policy accept;"),
+            "{t}"
+        );
+        let local = body.find("ip daddr @loopback_v4 accept").expect(&t);
+        let own = body.find("meta mark 0x65677274 accept").expect(&t);
+        let redirect = body
+            .find("meta nfproto ipv4 meta l4proto . th dport @dns_plain counter redirect to :53")
+            .expect(&t);
+        assert!(local < own && own < redirect, "{t}");
+        assert!(
+            !body.contains("ipv6"),
+            "the guard listens on IPv4 only: {t}"
+        );
+        // In the filter chain, redirected queries are accepted before DNS is blocked.
+        let accepted = t
+            .find("ip daddr @loopback_v4 counter accept comment \"dns guard: intercepted queries\"")
+            .expect(&t);
+        let bypass = t.find("th dport @dns_ports counter log").expect(&t);
+        assert!(accepted < bypass, "{t}");
+        assert!(t.contains("elements = { 127.0.0.0/8 }"), "{t}");
     }
 
     fn text(p: &Policy) -> String {

@@ -30,6 +30,8 @@ pub const PREFIX_BLOCKED: &str = "egret:blocked";
 pub const PREFIX_WOULD_BLOCK: &str = "egret:would-block";
 /// The rule name in the log prefix of DNS sent around the guard.
 pub const DNS_BYPASS_RULE: &str = "dns-bypass";
+/// The nat chain that redirects plain DNS to the guard (`intercept = true`).
+pub const DNS_INTERCEPT_CHAIN: &str = "dns_intercept";
 /// The rule name on events about queries the DNS guard refused.
 pub const DNS_GUARD_RULE: &str = "dns-guard";
 
@@ -196,6 +198,9 @@ pub enum Hook {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseChain {
     pub hook: Hook,
+    /// A `nat` chain (the DNS guard's intercept) rather than a `filter` one.
+    #[serde(default)]
+    pub nat: bool,
     pub priority: i32,
     /// Chain policy: true = accept, false = drop.
     pub accept: bool,
@@ -240,6 +245,8 @@ pub enum Verdict {
     RejectTcpReset,
     /// `reject with icmpx admin-prohibited`.
     RejectAdminProhibited,
+    /// `redirect to :PORT` (nat chains): to the local host, this port.
+    Redirect(u16),
 }
 
 /// Who may send, by id.

@@ -35,15 +35,16 @@ pub fn render(rs: &Ruleset) -> String {
                 Hook::Output => "output",
                 Hook::Forward => "forward",
             };
-            let priority = if base.priority == 0 {
-                "filter".to_string()
-            } else {
-                base.priority.to_string()
+            let priority = match (base.nat, base.priority) {
+                (false, 0) => "filter".to_string(),
+                (true, -100) => "dstnat".to_string(),
+                (_, p) => p.to_string(),
             };
+            let kind = if base.nat { "nat" } else { "filter" };
             let policy = if base.accept { "accept" } else { "drop" };
             let _ = writeln!(
                 out,
-                "\t\ttype filter hook {hook} priority {priority}; policy {policy};"
+                "\t\ttype {kind} hook {hook} priority {priority}; policy {policy};"
             );
         }
         for rule in &chain.rules {
@@ -238,15 +239,13 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
         ));
     }
     if let Some(v) = rule.verdict {
-        parts.push(
-            match v {
-                Verdict::Accept => "accept",
-                Verdict::Drop => "drop",
-                Verdict::RejectTcpReset => "reject with tcp reset",
-                Verdict::RejectAdminProhibited => "reject with icmpx admin-prohibited",
-            }
-            .into(),
-        );
+        parts.push(match v {
+            Verdict::Accept => "accept".into(),
+            Verdict::Drop => "drop".into(),
+            Verdict::RejectTcpReset => "reject with tcp reset".into(),
+            Verdict::RejectAdminProhibited => "reject with icmpx admin-prohibited".into(),
+            Verdict::Redirect(port) => format!("redirect to :{port}"),
+        });
     }
     if let Some(c) = &rule.comment {
         parts.push(format!("comment {}", quote(c)));
