@@ -82,6 +82,10 @@ fn lab() -> Lab {
                 &format!("--host-record=edge.cdn.test,{EDGE4}"),
                 "--cname=alias.allowed.test,edge.cdn.test",
                 &format!("--host-record=xn--bcher-kva.test,{IDN4}"),
+                "--host-record=many.allowed.test,10.1.0.21",
+                "--host-record=many.allowed.test,10.1.0.22",
+                "--host-record=many.allowed.test,10.1.0.23",
+                &format!("--host-record=twin.test,{ALLOWED4}"),
             ],
         )
         .stdout(Stdio::null())
@@ -388,4 +392,59 @@ fn intercept_answers_dns_sent_to_any_resolver_from_the_guard() {
         at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
     });
     drop(run);
+}
+
+#[test]
+fn one_name_many_addresses_and_one_address_many_names_and_rules() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(&format!(
+        "{POLICY}\n[[allow]]\nname = \"api\"\nhosts = [\"twin.test\"]\nports = [9443]\n"
+    ));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    let many = resolve(a, "many.allowed.test", "A");
+    let web = set_text(a, "h_web_v4");
+    for ip in ["10.1.0.21", "10.1.0.22", "10.1.0.23"] {
+        assert!(many.contains(ip), "{many}");
+        assert!(web.contains(ip), "every address of the answer: {web}");
+    }
+    // twin.test shares allowed.test's address but belongs to another rule:
+    // the address goes into that rule's set only, for that rule's port only.
+    assert_eq!(resolve(a, "twin.test", "A").trim(), ALLOWED4);
+    assert!(set_text(a, "h_api_v4").contains(ALLOWED4));
+    assert!(
+        !set_text(a, "h_web_v4").contains(ALLOWED4),
+        "allowed.test was not asked for"
+    );
+    assert!(
+        !a.tcp_ok(None, ALLOWED4, PORT),
+        "rule web's port is not open for api's name"
+    );
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    assert!(set_text(a, "h_web_v4").contains(ALLOWED4));
+    assert!(a.tcp_ok(None, ALLOWED4, PORT));
+    drop(run);
+}
+
+#[test]
+fn ordinary_users_cannot_borrow_the_guards_mark() {
+    // The exemption for the guard's upstream queries is a firewall mark;
+    // setting one needs CAP_NET_ADMIN, so an unprivileged process cannot.
+    let ns = Netns::new();
+    let out = ns
+        .cmd(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x65677274)",
+            ],
+        )
+        .output()
+        .expect("python3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
 }
