@@ -8,5 +8,6 @@ pub mod dns;
 pub mod kernel;
 pub mod monitor;
 pub mod policy;
+pub mod proxy;
 pub mod report;
 pub mod ruleset;

@@ -139,4 +139,16 @@ pub fn print_monitor(m: &Value) {
             n("/dns_guard/set_failures"),
         );
     }
+    if m.pointer("/proxy").is_some_and(|g| !g.is_null()) {
+        println!(
+            "  proxy: {} connections ({} open), {} requests, {} tunnels, {} denied; upstream failures {}, over limits {}",
+            n("/proxy/connections"),
+            n("/proxy/open"),
+            n("/proxy/requests"),
+            n("/proxy/tunnels"),
+            n("/proxy/denied"),
+            n("/proxy/upstream_failures"),
+            n("/proxy/over_limit"),
+        );
+    }
 }

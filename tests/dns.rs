@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,82 +17,37 @@ const EDGE4: &str = "10.1.0.12";
 const IDN4: &str = "10.1.0.13";
 const PORT: u16 = 8080;
 
-/// dnsmasq serving the test names with a 2 s TTL; killed on drop.
-struct Upstream(Child);
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Lab {
     pair: Pair,
-    _upstream: Upstream,
+    _upstream: Spawned,
     _servers: Vec<Server>,
 }
 
 fn lab() -> Lab {
     let pair = Pair::new();
-    let dev = String::from_utf8_lossy(
-        &run_ok(&mut pair.b.cmd("ip", &["-o", "link", "show", "type", "veth"])).stdout,
-    )
-    .split(':')
-    .nth(1)
-    .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
-    .expect("b's veth");
-    for a in [ALLOWED4, OTHER4, EDGE4, IDN4] {
-        run_ok(
-            &mut pair
-                .b
-                .cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &dev]),
-        );
-    }
-    run_ok(&mut pair.b.cmd(
-        "ip",
+    add_addresses(
+        &pair.b,
         &[
-            "addr",
-            "add",
+            &format!("{ALLOWED4}/24"),
+            &format!("{OTHER4}/24"),
+            &format!("{EDGE4}/24"),
+            &format!("{IDN4}/24"),
             &format!("{ALLOWED6}/64"),
-            "dev",
-            &dev,
-            "nodad",
         ],
-    ));
-    let upstream = pair
-        .b
-        .cmd(
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--bind-interfaces",
-                &format!("--listen-address={B4}"),
-                &format!("--listen-address={B6}"),
-                "--port=53",
-                "--local-ttl=2",
-                "--user=root",
-                "--pid-file=",
-                &format!("--host-record=allowed.test,{ALLOWED4},{ALLOWED6}"),
-                &format!("--host-record=other.test,{OTHER4}"),
-                &format!("--host-record=edge.cdn.test,{EDGE4}"),
-                "--cname=alias.allowed.test,edge.cdn.test",
-                &format!("--host-record=xn--bcher-kva.test,{IDN4}"),
-                "--host-record=many.allowed.test,10.1.0.21",
-                "--host-record=many.allowed.test,10.1.0.22",
-                "--host-record=many.allowed.test,10.1.0.23",
-                &format!("--host-record=twin.test,{ALLOWED4}"),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (apt-get install dnsmasq-base)");
-    let upstream = Upstream(upstream);
+    );
+    let records = [
+        "--local-ttl=2".to_string(),
+        format!("--host-record=allowed.test,{ALLOWED4},{ALLOWED6}"),
+        format!("--host-record=other.test,{OTHER4}"),
+        format!("--host-record=edge.cdn.test,{EDGE4}"),
+        "--cname=alias.allowed.test,edge.cdn.test".to_string(),
+        format!("--host-record=xn--bcher-kva.test,{IDN4}"),
+        "--host-record=many.allowed.test,10.1.0.21".to_string(),
+        "--host-record=many.allowed.test,10.1.0.22".to_string(),
+        "--host-record=many.allowed.test,10.1.0.23".to_string(),
+        format!("--host-record=twin.test,{ALLOWED4}"),
+    ];
+    let upstream = dnsmasq(&pair.b, &[B4, B6], &records);
     // Wait until dnsmasq answers (no firewall in b).
     let deadline = Instant::now() + Duration::from_secs(10);
     while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != ALLOWED4 {

@@ -5,13 +5,12 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
@@ -19,12 +18,11 @@ use tracing::{debug, warn};
 use super::cache::{Cache, CacheKey};
 use super::message::{self, Incoming, Query};
 use super::sets::{HostSets, RecentNames};
+use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
 use crate::monitor::incident::{DnsQuestion, ResolvedName};
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
 
-const UDP_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-const TCP_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
 const CACHE_ENTRIES: usize = 20_000;
 const IPPROTO_TCP: u8 = 6;
@@ -155,7 +153,7 @@ impl Guard {
         tcp.set_nonblocking(true)?;
         // Fail now, not on the first query, if marks cannot be set.
         let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        set_mark(probe.as_raw_fd(), config.mark).context(
+        upstream::set_mark(probe.as_raw_fd(), config.mark).context(
             "DNS guard: setting the firewall mark on upstream sockets needs CAP_NET_ADMIN",
         )?;
         let sets = HostSets::open().context("DNS guard: opening nf_tables netlink")?;
@@ -395,7 +393,9 @@ async fn answer(
         let s = Arc::clone(shared);
         tokio::task::spawn_blocking(move || s.attribute(client, server, transport))
     };
-    let Some(response) = exchange(&cfg, &q, transport == Transport::Tcp).await else {
+    let Some(response) =
+        upstream::exchange(&cfg.dns.upstream, cfg.mark, &q, transport == Transport::Tcp).await
+    else {
         shared
             .stats
             .upstream_failures
@@ -467,129 +467,4 @@ fn reachable(listen: SocketAddr, client: SocketAddr) -> SocketAddr {
         IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
     };
     SocketAddr::new(ip, listen.port())
-}
-
-/// Asks the upstream resolvers in order; UDP first (TCP when the client used
-/// TCP or the answer was truncated). Only a response that matches our random
-/// id and the question is accepted.
-async fn exchange(cfg: &GuardConfig, q: &Query, tcp: bool) -> Option<Message> {
-    let id = random_id();
-    let mut out = q.message.clone();
-    out.set_id(id);
-    let bytes = out.to_vec().ok()?;
-    let ex = Exchange {
-        bytes: &bytes,
-        id,
-        query: q,
-        mark: cfg.mark,
-    };
-    for &upstream in &cfg.dns.upstream {
-        if !tcp {
-            match tokio::time::timeout(UDP_UPSTREAM_TIMEOUT, ex.udp(upstream)).await {
-                Ok(Ok(m)) if !m.truncated() => return Some(m),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    debug!(%upstream, "DNS guard: upstream over UDP: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    debug!(%upstream, "DNS guard: upstream over UDP timed out");
-                    continue;
-                }
-            }
-        }
-        match tokio::time::timeout(TCP_UPSTREAM_TIMEOUT, ex.tcp(upstream)).await {
-            Ok(Ok(m)) => return Some(m),
-            Ok(Err(e)) => debug!(%upstream, "DNS guard: upstream over TCP: {e}"),
-            Err(_) => debug!(%upstream, "DNS guard: upstream over TCP timed out"),
-        }
-    }
-    None
-}
-
-fn expected(bytes: &[u8], id: u16, q: &Query) -> Option<Message> {
-    let m = Message::from_vec(bytes).ok()?;
-    (m.id() == id && message::answers(q, &m)).then_some(m)
-}
-
-/// One upstream exchange: our copy of the query, its id, and the mark.
-struct Exchange<'a> {
-    bytes: &'a [u8],
-    id: u16,
-    query: &'a Query,
-    mark: u32,
-}
-
-impl Exchange<'_> {
-    async fn udp(&self, upstream: SocketAddr) -> io::Result<Message> {
-        let bind: SocketAddr = match upstream {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let std_sock = std::net::UdpSocket::bind(bind)?;
-        set_mark(std_sock.as_raw_fd(), self.mark)?;
-        std_sock.set_nonblocking(true)?;
-        let sock = UdpSocket::from_std(std_sock)?;
-        sock.connect(upstream).await?;
-        sock.send(self.bytes).await?;
-        let mut buf = vec![0u8; 65_535];
-        loop {
-            let n = sock.recv(&mut buf).await?;
-            // Anything else (a stray or spoofed datagram) is ignored.
-            if let Some(m) = expected(&buf[..n], self.id, self.query) {
-                return Ok(m);
-            }
-        }
-    }
-
-    async fn tcp(&self, upstream: SocketAddr) -> io::Result<Message> {
-        let sock = match upstream {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        set_mark(sock.as_raw_fd(), self.mark)?;
-        let mut stream = sock.connect(upstream).await?;
-        let len = u16::try_from(self.bytes.len()).map_err(io::Error::other)?;
-        stream.write_all(&len.to_be_bytes()).await?;
-        stream.write_all(self.bytes).await?;
-        let n = stream.read_u16().await? as usize;
-        let mut buf = vec![0u8; n];
-        stream.read_exact(&mut buf).await?;
-        expected(&buf, self.id, self.query)
-            .ok_or_else(|| io::Error::other("the answer does not match the query"))
-    }
-}
-
-fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
-    // SAFETY: fd is a live socket owned by the caller; the option value is a u32.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            &mark as *const u32 as *const libc::c_void,
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// A query id an off-path attacker cannot guess (with the random source port).
-fn random_id() -> u16 {
-    let mut b = [0u8; 2];
-    // SAFETY: writes at most 2 bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 2, 0) };
-    if n != 2 {
-        // getrandom(2) does not fail for 2 bytes once the pool is up; fall back anyway.
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        return (t ^ (t >> 16)) as u16;
-    }
-    u16::from_ne_bytes(b)
 }

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod guard;
 pub mod message;
 pub mod sets;
+pub mod upstream;
 
 pub use guard::{Guard, GuardConfig, GuardStats, RefusedQuery};
 pub use sets::RecentNames;

@@ -21,10 +21,11 @@ use crate::kernel::nft::Nftables;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::Attributor;
 use crate::monitor::event;
-use crate::monitor::incident::{Aggregator, Incident, Observation};
+use crate::monitor::incident::{Aggregator, Incident, Observation, ProxyRequest};
 use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats, Verdict};
 use crate::monitor::store::{Retention, Store};
 use crate::policy::Policy;
+use crate::proxy::{Proxy, ProxyDenial, ProxyState};
 use crate::ruleset::{Ruleset, UnitCgroups, DNS_GUARD_RULE};
 
 pub const PID_FILE: &str = "egret.pid";
@@ -40,6 +41,7 @@ const CHANNEL_DEPTH: usize = 16_384;
 pub enum Input {
     Packet(LoggedPacket),
     Query(Box<RefusedQuery>),
+    Proxy(Box<ProxyDenial>),
 }
 
 pub struct RunOptions {
@@ -126,6 +128,7 @@ struct Daemon {
     host: String,
     pending: Vec<(Incident, Value)>,
     guard: Option<Guard>,
+    proxy: Option<Proxy>,
     recent: Arc<Mutex<RecentNames>>,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
@@ -195,6 +198,20 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         }
         None => None,
     };
+    let proxy = match ProxyState::from_policy(&policy) {
+        Some(state) => {
+            let tx = tx.clone();
+            let proxy = Proxy::start(
+                state,
+                Box::new(move |d| {
+                    let _ = tx.try_send(Input::Proxy(Box::new(d)));
+                }),
+            )?;
+            info!(listen = %proxy.listen(), "proxy listening");
+            Some(proxy)
+        }
+        None => None,
+    };
 
     let units = apply::resolve_units(&policy);
     let rs = apply::compile_with_units(&policy, units.clone())?;
@@ -250,6 +267,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         host,
         pending: Vec::new(),
         guard,
+        proxy,
         recent,
         reported_lost: 0,
         last_loss_event: None,
@@ -342,7 +360,39 @@ impl Daemon {
         match input {
             Input::Packet(p) => self.packet(p),
             Input::Query(q) => self.refused_query(*q),
+            Input::Proxy(d) => self.proxy_denial(*d),
         }
+    }
+
+    fn proxy_denial(&mut self, d: ProxyDenial) {
+        let verdict = Verdict {
+            blocked: d.blocked,
+            rule: Some(d.rule.clone().unwrap_or_else(|| event::DEFAULT_RULE.into())),
+        };
+        let ip = d.ip.or(match d.target.host {
+            crate::proxy::decision::Host::Ip(ip) => Some(ip),
+            crate::proxy::decision::Host::Name(_) => None,
+        });
+        let request = ProxyRequest {
+            host: match &d.target.host {
+                crate::proxy::decision::Host::Name(n) => n.clone(),
+                crate::proxy::decision::Host::Ip(ip) => ip.to_string(),
+            },
+            port: d.target.port,
+            method: d.method,
+            client: d.client,
+            reason: d.reason,
+            ip,
+        };
+        self.record(Observation {
+            verdict: &verdict,
+            flow: None,
+            question: None,
+            proxy: Some(&request),
+            attribution: &d.attribution,
+            resolved: None,
+            at: d.at,
+        });
     }
 
     fn packet(&mut self, p: LoggedPacket) {
@@ -358,6 +408,7 @@ impl Daemon {
             verdict: &p.verdict,
             flow,
             question: None,
+            proxy: None,
             attribution: &who,
             resolved: resolved.as_ref(),
             at: p.received,
@@ -373,6 +424,7 @@ impl Daemon {
             verdict: &verdict,
             flow: None,
             question: Some(&q.question),
+            proxy: None,
             attribution: &q.attribution,
             resolved: None,
             at: q.at,
@@ -471,6 +523,7 @@ impl Daemon {
             "open_incidents": self.agg.open_count(),
             "attribution": {"cache_hits": a.cache_hits, "deep_lookups": a.deep_lookups, "rate_limited": a.rate_limited},
             "dns_guard": self.guard.as_ref().map(|g| g.stats.snapshot()),
+            "proxy": self.proxy.as_ref().map(|p| p.stats.snapshot()),
         });
         let r = self
             .store
@@ -537,12 +590,20 @@ impl Daemon {
             error!("reload: the [dns] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
             return;
         }
+        let proxy_listen = |p: &Policy| p.proxy.as_ref().map(|x| x.listen);
+        if proxy_listen(&policy) != proxy_listen(&self.policy) {
+            error!("reload: the [proxy] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
+            return;
+        }
         let units = apply::resolve_units(&policy);
         let guard_config = GuardConfig::from_policy(&policy);
         let applied = apply::compile_with_units(&policy, units.clone())
             .and_then(|rs| self.swap_ruleset(&rs, guard_config));
         match applied {
             Ok(()) => {
+                if let (Some(p), Some(state)) = (&self.proxy, ProxyState::from_policy(&policy)) {
+                    p.reload(state);
+                }
                 info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
                 self.policy = policy;
                 self.units = units;
@@ -596,6 +657,9 @@ impl Daemon {
     fn finish(&mut self) {
         if let Some(g) = self.guard.take() {
             g.stop();
+        }
+        if let Some(p) = self.proxy.take() {
+            p.stop();
         }
         self.tick(true);
         // Settle the books: let the kernel flush, read once more.

@@ -35,11 +35,21 @@ pub const DEFAULT_RULE: &str = "default";
 /// ECS `event.action`: `blocked` / `would-block` for packets,
 /// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
 pub fn action(inc: &Incident) -> &'static str {
-    match (inc.question.is_some(), inc.key.verdict.blocked) {
-        (false, true) => "blocked",
-        (false, false) => "would-block",
-        (true, true) => "dns-refused",
-        (true, false) => "dns-would-refuse",
+    let blocked = inc.key.verdict.blocked;
+    if inc.question.is_some() {
+        return if blocked {
+            "dns-refused"
+        } else {
+            "dns-would-refuse"
+        };
+    }
+    if inc.proxy.is_some() && blocked {
+        return "proxy-denied";
+    }
+    if blocked {
+        "blocked"
+    } else {
+        "would-block"
     }
 }
 
@@ -56,6 +66,12 @@ fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
 pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let blocked = inc.key.verdict.blocked;
     let q = inc.question.as_ref();
+    let px = inc.proxy.as_ref();
+    let dataset = match (q, px) {
+        (Some(_), _) => "egret.dns",
+        (_, Some(_)) => "egret.proxy",
+        _ => "egret.egress",
+    };
     let a = &inc.attribution;
     let p = a.process.as_ref();
     let flow = inc.flow.as_ref();
@@ -74,32 +90,34 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         "event": {
             "kind": if blocked { "alert" } else { "event" },
             "category": ["network"],
-            "type": [if q.is_some() { "protocol" } else { "connection" }, if blocked { "denied" } else { "allowed" }],
+            "type": [if flow.is_some() { "connection" } else { "protocol" }, if blocked { "denied" } else { "allowed" }],
             "action": action(inc),
             "outcome": if blocked { "failure" } else { "success" },
             "id": inc.id.to_string(),
             "start": timestamp(inc.first_seen),
             "end": timestamp(inc.last_seen),
             "module": "egret",
-            "dataset": if q.is_some() { "egret.dns" } else { "egret.egress" },
+            "dataset": dataset,
         },
         "host": { "hostname": host },
         "network": {
             "direction": "egress",
-            "transport": flow.map(|f| f.transport()).or(q.map(|q| q.transport.to_string())),
+            "transport": flow.map(|f| f.transport()).or(q.map(|q| q.transport.to_string())).or(px.map(|_| "tcp".to_string())),
             "type": flow.map(|f| f.network_type()),
             "iana_number": flow.map(|f| f.protocol.to_string()),
-            "protocol": q.map(|_| "dns"),
+            "protocol": q.map(|_| "dns").or(px.map(|_| "http")),
         },
         "source": {
-            "ip": flow.map(|f| f.src).or(q.map(|q| q.client.ip())).map(|ip| ip.to_string()),
-            "port": flow.and_then(|f| f.src_port()).or(q.map(|q| q.client.port())),
+            "ip": flow.map(|f| f.src).or(q.map(|q| q.client.ip())).or(px.map(|p| p.client.ip())).map(|ip| ip.to_string()),
+            "port": flow.and_then(|f| f.src_port()).or(q.map(|q| q.client.port())).or(px.map(|p| p.client.port())),
         },
         "destination": {
-            "ip": flow.map(|f| f.dst.to_string()),
-            "port": flow.and_then(|f| f.dst_port()),
-            "domain": inc.resolved.as_ref().map(|r| r.name.clone()),
+            "ip": flow.map(|f| f.dst).or(px.and_then(|p| p.ip)).map(|ip| ip.to_string()),
+            "port": flow.and_then(|f| f.dst_port()).or(px.map(|p| p.port)),
+            "domain": inc.resolved.as_ref().map(|r| r.name.clone())
+                .or(px.filter(|p| p.host.parse::<std::net::IpAddr>().is_err()).map(|p| p.host.clone())),
         },
+        "http": px.map(|p| json!({"request": {"method": p.method}})),
         "dns": q.map(|q| json!({
             "question": { "name": q.name, "type": q.qtype },
             "response_code": if blocked { "REFUSED" } else { "NOERROR" },
@@ -128,6 +146,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "unit": a.unit,
             "cgroup": a.cgroup,
             "icmp": { "type": icmp_type, "code": icmp_code },
+            "reason": px.map(|p| p.reason.clone()),
             "dns": inc.resolved.as_ref().map(|r| json!({
                 "resolved": r.name,
                 "asked_by": r.asked_by.as_ref().map(asker),
@@ -138,6 +157,21 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
 
 /// One line a human reads in a terminal or a SIEM's message column.
 pub fn summary(inc: &Incident) -> String {
+    if let Some(p) = &inc.proxy {
+        let what = if inc.key.verdict.blocked {
+            "proxy denied"
+        } else {
+            "proxy would deny"
+        };
+        return format!(
+            "{what} {} {}:{} for {}: {}",
+            p.method,
+            p.host,
+            p.port,
+            who(inc),
+            p.reason
+        );
+    }
     if let Some(q) = &inc.question {
         let what = if inc.key.verdict.blocked {
             "refused"
@@ -179,6 +213,9 @@ pub fn who(inc: &Incident) -> String {
 
 /// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
 pub fn destination(inc: &Incident) -> Option<String> {
+    if let Some(p) = &inc.proxy {
+        return Some(format!("{}:{} (proxy)", p.host, p.port));
+    }
     if let Some(q) = &inc.question {
         return Some(format!("{} {} (dns)", q.name, q.qtype));
     }

@@ -19,6 +19,23 @@ pub struct IncidentKey {
     pub protocol: Option<u8>,
     /// For queries the DNS guard refused: (name, type).
     pub question: Option<(String, String)>,
+    /// For requests the proxy refused: the host asked for.
+    pub proxy_host: Option<String>,
+}
+
+/// A request the egress proxy refused (or, in audit mode, would have).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRequest {
+    /// The host as asked: a name (wire form) or an address.
+    pub host: String,
+    pub port: u16,
+    /// `CONNECT`, `GET`, ...
+    pub method: String,
+    pub client: SocketAddr,
+    /// Why it was refused.
+    pub reason: String,
+    /// The address the host resolved to, when that was the problem, or the literal.
+    pub ip: Option<IpAddr>,
 }
 
 /// A DNS query the guard refused (or, in audit mode, would have refused).
@@ -47,6 +64,7 @@ pub struct Observation<'a> {
     pub verdict: &'a Verdict,
     pub flow: Option<&'a Flow>,
     pub question: Option<&'a DnsQuestion>,
+    pub proxy: Option<&'a ProxyRequest>,
     pub attribution: &'a Attribution,
     pub resolved: Option<&'a ResolvedName>,
     pub at: SystemTime,
@@ -63,6 +81,7 @@ pub struct Incident {
     /// source port and timing).
     pub flow: Option<Flow>,
     pub question: Option<DnsQuestion>,
+    pub proxy: Option<ProxyRequest>,
     /// The host name behind the destination address, if the guard resolved it.
     pub resolved: Option<ResolvedName>,
     pub attribution: Attribution,
@@ -114,6 +133,7 @@ impl Aggregator {
             verdict,
             flow,
             question: None,
+            proxy: None,
             attribution,
             resolved: None,
             at,
@@ -126,6 +146,7 @@ impl Aggregator {
             verdict,
             flow,
             question,
+            proxy,
             attribution,
             resolved,
             at,
@@ -133,10 +154,11 @@ impl Aggregator {
         let key = IncidentKey {
             verdict: verdict.clone(),
             identity: attribution.identity(),
-            destination: flow.map(|f| f.dst),
-            port: flow.and_then(|f| f.dst_port()),
+            destination: flow.map(|f| f.dst).or(proxy.and_then(|p| p.ip)),
+            port: flow.and_then(|f| f.dst_port()).or(proxy.map(|p| p.port)),
             protocol: flow.map(|f| f.protocol),
             question: question.map(|q| (q.name.clone(), q.qtype.clone())),
+            proxy_host: proxy.map(|p| p.host.clone()),
         };
         if let Some(inc) = self.open.get_mut(&key) {
             if at.duration_since(inc.last_seen).unwrap_or_default() < self.idle_close {
@@ -158,6 +180,7 @@ impl Aggregator {
             count: 1,
             flow: flow.copied(),
             question: question.cloned(),
+            proxy: proxy.cloned(),
             resolved: resolved.cloned(),
             attribution: attribution.clone(),
             emitted_count: 1,

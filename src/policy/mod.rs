@@ -39,6 +39,8 @@ pub struct Policy {
     pub mark: u32,
     /// The DNS guard, when the policy has a `[dns]` section.
     pub dns: Option<DnsConfig>,
+    /// The egress proxy, when the policy has a `[proxy]` section.
+    pub proxy: Option<ProxyConfig>,
     pub rules: Vec<AllowRule>,
 }
 
@@ -71,6 +73,43 @@ impl DnsConfig {
     }
 }
 
+/// `[proxy]`: the HTTP(S) forward proxy that decides by host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// CONNECT to port 443: the TLS ClientHello's SNI must equal the CONNECT host.
+    pub require_sni: bool,
+    /// Refuse loopback, private, link-local, CGNAT, multicast (and their
+    /// IPv6-embedded forms) unless a rule's `cidrs` cover the address.
+    pub ssrf_guard: bool,
+    pub connect_timeout: Duration,
+    /// A tunnel or connection with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open tunnels and connections, in all.
+    pub max_connections: usize,
+    /// Open tunnels and connections per client address.
+    pub max_per_client: usize,
+}
+
+impl ProxyConfig {
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:3128";
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+    pub const DEFAULT_MAX_PER_CLIENT: usize = 10_000;
+}
+
+/// How a rule's `hosts` may be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Directly (addresses from the DNS guard in the kernel sets) and through the proxy.
+    #[default]
+    Any,
+    /// Only through the proxy: no addresses in the kernel sets.
+    Proxy,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Refusal {
@@ -90,13 +129,16 @@ impl Policy {
             log_group: DEFAULT_LOG_GROUP,
             mark: DEFAULT_MARK,
             dns: None,
+            proxy: None,
             rules: Vec::new(),
         }
     }
 
-    /// Rules that name hosts: the guard answers for these.
+    /// Rules whose hosts the DNS guard answers for (and puts in kernel sets).
     pub fn host_rules(&self) -> impl Iterator<Item = &AllowRule> {
-        self.rules.iter().filter(|r| !r.hosts.is_empty())
+        self.rules
+            .iter()
+            .filter(|r| !r.hosts.is_empty() && r.via == Via::Any)
     }
 }
 
@@ -189,6 +231,8 @@ pub struct AllowRule {
     /// Destination host names: the DNS guard puts what they resolve to in the
     /// rule's sets.
     pub hosts: Vec<HostPattern>,
+    /// `via = "proxy"`: the hosts are reachable only through the proxy.
+    pub via: Via,
     /// Protocols; empty means any protocol.
     pub protocols: Vec<L4>,
     /// Destination ports; empty means all ports.

@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::diagnostic::Diagnostic;
 use super::{
     AllowRule, BlockAction, DnsConfig, HostPattern, Mode, Origin, Policy, PolicyErrors, PortRange,
-    Refusal, DEFAULT_LOG_GROUP, DEFAULT_MARK, L4, RESERVED_RULE_NAMES,
+    ProxyConfig, Refusal, Via, DEFAULT_LOG_GROUP, DEFAULT_MARK, L4, RESERVED_RULE_NAMES,
 };
 
 /// Resolves user and group names to ids. The system implementation asks NSS;
@@ -48,6 +48,7 @@ struct RawMain {
     log_group: Option<Spanned<i64>>,
     mark: Option<Spanned<i64>>,
     dns: Option<Spanned<RawDns>>,
+    proxy: Option<Spanned<RawProxy>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -64,6 +65,18 @@ struct RawDns {
     ttl_floor: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
     intercept: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<Spanned<String>>,
+    require_sni: Option<bool>,
+    ssrf_guard: Option<bool>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    max_per_client: Option<Spanned<i64>>,
 }
 
 /// A drop-in file (from `include`) holds rules only.
@@ -83,6 +96,7 @@ struct RawRule {
     cidrs: Vec<Spanned<String>>,
     #[serde(default)]
     hosts: Vec<Spanned<String>>,
+    via: Option<Spanned<Via>>,
     protocol: Option<Spanned<toml::Value>>,
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
@@ -170,6 +184,10 @@ pub fn parse_str(
         .dns
         .as_ref()
         .map(|d| dns_config(path, source, d, &mut errors));
+    let proxy = raw
+        .proxy
+        .as_ref()
+        .map(|p| proxy_config(path, source, p, &mut errors));
 
     let mut checker = RuleChecker {
         accounts,
@@ -187,15 +205,23 @@ pub fn parse_str(
         }
     }
 
-    if dns.is_none() {
-        for (file, src, span) in std::mem::take(&mut checker.hosts_without_dns) {
-            checker.err(
+    for (file, src, span, via) in std::mem::take(&mut checker.hosts_without_dns) {
+        match via {
+            Via::Proxy if proxy.is_none() => checker.err(
                 &file,
                 &src,
                 span,
-                "host names need the DNS guard",
-                "add a [dns] section with the upstream resolvers (see docs/dns.md)",
-            );
+                "via = \"proxy\" needs the proxy",
+                "add a [proxy] section (see docs/proxy.md)",
+            ),
+            Via::Any if dns.is_none() && proxy.is_none() => checker.err(
+                &file,
+                &src,
+                span,
+                "host names need the DNS guard or the proxy",
+                "add a [dns] section with the upstream resolvers (docs/dns.md) or a [proxy] section (docs/proxy.md)",
+            ),
+            _ => {}
         }
     }
 
@@ -206,6 +232,7 @@ pub fn parse_str(
             log_group,
             mark,
             dns,
+            proxy,
             rules: checker.rules,
         })
     } else {
@@ -231,8 +258,8 @@ struct RuleChecker<'a> {
     names: HashMap<String, (PathBuf, usize)>,
     rules: Vec<AllowRule>,
     errors: Vec<Diagnostic>,
-    /// Where `hosts` appeared, reported if the policy turns out to have no `[dns]`.
-    hosts_without_dns: Vec<(PathBuf, String, Range<usize>)>,
+    /// Where `hosts` (or `via`) appeared, checked against `[dns]` and `[proxy]` at the end.
+    hosts_without_dns: Vec<(PathBuf, String, Range<usize>, Via)>,
 }
 
 impl RuleChecker<'_> {
@@ -365,9 +392,24 @@ impl RuleChecker<'_> {
         }
         hosts.sort();
         hosts.dedup();
-        if let Some(h) = raw.hosts.first() {
+        let via = raw.via.as_ref().map(|v| *v.get_ref()).unwrap_or_default();
+        if let Some(v) = raw.via.as_ref().filter(|_| raw.hosts.is_empty()) {
+            self.err(
+                path,
+                source,
+                v.span(),
+                "via applies to hosts, and this rule has none",
+                "remove via, or add hosts = [...]",
+            );
+        }
+        let span = match (&raw.via, raw.hosts.first()) {
+            (Some(v), Some(_)) if via == Via::Proxy => Some(v.span()),
+            (_, Some(h)) => Some(h.span()),
+            _ => None,
+        };
+        if let Some(span) = span {
             self.hosts_without_dns
-                .push((path.to_path_buf(), source.to_string(), h.span()));
+                .push((path.to_path_buf(), source.to_string(), span, via));
         }
 
         let protocols = match &raw.protocol {
@@ -440,6 +482,7 @@ impl RuleChecker<'_> {
                 comment: raw.comment,
                 cidrs,
                 hosts,
+                via,
                 protocols,
                 ports,
                 users,
@@ -635,6 +678,76 @@ fn dns_config(
         ttl_floor,
         grace,
         intercept,
+    }
+}
+
+fn proxy_config(
+    path: &Path,
+    source: &str,
+    raw: &Spanned<RawProxy>,
+    errors: &mut Vec<Diagnostic>,
+) -> ProxyConfig {
+    let mut err = |span: Range<usize>, msg: String, hint: &str| {
+        errors.push(Diagnostic::at(path, source, Some(span), msg).with_hint(hint));
+    };
+    let p = raw.get_ref();
+    let default_listen = SocketAddr::from(([127, 0, 0, 1], 3128));
+    let listen = match &p.listen {
+        None => default_listen,
+        Some(l) => match l.get_ref().trim().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                err(
+                    l.span(),
+                    format!("invalid listen address {:?}", l.get_ref()),
+                    "write an address and port such as \"127.0.0.1:3128\"",
+                );
+                default_listen
+            }
+        },
+    };
+    let mut duration = |v: &Option<Spanned<String>>, default| match v {
+        None => default,
+        Some(t) => match humantime::parse_duration(t.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                err(
+                    t.span(),
+                    format!("invalid duration {:?}", t.get_ref()),
+                    "write a duration such as \"10s\" or \"5m\"",
+                );
+                default
+            }
+        },
+    };
+    let connect_timeout = duration(&p.connect_timeout, ProxyConfig::DEFAULT_CONNECT_TIMEOUT);
+    let idle_timeout = duration(&p.idle_timeout, ProxyConfig::DEFAULT_IDLE_TIMEOUT);
+    let mut count = |v: &Option<Spanned<i64>>, default| match v {
+        None => default,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                errors.push(
+                    Diagnostic::at(
+                        path,
+                        source,
+                        Some(n.span()),
+                        format!("{} is not a positive number", n.get_ref()),
+                    )
+                    .with_hint("limits are counts of connections, 1 or more"),
+                );
+                default
+            }
+        },
+    };
+    ProxyConfig {
+        listen,
+        require_sni: p.require_sni.unwrap_or(false),
+        ssrf_guard: p.ssrf_guard.unwrap_or(true),
+        connect_timeout,
+        idle_timeout,
+        max_connections: count(&p.max_connections, ProxyConfig::DEFAULT_MAX_CONNECTIONS),
+        max_per_client: count(&p.max_per_client, ProxyConfig::DEFAULT_MAX_PER_CLIENT),
     }
 }
 
@@ -914,6 +1027,41 @@ units = ["borg.service"]
         assert!(d.message.contains("reserved"));
         let d = first_error("mark = 0\n");
         assert!(d.message.contains("mark 0 is out of range"));
+    }
+
+    #[test]
+    fn proxy_section_and_via() {
+        let p = parse("[proxy]\nlisten = \"127.0.0.1:8888\"\nrequire_sni = true\nidle_timeout = \"30s\"\nmax_per_client = 5\n[[allow]]\nname = \"web\"\nhosts = [\"example.com\"]\nvia = \"proxy\"\n").unwrap();
+        let px = p.proxy.clone().unwrap();
+        assert_eq!(px.listen, "127.0.0.1:8888".parse().unwrap());
+        assert!(px.require_sni && px.ssrf_guard);
+        assert_eq!(px.idle_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(
+            (px.max_per_client, px.max_connections),
+            (5, ProxyConfig::DEFAULT_MAX_CONNECTIONS)
+        );
+        assert_eq!(p.rules[0].via, Via::Proxy);
+        assert_eq!(
+            p.host_rules().count(),
+            0,
+            "the DNS guard does not answer for proxy-only rules"
+        );
+
+        let d = first_error("[[allow]]\nname = \"a\"\nhosts = [\"x.example\"]\nvia = \"proxy\"\n");
+        assert!(d.message.contains("needs the proxy"), "{}", d.message);
+        assert_eq!((d.line, d.column), (4, 7));
+        let d = first_error("[proxy]\n[[allow]]\nname = \"a\"\nports = [1]\nvia = \"proxy\"\n");
+        assert!(d.message.contains("this rule has none"), "{}", d.message);
+        let d = first_error("[proxy]\nmax_connections = 0\n");
+        assert!(d.message.contains("not a positive number"), "{}", d.message);
+        let d = first_error("[proxy]\nlisten = \"nowhere\"\n");
+        assert!(
+            d.message.contains("invalid listen address"),
+            "{}",
+            d.message
+        );
+        // Hosts with only a proxy are fine without via: they are reachable through it.
+        assert!(parse("[proxy]\n[[allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n").is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::policy::{AllowRule, BlockAction, Mode, Policy, L4};
+use crate::policy::{AllowRule, BlockAction, Mode, Policy, Via, L4};
 
 use super::*;
 
@@ -48,8 +48,9 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
     };
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
+    c.proxy(policy);
     for rule in &policy.rules {
-        c.allow_rule(rule, input);
+        c.allow_rule(rule, input, policy.dns.is_some());
     }
     for rule in &policy.rules {
         if let Some(mode) = rule.mode.filter(|m| *m != policy.mode) {
@@ -495,7 +496,21 @@ impl Compiler {
         }
     }
 
-    fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput) {
+    /// With a proxy: its upstream connections (marked) may go out; the proxy
+    /// itself decides by host name. After the DNS rules, so DNS ports stay closed.
+    fn proxy(&mut self, policy: &Policy) {
+        if policy.proxy.is_none() {
+            return;
+        }
+        self.rules.push(rule(
+            vec![Match::Mark(policy.mark), Match::L4Proto(IPPROTO_TCP)],
+            Verdict::Accept,
+            "proxy: its upstream connections",
+        ));
+    }
+
+    /// `guard`: a DNS guard fills host sets (for rules reachable directly).
+    fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput, guard: bool) {
         let service = self.service(r);
         let subjects = self.subject_variants(r, input);
         let mut destinations: Vec<Vec<Match>> = Vec::new();
@@ -531,7 +546,7 @@ impl Compiler {
             );
             destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
         }
-        if !r.hosts.is_empty() {
+        if !r.hosts.is_empty() && guard && r.via == Via::Any {
             for (family, field) in [(Family::V4, Field::Ipv4), (Family::V6, Field::Ipv6)] {
                 let set = self.add_timeout_set(host_set_name(&r.name, family), field);
                 destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
@@ -652,6 +667,7 @@ mod tests {
             comment: None,
             cidrs: vec![],
             hosts: vec![],
+            via: Via::Any,
             protocols: vec![L4::Tcp],
             ports: vec![],
             users: vec![],
@@ -672,6 +688,7 @@ mod tests {
             log_group: 5,
             mark: crate::policy::DEFAULT_MARK,
             dns: None,
+            proxy: None,
             rules,
         }
     }
@@ -748,6 +765,37 @@ mod tests {
         );
         // No [dns]: none of it.
         assert!(!text(&policy(vec![])).contains("dns"));
+    }
+
+    #[test]
+    fn proxy_rules_open_its_marked_connections_and_proxy_only_hosts_get_no_sets() {
+        let mut web = allow("web");
+        web.hosts = vec![crate::policy::HostPattern::parse("example.com").unwrap()];
+        web.via = Via::Proxy;
+        let mut p = with_dns(vec![web]);
+        p.proxy = Some(crate::policy::ProxyConfig {
+            listen: "127.0.0.1:3128".parse().unwrap(),
+            require_sni: false,
+            ssrf_guard: true,
+            connect_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(300),
+            max_connections: 10,
+            max_per_client: 10,
+        });
+        let rs = compile(&p, &CompileInput::default());
+        assert!(rs.set("h_web_v4").is_none());
+        let t = render(&rs);
+        let proxy = t
+            .find("meta mark 0x65677274 meta l4proto tcp counter accept comment \"proxy: its upstream connections\"")
+            .expect(&t);
+        assert!(
+            t.find("@dns_ports counter log").unwrap() < proxy,
+            "DNS ports stay closed to the proxy: {t}"
+        );
+        assert!(
+            !t.contains("comment \"web\""),
+            "no kernel rule for a proxy-only rule: {t}"
+        );
     }
 
     #[test]

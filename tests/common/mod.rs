@@ -518,3 +518,65 @@ impl Drop for Attempt {
         let _ = self.child.wait();
     }
 }
+
+/// A background process of a test (a real server); killed on drop.
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The name of the veth interface in `ns`.
+pub fn veth_name(ns: &Netns) -> String {
+    String::from_utf8_lossy(
+        &run_ok(&mut ns.cmd("ip", &["-o", "link", "show", "type", "veth"])).stdout,
+    )
+    .split(':')
+    .nth(1)
+    .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+    .expect("a veth interface")
+}
+
+/// Adds addresses (`10.1.0.10/24`, `2001:db8:1::10/64`) to `ns`'s veth.
+pub fn add_addresses(ns: &Netns, cidrs: &[&str]) {
+    let dev = veth_name(ns);
+    for c in cidrs {
+        let mut args = vec!["addr", "add", c, "dev", &dev];
+        if c.contains(':') {
+            args.push("nodad");
+        }
+        run_ok(&mut ns.cmd("ip", &args));
+    }
+}
+
+/// dnsmasq in `ns` as an authoritative test upstream on port 53 of `listen`,
+/// with `extra` options (`--host-record=...`, `--local-ttl=...`).
+pub fn dnsmasq(ns: &Netns, listen: &[&str], extra: &[String]) -> Spawned {
+    let mut args: Vec<String> = [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--bind-interfaces",
+        "--port=53",
+        "--user=root",
+        "--pid-file=",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(listen.iter().map(|l| format!("--listen-address={l}")));
+    args.extend(extra.iter().cloned());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    Spawned(
+        ns.cmd("dnsmasq", &a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (apt-get install dnsmasq-base)"),
+    )
+}

@@ -13,6 +13,17 @@
                               pid, then stay alive until stdin closes
   flood-udp HOST PORT N       send N datagrams as fast as possible; print how many
                               sends the firewall refused (EPERM)
+  https-server HOST PORT CERT KEY
+                              HTTPS server answering every GET with "hello"
+  proxy-hold PROXY PORT HOST:PORT
+                              CONNECT through the proxy at PROXY:PORT to an echo
+                              server, print "connected", wait for a line on stdin,
+                              then do an echo round trip through the tunnel
+  proxy-raw PROXY PORT TEXT   send TEXT (with \r\n escapes) to the proxy, print the
+                              first line of the answer
+  proxy-tls PROXY PORT HOST:PORT SNI
+                              CONNECT, then a TLS handshake naming SNI and GET /;
+                              print the HTTP status line, or "closed"
 """
 import errno
 import os
@@ -87,18 +98,22 @@ def udp_send(host, port):
         return 1
 
 
-def hold(host, port):
-    s = socket.create_connection((host, port), timeout=TIMEOUT)
+def held_round_trip(s, label):
+    """Says "connected", waits for a line on stdin, then tries an echo round trip."""
     print("connected", flush=True)
     sys.stdin.readline()
     s.settimeout(3 * TIMEOUT)
     try:
         ok = round_trip(s)
     except OSError as e:
-        print(f"hold: {e}", file=sys.stderr)
+        print(f"{label}: {e}", file=sys.stderr)
         ok = False
     print("ok" if ok else "stalled", flush=True)
     return 0 if ok else 1
+
+
+def hold(host, port):
+    return held_round_trip(socket.create_connection((host, port), timeout=TIMEOUT), "hold")
 
 
 def try_tcp(host, port):
@@ -141,11 +156,91 @@ def flood_udp(host, port, n):
     return 0
 
 
+def https_server(host, port, cert, key):
+    import http.server
+    import ssl
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"hello"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, port), Hello)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+def proxy_connect(proxy, port, target):
+    s = socket.create_connection((proxy, port), timeout=3 * TIMEOUT)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return s, head.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def proxy_hold(proxy, port, target):
+    s, status = proxy_connect(proxy, port, target)
+    if " 200" not in status:
+        print(status, flush=True)
+        return 1
+    return held_round_trip(s, "proxy-hold")
+
+
+def proxy_raw(proxy, port, text):
+    s = socket.create_connection((proxy, port), timeout=3 * TIMEOUT)
+    s.sendall(text.encode().decode("unicode_escape").encode("latin-1"))
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    print(data.split(b"\r\n", 1)[0].decode(errors="replace") or "closed", flush=True)
+    return 0
+
+
+def proxy_tls(proxy, port, target, sni):
+    import ssl
+
+    s, status = proxy_connect(proxy, port, target)
+    if " 200" not in status:
+        print(status, flush=True)
+        return 1
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        t = ctx.wrap_socket(s, server_hostname=sni)
+        t.sendall(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        print(t.recv(4096).split(b"\r\n", 1)[0].decode(), flush=True)
+        return 0
+    except (OSError, ssl.SSLError):
+        print("closed", flush=True)
+        return 1
+
+
 def main():
     mode, host, port, rest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     run = {"tcp-server": tcp_server, "udp-server": udp_server, "tcp-connect": tcp_connect,
            "udp-send": udp_send, "hold": hold, "try-tcp": try_tcp, "try-udp": try_udp,
-           "flood-udp": flood_udp}[mode]
+           "flood-udp": flood_udp, "https-server": https_server, "proxy-hold": proxy_hold,
+           "proxy-raw": proxy_raw, "proxy-tls": proxy_tls}[mode]
     sys.exit(run(host, port, *rest) or 0)
 
 

@@ -1,0 +1,890 @@
+//! The proxy's server: hyper's HTTP/1.1 on one tokio thread. CONNECT opens a
+//! tunnel (after the decision and the upstream connect), absolute-form
+//! `http://` requests are forwarded over a kept-alive upstream connection per
+//! client connection. Upstream sockets carry egret's firewall mark.
+//!
+//! Tunnels hold no buffers while idle: each direction waits for readability
+//! and borrows a buffer only for the read and write that follow, so 10,000
+//! idle tunnels cost little more than their sockets.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::decision::{Host, ProxyRules, Target};
+use super::sni::{self, Sni};
+use crate::dns::upstream;
+use crate::monitor::attribution::{Attribution, Attributor};
+use crate::policy::{Policy, ProxyConfig};
+
+const IPPROTO_TCP: u8 = 6;
+/// How long a name the proxy resolved through the system resolver is reused.
+const SYSTEM_NAME_TTL: Duration = Duration::from_secs(30);
+const NAME_CACHE_MAX: usize = 10_000;
+const PUMP_BUFFER: usize = 64 * 1024;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What the proxy needs from the policy. Swapped whole on reload; open
+/// tunnels keep running under the decision they were opened with.
+#[derive(Debug, Clone)]
+pub struct ProxyState {
+    pub config: ProxyConfig,
+    pub rules: ProxyRules,
+    pub mark: u32,
+    /// The DNS guard's upstream resolvers, when `[dns]` is set.
+    pub resolvers: Option<Vec<SocketAddr>>,
+}
+
+impl ProxyState {
+    pub fn from_policy(p: &Policy) -> Option<ProxyState> {
+        Some(ProxyState {
+            config: p.proxy.clone()?,
+            rules: ProxyRules::from_policy(p),
+            mark: p.mark,
+            resolvers: p.dns.as_ref().map(|d| d.upstream.clone()),
+        })
+    }
+}
+
+/// A request the proxy refused (or, in audit mode, would have).
+#[derive(Debug, Clone)]
+pub struct ProxyDenial {
+    pub target: Target,
+    pub method: String,
+    pub client: SocketAddr,
+    pub attribution: Attribution,
+    /// The rule that named the host but did not allow this request, if any.
+    pub rule: Option<String>,
+    pub reason: String,
+    /// The address the host resolved to, when that was the problem.
+    pub ip: Option<IpAddr>,
+    pub blocked: bool,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub tunnels: AtomicU64,
+    pub denied: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub over_limit: AtomicU64,
+    pub open: AtomicUsize,
+    allowed: Mutex<HashMap<String, u64>>,
+}
+
+impl ProxyStats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let allowed = self.allowed.lock().map(|m| m.clone()).unwrap_or_default();
+        serde_json::json!({
+            "connections": g(&self.connections),
+            "open": self.open.load(Ordering::Relaxed),
+            "requests": g(&self.requests),
+            "tunnels": g(&self.tunnels),
+            "denied": g(&self.denied),
+            "upstream_failures": g(&self.upstream_failures),
+            "over_limit": g(&self.over_limit),
+            "allowed_by_rule": allowed,
+        })
+    }
+
+    fn allowed(&self, rule: &str) {
+        if let Ok(mut m) = self.allowed.lock() {
+            *m.entry(rule.to_string()).or_default() += 1;
+        }
+    }
+}
+
+type OnDenied = Box<dyn Fn(ProxyDenial) + Send + Sync>;
+
+struct Shared {
+    state: RwLock<Arc<ProxyState>>,
+    attributor: Mutex<Attributor>,
+    names: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+    clients: Mutex<HashMap<IpAddr, usize>>,
+    on_denied: OnDenied,
+    stats: Arc<ProxyStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub stats: Arc<ProxyStats>,
+}
+
+impl Proxy {
+    /// Binds (errors surface here, before anything else changes) and serves.
+    pub fn start(state: ProxyState, on_denied: OnDenied) -> Result<Proxy> {
+        let listen = state.config.listen;
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("proxy: binding {listen}"))?;
+        listener.set_nonblocking(true)?;
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        upstream::set_mark(probe.as_raw_fd(), state.mark)
+            .context("proxy: setting the firewall mark on upstream sockets needs CAP_NET_ADMIN")?;
+        let stats = Arc::new(ProxyStats::default());
+        let shared = Arc::new(Shared {
+            state: RwLock::new(Arc::new(state)),
+            attributor: Mutex::new(Attributor::new()),
+            names: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            on_denied,
+            stats: Arc::clone(&stats),
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(8)
+            .build()
+            .context("proxy: starting its runtime")?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let inner = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("proxy".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return warn!("proxy: {e}"),
+                    };
+                    tokio::select! {
+                        r = accept_loop(inner, listener) => if let Err(e) = r { warn!("proxy stopped: {e}") },
+                        _ = stop_rx => {}
+                    }
+                });
+                runtime.shutdown_background();
+            })
+            .context("proxy: starting its thread")?;
+        Ok(Proxy {
+            shared,
+            listen,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// New requests are decided by `state`; open tunnels keep running.
+    pub fn reload(&self, state: ProxyState) {
+        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        lock(&self.shared.names).clear();
+    }
+
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn state(&self) -> Arc<ProxyState> {
+        Arc::clone(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Counts a client in; `None` when a limit is reached.
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Admission> {
+        let cfg = self.state().config.clone();
+        let open = self.stats.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut clients = lock(&self.clients);
+        let mine = clients.entry(client).or_default();
+        *mine += 1;
+        let admission = Admission {
+            shared: Arc::clone(self),
+            client,
+        };
+        if open > cfg.max_connections || *mine > cfg.max_per_client {
+            drop(clients);
+            drop(admission);
+            self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(admission)
+    }
+
+    async fn attribute(self: &Arc<Self>, client: SocketAddr, local: SocketAddr) -> Attribution {
+        let s = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            lock(&s.attributor).attribute_socket(IPPROTO_TCP, client, local)
+        })
+        .await
+        .unwrap_or_else(|_| Attribution::unknown())
+    }
+
+    async fn resolve(&self, st: &ProxyState, name: &str, port: u16) -> io::Result<Vec<IpAddr>> {
+        if let Some((ips, until)) = lock(&self.names).get(name) {
+            if *until > Instant::now() {
+                return Ok(ips.clone());
+            }
+        }
+        let (ips, ttl) = match &st.resolvers {
+            Some(resolvers) => {
+                let found = upstream::lookup(resolvers, st.mark, name).await?;
+                let ttl = found.iter().map(|a| a.1).min().unwrap_or(0);
+                (
+                    found.into_iter().map(|a| a.0).collect::<Vec<_>>(),
+                    Duration::from_secs(ttl.into()),
+                )
+            }
+            None => {
+                let found = tokio::net::lookup_host((name, port)).await?;
+                (found.map(|a| a.ip()).collect(), SYSTEM_NAME_TTL)
+            }
+        };
+        if ips.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{name} has no address"),
+            ));
+        }
+        let mut names = lock(&self.names);
+        if names.len() >= NAME_CACHE_MAX {
+            names.clear();
+        }
+        names.insert(name.to_string(), (ips.clone(), Instant::now() + ttl));
+        Ok(ips)
+    }
+}
+
+/// A client's place in the limits; given back on drop.
+struct Admission {
+    shared: Arc<Shared>,
+    client: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.stats.open.fetch_sub(1, Ordering::Relaxed);
+        let mut clients = lock(&self.shared.clients);
+        if let Some(n) = clients.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.client);
+            }
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            // Out of descriptors and the like: wait a little, keep serving.
+            Err(e) => {
+                warn!("proxy: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let admission = shared.admit(peer.ip());
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(e) = serve_client(shared, stream, peer, admission).await {
+                debug!(%peer, "proxy: client connection: {e}");
+            }
+        });
+    }
+}
+
+/// Per client connection: the upstream connection kept alive for plain HTTP.
+#[derive(Default)]
+struct Conn {
+    upstream: tokio::sync::Mutex<Option<(Target, SendRequest<Incoming>)>>,
+}
+
+async fn serve_client(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admission: Option<Admission>,
+) -> Result<()> {
+    let local = stream.local_addr()?;
+    let idle = shared.state().config.idle_timeout;
+    let admission = admission.map(Arc::new);
+    let conn = Arc::new(Conn::default());
+    let svc = service_fn(move |req| {
+        let (shared, conn, admission) = (Arc::clone(&shared), Arc::clone(&conn), admission.clone());
+        async move {
+            let Some(admission) = admission else {
+                return Ok::<_, Infallible>(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "egret: too many connections\n",
+                    true,
+                ));
+            };
+            Ok(handle(&shared, &conn, admission, req, peer, local).await)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades()
+        .await?;
+    Ok(())
+}
+
+/// 502, counted: the upstream could not be reached or broke off.
+fn bad_gateway(shared: &Shared, msg: &str) -> Response<Body> {
+    shared
+        .stats
+        .upstream_failures
+        .fetch_add(1, Ordering::Relaxed);
+    text(StatusCode::BAD_GATEWAY, msg, false)
+}
+
+fn text(status: StatusCode, msg: &str, close: bool) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg.to_string()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    admission: Arc<Admission>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Response<Body> {
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let st = shared.state();
+    let connect = req.method() == Method::CONNECT;
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let target = match (&authority, connect, req.uri().scheme_str()) {
+        (Some(a), true, _) => Target::parse(a, None),
+        (Some(a), false, Some("http")) => Target::parse(a, Some(80)),
+        _ => Err("send CONNECT host:port, or an absolute http:// URL".to_string()),
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("egret: bad request: {e}\n"),
+                true,
+            )
+        }
+    };
+    let method = req.method().to_string();
+    let ask = Ask {
+        shared,
+        st: &st,
+        target: &target,
+        method: &method,
+        peer,
+        local,
+    };
+    let decision = decide(&ask).await;
+    let (addrs, rule) = match decision {
+        Decided::Allow { addrs, rule } => (addrs, rule),
+        Decided::Deny { status, message } => return text(status, &message, false),
+    };
+    if let Some(rule) = &rule {
+        shared.stats.allowed(rule);
+    }
+    debug!(%peer, %target, rule = rule.as_deref().unwrap_or("-"), %method, "proxy: allowed");
+    let upstream = match connect_upstream(&addrs, st.mark, st.config.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            return bad_gateway(shared, &format!("egret: cannot connect to {target}: {e}\n"));
+        }
+    };
+    if connect {
+        shared.stats.tunnels.fetch_add(1, Ordering::Relaxed);
+        let sni = (st.config.require_sni && target.port == 443).then(|| target.clone());
+        let (shared, st) = (Arc::clone(shared), Arc::clone(&st));
+        tokio::spawn(async move {
+            let _admission = admission;
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    if let Err(e) = tunnel(&shared, &st, upgraded, upstream, sni, peer, local).await
+                    {
+                        debug!(%peer, "proxy: tunnel: {e}");
+                    }
+                }
+                Err(e) => debug!(%peer, "proxy: upgrade: {e}"),
+            }
+        });
+        return Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+    }
+    forward(shared, conn, req, target, upstream).await
+}
+
+/// One request being decided: who asked for what, under which policy.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    shared: &'a Arc<Shared>,
+    st: &'a ProxyState,
+    target: &'a Target,
+    method: &'a str,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+enum Decided {
+    Allow {
+        addrs: Vec<SocketAddr>,
+        rule: Option<String>,
+    },
+    Deny {
+        status: StatusCode,
+        message: String,
+    },
+}
+
+/// The policy decision, with its report. In audit mode a denial is reported
+/// (`would-block`) and the request goes on.
+async fn decide(ask: &Ask<'_>) -> Decided {
+    let Ask {
+        shared,
+        st,
+        target,
+        peer,
+        local,
+        ..
+    } = *ask;
+    let candidates = st.rules.candidates(target);
+    let mut who: Option<Attribution> = None;
+    let mut problem: Option<(Option<String>, String, Option<IpAddr>)> = None;
+    let mut rule = None;
+    if candidates.is_empty() {
+        problem = Some((None, format!("no rule allows {target}"), None));
+    } else if let Some(r) = candidates.iter().find(|r| !r.has_subject()) {
+        rule = Some(r.name.clone());
+    } else {
+        let w = shared.attribute(peer, local).await;
+        match candidates.iter().find(|r| r.subject_ok(&w)) {
+            Some(r) => rule = Some(r.name.clone()),
+            None => {
+                problem = Some((
+                    Some(candidates[0].name.clone()),
+                    format!(
+                        "{} is not a user, group or unit rule {} allows",
+                        describe(&w),
+                        candidates[0].name
+                    ),
+                    None,
+                ))
+            }
+        }
+        who = Some(w);
+    }
+    let ips = match &target.host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(n) => match shared.resolve(st, n, target.port).await {
+            Ok(ips) => ips,
+            Err(e) => {
+                shared
+                    .stats
+                    .upstream_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = problem {
+                    report(ask, who, p).await;
+                    if !st.rules.audit {
+                        return denied(st, target);
+                    }
+                }
+                return Decided::Deny {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: format!("egret: cannot resolve {}: {e}\n", target.host),
+                };
+            }
+        },
+    };
+    let mut addrs = Vec::new();
+    let mut refused = None;
+    if problem.is_none() {
+        let needs_who = st.rules.cidr_rules_need_subject() && who.is_none();
+        if needs_who
+            && ips
+                .iter()
+                .any(|ip| crate::proxy::special_purpose(*ip).is_some())
+        {
+            who = Some(shared.attribute(peer, local).await);
+        }
+        for &ip in &ips {
+            match st.rules.address_ok(ip, target.port, who.as_ref()) {
+                Ok(()) => addrs.push(SocketAddr::new(ip, target.port)),
+                Err(why) => {
+                    refused.get_or_insert((ip, why));
+                }
+            }
+        }
+        if addrs.is_empty() {
+            if let Some((ip, why)) = refused {
+                problem = Some((
+                    rule.clone(),
+                    format!("{} resolves to {ip}: {why}", target.host),
+                    Some(ip),
+                ));
+            }
+        }
+    }
+    match problem {
+        None => Decided::Allow { addrs, rule },
+        Some(p) => {
+            report(ask, who, p).await;
+            if st.rules.audit {
+                let addrs = ips
+                    .iter()
+                    .map(|&ip| SocketAddr::new(ip, target.port))
+                    .collect();
+                Decided::Allow { addrs, rule: None }
+            } else {
+                denied(st, target)
+            }
+        }
+    }
+}
+
+fn denied(_st: &ProxyState, target: &Target) -> Decided {
+    Decided::Deny {
+        status: StatusCode::FORBIDDEN,
+        message: format!("egret: {target} is not allowed by this host's egress policy\n"),
+    }
+}
+
+async fn report(
+    ask: &Ask<'_>,
+    who: Option<Attribution>,
+    (rule, reason, ip): (Option<String>, String, Option<IpAddr>),
+) {
+    let Ask {
+        shared,
+        st,
+        target,
+        method,
+        peer,
+        local,
+    } = *ask;
+    let attribution = match who {
+        Some(w) => w,
+        None => shared.attribute(peer, local).await,
+    };
+    shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+    debug!(%peer, %target, %reason, "proxy: denied");
+    (shared.on_denied)(ProxyDenial {
+        target: target.clone(),
+        method: method.to_string(),
+        client: peer,
+        attribution,
+        rule,
+        reason,
+        ip,
+        blocked: !st.rules.audit,
+        at: SystemTime::now(),
+    });
+}
+
+fn describe(w: &Attribution) -> String {
+    let exe = w
+        .process
+        .as_ref()
+        .and_then(|p| p.executable.clone().or(p.name.clone()));
+    let user = w.user_name.clone().or(w.uid.map(|u| format!("uid {u}")));
+    match (exe, user) {
+        (Some(e), Some(u)) => format!("{e} (user {u})"),
+        (None, Some(u)) => format!("user {u}"),
+        (Some(e), None) => e,
+        (None, None) => "an unidentified client".into(),
+    }
+}
+
+/// Connects to the first address that answers, from a marked socket.
+async fn connect_upstream(
+    addrs: &[SocketAddr],
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for &addr in addrs {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        upstream::set_mark(sock.as_raw_fd(), mark)?;
+        match tokio::time::timeout(timeout, sock.connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = io::Error::new(io::ErrorKind::TimedOut, format!("{addr} did not answer"))
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Headers for one hop only (RFC 9110 7.6.1), plus the proxy's own.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in listed {
+        h.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: Request<Incoming>,
+    target: Target,
+    upstream: TcpStream,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let origin = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = match origin.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "egret: bad request target\n", true),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&target.to_string()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let req = Request::from_parts(parts, body);
+    let mut slot = conn.upstream.lock().await;
+    // Reuse the connection to the same target; `upstream` (just opened) is
+    // dropped then. Opening first keeps the decision and connect in one place.
+    let mut sender = match slot.take() {
+        Some((t, s)) if t == target && !s.is_closed() => {
+            drop(upstream);
+            s
+        }
+        _ => match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+            Ok((s, c)) => {
+                tokio::spawn(async move {
+                    let _ = c.await;
+                });
+                s
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("egret: upstream: {e}\n"),
+                    false,
+                )
+            }
+        },
+    };
+    if sender.ready().await.is_err() {
+        return bad_gateway(shared, "egret: upstream closed the connection\n");
+    }
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            *slot = Some((target, sender));
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => bad_gateway(shared, &format!("egret: upstream: {e}\n")),
+    }
+}
+
+/// Moves bytes both ways until both sides are done or nothing moved for the idle time.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    shared: &Arc<Shared>,
+    st: &ProxyState,
+    upgraded: hyper::upgrade::Upgraded,
+    upstream: TcpStream,
+    sni: Option<Target>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> io::Result<()> {
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| io::Error::other("unexpected upgraded connection type"))?;
+    let client = parts.io.into_inner();
+    let mut first = parts.read_buf.to_vec();
+    if let Some(target) = sni {
+        if let Err(reason) =
+            check_sni(&client, &mut first, &target, st.config.connect_timeout).await
+        {
+            let ask = Ask {
+                shared,
+                st,
+                target: &target,
+                method: "CONNECT",
+                peer,
+                local,
+            };
+            report(&ask, None, (None, reason, None)).await;
+            if !st.rules.audit {
+                return Ok(());
+            }
+        }
+    }
+    let (cr, mut cw) = client.into_split();
+    let (ur, mut uw) = upstream.into_split();
+    if !first.is_empty() {
+        uw.write_all(&first).await?;
+    }
+    drop(first);
+    let start = Instant::now();
+    let activity = AtomicU64::new(0);
+    let idle = st.config.idle_timeout;
+    let both = async {
+        tokio::try_join!(
+            pump(&cr, &mut uw, &activity, start),
+            pump(&ur, &mut cw, &activity, start)
+        )
+    };
+    tokio::select! {
+        r = both => r.map(|_| ()),
+        _ = watchdog(&activity, start, idle) => Ok(()),
+    }
+}
+
+/// Reads the ClientHello (into `buf`, to be forwarded) and compares its SNI.
+async fn check_sni(
+    client: &TcpStream,
+    buf: &mut Vec<u8>,
+    target: &Target,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Host::Name(want) = &target.host else {
+        return Err(format!(
+            "require_sni: CONNECT to the address {} names no host to compare",
+            target.host
+        ));
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match sni::server_name(buf) {
+            Sni::Name(n) if &n == want => return Ok(()),
+            Sni::Name(n) => {
+                return Err(format!(
+                    "TLS server name {n} does not match the CONNECT host {want}"
+                ))
+            }
+            Sni::Missing(why) => return Err(format!("require_sni: {why}")),
+            Sni::Incomplete if buf.len() >= sni::MAX_RECORD => {
+                return Err("require_sni: ClientHello too large".into())
+            }
+            Sni::Incomplete => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return Err("require_sni: no ClientHello in time".into()),
+        }
+        let mut chunk = vec![0u8; sni::MAX_RECORD - buf.len()];
+        match client.try_read(&mut chunk) {
+            Ok(0) => return Err("require_sni: the client closed before its ClientHello".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("require_sni: {e}")),
+        }
+    }
+}
+
+/// One direction: wait until readable, then borrow a buffer for one read and its write.
+async fn pump(
+    from: &OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    activity: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = vec![0u8; PUMP_BUFFER];
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                to.shutdown().await?;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n]).await?;
+        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn watchdog(activity: &AtomicU64, start: Instant, idle: Duration) {
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let since = start.elapsed().saturating_sub(last);
+        if since >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - since).await;
+    }
+}
