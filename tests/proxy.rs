@@ -252,6 +252,18 @@ fn allowed_hosts_pass_over_http_and_https_and_others_get_403_naming_the_client()
         .as_str()
         .unwrap_or("")
         .contains("no rule allows"));
+    // HTTP/1.0 clients keep their connection too (ab, old libraries).
+    let kept = peer_line(
+        a,
+        &[
+            "proxy-keepalive",
+            "127.0.0.1",
+            "3128",
+            "http://web.test/",
+            "5",
+        ],
+    );
+    assert_eq!(kept, "5");
     // A host allowed on other ports only.
     assert_eq!(
         curl(a, None, &["-x", PROXY, "http://web.test:8080/"]).0,

@@ -89,6 +89,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Open tunnels and connections per client address.
     pub max_per_client: usize,
+    /// Serving threads (each with its own listening socket). One is the most
+    /// efficient per request; more help only when cores are idle.
+    pub threads: usize,
 }
 
 impl ProxyConfig {

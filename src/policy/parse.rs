@@ -77,6 +77,7 @@ struct RawProxy {
     idle_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_per_client: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
 }
 
 /// A drop-in file (from `include`) holds rules only.
@@ -748,6 +749,7 @@ fn proxy_config(
         idle_timeout,
         max_connections: count(&p.max_connections, ProxyConfig::DEFAULT_MAX_CONNECTIONS),
         max_per_client: count(&p.max_per_client, ProxyConfig::DEFAULT_MAX_PER_CLIENT),
+        threads: count(&p.threads, 1),
     }
 }
 

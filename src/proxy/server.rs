@@ -18,18 +18,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::decision::{Host, ProxyRules, Target};
+use super::relay;
 use super::sni::{self, Sni};
 use crate::dns::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
@@ -39,7 +41,6 @@ const IPPROTO_TCP: u8 = 6;
 /// How long a name the proxy resolved through the system resolver is reused.
 const SYSTEM_NAME_TTL: Duration = Duration::from_secs(30);
 const NAME_CACHE_MAX: usize = 10_000;
-const PUMP_BUFFER: usize = 64 * 1024;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -111,7 +112,12 @@ impl ProxyStats {
 
     fn allowed(&self, rule: &str) {
         if let Ok(mut m) = self.allowed.lock() {
-            *m.entry(rule.to_string()).or_default() += 1;
+            match m.get_mut(rule) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(rule.to_string(), 1);
+                }
+            }
         }
     }
 }
@@ -134,18 +140,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Proxy {
     shared: Arc<Shared>,
     listen: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     pub stats: Arc<ProxyStats>,
 }
 
 impl Proxy {
     /// Binds (errors surface here, before anything else changes) and serves.
+    ///
+    /// `threads` current-thread runtimes (one by default), each with its own
+    /// listening socket on the same address (SO_REUSEPORT): the kernel spreads
+    /// new connections, and no work moves between threads.
     pub fn start(state: ProxyState, on_denied: OnDenied) -> Result<Proxy> {
         let listen = state.config.listen;
-        let listener = std::net::TcpListener::bind(listen)
-            .with_context(|| format!("proxy: binding {listen}"))?;
-        listener.set_nonblocking(true)?;
+        let workers = state.config.threads;
+        let mut sockets = Vec::new();
+        for _ in 0..workers {
+            let sock = match listen {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            sock.set_reuseaddr(true)?;
+            sock.set_reuseport(true)?;
+            sock.bind(listen)
+                .with_context(|| format!("proxy: binding {listen}"))?;
+            sockets.push(sock);
+        }
         let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
         upstream::set_mark(probe.as_raw_fd(), state.mark)
             .context("proxy: setting the firewall mark on upstream sockets needs CAP_NET_ADMIN")?;
@@ -158,34 +178,38 @@ impl Proxy {
             on_denied,
             stats: Arc::clone(&stats),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(8)
-            .build()
-            .context("proxy: starting its runtime")?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let inner = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("proxy".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => return warn!("proxy: {e}"),
-                    };
-                    tokio::select! {
-                        r = accept_loop(inner, listener) => if let Err(e) = r { warn!("proxy stopped: {e}") },
-                        _ = stop_rx => {}
-                    }
-                });
-                runtime.shutdown_background();
-            })
-            .context("proxy: starting its thread")?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut threads = Vec::new();
+        for (i, sock) in sockets.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(4)
+                .build()
+                .context("proxy: starting its runtime")?;
+            let (inner, mut stop_rx) = (Arc::clone(&shared), stop_rx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listener = match sock.listen(4096) {
+                            Ok(l) => l,
+                            Err(e) => return warn!("proxy: listen: {e}"),
+                        };
+                        tokio::select! {
+                            r = accept_loop(inner, listener) => if let Err(e) = r { warn!("proxy stopped: {e}") },
+                            _ = stop_rx.changed() => {}
+                        }
+                    });
+                    runtime.shutdown_background();
+                })
+                .context("proxy: starting its thread")?;
+            threads.push(thread);
+        }
         Ok(Proxy {
             shared,
             listen,
             stop: Some(stop_tx),
-            thread: Some(thread),
+            threads,
             stats,
         })
     }
@@ -202,9 +226,9 @@ impl Proxy {
 
     pub fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -351,7 +375,6 @@ async fn serve_client(
         }
     });
     hyper::server::conn::http1::Builder::new()
-        .preserve_header_case(true)
         .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(idle)
@@ -433,13 +456,16 @@ async fn handle(
         shared.stats.allowed(rule);
     }
     debug!(%peer, %target, rule = rule.as_deref().unwrap_or("-"), %method, "proxy: allowed");
+    if !connect {
+        return forward(shared, &st, conn, req, target, &addrs).await;
+    }
     let upstream = match connect_upstream(&addrs, st.mark, st.config.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             return bad_gateway(shared, &format!("egret: cannot connect to {target}: {e}\n"));
         }
     };
-    if connect {
+    {
         shared.stats.tunnels.fetch_add(1, Ordering::Relaxed);
         let sni = (st.config.require_sni && target.port == 443).then(|| target.clone());
         let (shared, st) = (Arc::clone(shared), Arc::clone(&st));
@@ -455,9 +481,8 @@ async fn handle(
                 Err(e) => debug!(%peer, "proxy: upgrade: {e}"),
             }
         });
-        return Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+        Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
     }
-    forward(shared, conn, req, target, upstream).await
 }
 
 /// One request being decided: who asked for what, under which policy.
@@ -696,12 +721,27 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 async fn forward(
     shared: &Arc<Shared>,
+    st: &ProxyState,
     conn: &Arc<Conn>,
     req: Request<Incoming>,
     target: Target,
-    upstream: TcpStream,
+    addrs: &[SocketAddr],
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    // The upstream hop is HTTP/1.1 whatever the client spoke, so the kept-alive
+    // connection survives an HTTP/1.0 client (ab, old libraries).
+    let client_version = parts.version;
+    parts.version = http::Version::HTTP_11;
+    // An HTTP/1.0 client keeps its connection only if the answer says so.
+    let keep_alive_1_0 = client_version == http::Version::HTTP_10
+        && [
+            header::CONNECTION,
+            HeaderName::from_static("proxy-connection"),
+        ]
+        .iter()
+        .flat_map(|h| parts.headers.get_all(h))
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("keep-alive"));
     let origin = parts
         .uri
         .path_and_query()
@@ -719,28 +759,30 @@ async fn forward(
     }
     let req = Request::from_parts(parts, body);
     let mut slot = conn.upstream.lock().await;
-    // Reuse the connection to the same target; `upstream` (just opened) is
-    // dropped then. Opening first keeps the decision and connect in one place.
+    // Keep-alive: reuse this client connection's upstream connection to the
+    // same target (the request was decided above like any other).
     let mut sender = match slot.take() {
-        Some((t, s)) if t == target && !s.is_closed() => {
-            drop(upstream);
-            s
+        Some((t, s)) if t == target && !s.is_closed() => s,
+        _ => {
+            let upstream = match connect_upstream(addrs, st.mark, st.config.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return bad_gateway(
+                        shared,
+                        &format!("egret: cannot connect to {target}: {e}\n"),
+                    );
+                }
+            };
+            match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+                Ok((s, c)) => {
+                    tokio::spawn(async move {
+                        let _ = c.await;
+                    });
+                    s
+                }
+                Err(e) => return bad_gateway(shared, &format!("egret: upstream: {e}\n")),
+            }
         }
-        _ => match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
-            Ok((s, c)) => {
-                tokio::spawn(async move {
-                    let _ = c.await;
-                });
-                s
-            }
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("egret: upstream: {e}\n"),
-                    false,
-                )
-            }
-        },
     };
     if sender.ready().await.is_err() {
         return bad_gateway(shared, "egret: upstream closed the connection\n");
@@ -750,6 +792,12 @@ async fn forward(
             *slot = Some((target, sender));
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            parts.version = client_version;
+            if keep_alive_1_0 {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            }
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => bad_gateway(shared, &format!("egret: upstream: {e}\n")),
@@ -771,7 +819,9 @@ async fn tunnel(
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| io::Error::other("unexpected upgraded connection type"))?;
     let client = parts.io.into_inner();
+    // hyper's read buffer (kilobytes) would otherwise live as long as the tunnel.
     let mut first = parts.read_buf.to_vec();
+    drop(parts.read_buf);
     if let Some(target) = sni {
         if let Err(reason) =
             check_sni(&client, &mut first, &target, st.config.connect_timeout).await
@@ -790,25 +840,12 @@ async fn tunnel(
             }
         }
     }
-    let (cr, mut cw) = client.into_split();
-    let (ur, mut uw) = upstream.into_split();
+    let mut upstream = upstream;
     if !first.is_empty() {
-        uw.write_all(&first).await?;
+        upstream.write_all(&first).await?;
     }
     drop(first);
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
-    let idle = st.config.idle_timeout;
-    let both = async {
-        tokio::try_join!(
-            pump(&cr, &mut uw, &activity, start),
-            pump(&ur, &mut cw, &activity, start)
-        )
-    };
-    tokio::select! {
-        r = both => r.map(|_| ()),
-        _ = watchdog(&activity, start, idle) => Ok(()),
-    }
+    relay::relay(&client, &upstream, st.config.idle_timeout).await
 }
 
 /// Reads the ClientHello (into `buf`, to be forwarded) and compares its SNI.
@@ -851,40 +888,5 @@ async fn check_sni(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(format!("require_sni: {e}")),
         }
-    }
-}
-
-/// One direction: wait until readable, then borrow a buffer for one read and its write.
-async fn pump(
-    from: &OwnedReadHalf,
-    to: &mut OwnedWriteHalf,
-    activity: &AtomicU64,
-    start: Instant,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let mut buf = vec![0u8; PUMP_BUFFER];
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                to.shutdown().await?;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n]).await?;
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-async fn watchdog(activity: &AtomicU64, start: Instant, idle: Duration) {
-    loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let since = start.elapsed().saturating_sub(last);
-        if since >= idle {
-            return;
-        }
-        tokio::time::sleep(idle - since).await;
     }
 }

@@ -781,6 +781,7 @@ mod tests {
             idle_timeout: std::time::Duration::from_secs(300),
             max_connections: 10,
             max_per_client: 10,
+            threads: 1,
         });
         let rs = compile(&p, &CompileInput::default());
         assert!(rs.set("h_web_v4").is_none());

@@ -21,6 +21,9 @@
                               then do an echo round trip through the tunnel
   proxy-raw PROXY PORT TEXT   send TEXT (with \r\n escapes) to the proxy, print the
                               first line of the answer
+  proxy-keepalive PROXY PORT URL N
+                              N HTTP/1.0 keep-alive GETs of URL on one connection to
+                              the proxy; print how many were answered before it closed
   proxy-tls PROXY PORT HOST:PORT SNI
                               CONNECT, then a TLS handshake naming SNI and GET /;
                               print the HTTP status line, or "closed"
@@ -215,6 +218,34 @@ def proxy_raw(proxy, port, text):
     return 0
 
 
+def proxy_keepalive(proxy, port, url, n):
+    s = socket.create_connection((proxy, port), timeout=3 * TIMEOUT)
+    f = s.makefile("rb")
+    answered = 0
+    for _ in range(int(n)):
+        try:
+            s.sendall(f"GET {url} HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n".encode())
+            status = f.readline()
+            if not status.startswith(b"HTTP/"):
+                break
+            length = None
+            while True:
+                line = f.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.decode().partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if length is None:
+                break
+            f.read(length)
+            answered += 1
+        except OSError:
+            break
+    print(answered, flush=True)
+    return 0
+
+
 def proxy_tls(proxy, port, target, sni):
     import ssl
 
@@ -240,7 +271,7 @@ def main():
     run = {"tcp-server": tcp_server, "udp-server": udp_server, "tcp-connect": tcp_connect,
            "udp-send": udp_send, "hold": hold, "try-tcp": try_tcp, "try-udp": try_udp,
            "flood-udp": flood_udp, "https-server": https_server, "proxy-hold": proxy_hold,
-           "proxy-raw": proxy_raw, "proxy-tls": proxy_tls}[mode]
+           "proxy-raw": proxy_raw, "proxy-tls": proxy_tls, "proxy-keepalive": proxy_keepalive}[mode]
     sys.exit(run(host, port, *rest) or 0)
 
 
