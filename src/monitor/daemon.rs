@@ -22,6 +22,7 @@ use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::Attributor;
 use crate::monitor::event;
 use crate::monitor::incident::{Aggregator, Incident, Observation, ProxyRequest};
+use crate::monitor::metrics::{Metrics, MetricsServer};
 use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats, Verdict};
 use crate::monitor::store::{Retention, Store};
 use crate::policy::Policy;
@@ -32,6 +33,8 @@ pub const PID_FILE: &str = "egret.pid";
 const TICK: Duration = Duration::from_millis(250);
 const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
 const UNITS_EVERY: Duration = Duration::from_secs(2);
+/// How often the host sets' sizes are read from the kernel for the metrics.
+const SET_SIZES_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
@@ -130,6 +133,10 @@ struct Daemon {
     guard: Option<Guard>,
     proxy: Option<Proxy>,
     recent: Arc<Mutex<RecentNames>>,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<MetricsServer>,
+    /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
+    sets: Vec<(crate::ruleset::Set, u64)>,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
 }
@@ -198,6 +205,18 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         }
         None => None,
     };
+    let metrics = Arc::new(Metrics::default());
+    let metrics_server = match policy.metrics {
+        Some(listen) => {
+            let server = MetricsServer::start(listen, Arc::clone(&metrics))?;
+            info!(%listen, "metrics on http://{listen}/metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    if let Some(g) = &guard {
+        let _ = metrics.guard.set(Arc::clone(&g.stats));
+    }
     let proxy = match ProxyState::from_policy(&policy) {
         Some(state) => {
             let tx = tx.clone();
@@ -208,6 +227,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
                 }),
             )?;
             info!(listen = %proxy.listen(), "proxy listening");
+            let _ = metrics.proxy.set(Arc::clone(&proxy.stats));
             Some(proxy)
         }
         None => None,
@@ -269,6 +289,9 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         guard,
         proxy,
         recent,
+        metrics,
+        metrics_server,
+        sets: set_sizes(&rs),
         reported_lost: 0,
         last_loss_event: None,
     };
@@ -311,6 +334,7 @@ impl Daemon {
         let mut last_account = Instant::now() - ACCOUNT_EVERY;
         let mut last_units = Instant::now();
         let mut last_prune = Instant::now();
+        let mut last_sizes = Instant::now() - SET_SIZES_EVERY;
         loop {
             match rx.recv_timeout(TICK) {
                 Ok(p) => {
@@ -346,6 +370,10 @@ impl Daemon {
             if last_units.elapsed() >= UNITS_EVERY {
                 last_units = Instant::now();
                 self.refresh_units();
+            }
+            if self.metrics_server.is_some() && last_sizes.elapsed() >= SET_SIZES_EVERY {
+                last_sizes = Instant::now();
+                self.count_set_elements();
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
@@ -396,6 +424,11 @@ impl Daemon {
     }
 
     fn packet(&mut self, p: LoggedPacket) {
+        self.metrics.packet(if p.verdict.blocked {
+            "blocked"
+        } else {
+            "would-block"
+        });
         let flow = p.flow.as_ref().ok();
         let who = self.attributor.attribute(flow, p.uid, p.gid);
         let resolved = flow.and_then(|f| {
@@ -433,6 +466,15 @@ impl Daemon {
 
     fn record(&mut self, o: Observation<'_>) {
         if let Some(inc) = self.agg.record(o) {
+            self.metrics.incident(
+                event::action(inc),
+                inc.key
+                    .verdict
+                    .rule
+                    .as_deref()
+                    .unwrap_or(event::DEFAULT_RULE),
+                inc.attribution.method.as_str(),
+            );
             let doc = event::incident(inc, false, &self.host);
             self.out.line(&doc);
             self.out.flush();
@@ -490,6 +532,7 @@ impl Daemon {
             Err(e) => warn!("reading egret's log counters: {e}"),
         }
         let figures = self.accounting.figures(self.counts());
+        self.metrics.books(figures, self.agg.open_count());
         let lost = figures.lost();
         let may_report = self
             .last_loss_event
@@ -556,6 +599,7 @@ impl Daemon {
             None => swap()?,
         };
         self.accounting.retire(last);
+        self.sets = set_sizes(rs);
         Ok(())
     }
 
@@ -590,6 +634,10 @@ impl Daemon {
             error!("reload: the [dns] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
             return;
         }
+        if policy.metrics != self.policy.metrics {
+            error!("reload: the [metrics] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
+            return;
+        }
         let proxy_listen = |p: &Policy| p.proxy.as_ref().map(|x| x.listen);
         if proxy_listen(&policy) != proxy_listen(&self.policy) {
             error!("reload: the [proxy] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
@@ -610,6 +658,27 @@ impl Daemon {
             }
             Err(e) => error!("reload failed, the running policy stays: {e:#}"),
         }
+    }
+
+    /// Set sizes for the metrics: compiled counts, and the kernel's for the
+    /// timeout sets the DNS guard fills.
+    fn count_set_elements(&mut self) {
+        let mut sizes = std::collections::BTreeMap::new();
+        for (set, n) in &self.sets {
+            let n = if set.timeout {
+                match self.nft.timed_elements(set) {
+                    Ok(e) => e.len() as u64,
+                    Err(e) => {
+                        warn!("reading set {}: {e}", set.name);
+                        continue;
+                    }
+                }
+            } else {
+                *n
+            };
+            sizes.insert(set.name.clone(), n);
+        }
+        self.metrics.set_elements(sizes);
     }
 
     /// A restarted unit gets a new cgroup (new id): follow it, or its
@@ -649,6 +718,7 @@ impl Daemon {
             Ok(()) => {
                 info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
                 self.units = units;
+                self.sets = set_sizes(&rs);
             }
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }
@@ -660,6 +730,9 @@ impl Daemon {
         }
         if let Some(p) = self.proxy.take() {
             p.stop();
+        }
+        if let Some(m) = self.metrics_server.take() {
+            m.stop();
         }
         self.tick(true);
         // Settle the books: let the kernel flush, read once more.
@@ -674,6 +747,20 @@ impl Daemon {
             "stopped"
         );
     }
+}
+
+/// Element counts of a compiled ruleset's sets (timeout sets are counted live).
+fn set_sizes(rs: &Ruleset) -> Vec<(crate::ruleset::Set, u64)> {
+    rs.sets
+        .iter()
+        .map(|s| {
+            let shape = crate::ruleset::Set {
+                elements: Vec::new(),
+                ..s.clone()
+            };
+            (shape, s.elements.len() as u64)
+        })
+        .collect()
 }
 
 fn is_cgroup_set(name: &str) -> bool {

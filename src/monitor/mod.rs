@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod daemon;
 pub mod event;
 pub mod incident;
+pub mod metrics;
 pub mod nflog;
 pub mod packet;
 pub mod store;

@@ -41,6 +41,8 @@ pub struct Policy {
     pub dns: Option<DnsConfig>,
     /// The egress proxy, when the policy has a `[proxy]` section.
     pub proxy: Option<ProxyConfig>,
+    /// The Prometheus endpoint, when the policy has a `[metrics]` section.
+    pub metrics: Option<SocketAddr>,
     pub rules: Vec<AllowRule>,
 }
 
@@ -94,6 +96,9 @@ pub struct ProxyConfig {
     pub threads: usize,
 }
 
+/// Where `[metrics]` listens unless told otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 impl ProxyConfig {
     pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:3128";
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -133,6 +138,7 @@ impl Policy {
             mark: DEFAULT_MARK,
             dns: None,
             proxy: None,
+            metrics: None,
             rules: Vec::new(),
         }
     }

@@ -12,7 +12,8 @@ use toml::Spanned;
 use super::diagnostic::Diagnostic;
 use super::{
     AllowRule, BlockAction, DnsConfig, HostPattern, Mode, Origin, Policy, PolicyErrors, PortRange,
-    ProxyConfig, Refusal, Via, DEFAULT_LOG_GROUP, DEFAULT_MARK, L4, RESERVED_RULE_NAMES,
+    ProxyConfig, Refusal, Via, DEFAULT_LOG_GROUP, DEFAULT_MARK, DEFAULT_METRICS_LISTEN, L4,
+    RESERVED_RULE_NAMES,
 };
 
 /// Resolves user and group names to ids. The system implementation asks NSS;
@@ -49,6 +50,7 @@ struct RawMain {
     mark: Option<Spanned<i64>>,
     dns: Option<Spanned<RawDns>>,
     proxy: Option<Spanned<RawProxy>>,
+    metrics: Option<Spanned<RawMetrics>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -65,6 +67,12 @@ struct RawDns {
     ttl_floor: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
     intercept: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +197,26 @@ pub fn parse_str(
         .proxy
         .as_ref()
         .map(|p| proxy_config(path, source, p, &mut errors));
+    let metrics = raw.metrics.as_ref().map(|m| {
+        let default = DEFAULT_METRICS_LISTEN
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)));
+        match &m.get_ref().listen {
+            None => default,
+            Some(l) => l.get_ref().trim().parse().unwrap_or_else(|_| {
+                errors.push(
+                    Diagnostic::at(
+                        path,
+                        source,
+                        Some(l.span()),
+                        format!("invalid listen address {:?}", l.get_ref()),
+                    )
+                    .with_hint("write an address and port such as \"127.0.0.1:9464\""),
+                );
+                default
+            }),
+        }
+    });
 
     let mut checker = RuleChecker {
         accounts,
@@ -234,6 +262,7 @@ pub fn parse_str(
             mark,
             dns,
             proxy,
+            metrics,
             rules: checker.rules,
         })
     } else {
@@ -1064,6 +1093,21 @@ units = ["borg.service"]
         );
         // Hosts with only a proxy are fine without via: they are reachable through it.
         assert!(parse("[proxy]\n[[allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n").is_ok());
+    }
+
+    #[test]
+    fn metrics_section() {
+        assert_eq!(
+            parse("[metrics]\n").unwrap().metrics,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(parse("").unwrap().metrics, None, "off by default");
+        let d = first_error("[metrics]\nlisten = \"localhost\"\n");
+        assert!(d.message.contains("invalid listen address"));
+        assert_eq!((d.line, d.column), (2, 10));
+        assert!(first_error("[metrics]\nport = 1\n")
+            .message
+            .contains("unknown field"));
     }
 
     #[test]

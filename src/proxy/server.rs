@@ -110,6 +110,14 @@ impl ProxyStats {
         })
     }
 
+    /// Requests allowed so far, per rule.
+    pub fn allowed_by_rule(&self) -> Vec<(String, u64)> {
+        self.allowed
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
     fn allowed(&self, rule: &str) {
         if let Ok(mut m) = self.allowed.lock() {
             match m.get_mut(rule) {

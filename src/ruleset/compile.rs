@@ -689,6 +689,7 @@ mod tests {
             mark: crate::policy::DEFAULT_MARK,
             dns: None,
             proxy: None,
+            metrics: None,
             rules,
         }
     }

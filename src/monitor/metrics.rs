@@ -1,0 +1,392 @@
+//! Prometheus metrics of `egret run` (`[metrics] listen`): the pipeline's
+//! counts, kept by the daemon, plus the DNS guard's and the proxy's own
+//! counters, rendered in the text exposition format. Labels are bounded:
+//! actions, attribution methods and the policy's own rule and set names,
+//! never addresses, ports or pids.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use crate::dns::GuardStats;
+use crate::monitor::event::LossFigures;
+use crate::proxy::ProxyStats;
+
+#[derive(Default)]
+struct Counts {
+    packets: BTreeMap<&'static str, u64>,
+    incidents: BTreeMap<(&'static str, String), u64>,
+    attribution: BTreeMap<&'static str, u64>,
+    loss: LossFigures,
+    open_incidents: u64,
+    set_elements: BTreeMap<String, u64>,
+}
+
+pub struct Metrics {
+    counts: Mutex<Counts>,
+    started: SystemTime,
+    pub guard: OnceLock<Arc<GuardStats>>,
+    pub proxy: OnceLock<Arc<ProxyStats>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            counts: Mutex::new(Counts::default()),
+            started: SystemTime::now(),
+            guard: OnceLock::new(),
+            proxy: OnceLock::new(),
+        }
+    }
+}
+
+impl Metrics {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A logged packet arrived (`blocked` or `would-block`).
+    pub fn packet(&self, action: &'static str) {
+        *self.counts().packets.entry(action).or_default() += 1;
+    }
+
+    /// An incident was opened.
+    pub fn incident(&self, action: &'static str, rule: &str, attribution: &'static str) {
+        let mut c = self.counts();
+        *c.incidents.entry((action, rule.to_string())).or_default() += 1;
+        *c.attribution.entry(attribution).or_default() += 1;
+    }
+
+    pub fn books(&self, loss: LossFigures, open_incidents: usize) {
+        let mut c = self.counts();
+        c.loss = loss;
+        c.open_incidents = open_incidents as u64;
+    }
+
+    /// Elements per set of the loaded ruleset (host sets as the kernel holds them).
+    pub fn set_elements(&self, sizes: BTreeMap<String, u64>) {
+        self.counts().set_elements = sizes;
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let c = self.counts();
+        let started = self
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        gauge(
+            &mut out,
+            "egret_start_time_seconds",
+            "When this egret run started (Unix time).",
+            &[(String::new(), started)],
+        );
+        counter(
+            &mut out,
+            "egret_packets_total",
+            "Blocked (or, in audit mode, would-be-blocked) packets received from the kernel, by action.",
+            &c.packets.iter().map(|(a, n)| (labels(&[("action", a)]), *n as f64)).collect::<Vec<_>>(),
+        );
+        counter(
+            &mut out,
+            "egret_incidents_total",
+            "Incidents opened (deduplicated events), by action and rule.",
+            &c.incidents
+                .iter()
+                .map(|((a, r), n)| (labels(&[("action", a), ("rule", r)]), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+        counter(
+            &mut out,
+            "egret_attribution_total",
+            "How incidents were attributed to a process.",
+            &c.attribution
+                .iter()
+                .map(|(m, n)| (labels(&[("method", m)]), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+        let l = &c.loss;
+        counter(
+            &mut out,
+            "egret_kernel_logged_packets_total",
+            "Packets egret's log rules counted in the kernel.",
+            &[(String::new(), l.kernel_logged as f64)],
+        );
+        counter(&mut out, "egret_lost_packets_total", "Logged packets that never reached egret (sequence gaps, buffer overruns, while egret was down).", &[(String::new(), l.lost() as f64)]);
+        gauge(
+            &mut out,
+            "egret_open_incidents",
+            "Incidents currently open (still deduplicating).",
+            &[(String::new(), c.open_incidents as f64)],
+        );
+        gauge(
+            &mut out,
+            "egret_set_elements",
+            "Elements in each set of egret's table.",
+            &c.set_elements
+                .iter()
+                .map(|(s, n)| (labels(&[("set", s)]), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+        drop(c);
+        if let Some(g) = self.guard.get() {
+            let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+            counter(
+                &mut out,
+                "egret_dns_queries_total",
+                "Queries the DNS guard received.",
+                &[(String::new(), v(&g.queries))],
+            );
+            counter(
+                &mut out,
+                "egret_dns_cache_hits_total",
+                "Queries answered from the guard's cache.",
+                &[(String::new(), v(&g.cache_hits))],
+            );
+            counter(
+                &mut out,
+                "egret_dns_forwarded_total",
+                "Queries forwarded upstream.",
+                &[(String::new(), v(&g.forwarded))],
+            );
+            counter(
+                &mut out,
+                "egret_dns_refused_total",
+                "Queries for names no rule allows.",
+                &[(String::new(), v(&g.refused))],
+            );
+            counter(
+                &mut out,
+                "egret_dns_upstream_failures_total",
+                "Forwarded queries no upstream answered.",
+                &[(String::new(), v(&g.upstream_failures))],
+            );
+            counter(
+                &mut out,
+                "egret_dns_set_failures_total",
+                "Answers withheld because the kernel sets could not be written.",
+                &[(String::new(), v(&g.set_failures))],
+            );
+        }
+        if let Some(p) = self.proxy.get() {
+            let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+            counter(
+                &mut out,
+                "egret_proxy_connections_total",
+                "Client connections the proxy accepted.",
+                &[(String::new(), v(&p.connections))],
+            );
+            gauge(
+                &mut out,
+                "egret_proxy_open_connections",
+                "Client connections (and tunnels) open now.",
+                &[(String::new(), p.open.load(Ordering::Relaxed) as f64)],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_requests_total",
+                "Requests the proxy received.",
+                &[(String::new(), v(&p.requests))],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_tunnels_total",
+                "CONNECT tunnels opened.",
+                &[(String::new(), v(&p.tunnels))],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_denied_total",
+                "Requests refused (or, in audit mode, reported) by policy.",
+                &[(String::new(), v(&p.denied))],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_upstream_failures_total",
+                "Requests that failed to reach or resolve the upstream.",
+                &[(String::new(), v(&p.upstream_failures))],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_over_limit_total",
+                "Connections refused by max_connections or max_per_client.",
+                &[(String::new(), v(&p.over_limit))],
+            );
+            let allowed: Vec<(String, f64)> = p
+                .allowed_by_rule()
+                .into_iter()
+                .map(|(r, n)| (labels(&[("rule", &r)]), n as f64))
+                .collect();
+            counter(
+                &mut out,
+                "egret_proxy_allowed_total",
+                "Requests allowed, by rule.",
+                &allowed,
+            );
+        }
+        out
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let labels = if labels == "{}" { "" } else { labels.as_str() };
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    family(out, name, "counter", help, samples);
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    family(out, name, "gauge", help, samples);
+}
+
+/// The `/metrics` endpoint: hyper on its own thread. Everything else is 404.
+pub struct MetricsServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds (errors surface here) and serves `metrics`.
+    pub fn start(
+        listen: std::net::SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<MetricsServer> {
+        use anyhow::Context;
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("metrics: binding {listen}"))?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("metrics: starting its runtime")?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = accept(listener, metrics) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .context("metrics: starting its thread")?;
+        Ok(MetricsServer {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn accept(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = Arc::clone(&metrics);
+                    async move {
+                        let mut resp = if req.uri().path() == "/metrics" {
+                            let mut r =
+                                Response::new(Full::new(bytes::Bytes::from(metrics.render())));
+                            r.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                hyper::header::HeaderValue::from_static(
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                ),
+                            );
+                            r
+                        } else {
+                            Response::new(Full::new(bytes::Bytes::from_static(
+                                b"egret: see /metrics\n",
+                            )))
+                        };
+                        if req.uri().path() != "/metrics" {
+                            *resp.status_mut() = StatusCode::NOT_FOUND;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_exposition_format_with_bounded_labels() {
+        let m = Metrics::default();
+        m.packet("blocked");
+        m.packet("blocked");
+        m.incident("blocked", "default", "sock_diag+proc");
+        m.incident("dns-refused", "dns-guard", "sock_diag");
+        let text = m.render();
+        assert!(
+            text.contains(
+                "# TYPE egret_packets_total counter\negret_packets_total{action=\"blocked\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("egret_incidents_total{action=\"dns-refused\",rule=\"dns-guard\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("egret_attribution_total{method=\"sock_diag+proc\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("egret_lost_packets_total 0"), "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(name.starts_with("egret_"), "{line}");
+        }
+        assert_eq!(labels(&[("rule", "a\"b")]), "{rule=\"a\\\"b\"}");
+    }
+}
