@@ -122,6 +122,10 @@ pub enum Command {
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Print a shell completion script: bash, zsh, fish (e.g. `egret completions bash > /etc/bash_completion.d/egret`).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (egret.1 and one per command, egret-run.1, ...) into a directory.
+    Man { dir: PathBuf },
     /// Internal: waits for a confirmation and rolls back without one.
     #[command(hide = true)]
     RollbackWatch {
@@ -134,6 +138,13 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // Like other Unix tools, stop quietly when the reader goes away
+        // (`egret events | head`). `egret run` keeps SIGPIPE ignored: a closed
+        // stdout must not stop the monitor (its events still reach the store).
+        // SAFETY: restoring a signal's default disposition at startup.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let code = match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -142,6 +153,25 @@ pub fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// egret.1, and egret-<command>.1 for each visible command.
+fn write_man_pages(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("egret".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("egret-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page).render(&mut buf)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
@@ -301,6 +331,15 @@ fn run(command: Command) -> Result<u8> {
             limit,
             state_dir,
         } => crate::report::top(&state_dir, since, limit),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "egret", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
+        Command::Man { dir } => {
+            write_man_pages(&dir)?;
+            Ok(EXIT_OK)
+        }
         Command::RollbackWatch { state_dir, token } => {
             apply::watch_and_roll_back(&state_dir, token)?;
             Ok(EXIT_OK)

@@ -300,13 +300,7 @@ fn a_busy_port_fails_the_start_before_the_ruleset_changes() {
     let _squatter = ns.server("udp", "127.0.0.1", 53);
     let policy = PolicyFile::new(&POLICY.replace("10.1.0.2", "192.0.2.53"));
     let out = ns
-        .egret(&[
-            "run",
-            "--policy",
-            policy.path(),
-            "--state-dir",
-            &policy.state_dir(),
-        ])
+        .egret_run(&policy)
         .stdout(Stdio::null())
         .output()
         .expect("egret run");

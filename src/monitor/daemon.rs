@@ -243,6 +243,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         log_group = policy.log_group,
         "policy applied; watching blocked egress"
     );
+    super::systemd::notify("READY=1\nSTATUS=watching blocked egress");
 
     let stop = Arc::clone(&signals.stop);
     let reader_thread = std::thread::Builder::new()
@@ -353,11 +354,14 @@ impl Daemon {
                 bail!("the NFLOG reader stopped");
             }
             if signals.stop.load(Ordering::Relaxed) {
+                super::systemd::notify("STOPPING=1");
                 info!("stopping; the ruleset stays loaded (`egret remove` deletes it)");
                 return Ok(());
             }
             if signals.reload.swap(false, Ordering::Relaxed) {
+                super::systemd::notify("RELOADING=1");
                 self.reload();
+                super::systemd::notify("READY=1\nSTATUS=watching blocked egress");
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();

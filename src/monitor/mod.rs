@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod nflog;
 pub mod packet;
 pub mod store;
+pub mod systemd;

@@ -71,6 +71,12 @@ impl Netns {
         self.cmd(egret_bin(), args)
     }
 
+    /// `egret run` with `policy` and its state dir, not started.
+    pub fn egret_run(&self, policy: &PolicyFile) -> Command {
+        let state = policy.state_dir();
+        self.egret(&["run", "--policy", policy.path(), "--state-dir", &state])
+    }
+
     /// Runs egret and returns its output, whatever the exit status.
     pub fn egret_out(&self, args: &[&str]) -> Output {
         self.egret(args).output().expect("running egret")
