@@ -428,11 +428,7 @@ impl Daemon {
     }
 
     fn packet(&mut self, p: LoggedPacket) {
-        self.metrics.packet(if p.verdict.blocked {
-            "blocked"
-        } else {
-            "would-block"
-        });
+        self.metrics.packet(p.verdict.blocked);
         let flow = p.flow.as_ref().ok();
         let who = self.attributor.attribute(flow, p.uid, p.gid);
         let resolved = flow.and_then(|f| {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -16,7 +16,6 @@ use crate::proxy::ProxyStats;
 
 #[derive(Default)]
 struct Counts {
-    packets: BTreeMap<&'static str, u64>,
     incidents: BTreeMap<(&'static str, String), u64>,
     attribution: BTreeMap<&'static str, u64>,
     loss: LossFigures,
@@ -25,6 +24,9 @@ struct Counts {
 }
 
 pub struct Metrics {
+    /// Per logged packet: atomics, no lock on the packet path.
+    blocked_packets: AtomicU64,
+    would_block_packets: AtomicU64,
     counts: Mutex<Counts>,
     started: SystemTime,
     pub guard: OnceLock<Arc<GuardStats>>,
@@ -34,6 +36,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            blocked_packets: AtomicU64::new(0),
+            would_block_packets: AtomicU64::new(0),
             counts: Mutex::new(Counts::default()),
             started: SystemTime::now(),
             guard: OnceLock::new(),
@@ -47,9 +51,14 @@ impl Metrics {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A logged packet arrived (`blocked` or `would-block`).
-    pub fn packet(&self, action: &'static str) {
-        *self.counts().packets.entry(action).or_default() += 1;
+    /// A logged packet arrived: blocked, or (audit mode) would have been.
+    pub fn packet(&self, blocked: bool) {
+        let c = if blocked {
+            &self.blocked_packets
+        } else {
+            &self.would_block_packets
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An incident was opened.
@@ -89,7 +98,10 @@ impl Metrics {
             &mut out,
             "egret_packets_total",
             "Blocked (or, in audit mode, would-be-blocked) packets received from the kernel, by action.",
-            &c.packets.iter().map(|(a, n)| (labels(&[("action", a)]), *n as f64)).collect::<Vec<_>>(),
+            &[
+                (labels(&[("action", "blocked")]), self.blocked_packets.load(Ordering::Relaxed) as f64),
+                (labels(&[("action", "would-block")]), self.would_block_packets.load(Ordering::Relaxed) as f64),
+            ],
         );
         counter(
             &mut out,
@@ -362,8 +374,8 @@ mod tests {
     #[test]
     fn renders_the_exposition_format_with_bounded_labels() {
         let m = Metrics::default();
-        m.packet("blocked");
-        m.packet("blocked");
+        m.packet(true);
+        m.packet(true);
         m.incident("blocked", "default", "sock_diag+proc");
         m.incident("dns-refused", "dns-guard", "sock_diag");
         let text = m.render();

@@ -665,19 +665,15 @@ fn dns_config(
             "add upstream = [\"192.0.2.53\"] with your network's resolvers",
         );
     }
-    let mut duration = |v: &Option<Spanned<String>>, default| match v {
-        None => default,
-        Some(t) => match humantime::parse_duration(t.get_ref()) {
-            Ok(d) => d,
-            Err(e) => {
-                err(
-                    t.span(),
-                    format!("invalid duration {:?}: {e}", t.get_ref()),
-                    "write a duration such as \"30s\", \"5m\" or \"1h\"",
-                );
-                default
-            }
-        },
+    let mut duration = |v: &Option<Spanned<String>>, default| {
+        duration_field(v, default, true).unwrap_or_else(|(span, msg)| {
+            err(
+                span,
+                msg,
+                "write a duration such as \"30s\", \"5m\" or \"1h\"",
+            );
+            default
+        })
     };
     let ttl_floor = duration(&d.ttl_floor, DnsConfig::DEFAULT_TTL_FLOOR);
     let grace = duration(&d.grace, DnsConfig::DEFAULT_GRACE);
@@ -736,19 +732,11 @@ fn proxy_config(
             }
         },
     };
-    let mut duration = |v: &Option<Spanned<String>>, default| match v {
-        None => default,
-        Some(t) => match humantime::parse_duration(t.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                err(
-                    t.span(),
-                    format!("invalid duration {:?}", t.get_ref()),
-                    "write a duration such as \"10s\" or \"5m\"",
-                );
-                default
-            }
-        },
+    let mut duration = |v: &Option<Spanned<String>>, default| {
+        duration_field(v, default, false).unwrap_or_else(|(span, msg)| {
+            err(span, msg, "write a duration such as \"10s\" or \"5m\"");
+            default
+        })
     };
     let connect_timeout = duration(&p.connect_timeout, ProxyConfig::DEFAULT_CONNECT_TIMEOUT);
     let idle_timeout = duration(&p.idle_timeout, ProxyConfig::DEFAULT_IDLE_TIMEOUT);
@@ -779,6 +767,23 @@ fn proxy_config(
         max_connections: count(&p.max_connections, ProxyConfig::DEFAULT_MAX_CONNECTIONS),
         max_per_client: count(&p.max_per_client, ProxyConfig::DEFAULT_MAX_PER_CLIENT),
         threads: count(&p.threads, 1),
+    }
+}
+
+/// A duration key (`"30s"`, `"5m"`): `default` when absent, or where and why it is invalid.
+fn duration_field(
+    v: &Option<Spanned<String>>,
+    default: std::time::Duration,
+    zero_ok: bool,
+) -> Result<std::time::Duration, (Range<usize>, String)> {
+    let Some(t) = v else { return Ok(default) };
+    match humantime::parse_duration(t.get_ref()) {
+        Ok(d) if zero_ok || !d.is_zero() => Ok(d),
+        Ok(_) => Err((
+            t.span(),
+            format!("invalid duration {:?}: must be more than zero", t.get_ref()),
+        )),
+        Err(e) => Err((t.span(), format!("invalid duration {:?}: {e}", t.get_ref()))),
     }
 }
 
