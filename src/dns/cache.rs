@@ -48,6 +48,7 @@ impl Cache {
     }
 
     /// The cached response and its age in whole seconds, if still fresh.
+    #[cfg(test)]
     pub fn get(&self, key: &CacheKey, now: Instant) -> Option<(&Message, u32)> {
         let e = self.entries.get(key)?;
         let age = now.checked_duration_since(e.stored)?;
@@ -129,12 +130,9 @@ impl Cache {
         self.entries.clear();
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

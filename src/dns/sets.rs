@@ -20,7 +20,6 @@ pub struct HostSets {
     nft: Nftables,
     /// (set, address) → when the kernel element expires, as far as we wrote it.
     expiry: HashMap<(String, IpAddr), Instant>,
-    pub written: u64,
 }
 
 impl HostSets {
@@ -28,7 +27,6 @@ impl HostSets {
         Ok(HostSets {
             nft: Nftables::open()?,
             expiry: HashMap::new(),
-            written: 0,
         })
     }
 
@@ -85,7 +83,6 @@ impl HostSets {
             self.expiry.retain(|_, until| *until > now);
         }
         let n = planned.len();
-        self.written += n as u64;
         self.expiry.extend(planned);
         Ok(n)
     }
@@ -140,14 +137,6 @@ impl RecentNames {
                 r.resolved.asked_by = Some(asker.clone());
             }
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
