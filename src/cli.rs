@@ -122,6 +122,20 @@ pub enum Command {
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Check what egret needs from this host, and say how to fix each problem.
+    /// Exit 3 when something keeps egret from working.
+    Doctor {
+        /// Also check what this policy needs (its NFLOG group, the resolver for [dns]).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// The resolver configuration to check (tests).
+        #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+        resolv_conf: PathBuf,
+    },
     /// Print a shell completion script: bash, zsh, fish (e.g. `egret completions bash > /etc/bash_completion.d/egret`).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (egret.1 and one per command, egret-run.1, ...) into a directory.
@@ -331,6 +345,44 @@ fn run(command: Command) -> Result<u8> {
             limit,
             state_dir,
         } => crate::report::top(&state_dir, since, limit),
+        Command::Doctor {
+            policy,
+            state_dir,
+            json,
+            resolv_conf,
+        } => {
+            let loaded = match &policy {
+                Some(path) => match load_or_report(path) {
+                    Some(p) => Some(p),
+                    None => return Ok(EXIT_SYSTEM),
+                },
+                None => None,
+            };
+            let checks = crate::doctor::run(&crate::doctor::Inputs {
+                policy: loaded.as_ref(),
+                state_dir: &state_dir,
+                resolv_conf,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    let mark = match c.status {
+                        crate::doctor::Status::Ok => "ok  ",
+                        crate::doctor::Status::Warn => "WARN",
+                        crate::doctor::Status::Fail => "FAIL",
+                    };
+                    println!("{mark}  {:<11} {}", c.name, c.detail);
+                    if !c.fix.is_empty() {
+                        println!("      {:<11} fix: {}", "", c.fix);
+                    }
+                }
+            }
+            let failed = checks
+                .iter()
+                .any(|c| c.status == crate::doctor::Status::Fail);
+            Ok(if failed { EXIT_SYSTEM } else { EXIT_OK })
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "egret", &mut std::io::stdout());

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod cgroup;
 pub mod cli;
 pub mod dns;
+pub mod doctor;
 pub mod kernel;
 pub mod monitor;
 pub mod policy;

@@ -380,18 +380,7 @@ fn ordinary_users_cannot_borrow_the_guards_mark() {
     // The exemption for the guard's upstream queries is a firewall mark;
     // setting one needs CAP_NET_ADMIN, so an unprivileged process cannot.
     let ns = Netns::new();
-    let out = ns
-        .cmd(
-            "setpriv",
-            &[
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x65677274)",
-            ],
-        )
+    let out = ns.as_nobody("/usr/bin/python3", &["-c", "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x65677274)"])
         .output()
         .expect("python3");
     assert!(!out.status.success());

@@ -71,6 +71,13 @@ impl Netns {
         self.cmd(egret_bin(), args)
     }
 
+    /// `program args...` in this namespace as user and group `nobody` (65534), no capabilities.
+    pub fn as_nobody(&self, program: &str, args: &[&str]) -> Command {
+        let mut a = vec!["--reuid=65534", "--regid=65534", "--clear-groups", program];
+        a.extend_from_slice(args);
+        self.cmd("setpriv", &a)
+    }
+
     /// `egret run` with `policy` and its state dir, not started.
     pub fn egret_run(&self, policy: &PolicyFile) -> Command {
         let state = policy.state_dir();

@@ -1,0 +1,409 @@
+//! `egret doctor`: checks what egret needs from this host and explains each
+//! problem with its fix. Read-only: nothing is loaded, bound or written
+//! except a probe file in the state dir (removed at once).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::kernel::nft::Nftables;
+use crate::monitor::daemon::running_pid;
+use crate::policy::{Policy, DEFAULT_LOG_GROUP};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    /// Works, but something deserves attention.
+    Warn,
+    /// egret cannot do its job until this is fixed.
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do about it (empty when all is well).
+    pub fix: String,
+}
+
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Where the checks look; tests point them elsewhere.
+pub struct Inputs<'a> {
+    pub policy: Option<&'a Policy>,
+    pub state_dir: &'a Path,
+    pub resolv_conf: PathBuf,
+}
+
+pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
+    let group = inputs.policy.map_or(DEFAULT_LOG_GROUP, |p| p.log_group);
+    let mut out = vec![
+        privileges(),
+        nf_tables(),
+        nflog(group, inputs.state_dir),
+        sock_diag(),
+        cgroup_v2(),
+        conntrack(),
+        clock(),
+        state_dir(inputs.state_dir),
+    ];
+    out.extend(other_firewalls());
+    if let Some(p) = inputs.policy {
+        out.push(resolver(p, &inputs.resolv_conf));
+    }
+    out
+}
+
+fn privileges() -> Check {
+    const CAP_NET_ADMIN: u32 = 12;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    if eff & (1 << CAP_NET_ADMIN) != 0 {
+        check("privileges", Status::Ok, "CAP_NET_ADMIN is effective", "")
+    } else {
+        check(
+            "privileges",
+            Status::Fail,
+            "CAP_NET_ADMIN is not effective: egret cannot load rules or read NFLOG",
+            "run as root, or with the capabilities of packaging/egret.service (docs/deployment.md)",
+        )
+    }
+}
+
+fn nf_tables() -> Check {
+    match Nftables::open().and_then(|mut n| n.logged_packets()) {
+        Ok(Some(_)) => check("nf_tables", Status::Ok, "nf_tables answers; egret's table is loaded", ""),
+        Ok(None) => check("nf_tables", Status::Ok, "nf_tables answers; egret's table is not loaded", ""),
+        Err(e) => check(
+            "nf_tables",
+            Status::Fail,
+            format!("nf_tables does not answer: {e}"),
+            "use a kernel with CONFIG_NF_TABLES (every Debian/Ubuntu/RHEL kernel has it) and load nf_tables (modprobe nf_tables)",
+        ),
+    }
+}
+
+/// `/proc/net/netfilter/nfnetlink_log`: one line per bound group
+/// (group, netlink port id, ...). The port id of a process's first netlink
+/// socket is its pid.
+fn nflog(group: u16, state_dir: &Path) -> Check {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netfilter/nfnetlink_log") else {
+        return check(
+            "nflog",
+            Status::Ok,
+            format!("nfnetlink_log is not loaded yet; it loads when egret binds group {group}"),
+            "",
+        );
+    };
+    let holder = text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let g: u16 = f.next()?.parse().ok()?;
+        let port: u32 = f.next()?.parse().ok()?;
+        (g == group).then_some(port)
+    });
+    let ours = running_pid(state_dir);
+    let Some(port) = holder else {
+        return check(
+            "nflog",
+            Status::Ok,
+            format!("NFLOG group {group} is free"),
+            "",
+        );
+    };
+    let pid = netlink_owner(port);
+    if pid.is_some() && pid == ours.map(|p| p as u32) {
+        return check(
+            "nflog",
+            Status::Ok,
+            format!(
+                "NFLOG group {group} is read by egret run (pid {})",
+                pid.unwrap_or(0)
+            ),
+            "",
+        );
+    }
+    let who = pid
+        .and_then(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some(format!("{} (pid {pid})", comm.trim()))
+        })
+        .unwrap_or_else(|| format!("netlink port {port}"));
+    check(
+        "nflog",
+        Status::Fail,
+        format!("NFLOG group {group} is taken by {who}: egret's blocked-packet events would go there"),
+        "stop the other consumer (ulogd2? another egret run with another --state-dir?), or set log_group in the policy to a free group",
+    )
+}
+
+/// The process holding the netfilter netlink socket with this port id:
+/// `/proc/net/netlink` gives the socket's inode, `/proc/*/fd` its owner.
+fn netlink_owner(port: u32) -> Option<u32> {
+    const NETLINK_NETFILTER: u32 = 12;
+    let table = std::fs::read_to_string("/proc/net/netlink").ok()?;
+    let inode = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (proto, pid, inode) = (
+            f.get(1)?.parse::<u32>().ok()?,
+            f.get(2)?.parse::<u32>().ok()?,
+            f.get(9)?,
+        );
+        (proto == NETLINK_NETFILTER && pid == port).then(|| inode.to_string())
+    })?;
+    let link = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
+            .then_some(pid)
+    })
+}
+
+fn sock_diag() -> Check {
+    const NETLINK_SOCK_DIAG: isize = 4;
+    match crate::kernel::netlink::NetlinkSocket::open(NETLINK_SOCK_DIAG) {
+        Ok(_) => check(
+            "sock_diag",
+            Status::Ok,
+            "sock_diag answers: blocked packets can be traced to processes",
+            "",
+        ),
+        Err(e) => check(
+            "sock_diag",
+            Status::Warn,
+            format!("sock_diag is not available ({e}): events will name users, not processes"),
+            "load inet_diag, tcp_diag and udp_diag (modprobe)",
+        ),
+    }
+}
+
+fn cgroup_v2() -> Check {
+    match crate::cgroup::cgroup2_root() {
+        Some(root) => check(
+            "cgroup v2",
+            Status::Ok,
+            format!(
+                "a cgroup v2 hierarchy is mounted at {}: unit rules work",
+                root.display()
+            ),
+            "",
+        ),
+        None => check(
+            "cgroup v2",
+            Status::Warn,
+            "no cgroup v2 hierarchy: `units` rules cannot match and events name no unit",
+            "boot with systemd.unified_cgroup_hierarchy=1 (the default since Debian 11 and RHEL 9)",
+        ),
+    }
+}
+
+fn conntrack() -> Check {
+    if Path::new("/proc/sys/net/netfilter/nf_conntrack_count").exists() {
+        check("conntrack", Status::Ok, "connection tracking is active", "")
+    } else {
+        check(
+            "conntrack",
+            Status::Ok,
+            "connection tracking is not active yet; egret's ruleset turns it on (ct state)",
+            "",
+        )
+    }
+}
+
+fn clock() -> Check {
+    // 2024-01-01: a clock before this is wrong, and so would every timestamp be.
+    let floor = UNIX_EPOCH + Duration::from_secs(1_704_067_200);
+    if SystemTime::now() >= floor {
+        check("clock", Status::Ok, "the clock is plausible", "")
+    } else {
+        check(
+            "clock",
+            Status::Fail,
+            "the clock is before 2024: event timestamps would be wrong",
+            "set the time (systemd-timesyncd, chrony)",
+        )
+    }
+}
+
+fn state_dir(dir: &Path) -> Check {
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b"probe"))
+        .and_then(|()| std::fs::remove_file(&probe));
+    match result {
+        Ok(()) => check("state dir", Status::Ok, format!("{} is writable", dir.display()), ""),
+        Err(e) => check(
+            "state dir",
+            Status::Fail,
+            format!("cannot write in {}: {e}", dir.display()),
+            "create it writable by egret (the unit's StateDirectory=egret does), or pass --state-dir",
+        ),
+    }
+}
+
+/// ufw and firewalld filter egress too when told to: both must allow a flow.
+fn other_firewalls() -> Vec<Check> {
+    let mut out = Vec::new();
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let ufw_on = read("/etc/ufw/ufw.conf")
+        .lines()
+        .any(|l| l.trim() == "ENABLED=yes");
+    let ufw_deny_out = read("/etc/default/ufw")
+        .lines()
+        .any(|l| l.trim().starts_with("DEFAULT_OUTPUT_POLICY=") && !l.contains("ACCEPT"));
+    if ufw_on && ufw_deny_out {
+        out.push(check(
+            "ufw",
+            Status::Warn,
+            "ufw is enabled with a default-deny output policy: a flow must be allowed by both ufw and egret",
+            "set DEFAULT_OUTPUT_POLICY=\"ACCEPT\" in /etc/default/ufw and let egret decide egress",
+        ));
+    }
+    let firewalld = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "firewalld")
+            })
+        })
+        .unwrap_or(false);
+    if firewalld {
+        out.push(check(
+            "firewalld",
+            Status::Warn,
+            "firewalld is running; if its policies restrict egress, a flow must be allowed by both",
+            "keep firewalld's egress open (the default) and let egret decide egress",
+        ));
+    }
+    out
+}
+
+/// With `[dns]`, local resolvers must ask the guard, or every lookup is
+/// blocked as `dns-bypass`.
+fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
+    let Some(dns) = &policy.dns else {
+        return check(
+            "resolver",
+            Status::Ok,
+            "no [dns]: the system resolver is not egret's concern",
+            "",
+        );
+    };
+    if dns.intercept {
+        return check(
+            "resolver",
+            Status::Ok,
+            "intercept = true: plain DNS goes to the guard whatever the configuration",
+            "",
+        );
+    }
+    let servers: Vec<IpAddr> = std::fs::read_to_string(resolv_conf)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let guard = dns.listen.ip();
+    let is_guard = |ip: &IpAddr| *ip == guard || (guard.is_unspecified() && ip.is_loopback());
+    // systemd-resolved's stub: what matters is where resolved forwards to.
+    let stub: IpAddr = [127, 0, 0, 53].into();
+    let (servers, via) = if servers == [stub] {
+        let upstream: Vec<IpAddr> = std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        (upstream, " (through systemd-resolved)")
+    } else {
+        (servers, "")
+    };
+    let others: Vec<String> = servers
+        .iter()
+        .filter(|ip| !is_guard(ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    if !servers.is_empty() && others.is_empty() {
+        check(
+            "resolver",
+            Status::Ok,
+            format!("the system resolver asks the DNS guard{via}"),
+            "",
+        )
+    } else {
+        check(
+            "resolver",
+            Status::Fail,
+            format!(
+                "the system resolver{via} asks {} instead of the DNS guard on {}: those lookups will be blocked (dns-bypass)",
+                if others.is_empty() { "nobody".to_string() } else { others.join(", ") },
+                dns.listen
+            ),
+            "point /etc/resolv.conf or systemd-resolved at the guard (docs/dns.md), or set intercept = true in [dns]",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{parse_str, SystemAccounts};
+
+    fn policy(text: &str) -> Policy {
+        parse_str(text, Path::new("p.toml"), &SystemAccounts).unwrap()
+    }
+
+    #[test]
+    fn the_resolver_must_point_at_the_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        let p = policy("[dns]\nupstream = [\"192.0.2.53\"]\n");
+        std::fs::write(&conf, "search example\nnameserver 127.0.0.1\n").unwrap();
+        assert_eq!(resolver(&p, &conf).status, Status::Ok);
+        std::fs::write(&conf, "nameserver 192.0.2.53\nnameserver 127.0.0.1\n").unwrap();
+        let c = resolver(&p, &conf);
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.detail.contains("192.0.2.53") && c.fix.contains("intercept"),
+            "{c:?}"
+        );
+        let intercept = policy("[dns]\nupstream = [\"192.0.2.53\"]\nintercept = true\n");
+        assert_eq!(resolver(&intercept, &conf).status, Status::Ok);
+        assert_eq!(resolver(&policy(""), &conf).status, Status::Ok);
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(state_dir(dir.path()).status, Status::Ok);
+        let c = state_dir(&file.join("state"));
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.fix.contains("--state-dir"));
+    }
+}

@@ -1,0 +1,119 @@
+//! `egret doctor` reports each failure it claims to detect, created for real
+//! in a namespace the test owns.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+fn doctor(ns: &Netns, args: &[&str]) -> (Output, serde_json::Value) {
+    let mut a = vec!["doctor", "--json"];
+    a.extend_from_slice(args);
+    let out = ns.egret_out(&a);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out, json)
+}
+
+fn status<'a>(checks: &'a serde_json::Value, name: &str) -> (&'a str, &'a str) {
+    let c = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name}: {checks:#}"));
+    (
+        c["status"].as_str().unwrap_or(""),
+        c["detail"].as_str().unwrap_or(""),
+    )
+}
+
+#[test]
+fn a_healthy_namespace_passes() {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, checks) = doctor(&ns, &["--state-dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{checks:#}");
+    for name in [
+        "privileges",
+        "nf_tables",
+        "nflog",
+        "sock_diag",
+        "clock",
+        "state dir",
+    ] {
+        assert_eq!(status(&checks, name).0, "ok", "{name}: {checks:#}");
+    }
+}
+
+#[test]
+fn an_nflog_group_taken_by_another_process_fails_and_egrets_own_does_not() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("mode = \"audit\"\n");
+    let run = Running::start(&ns, &policy.state_dir(), &["--policy", policy.path()]);
+    let (out, checks) = doctor(&ns, &["--state-dir", &policy.state_dir()]);
+    assert!(out.status.success(), "{checks:#}");
+    let (s, detail) = status(&checks, "nflog");
+    assert_eq!(s, "ok");
+    assert!(detail.contains("read by egret run"), "{detail}");
+    // Seen from another state dir, that egret is just another consumer.
+    let other = tempfile::tempdir().unwrap();
+    let (out, checks) = doctor(&ns, &["--state-dir", other.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let (s, detail) = status(&checks, "nflog");
+    assert_eq!(s, "fail");
+    assert!(detail.contains("taken by egret (pid"), "{detail}");
+    drop(run);
+}
+
+#[test]
+fn an_unwritable_state_dir_and_missing_privileges_fail() {
+    let ns = Netns::new();
+    let (out, checks) = doctor(&ns, &["--state-dir", "/proc/egret-doctor-test"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(status(&checks, "state dir").0, "fail");
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(std::process::Command::new("chmod").args(["777", dir.path().to_str().unwrap()]));
+    let out = ns
+        .as_nobody(
+            egret_bin(),
+            &[
+                "doctor",
+                "--json",
+                "--state-dir",
+                dir.path().to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status(&checks, "privileges").0, "fail");
+}
+
+#[test]
+fn a_resolver_that_bypasses_the_dns_guard_fails() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("[dns]\nupstream = [\"192.0.2.53\"]\n");
+    let state = tempfile::tempdir().unwrap();
+    let conf = state.path().join("resolv.conf");
+    let args = |c: &std::path::Path| {
+        vec![
+            "--policy".to_string(),
+            policy.path().to_string(),
+            "--state-dir".to_string(),
+            state.path().to_string_lossy().into_owned(),
+            "--resolv-conf".to_string(),
+            c.to_string_lossy().into_owned(),
+        ]
+    };
+    std::fs::write(&conf, "nameserver 192.0.2.53\n").unwrap();
+    let a = args(&conf);
+    let (out, checks) = doctor(&ns, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(3));
+    let (s, detail) = status(&checks, "resolver");
+    assert_eq!(s, "fail");
+    assert!(detail.contains("192.0.2.53"), "{detail}");
+    std::fs::write(&conf, "nameserver 127.0.0.1\n").unwrap();
+    let (out, checks) = doctor(&ns, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(out.status.success(), "{checks:#}");
+    assert_eq!(status(&checks, "resolver").0, "ok");
+}
