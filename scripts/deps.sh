@@ -6,7 +6,7 @@
 # for a test certificate, systemd-analyze to check the unit file.
 set -euo pipefail
 need=()
-for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze; do
+for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

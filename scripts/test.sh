@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests create network namespaces" >&2; exit 1; }
 bash scripts/deps.sh
 cargo test --all-targets
+# The Debian package: built and checked, never installed or started here.
+bash scripts/check-package.sh
