@@ -466,7 +466,7 @@ fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
         if logged {
             blocked += counter.packets;
         }
-        let action = match (&rule.log, rule.verdict) {
+        let action = match (&rule.log, &rule.verdict) {
             (Some(l), _) if l.prefix.starts_with(PREFIX_WOULD_BLOCK) => "would-block",
             (Some(_), _) => "block",
             (None, Some(Verdict::Accept)) => "allow",

@@ -71,6 +71,9 @@ const ELEM_F_INTERVAL_END: u32 = 1;
 const DATA_VALUE: u16 = 1;
 const DATA_VERDICT: u16 = 2;
 const VERDICT_CODE: u16 = 1;
+const VERDICT_CHAIN: u16 = 2;
+/// NFT_JUMP, (u32)-3.
+const NFT_JUMP: u32 = 0xffff_fffd;
 
 // Expression attributes.
 const META_DREG: u16 = 1;
@@ -106,6 +109,7 @@ const SOCKET_DREG: u16 = 2;
 const SOCKET_LEVEL: u16 = 3;
 
 const META_MARK: u32 = 3;
+const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
 const META_SKUID: u32 = 10;
 const META_SKGID: u32 = 11;
@@ -711,7 +715,7 @@ impl Batch {
                 b.attr_str(LOG_PREFIX, &log.prefix);
             });
         }
-        match rule.verdict {
+        match &rule.verdict {
             Some(Verdict::Accept) => self.verdict(NF_ACCEPT),
             Some(Verdict::Drop) => self.verdict(NF_DROP),
             Some(Verdict::RejectTcpReset) => self.expr("reject", |b| {
@@ -721,6 +725,15 @@ impl Batch {
             Some(Verdict::RejectAdminProhibited) => self.expr("reject", |b| {
                 b.attr_u32(REJECT_TYPE, REJECT_ICMPX);
                 b.attr(REJECT_ICMP_CODE, &[REJECT_ICMPX_ADMIN_PROHIBITED]);
+            }),
+            Some(Verdict::Jump(chain)) => self.expr("immediate", |b| {
+                b.attr_u32(IMMEDIATE_DREG, REG_VERDICT);
+                let data = b.nest(IMMEDIATE_DATA);
+                let v = b.nest(DATA_VERDICT);
+                b.attr_u32(VERDICT_CODE, NFT_JUMP);
+                b.attr_str(VERDICT_CHAIN, chain);
+                b.nest_end(v);
+                b.nest_end(data);
             }),
             Some(Verdict::Redirect(port)) => {
                 self.expr("immediate", |b| {
@@ -798,10 +811,11 @@ impl Batch {
         match m {
             Match::OifName(name) => {
                 self.meta(META_OIFNAME, REG_1);
-                let mut data = [0u8; 16];
-                let n = name.len().min(15);
-                data[..n].copy_from_slice(&name.as_bytes()[..n]);
-                self.cmp(CMP_EQ, &data);
+                self.cmp(CMP_EQ, &ifname_data(name));
+            }
+            Match::IifName(name) => {
+                self.meta(META_IIFNAME, REG_1);
+                self.cmp(CMP_EQ, &ifname_data(name));
             }
             Match::CtState(bits) => {
                 self.expr("ct", |b| {
@@ -902,6 +916,29 @@ fn saddr(f: Family) -> (u32, u32) {
     match f {
         Family::V4 => (12, 4),
         Family::V6 => (8, 16),
+    }
+}
+
+/// An interface name as nft compares it: the name NUL-padded to 16 bytes, or
+/// for a `prefix*` pattern only the prefix (a shorter compare).
+fn ifname_data(name: &str) -> Vec<u8> {
+    match name.strip_suffix('*') {
+        Some(prefix) => prefix.as_bytes()[..prefix.len().min(15)].to_vec(),
+        None => {
+            let mut data = vec![0u8; 16];
+            let n = name.len().min(15);
+            data[..n].copy_from_slice(&name.as_bytes()[..n]);
+            data
+        }
+    }
+}
+
+/// The inverse of [`ifname_data`].
+fn ifname_from(data: &[u8]) -> String {
+    if data.len() == 16 {
+        c_str(data)
+    } else {
+        format!("{}*", String::from_utf8_lossy(data))
     }
 }
 
@@ -1288,6 +1325,10 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                         Some(d) => (Match::OifName(c_str(&d)), 2),
                         None => return Err(foreign("an oifname match egret does not write")),
                     },
+                    (META_IIFNAME, REG_1) => match cmp_data(next, CMP_EQ) {
+                        Some(d) => (Match::IifName(ifname_from(&d)), 2),
+                        None => return Err(foreign("an iifname match egret does not write")),
+                    },
                     (META_NFPROTO, REG_1) => match cmp_data(next, CMP_EQ).as_deref() {
                         Some([NFPROTO_IPV4]) => (Match::NfProto(Family::V4), 2),
                         Some([NFPROTO_IPV6]) => (Match::NfProto(Family::V6), 2),
@@ -1433,18 +1474,26 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                 continue;
             }
             "immediate" => {
-                let code = e
+                let verdict = e
                     .raw(IMMEDIATE_DATA)
-                    .and_then(|d| attrs(d).find(|(k, _)| *k == DATA_VERDICT).map(|(_, v)| v))
-                    .and_then(|v| {
-                        attrs(v)
-                            .find(|(k, _)| *k == VERDICT_CODE)
-                            .and_then(|(_, c)| be_u32(c))
-                    });
-                rule.verdict = Some(match code {
-                    Some(NF_ACCEPT) => Verdict::Accept,
-                    Some(NF_DROP) => Verdict::Drop,
-                    _ => return Err(foreign("a verdict egret does not write")),
+                    .and_then(|d| attrs(d).find(|(k, _)| *k == DATA_VERDICT).map(|(_, v)| v));
+                let code = verdict.and_then(|v| {
+                    attrs(v)
+                        .find(|(k, _)| *k == VERDICT_CODE)
+                        .and_then(|(_, c)| be_u32(c))
+                });
+                let chain = verdict.and_then(|v| {
+                    attrs(v)
+                        .find(|(k, _)| *k == VERDICT_CHAIN)
+                        .map(|(_, c)| c_str(c))
+                });
+                rule.verdict = Some(match (code, chain) {
+                    (Some(NFT_JUMP), Some(chain)) => Verdict::Jump(chain),
+                    (code, _) => match code {
+                        Some(NF_ACCEPT) => Verdict::Accept,
+                        Some(NF_DROP) => Verdict::Drop,
+                        _ => return Err(foreign("a verdict egret does not write")),
+                    },
                 });
                 i += 1;
                 continue;
@@ -1545,6 +1594,7 @@ mod tests {
     #[test]
     fn a_full_policy_survives_encode_and_decode() {
         let text = r#"
+scope = "host+containers"
 [dns]
 upstream = ["192.0.2.53", "[2001:db8::53]:5353"]
 listen = "[::]:53"

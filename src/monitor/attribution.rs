@@ -72,6 +72,9 @@ pub struct Attribution {
     pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container_id: Option<String>,
+    /// Forwarded traffic (scope = "host+containers"): the interface it came
+    /// in on and its source address, which stand for the container.
+    pub ingress: Option<(String, IpAddr)>,
 }
 
 /// What the aggregation keys on: executable, else unit, else uid.
@@ -80,6 +83,8 @@ pub enum Identity {
     Executable(String),
     Unit(String),
     Uid(u32),
+    /// A forwarded flow: ingress interface and source address.
+    Forwarded(String, IpAddr),
     Unknown,
 }
 
@@ -96,6 +101,7 @@ impl Attribution {
             cgroup: None,
             unit: None,
             container_id: None,
+            ingress: None,
         }
     }
 
@@ -106,6 +112,8 @@ impl Attribution {
             Identity::Unit(unit.clone())
         } else if let Some(uid) = self.uid {
             Identity::Uid(uid)
+        } else if let Some((iface, src)) = &self.ingress {
+            Identity::Forwarded(iface.clone(), *src)
         } else {
             Identity::Unknown
         }

@@ -430,7 +430,10 @@ impl Daemon {
     fn packet(&mut self, p: LoggedPacket) {
         self.metrics.packet(p.verdict.blocked);
         let flow = p.flow.as_ref().ok();
-        let who = self.attributor.attribute(flow, p.uid, p.gid);
+        let mut who = self.attributor.attribute(flow, p.uid, p.gid);
+        if let (Some(index), Some(f), None) = (p.indev, flow, p.uid) {
+            who.ingress = Some((interface_name(index), f.src));
+        }
         let resolved = flow.and_then(|f| {
             self.recent
                 .lock()
@@ -747,6 +750,20 @@ impl Daemon {
             "stopped"
         );
     }
+}
+
+/// The name of interface `index` in this network namespace, or its number.
+fn interface_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("if{index}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Element counts of a compiled ruleset's sets (timeout sets are counted live).

@@ -135,6 +135,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "group": { "id": a.gid.map(|g| g.to_string()), "name": a.group_name },
         },
         "container": { "id": a.container_id },
+        "observer": { "ingress": { "interface": { "name": a.ingress.as_ref().map(|i| i.0.clone()) } } },
         "rule": { "name": inc.key.verdict.rule.as_deref().unwrap_or(DEFAULT_RULE) },
         "egret": {
             "count": inc.count,
@@ -197,6 +198,9 @@ pub fn who(inc: &Incident) -> String {
     let a = &inc.attribution;
     let user = a.user_name.clone().or_else(|| a.uid.map(|u| u.to_string()));
     let user = user.map(|u| format!("user {u}")).unwrap_or_default();
+    if let (None, None, None, Some((iface, src))) = (&a.process, &a.unit, a.uid, &a.ingress) {
+        return format!("forwarded from {src} via {iface}");
+    }
     match (&a.process, &a.unit) {
         (Some(p), _) => format!(
             "{} (pid {}{}{})",
@@ -314,6 +318,7 @@ mod tests {
             cgroup: Some("/system.slice/app.service".into()),
             unit: Some("app.service".into()),
             container_id: None,
+            ingress: None,
         };
         let v = Verdict {
             blocked: true,

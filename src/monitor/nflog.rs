@@ -33,6 +33,7 @@ const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULNL_CFG_F_SEQ: u16 = 1;
 
+const NFULA_IFINDEX_INDEV: u16 = 4;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
 const NFULA_UID: u16 = 11;
@@ -104,6 +105,8 @@ pub struct LoggedPacket {
     pub flow: Result<Flow, packet::DecodeError>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Input interface index, for forwarded packets.
+    pub indev: Option<u32>,
 }
 
 /// The fields of one NFULNL_MSG_PACKET, borrowed from the receive buffer.
@@ -114,6 +117,8 @@ pub struct RawRecord<'a> {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub seq: Option<u32>,
+    /// Input interface: set for forwarded packets (the forward hook).
+    pub indev: Option<u32>,
 }
 
 /// Parses the payload of a packet message (after nlmsghdr). Never panics;
@@ -128,6 +133,7 @@ pub fn parse_record(payload: &[u8]) -> Option<RawRecord<'_>> {
             NFULA_UID => rec.uid = be_u32(value),
             NFULA_GID => rec.gid = be_u32(value),
             NFULA_SEQ => rec.seq = be_u32(value),
+            NFULA_IFINDEX_INDEV => rec.indev = be_u32(value),
             _ => {}
         }
     }
@@ -307,6 +313,7 @@ impl NflogReader {
                 flow: packet::decode(rec.payload),
                 uid: rec.uid,
                 gid: rec.gid,
+                indev: rec.indev,
             });
         }
         self.buf = buf;

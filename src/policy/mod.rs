@@ -27,7 +27,7 @@ pub const DEFAULT_LOG_GROUP: u16 = 5;
 /// CAP_NET_ADMIN, so ordinary processes cannot borrow the guard's exemption.
 pub const DEFAULT_MARK: u32 = 0x6567_7274;
 /// Rule names egret uses for its own log rules; a policy rule may not take them.
-pub const RESERVED_RULE_NAMES: &[&str] = &["default", "dns-bypass", "dns-guard"];
+pub const RESERVED_RULE_NAMES: &[&str] = &["default", "dns-bypass", "dns-guard", "containers"];
 
 /// A whole, validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,12 @@ pub struct Policy {
     pub proxy: Option<ProxyConfig>,
     /// The Prometheus endpoint, when the policy has a `[metrics]` section.
     pub metrics: Option<SocketAddr>,
+    /// What egret filters: this host's own sockets, or also what local
+    /// container bridges forward.
+    pub scope: Scope,
+    /// With `Scope::HostAndContainers`: the bridge interfaces containers sit
+    /// behind (`docker0`, `br-*`, ...).
+    pub container_interfaces: Vec<String>,
     pub rules: Vec<AllowRule>,
 }
 
@@ -96,6 +102,20 @@ pub struct ProxyConfig {
     pub threads: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Scope {
+    /// This host's own sockets (the output hook).
+    #[default]
+    #[serde(rename = "host")]
+    Host,
+    /// Also traffic forwarded from container bridges (the forward hook).
+    #[serde(rename = "host+containers")]
+    HostAndContainers,
+}
+
+/// Bridges of Docker (default and user networks), podman, CNI and libvirt.
+pub const DEFAULT_CONTAINER_INTERFACES: &[&str] = &["docker0", "br-*", "podman*", "cni*", "virbr*"];
+
 /// Where `[metrics]` listens unless told otherwise.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
@@ -139,6 +159,8 @@ impl Policy {
             dns: None,
             proxy: None,
             metrics: None,
+            scope: Scope::Host,
+            container_interfaces: Vec::new(),
             rules: Vec::new(),
         }
     }

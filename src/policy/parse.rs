@@ -12,8 +12,8 @@ use toml::Spanned;
 use super::diagnostic::Diagnostic;
 use super::{
     AllowRule, BlockAction, DnsConfig, HostPattern, Mode, Origin, Policy, PolicyErrors, PortRange,
-    ProxyConfig, Refusal, Via, DEFAULT_LOG_GROUP, DEFAULT_MARK, DEFAULT_METRICS_LISTEN, L4,
-    RESERVED_RULE_NAMES,
+    ProxyConfig, Refusal, Scope, Via, DEFAULT_CONTAINER_INTERFACES, DEFAULT_LOG_GROUP,
+    DEFAULT_MARK, DEFAULT_METRICS_LISTEN, L4, RESERVED_RULE_NAMES,
 };
 
 /// Resolves user and group names to ids. The system implementation asks NSS;
@@ -51,6 +51,8 @@ struct RawMain {
     dns: Option<Spanned<RawDns>>,
     proxy: Option<Spanned<RawProxy>>,
     metrics: Option<Spanned<RawMetrics>>,
+    scope: Option<Spanned<Scope>>,
+    container_interfaces: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -218,6 +220,47 @@ pub fn parse_str(
         }
     });
 
+    let scope = raw.scope.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
+    let mut container_interfaces = Vec::new();
+    match &raw.container_interfaces {
+        None => {
+            container_interfaces.extend(DEFAULT_CONTAINER_INTERFACES.iter().map(|s| s.to_string()))
+        }
+        Some(list) => {
+            for i in list {
+                let name = i.get_ref();
+                let stem = name.strip_suffix('*').unwrap_or(name);
+                let ok = !stem.is_empty()
+                    && name.len() <= 15
+                    && !stem.contains(['*', '/', ' ', '"'])
+                    && stem.is_ascii();
+                if ok {
+                    container_interfaces.push(name.clone());
+                } else {
+                    errors.push(
+                        Diagnostic::at(path, source, Some(i.span()), format!("invalid interface name {name:?}"))
+                            .with_hint("an interface name of up to 15 characters, or a prefix ending in * such as \"br-*\""),
+                    );
+                }
+            }
+        }
+    }
+    if scope == Scope::Host && raw.container_interfaces.is_some() {
+        if let Some(first) = raw.container_interfaces.as_ref().and_then(|l| l.first()) {
+            errors.push(
+                Diagnostic::at(
+                    path,
+                    source,
+                    Some(first.span()),
+                    "container_interfaces needs scope = \"host+containers\"",
+                )
+                .with_hint(
+                    "set scope = \"host+containers\" to filter what container bridges forward",
+                ),
+            );
+        }
+    }
+
     let mut checker = RuleChecker {
         accounts,
         names: HashMap::new(),
@@ -263,6 +306,12 @@ pub fn parse_str(
             dns,
             proxy,
             metrics,
+            scope,
+            container_interfaces: if scope == Scope::HostAndContainers {
+                container_interfaces
+            } else {
+                Vec::new()
+            },
             rules: checker.rules,
         })
     } else {
@@ -1113,6 +1162,30 @@ units = ["borg.service"]
         assert!(first_error("[metrics]\nport = 1\n")
             .message
             .contains("unknown field"));
+    }
+
+    #[test]
+    fn scope_and_container_interfaces() {
+        let p = parse("scope = \"host+containers\"\n").unwrap();
+        assert_eq!(p.scope, Scope::HostAndContainers);
+        assert!(p.container_interfaces.contains(&"docker0".to_string()));
+        let p =
+            parse("scope = \"host+containers\"\ncontainer_interfaces = [\"lxcbr0\", \"veth*\"]\n")
+                .unwrap();
+        assert_eq!(p.container_interfaces, ["lxcbr0", "veth*"]);
+        assert!(parse("").unwrap().container_interfaces.is_empty());
+        let d = first_error("scope = \"host+containers\"\ncontainer_interfaces = [\"a*b\"]\n");
+        assert!(
+            d.message.contains("invalid interface name"),
+            "{}",
+            d.message
+        );
+        assert_eq!((d.line, d.column), (2, 25));
+        let d = first_error("container_interfaces = [\"docker0\"]\n");
+        assert!(d.message.contains("needs scope"), "{}", d.message);
+        assert!(first_error("scope = \"everything\"\n")
+            .message
+            .contains("unknown variant"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::policy::{AllowRule, BlockAction, Mode, Policy, Via, L4};
+use crate::policy::{AllowRule, BlockAction, Mode, Policy, Scope, Via, L4};
 
 use super::*;
 
@@ -41,16 +41,25 @@ pub fn table_comment(policy: &Policy) -> String {
 }
 
 pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
+    let containers = policy.scope == Scope::HostAndContainers;
     let mut c = Compiler {
         sets: Vec::new(),
         rules: Vec::new(),
         nat_rules: Vec::new(),
+        container_rules: Vec::new(),
     };
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
     c.proxy(policy);
     for rule in &policy.rules {
+        let before = c.rules.len();
         c.allow_rule(rule, input, policy.dns.is_some());
+        // Forwarded packets have no local socket: rules that name users,
+        // groups or units cannot apply to them.
+        if containers && !rule.has_subject() {
+            let added = c.rules[before..].to_vec();
+            c.container_rules.extend(added);
+        }
     }
     for rule in &policy.rules {
         if let Some(mode) = rule.mode.filter(|m| *m != policy.mode) {
@@ -69,6 +78,64 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         }),
         rules: c.rules,
     }];
+    if containers {
+        let mut rules = vec![Rule {
+            counter: None,
+            ..rule(
+                vec![Match::CtState(CT_ESTABLISHED | CT_RELATED)],
+                Verdict::Accept,
+                "baseline: established and related",
+            )
+        }];
+        rules.append(&mut c.container_rules);
+        let log = Some(Log {
+            group: policy.log_group,
+            prefix: format!(
+                "{}:{CONTAINERS_CHAIN}",
+                match policy.mode {
+                    Mode::Audit => PREFIX_WOULD_BLOCK,
+                    Mode::Enforce => PREFIX_BLOCKED,
+                }
+            ),
+        });
+        let last = match policy.mode {
+            Mode::Audit => Verdict::Accept,
+            Mode::Enforce => Verdict::Drop,
+        };
+        rules.push(Rule {
+            log,
+            ..rule(
+                vec![],
+                last,
+                "containers: log the rest and block it (audit: let it pass)",
+            )
+        });
+        chains.push(Chain {
+            name: CONTAINERS_CHAIN.to_string(),
+            base: None,
+            rules,
+        });
+        chains.push(Chain {
+            name: FORWARD_CHAIN.to_string(),
+            base: Some(BaseChain {
+                hook: Hook::Forward,
+                nat: false,
+                priority: 0,
+                accept: true,
+            }),
+            rules: policy
+                .container_interfaces
+                .iter()
+                .map(|i| {
+                    rule(
+                        vec![Match::IifName(i.clone())],
+                        Verdict::Jump(CONTAINERS_CHAIN.into()),
+                        format!("containers behind {i}"),
+                    )
+                })
+                .collect(),
+        });
+    }
     if !c.nat_rules.is_empty() {
         chains.push(Chain {
             name: DNS_INTERCEPT_CHAIN.to_string(),
@@ -94,6 +161,8 @@ struct Compiler {
     rules: Vec<Rule>,
     /// The DNS intercept nat chain, when there is one.
     nat_rules: Vec<Rule>,
+    /// What forwarded container traffic may do (scope = "host+containers").
+    container_rules: Vec<Rule>,
 }
 
 fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
@@ -690,6 +759,8 @@ mod tests {
             dns: None,
             proxy: None,
             metrics: None,
+            scope: crate::policy::Scope::Host,
+            container_interfaces: vec![],
             rules,
         }
     }

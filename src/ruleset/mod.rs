@@ -30,6 +30,11 @@ pub const PREFIX_BLOCKED: &str = "egret:blocked";
 pub const PREFIX_WOULD_BLOCK: &str = "egret:would-block";
 /// The rule name in the log prefix of DNS sent around the guard.
 pub const DNS_BYPASS_RULE: &str = "dns-bypass";
+/// `scope = "host+containers"`: the forward-hook base chain, and the chain it
+/// jumps to for traffic from container bridges (also the rule name in events).
+pub const FORWARD_CHAIN: &str = "forward";
+pub const CONTAINERS_CHAIN: &str = "containers";
+
 /// The nat chain that redirects plain DNS to the guard (`intercept = true`).
 pub const DNS_INTERCEPT_CHAIN: &str = "dns_intercept";
 /// The rule name on events about queries the DNS guard refused.
@@ -237,7 +242,7 @@ pub struct Log {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     Accept,
     Drop,
@@ -247,6 +252,8 @@ pub enum Verdict {
     RejectAdminProhibited,
     /// `redirect to :PORT` (nat chains): to the local host, this port.
     Redirect(u16),
+    /// `jump CHAIN`
+    Jump(String),
 }
 
 /// Who may send, by id.
@@ -261,6 +268,8 @@ pub enum IdMatch {
 pub enum Match {
     /// `oifname "lo"`
     OifName(String),
+    /// `iifname "docker0"`, or a prefix with a trailing `*`: `iifname "br-*"`.
+    IifName(String),
     /// `ct state ...` with nft's state bits (established = 2, related = 4, new = 8).
     CtState(u32),
     /// `meta nfproto ipv4|ipv6`

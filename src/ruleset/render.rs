@@ -191,6 +191,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
         .map(|m| match m {
             Match::OifName(name) => format!("oifname {}", quote(name)),
             Match::Mark(mark) => format!("meta mark {mark:#010x}"),
+            Match::IifName(name) => format!("iifname {}", quote(name)),
             Match::CtState(bits) => {
                 let names: Vec<&str> = [
                     (1, "invalid"),
@@ -238,13 +239,14 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
             log.group
         ));
     }
-    if let Some(v) = rule.verdict {
+    if let Some(v) = &rule.verdict {
         parts.push(match v {
             Verdict::Accept => "accept".into(),
             Verdict::Drop => "drop".into(),
             Verdict::RejectTcpReset => "reject with tcp reset".into(),
             Verdict::RejectAdminProhibited => "reject with icmpx admin-prohibited".into(),
             Verdict::Redirect(port) => format!("redirect to :{port}"),
+            Verdict::Jump(chain) => format!("jump {chain}"),
         });
     }
     if let Some(c) = &rule.comment {
