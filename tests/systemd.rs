@@ -130,15 +130,30 @@ fn the_capabilities_the_unit_grants_are_enough_and_each_is_needed() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let attempt = Attempt::start(&pair.a, Some(4242), &["try-tcp", B4, "1389"]);
-        let mut line = String::new();
-        let mut out = BufReader::new(egret.stdout.take().unwrap());
-        let event = loop {
-            line.clear();
+        // The attempt must meet the ruleset, not race egret's start.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !pair.a.nft_ruleset().contains("table inet egret") {
             assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "egret run ended ({granted})"
+                std::time::Instant::now() < deadline,
+                "egret run did not load its ruleset ({granted})"
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let attempt = Attempt::start(&pair.a, Some(4242), &["try-tcp", B4, "1389"]);
+        // Lines on a channel, so a missing event fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = BufReader::new(egret.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let event = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no event for the blocked connect ({granted})"));
             let doc: serde_json::Value = serde_json::from_str(&line).unwrap();
             if at(&doc, "/destination/port") == 1389 {
                 break doc;

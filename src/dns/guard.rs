@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
+use super::batch::{self, Batcher};
 use super::cache::{Cache, CacheKey};
 use super::message::{self, Incoming, Query};
 use super::sets::{HostSets, RecentNames};
@@ -279,29 +280,45 @@ fn cache_key(q: &Query) -> CacheKey {
 }
 
 async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> {
-    let mut buf = vec![0u8; 65_535];
+    let mut batch = Batcher::default();
+    let mut replies = Vec::with_capacity(batch::BATCH);
     loop {
-        let (n, peer) = sock.recv_from(&mut buf).await?;
-        let q = match message::parse(&buf[..n]) {
-            Incoming::Query(q) => q,
-            Incoming::Reply(r) => {
-                let _ = sock.send_to(&r, peer).await;
+        let received = batch.recv(&sock).await?;
+        let cfg = shared.config();
+        for (i, r) in received.iter().enumerate() {
+            let incoming = if r.truncated {
+                // Too big for a query slot: answer as if malformed.
+                message::parse(&batch.data(i, r.len)[..12.min(r.len)])
+            } else {
+                message::parse(batch.data(i, r.len))
+            };
+            let q = match incoming {
+                Incoming::Query(q) => q,
+                Incoming::Reply(reply) => {
+                    replies.push((reply, r.peer));
+                    continue;
+                }
+                Incoming::Ignore => continue,
+            };
+            shared.stats.queries.fetch_add(1, Ordering::Relaxed);
+            if let Some(reply) = shared.cached(&cfg, &q, q.udp_limit()) {
+                replies.push((reply, r.peer));
                 continue;
             }
-            Incoming::Ignore => continue,
-        };
-        shared.stats.queries.fetch_add(1, Ordering::Relaxed);
-        let cfg = shared.config();
-        if let Some(reply) = shared.cached(&cfg, &q, q.udp_limit()) {
-            let _ = sock.send_to(&reply, peer).await;
-            continue;
+            let (shared, sock, cfg, peer) = (
+                Arc::clone(&shared),
+                Arc::clone(&sock),
+                Arc::clone(&cfg),
+                r.peer,
+            );
+            tokio::spawn(async move {
+                let limit = q.udp_limit();
+                let reply = answer(&shared, cfg, *q, peer, Transport::Udp, limit).await;
+                let _ = sock.send_to(&reply, peer).await;
+            });
         }
-        let (shared, sock) = (Arc::clone(&shared), Arc::clone(&sock));
-        tokio::spawn(async move {
-            let limit = q.udp_limit();
-            let reply = answer(&shared, cfg, *q, peer, Transport::Udp, limit).await;
-            let _ = sock.send_to(&reply, peer).await;
-        });
+        batch.send(&sock, &replies).await?;
+        replies.clear();
     }
 }
 

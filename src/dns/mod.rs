@@ -9,6 +9,7 @@
 //! with TTLs) → reply. `sets::RecentNames` lets the monitor name the host
 //! behind a blocked address.
 
+mod batch;
 pub mod cache;
 pub mod guard;
 pub mod message;
