@@ -276,3 +276,50 @@ fn unit_rules_follow_a_restarted_unit_to_its_new_cgroup() {
     assert!(daemon.stderr_text().contains("unit cgroups changed"));
     assert!(!pair.a.tcp_ok(None, B4, 7000));
 }
+
+#[test]
+fn tampering_with_the_table_is_reported_and_with_restore_table_undone() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("mode = \"enforce\"\nrestore_table = true\n");
+    let run = Running::start(&ns, &policy.state_dir(), &["--policy", policy.path()]);
+    run_ok(&mut ns.cmd("nft", &["delete", "table", "inet", "egret"]));
+    let e = run.wait_event(10, "tamper: deleted", |e| {
+        at(e, "/event/action") == "tamper" && at(e, "/egret/tamper") == "deleted"
+    });
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    assert!(ns.nft_ruleset().contains("table inet egret"), "restored");
+    // A rule slipped in front of egret's: changed, and put back as the policy says.
+    run_ok(&mut ns.cmd(
+        "nft",
+        &["insert", "rule", "inet", "egret", "output", "accept"],
+    ));
+    run.wait_event(10, "tamper: changed", |e| {
+        at(e, "/event/action") == "tamper"
+            && at(e, "/egret/tamper") == "changed"
+            && at(e, "/egret/restored") == true
+    });
+    let rules = ns.nft_ruleset();
+    assert!(
+        !rules.contains("\t\taccept\n"),
+        "the inserted rule is gone: {rules}"
+    );
+    drop(run);
+
+    // Without restore_table: reported, not undone.
+    let policy = PolicyFile::new("mode = \"enforce\"\n");
+    let run = Running::start(&ns, &policy.state_dir(), &["--policy", policy.path()]);
+    run_ok(&mut ns.cmd("nft", &["delete", "table", "inet", "egret"]));
+    let e = run.wait_event(10, "tamper: deleted", |e| {
+        at(e, "/event/action") == "tamper"
+    });
+    assert_eq!(at(&e, "/egret/restored"), false);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!ns.nft_ruleset().contains("table inet egret"));
+    let tampers = run
+        .snapshot()
+        .iter()
+        .filter(|e| at(e, "/event/action") == "tamper")
+        .count();
+    assert_eq!(tampers, 1, "reported once, not every second");
+    drop(run);
+}

@@ -344,6 +344,12 @@ impl Nftables {
     /// `None` when it is not loaded. Reads rules only (no set elements), so
     /// it stays cheap with 100k-entry sets.
     pub fn logged_packets(&mut self) -> Result<Option<u64>> {
+        Ok(self.live_rules()?.map(|rules| logged_total(&rules)))
+    }
+
+    /// The rules of egret's live table with their chains, or `None` when it
+    /// is not loaded. Rules only (no set elements): cheap enough to poll.
+    pub fn live_rules(&mut self) -> Result<Option<Vec<(String, Rule)>>> {
         if self.get_table()?.is_none() {
             return Ok(None);
         }
@@ -356,18 +362,15 @@ impl Nftables {
             Err(e) if e.errno == libc::ENOENT => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let mut total = 0;
+        let mut rules = Vec::with_capacity(payloads.len());
         for p in payloads {
-            let rule = decode_rule(&p)?;
-            let ours = rule
-                .log
-                .as_ref()
-                .is_some_and(|l| l.prefix.starts_with("egret:"));
-            if let (true, Some(c)) = (ours, rule.counter) {
-                total += c.packets;
-            }
+            let chain = attrs(&p)
+                .find(|(k, _)| *k == RULE_CHAIN)
+                .map(|(_, v)| c_str(v))
+                .unwrap_or_default();
+            rules.push((chain, decode_rule(&p)?));
         }
-        Ok(Some(total))
+        Ok(Some(rules))
     }
 
     fn get_table(&mut self) -> Result<Option<String>> {
@@ -403,6 +406,19 @@ impl Nftables {
         b.end();
         b.buf
     }
+}
+
+/// Packets egret's own log rules counted.
+pub fn logged_total(rules: &[(String, Rule)]) -> u64 {
+    rules
+        .iter()
+        .filter(|(_, r)| {
+            r.log
+                .as_ref()
+                .is_some_and(|l| l.prefix.starts_with("egret:"))
+        })
+        .filter_map(|(_, r)| r.counter.map(|c| c.packets))
+        .sum()
 }
 
 fn msg_type(msg: u16) -> u16 {

@@ -135,6 +135,11 @@ struct Daemon {
     recent: Arc<Mutex<RecentNames>>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    /// The rules egret loaded (counters zeroed): what the live table must show.
+    expected: Vec<(String, crate::ruleset::Rule)>,
+    tamper_reported: bool,
+    /// The last reading of the log rules' counters.
+    last_live: u64,
     /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
     sets: Vec<(crate::ruleset::Set, u64)>,
     reported_lost: u64,
@@ -293,6 +298,9 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         metrics,
         metrics_server,
         sets: set_sizes(&rs),
+        expected: expected_rules(&rs),
+        tamper_reported: false,
+        last_live: 0,
         reported_lost: 0,
         last_loss_event: None,
     };
@@ -525,13 +533,20 @@ impl Daemon {
     }
 
     fn account(&mut self) {
-        match self.nft.logged_packets() {
-            Ok(Some(live)) => {
+        match self.nft.live_rules() {
+            Ok(Some(rules)) => {
+                let live = crate::kernel::nft::logged_total(&rules);
                 let (now_ms, counts) = (self.now_ms(), self.counts());
                 self.accounting.kernel_reading(live, now_ms, counts);
                 self.write_books(live);
+                self.last_live = live;
+                if normalized(rules) != self.expected {
+                    self.tampered("changed");
+                } else {
+                    self.tamper_reported = false;
+                }
             }
-            Ok(None) => warn!("egret's table is gone (`egret remove`?); egress is not filtered"),
+            Ok(None) => self.tampered("deleted"),
             Err(e) => warn!("reading egret's log counters: {e}"),
         }
         let figures = self.accounting.figures(self.counts());
@@ -551,7 +566,8 @@ impl Daemon {
             );
             self.out.line(&doc);
             self.out.flush();
-            if let Err(e) = self.store.insert_data_loss(now, delta, &doc) {
+            let id = self.agg.reserve_id();
+            if let Err(e) = self.store.insert_event(id, "data-loss", now, delta, &doc) {
                 warn!("storing a data-loss event: {e:#}");
             }
             self.reported_lost = lost;
@@ -587,6 +603,56 @@ impl Daemon {
         }
     }
 
+    /// egret's table was deleted or changed by something else: report it
+    /// (once per occurrence) and, with `restore_table`, load the policy again.
+    fn tampered(&mut self, what: &str) {
+        let restore = self.policy.restore_table;
+        if !self.tamper_reported {
+            warn!(
+                "egret's table was {what} outside egret{}",
+                if restore { "; restoring it" } else { "" }
+            );
+        }
+        let restored = restore && {
+            match self.restore() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("restoring egret's table: {e:#}");
+                    false
+                }
+            }
+        };
+        if self.tamper_reported && !restored {
+            return;
+        }
+        let now = SystemTime::now();
+        let doc = event::tamper(now, what, restored, &self.host);
+        self.out.line(&doc);
+        self.out.flush();
+        let id = self.agg.reserve_id();
+        if let Err(e) = self.store.insert_event(id, "tamper", now, 1, &doc) {
+            warn!("storing a tamper event: {e:#}");
+        }
+        // Once restored, a new change is a new occurrence.
+        self.tamper_reported = !restored;
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        let rs = apply::compile_with_units(&self.policy, self.units.clone())?;
+        let nft = &mut self.nft;
+        let mut swap = || nft.apply(&rs).context("restoring the ruleset");
+        match &self.guard {
+            Some(g) => g.swap(None, swap)?,
+            None => swap()?,
+        }
+        self.accounting.retire(self.last_live);
+        self.last_live = 0;
+        self.expected = expected_rules(&rs);
+        self.sets = set_sizes(&rs);
+        info!("egret's table restored from the policy");
+        Ok(())
+    }
+
     /// Swaps the whole ruleset; the old one's counts are kept in the books.
     /// With a DNS guard, the swap happens with its set writer held (and its
     /// configuration replaced by `guard_config`, if given).
@@ -603,6 +669,7 @@ impl Daemon {
         };
         self.accounting.retire(last);
         self.sets = set_sizes(rs);
+        self.expected = expected_rules(rs);
         Ok(())
     }
 
@@ -764,6 +831,30 @@ fn interface_name(index: u32) -> String {
     unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// A ruleset's rules as the kernel lists them, counters zeroed.
+fn expected_rules(rs: &Ruleset) -> Vec<(String, crate::ruleset::Rule)> {
+    normalized(
+        rs.chains
+            .iter()
+            .flat_map(|c| c.rules.iter().map(move |r| (c.name.clone(), r.clone())))
+            .collect(),
+    )
+}
+
+/// Rules with their counters zeroed, sorted by chain (the kernel lists chains
+/// in its own order; within a chain the order is the rules' order).
+fn normalized(
+    mut rules: Vec<(String, crate::ruleset::Rule)>,
+) -> Vec<(String, crate::ruleset::Rule)> {
+    for (_, r) in &mut rules {
+        if r.counter.is_some() {
+            r.counter = Some(crate::ruleset::Counter::default());
+        }
+    }
+    rules.sort_by(|a, b| a.0.cmp(&b.0));
+    rules
 }
 
 /// Element counts of a compiled ruleset's sets (timeout sets are counted live).

@@ -281,6 +281,27 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
     })
 }
 
+/// egret's table was deleted or changed by something other than egret.
+pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
+    json!({
+        "@timestamp": timestamp(at),
+        "message": format!(
+            "egret's table was {what} outside egret{}",
+            if restored { "; egret restored it" } else { "; egress is not filtered as the policy says" }
+        ),
+        "event": {
+            "kind": "alert",
+            "category": ["configuration"],
+            "type": ["change"],
+            "action": "tamper",
+            "module": "egret",
+            "dataset": "egret.egress",
+        },
+        "host": { "hostname": host },
+        "egret": { "tamper": what, "restored": restored },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,6 +230,13 @@ impl Aggregator {
         }
     }
 
+    /// An id for an event that is not an incident (data loss, tamper).
+    pub fn reserve_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     pub fn open_count(&self) -> usize {
         self.open.len()
     }

@@ -144,12 +144,20 @@ impl Store {
         Ok(())
     }
 
-    pub fn insert_data_loss(&mut self, at: SystemTime, lost: u64, doc: &Value) -> Result<()> {
-        let id = self.next_incident_id()?;
+    /// An event about egret itself (data loss, tamper), under an id the
+    /// aggregator reserved so it never collides with an incident's.
+    pub fn insert_event(
+        &mut self,
+        id: u64,
+        action: &str,
+        at: SystemTime,
+        count: u64,
+        doc: &Value,
+    ) -> Result<()> {
         self.conn.execute(
             "INSERT INTO events (id, action, first_seen, last_seen, count, who, destination, rule, doc)
-             VALUES (?1, 'data-loss', ?2, ?2, ?3, 'egret', '', '', ?4)",
-            params![id as i64, unix_ms(at), lost as i64, doc.to_string()],
+             VALUES (?1, ?2, ?3, ?3, ?4, 'egret', '', '', ?5)",
+            params![id as i64, action, unix_ms(at), count as i64, doc.to_string()],
         )?;
         Ok(())
     }

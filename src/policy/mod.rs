@@ -43,6 +43,9 @@ pub struct Policy {
     pub proxy: Option<ProxyConfig>,
     /// The Prometheus endpoint, when the policy has a `[metrics]` section.
     pub metrics: Option<SocketAddr>,
+    /// Re-apply the policy when egret's table is deleted or changed by
+    /// something else (it is always reported).
+    pub restore_table: bool,
     /// What egret filters: this host's own sockets, or also what local
     /// container bridges forward.
     pub scope: Scope,
@@ -159,6 +162,7 @@ impl Policy {
             dns: None,
             proxy: None,
             metrics: None,
+            restore_table: false,
             scope: Scope::Host,
             container_interfaces: Vec::new(),
             rules: Vec::new(),

@@ -52,6 +52,7 @@ struct RawMain {
     proxy: Option<Spanned<RawProxy>>,
     metrics: Option<Spanned<RawMetrics>>,
     scope: Option<Spanned<Scope>>,
+    restore_table: Option<bool>,
     container_interfaces: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
@@ -306,6 +307,7 @@ pub fn parse_str(
             dns,
             proxy,
             metrics,
+            restore_table: raw.restore_table.unwrap_or(false),
             scope,
             container_interfaces: if scope == Scope::HostAndContainers {
                 container_interfaces

@@ -759,6 +759,7 @@ mod tests {
             dns: None,
             proxy: None,
             metrics: None,
+            restore_table: false,
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
             rules,
