@@ -323,3 +323,17 @@ fn tampering_with_the_table_is_reported_and_with_restore_table_undone() {
     assert_eq!(tampers, 1, "reported once, not every second");
     drop(run);
 }
+
+#[test]
+fn a_heartbeat_tells_a_quiet_host_from_a_dead_daemon() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("mode = \"audit\"\nheartbeat = \"1s\"\n");
+    let run = Running::start(&ns, &policy.state_dir(), &["--policy", policy.path()]);
+    let first = run.wait_event(10, "heartbeat", |e| at(e, "/event/action") == "heartbeat");
+    assert_eq!(at(&first, "/event/kind"), "state");
+    assert!(at(&first, "/egret/loss/received").is_u64(), "{first:#}");
+    run.wait_event(10, "a second heartbeat", |e| {
+        at(e, "/event/action") == "heartbeat" && at(e, "/@timestamp") != at(&first, "/@timestamp")
+    });
+    drop(run);
+}

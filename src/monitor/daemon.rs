@@ -344,6 +344,7 @@ impl Daemon {
         let mut last_units = Instant::now();
         let mut last_prune = Instant::now();
         let mut last_sizes = Instant::now() - SET_SIZES_EVERY;
+        let mut last_heartbeat = Instant::now();
         loop {
             match rx.recv_timeout(TICK) {
                 Ok(p) => {
@@ -382,6 +383,20 @@ impl Daemon {
             if last_units.elapsed() >= UNITS_EVERY {
                 last_units = Instant::now();
                 self.refresh_units();
+            }
+            if let Some(every) = self.policy.heartbeat {
+                if last_heartbeat.elapsed() >= every {
+                    last_heartbeat = Instant::now();
+                    let figures = self.accounting.figures(self.counts());
+                    let doc = event::heartbeat(
+                        SystemTime::now(),
+                        &figures,
+                        self.agg.open_count(),
+                        &self.host,
+                    );
+                    self.out.line(&doc);
+                    self.out.flush();
+                }
             }
             if self.metrics_server.is_some() && last_sizes.elapsed() >= SET_SIZES_EVERY {
                 last_sizes = Instant::now();

@@ -281,6 +281,29 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
     })
 }
 
+/// A sign of life, with the books, so a silent host can be told apart from a dead daemon.
+pub fn heartbeat(
+    at: SystemTime,
+    figures: &LossFigures,
+    open_incidents: usize,
+    host: &str,
+) -> Value {
+    json!({
+        "@timestamp": timestamp(at),
+        "message": format!("egret run is alive: {} blocked packets received, {} lost", figures.received, figures.lost()),
+        "event": {
+            "kind": "state",
+            "category": ["host"],
+            "type": ["info"],
+            "action": "heartbeat",
+            "module": "egret",
+            "dataset": "egret.egress",
+        },
+        "host": { "hostname": host },
+        "egret": { "loss": figures, "open_incidents": open_incidents },
+    })
+}
+
 /// egret's table was deleted or changed by something other than egret.
 pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
     json!({

@@ -46,6 +46,9 @@ pub struct Policy {
     /// Re-apply the policy when egret's table is deleted or changed by
     /// something else (it is always reported).
     pub restore_table: bool,
+    /// Emit a `heartbeat` event this often, so a silent host can be told
+    /// apart from a dead daemon. `None`: no heartbeat.
+    pub heartbeat: Option<Duration>,
     /// What egret filters: this host's own sockets, or also what local
     /// container bridges forward.
     pub scope: Scope,
@@ -163,6 +166,7 @@ impl Policy {
             proxy: None,
             metrics: None,
             restore_table: false,
+            heartbeat: None,
             scope: Scope::Host,
             container_interfaces: Vec::new(),
             rules: Vec::new(),

@@ -53,6 +53,7 @@ struct RawMain {
     metrics: Option<Spanned<RawMetrics>>,
     scope: Option<Spanned<Scope>>,
     restore_table: Option<bool>,
+    heartbeat: Option<Spanned<String>>,
     container_interfaces: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
@@ -221,6 +222,17 @@ pub fn parse_str(
         }
     });
 
+    let heartbeat = match duration_field(&raw.heartbeat, std::time::Duration::ZERO, false) {
+        Ok(d) if d.is_zero() => None,
+        Ok(d) => Some(d),
+        Err((span, msg)) => {
+            errors.push(
+                Diagnostic::at(path, source, Some(span), msg)
+                    .with_hint("write a duration such as \"5m\" or \"1h\""),
+            );
+            None
+        }
+    };
     let scope = raw.scope.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
     let mut container_interfaces = Vec::new();
     match &raw.container_interfaces {
@@ -308,6 +320,7 @@ pub fn parse_str(
             proxy,
             metrics,
             restore_table: raw.restore_table.unwrap_or(false),
+            heartbeat,
             scope,
             container_interfaces: if scope == Scope::HostAndContainers {
                 container_interfaces
@@ -1188,6 +1201,18 @@ units = ["borg.service"]
         assert!(first_error("scope = \"everything\"\n")
             .message
             .contains("unknown variant"));
+    }
+
+    #[test]
+    fn heartbeat_and_restore_table() {
+        let p = parse("heartbeat = \"5m\"\nrestore_table = true\n").unwrap();
+        assert_eq!(p.heartbeat, Some(std::time::Duration::from_secs(300)));
+        assert!(p.restore_table);
+        let p = parse("").unwrap();
+        assert_eq!((p.heartbeat, p.restore_table), (None, false));
+        let d = first_error("heartbeat = \"0s\"\n");
+        assert!(d.message.contains("more than zero"), "{}", d.message);
+        assert_eq!((d.line, d.column), (1, 13));
     }
 
     #[test]

@@ -760,6 +760,7 @@ mod tests {
             proxy: None,
             metrics: None,
             restore_table: false,
+            heartbeat: None,
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
             rules,
