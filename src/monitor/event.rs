@@ -262,23 +262,13 @@ impl LossFigures {
 }
 
 pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, host: &str) -> Value {
-    json!({
-        "@timestamp": timestamp(at),
-        "message": format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
-        "event": {
-            "kind": "event",
-            "category": ["network"],
-            "type": ["info"],
-            "action": "data-loss",
-            "module": "egret",
-            "dataset": "egret.egress",
-        },
-        "host": { "hostname": host },
-        "egret": {
-            "lost": lost_since_last,
-            "loss": figures,
-        },
-    })
+    self_event(
+        at,
+        host,
+        format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
+        ("event", "network", "info", "data-loss"),
+        json!({ "lost": lost_since_last, "loss": figures }),
+    )
 }
 
 /// A sign of life, with the books, so a silent host can be told apart from a dead daemon.
@@ -288,40 +278,56 @@ pub fn heartbeat(
     open_incidents: usize,
     host: &str,
 ) -> Value {
-    json!({
-        "@timestamp": timestamp(at),
-        "message": format!("egret run is alive: {} blocked packets received, {} lost", figures.received, figures.lost()),
-        "event": {
-            "kind": "state",
-            "category": ["host"],
-            "type": ["info"],
-            "action": "heartbeat",
-            "module": "egret",
-            "dataset": "egret.egress",
-        },
-        "host": { "hostname": host },
-        "egret": { "loss": figures, "open_incidents": open_incidents },
-    })
+    self_event(
+        at,
+        host,
+        format!(
+            "egret run is alive: {} blocked packets received, {} lost",
+            figures.received,
+            figures.lost()
+        ),
+        ("state", "host", "info", "heartbeat"),
+        json!({ "loss": figures, "open_incidents": open_incidents }),
+    )
 }
 
 /// egret's table was deleted or changed by something other than egret.
 pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
+    let outcome = if restored {
+        "; egret restored it"
+    } else {
+        "; egress is not filtered as the policy says"
+    };
+    self_event(
+        at,
+        host,
+        format!("egret's table was {what} outside egret{outcome}"),
+        ("alert", "configuration", "change", "tamper"),
+        json!({ "tamper": what, "restored": restored }),
+    )
+}
+
+/// An event about egret itself: ECS envelope with (kind, category, type, action).
+fn self_event(
+    at: SystemTime,
+    host: &str,
+    message: String,
+    (kind, category, kind_type, action): (&str, &str, &str, &str),
+    egret: Value,
+) -> Value {
     json!({
         "@timestamp": timestamp(at),
-        "message": format!(
-            "egret's table was {what} outside egret{}",
-            if restored { "; egret restored it" } else { "; egress is not filtered as the policy says" }
-        ),
+        "message": message,
         "event": {
-            "kind": "alert",
-            "category": ["configuration"],
-            "type": ["change"],
-            "action": "tamper",
+            "kind": kind,
+            "category": [category],
+            "type": [kind_type],
+            "action": action,
             "module": "egret",
             "dataset": "egret.egress",
         },
         "host": { "hostname": host },
-        "egret": { "tamper": what, "restored": restored },
+        "egret": egret,
     })
 }
 
