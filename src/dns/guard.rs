@@ -444,12 +444,15 @@ async fn answer(
         }
     }
     if !addrs.is_empty() {
+        // Who asked, looked up while the upstream answered; awaited before the
+        // reply, because a client like dig exits as soon as it has its answer.
+        let asked_by = asker.await.ok();
         let now = Instant::now();
         let mut recent = lock(&shared.recent);
         for &(ip, ttl) in &addrs {
             let resolved = ResolvedName {
                 name: q.name.clone(),
-                asked_by: None,
+                asked_by: asked_by.clone(),
             };
             recent.insert(ip, resolved, now + cfg.dns.set_timeout(ttl));
         }
@@ -460,16 +463,6 @@ async fn answer(
         message::cache_ttl(&response),
         Instant::now(),
     );
-    if !addrs.is_empty() {
-        let recent = Arc::clone(&shared.recent);
-        let (name, ips): (String, Vec<IpAddr>) =
-            (q.name.clone(), addrs.iter().map(|a| a.0).collect());
-        tokio::spawn(async move {
-            if let Ok(a) = asker.await {
-                lock(&recent).set_asker(&ips, &name, &a);
-            }
-        });
-    }
     message::reply_for(&q, &response, 0, limit)
 }
 

@@ -124,20 +124,6 @@ impl RecentNames {
         }
         self.map.insert(ip, Recent { resolved, until });
     }
-
-    /// Fills in who asked for `name`, once attribution has finished.
-    pub fn set_asker(
-        &mut self,
-        ips: &[IpAddr],
-        name: &str,
-        asker: &crate::monitor::attribution::Attribution,
-    ) {
-        for ip in ips {
-            if let Some(r) = self.map.get_mut(ip).filter(|r| r.resolved.name == name) {
-                r.resolved.asked_by = Some(asker.clone());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
