@@ -134,14 +134,11 @@ fn nflog(group: u16, state_dir: &Path) -> Check {
         );
     };
     let pid = netlink_owner(port);
-    if pid.is_some() && pid == ours.map(|p| p as u32) {
+    if let Some(pid) = pid.filter(|p| ours.is_some_and(|o| o as u32 == *p)) {
         return check(
             "nflog",
             Status::Ok,
-            format!(
-                "NFLOG group {group} is read by egret run (pid {})",
-                pid.unwrap_or(0)
-            ),
+            format!("NFLOG group {group} is read by egret run (pid {pid})"),
             "",
         );
     }

@@ -564,7 +564,7 @@ async fn decide(ask: &Ask<'_>) -> Decided {
                 if let Some(p) = problem {
                     report(ask, who, p).await;
                     if !st.rules.audit {
-                        return denied(st, target);
+                        return denied(target);
                     }
                 }
                 return Decided::Deny {
@@ -614,13 +614,13 @@ async fn decide(ask: &Ask<'_>) -> Decided {
                     .collect();
                 Decided::Allow { addrs, rule: None }
             } else {
-                denied(st, target)
+                denied(target)
             }
         }
     }
 }
 
-fn denied(_st: &ProxyState, target: &Target) -> Decided {
+fn denied(target: &Target) -> Decided {
     Decided::Deny {
         status: StatusCode::FORBIDDEN,
         message: format!("egret: {target} is not allowed by this host's egress policy\n"),
@@ -813,7 +813,6 @@ async fn forward(
 }
 
 /// Moves bytes both ways until both sides are done or nothing moved for the idle time.
-#[allow(clippy::too_many_arguments)]
 async fn tunnel(
     shared: &Arc<Shared>,
     st: &ProxyState,
