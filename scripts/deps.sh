@@ -3,10 +3,11 @@
 # A C compiler builds the bundled SQLite.
 # egret itself needs no nft binary; the tests use nft as an independent witness,
 # dnsmasq as a real upstream DNS server, dig and curl as real clients, openssl
-# for a test certificate, systemd-analyze to check the unit file.
+# for a test certificate, systemd-analyze to check the unit file, chromium and
+# chromedriver to test the dashboard in a real headless browser.
 set -euo pipefail
 need=()
-for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian; do
+for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -7,13 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use crate::apply;
 use crate::kernel::nft::Nftables;
-use crate::ruleset::{
-    render, render_rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK,
-};
+use crate::ruleset::{render, render_rule};
 
 /// Exit codes.
 pub const EXIT_OK: u8 = 0;
@@ -110,6 +107,22 @@ pub enum Command {
         json: bool,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only this action: blocked, would-block, dns-refused, proxy-denied, tamper, ...
+        #[arg(long)]
+        action: Option<String>,
+        /// Only events of this rule (`default` for the final block rule).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only events whose process/user or destination contains TEXT (any case).
+        #[arg(long, value_name = "TEXT")]
+        grep: Option<String>,
+        /// After the stored events, print new ones as they happen, from the
+        /// running daemon's live feed (needs an [api] section in its policy).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Where the daemon's API listens (its policy's `[api] listen`).
+        #[arg(long, default_value = crate::policy::DEFAULT_API_LISTEN, value_name = "ADDR")]
+        api: std::net::SocketAddr,
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -338,8 +351,28 @@ fn run(command: Command) -> Result<u8> {
             since,
             json,
             limit,
+            action,
+            rule,
+            grep,
+            follow,
+            api,
             state_dir,
-        } => crate::report::events(&state_dir, since, json, limit),
+        } => {
+            let filter = crate::monitor::store::EventFilter {
+                since: std::time::SystemTime::now()
+                    .checked_sub(since)
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                limit,
+                action,
+                rule,
+                text: grep,
+            };
+            if follow {
+                let stored = || crate::report::events(&state_dir, &filter, json, true);
+                return crate::api::follow::follow(api, &filter, stored, json);
+            }
+            crate::report::events(&state_dir, &filter, json, false)
+        }
         Command::Top {
             since,
             limit,
@@ -399,103 +432,12 @@ fn run(command: Command) -> Result<u8> {
     }
 }
 
-#[derive(Serialize)]
-struct RuleStatus {
-    rule: String,
-    action: &'static str,
-    packets: u64,
-    bytes: u64,
-}
-
-#[derive(Serialize)]
-struct Status {
-    loaded: bool,
-    mode: Option<String>,
-    log_group: Option<u16>,
-    rules: Vec<RuleStatus>,
-    /// Packets logged as blocked (enforce) or would-be-blocked (audit).
-    blocked_packets: u64,
-    pending_confirm_seconds: Option<u64>,
-    /// The daemon's books: what the kernel logged versus what egret received.
-    monitor: Option<serde_json::Value>,
-}
-
-fn comment_field(comment: &str, key: &str) -> Option<String> {
-    comment
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
-}
-
-fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
-    let pending_confirm_seconds = apply::read_pending(state_dir).map(|p| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        p.deadline_unix.saturating_sub(now)
-    });
-    let Some(rs) = live else {
-        return Status {
-            loaded: false,
-            mode: None,
-            log_group: None,
-            rules: vec![],
-            blocked_packets: 0,
-            pending_confirm_seconds,
-            monitor: crate::report::monitor_status(state_dir),
-        };
-    };
-    let mut rules = Vec::new();
-    let mut blocked = 0;
-    for rule in rs
-        .chains
-        .iter()
-        .filter(|c| c.name == OUTPUT_CHAIN)
-        .flat_map(|c| &c.rules)
-    {
-        let Some(counter) = rule.counter else {
-            continue;
-        };
-        let logged = rule
-            .log
-            .as_ref()
-            .map(|l| {
-                l.prefix.starts_with(PREFIX_BLOCKED) || l.prefix.starts_with(PREFIX_WOULD_BLOCK)
-            })
-            .unwrap_or(false);
-        if logged {
-            blocked += counter.packets;
-        }
-        let action = match (&rule.log, &rule.verdict) {
-            (Some(l), _) if l.prefix.starts_with(PREFIX_WOULD_BLOCK) => "would-block",
-            (Some(_), _) => "block",
-            (None, Some(Verdict::Accept)) => "allow",
-            (None, _) => "block",
-        };
-        rules.push(RuleStatus {
-            rule: rule.comment.clone().unwrap_or_default(),
-            action,
-            packets: counter.packets,
-            bytes: counter.bytes,
-        });
-    }
-    Status {
-        loaded: true,
-        mode: comment_field(&rs.comment, "mode"),
-        log_group: comment_field(&rs.comment, "log_group").and_then(|g| g.parse().ok()),
-        rules,
-        blocked_packets: blocked,
-        pending_confirm_seconds,
-        monitor: crate::report::monitor_status(state_dir),
-    }
-}
-
 fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
     let live = Nftables::open()
         .context("opening nf_tables netlink")?
         .read()
         .context("reading the live table")?;
-    let s = status_of(&live, state_dir);
+    let s = crate::report::status_of(&live, state_dir);
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else if !s.loaded {

@@ -1,12 +1,14 @@
 //! egret: a default-deny egress firewall that turns every blocked outbound
 //! attempt into an intrusion signal. See docs/architecture.md for the map.
 
+pub mod api;
 pub mod apply;
 pub mod cgroup;
 pub mod cli;
 pub mod dns;
 pub mod doctor;
 pub mod kernel;
+pub mod local_http;
 pub mod monitor;
 pub mod policy;
 pub mod proxy;

@@ -7,8 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use serde::Serialize;
+
 use crate::monitor::daemon::running_pid;
-use crate::monitor::store::{Store, TopBy};
+use crate::monitor::store::{EventFilter, Store, TopBy};
+use crate::ruleset::{Rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
 
 fn open(state_dir: &Path) -> Result<Option<Store>> {
     let store = Store::open_read_only(state_dir)?;
@@ -34,11 +37,22 @@ fn clip(s: &str, width: usize) -> String {
     out
 }
 
-pub fn events(state_dir: &Path, since: Duration, as_json: bool, limit: usize) -> Result<u8> {
+pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: bool) -> Result<u8> {
     let Some(store) = open(state_dir)? else {
         return Ok(crate::cli::EXIT_OK);
     };
-    let rows = store.events(since_time(since), limit)?;
+    let mut rows = store.events(filter)?;
+    if follow {
+        // Like `tail -f`: oldest first, the live ones continue below.
+        rows.reverse();
+        for r in &rows {
+            match serde_json::from_str::<Value>(&r.doc) {
+                Ok(doc) => print_event_line(&doc, as_json),
+                Err(_) => println!("{}", r.doc),
+            }
+        }
+        return Ok(crate::cli::EXIT_OK);
+    }
     if as_json {
         for r in &rows {
             println!("{}", r.doc);
@@ -51,10 +65,9 @@ pub fn events(state_dir: &Path, since: Duration, as_json: bool, limit: usize) ->
     );
     for r in &rows {
         let at = UNIX_EPOCH + Duration::from_millis(r.last_seen_ms.max(0) as u64);
-        let at = humantime::format_rfc3339_seconds(at).to_string();
         println!(
             "{:<20} {:<12} {:>7}  {:<44} {:<28} {}",
-            at.trim_end_matches('Z').replace('T', " "),
+            table_time(at),
             r.action,
             r.count,
             clip(&r.who, 44),
@@ -66,6 +79,39 @@ pub fn events(state_dir: &Path, since: Duration, as_json: bool, limit: usize) ->
         println!("(no events in this window: nothing was blocked)");
     }
     Ok(crate::cli::EXIT_OK)
+}
+
+fn table_time(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .trim_end_matches('Z')
+        .replace('T', " ")
+}
+
+/// One event as `egret events --follow` prints it: the document, or a line
+/// with its time, action, count and message.
+pub fn print_event_line(doc: &Value, as_json: bool) {
+    if as_json {
+        println!("{doc}");
+        return;
+    }
+    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let at = humantime::parse_rfc3339_weak(s("/egret/last_seen"))
+        .or_else(|_| humantime::parse_rfc3339_weak(s("/@timestamp")))
+        .map(table_time)
+        .unwrap_or_default();
+    let count = doc
+        .pointer("/egret/count")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    println!(
+        "{:<20} {:<12} {:>7}  {}  [{}]",
+        at,
+        s("/event/action"),
+        count,
+        s("/message"),
+        s("/rule/name")
+    );
 }
 
 pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
@@ -88,6 +134,109 @@ pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
         println!();
     }
     Ok(crate::cli::EXIT_OK)
+}
+
+#[derive(Serialize)]
+pub struct RuleStatus {
+    pub rule: String,
+    pub action: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub loaded: bool,
+    pub mode: Option<String>,
+    pub log_group: Option<u16>,
+    pub rules: Vec<RuleStatus>,
+    /// Packets logged as blocked (enforce) or would-be-blocked (audit).
+    pub blocked_packets: u64,
+    pub pending_confirm_seconds: Option<u64>,
+    /// The daemon's books: what the kernel logged versus what egret received.
+    pub monitor: Option<serde_json::Value>,
+}
+
+fn comment_field(comment: &str, key: &str) -> Option<String> {
+    comment
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+pub fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
+    let live = live.as_ref().map(|rs| {
+        let rules = rs
+            .chains
+            .iter()
+            .filter(|c| c.name == OUTPUT_CHAIN)
+            .flat_map(|c| &c.rules);
+        (rs.comment.as_str(), rules)
+    });
+    status_from(live, state_dir)
+}
+
+/// Status from the table's comment and its output chain's rules (the API
+/// reads only these, not the sets, so a poll stays cheap with big sets).
+pub fn status_from<'a>(
+    live: Option<(&str, impl Iterator<Item = &'a Rule>)>,
+    state_dir: &Path,
+) -> Status {
+    let pending_confirm_seconds = crate::apply::read_pending(state_dir).map(|p| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        p.deadline_unix.saturating_sub(now)
+    });
+    let Some((comment, output_rules)) = live else {
+        return Status {
+            loaded: false,
+            mode: None,
+            log_group: None,
+            rules: vec![],
+            blocked_packets: 0,
+            pending_confirm_seconds,
+            monitor: monitor_status(state_dir),
+        };
+    };
+    let mut rules = Vec::new();
+    let mut blocked = 0;
+    for rule in output_rules {
+        let Some(counter) = rule.counter else {
+            continue;
+        };
+        let logged = rule
+            .log
+            .as_ref()
+            .map(|l| {
+                l.prefix.starts_with(PREFIX_BLOCKED) || l.prefix.starts_with(PREFIX_WOULD_BLOCK)
+            })
+            .unwrap_or(false);
+        if logged {
+            blocked += counter.packets;
+        }
+        let action = match (&rule.log, &rule.verdict) {
+            (Some(l), _) if l.prefix.starts_with(PREFIX_WOULD_BLOCK) => "would-block",
+            (Some(_), _) => "block",
+            (None, Some(Verdict::Accept)) => "allow",
+            (None, _) => "block",
+        };
+        rules.push(RuleStatus {
+            rule: rule.comment.clone().unwrap_or_default(),
+            action,
+            packets: counter.packets,
+            bytes: counter.bytes,
+        });
+    }
+    Status {
+        loaded: true,
+        mode: comment_field(comment, "mode"),
+        log_group: comment_field(comment, "log_group").and_then(|g| g.parse().ok()),
+        rules,
+        blocked_packets: blocked,
+        pending_confirm_seconds,
+        monitor: monitor_status(state_dir),
+    }
 }
 
 /// The daemon's latest books, if a store exists.

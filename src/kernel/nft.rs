@@ -373,6 +373,11 @@ impl Nftables {
         Ok(Some(rules))
     }
 
+    /// The table's comment (mode, log group), or None when egret is not loaded.
+    pub fn table_comment(&mut self) -> Result<Option<String>> {
+        self.get_table()
+    }
+
     fn get_table(&mut self) -> Result<Option<String>> {
         let seq = self.next_seq();
         let mut b = MsgBuilder::default();

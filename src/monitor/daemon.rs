@@ -4,6 +4,7 @@
 //! one stays. On exit the ruleset stays loaded: egress stays filtered (fail
 //! closed) and a later `egret run` picks up where this one left off.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
+use crate::api::{ApiServer, LiveFeed};
 use crate::apply;
 use crate::dns::{Guard, GuardConfig, RecentNames, RefusedQuery};
 use crate::kernel::nft::Nftables;
@@ -94,10 +96,13 @@ impl Signals {
 struct Output {
     out: std::io::BufWriter<std::io::Stdout>,
     broken: bool,
+    /// The API's live feed (costs nothing without listeners).
+    feed: LiveFeed,
 }
 
 impl Output {
     fn line(&mut self, doc: &Value) {
+        self.feed.publish(doc);
         if self.broken {
             return;
         }
@@ -135,6 +140,9 @@ struct Daemon {
     recent: Arc<Mutex<RecentNames>>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    api_server: Option<ApiServer>,
+    /// Attempts per (unix minute, action) not yet written to the store.
+    timeline: BTreeMap<(i64, &'static str), u64>,
     /// The rules egret loaded (counters zeroed): what the live table must show.
     expected: Vec<(String, crate::ruleset::Rule)>,
     tamper_reported: bool,
@@ -222,6 +230,19 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     if let Some(g) = &guard {
         let _ = metrics.guard.set(Arc::clone(&g.stats));
     }
+    let feed = LiveFeed::default();
+    let api_server = match policy.api {
+        Some(api) => {
+            let server = ApiServer::start(api, opts.state_dir.clone(), feed.clone())?;
+            if api.dashboard {
+                info!(listen = %api.listen, "dashboard on http://{}/", api.listen);
+            } else {
+                info!(listen = %api.listen, "API on http://{}/api/v1/", api.listen);
+            }
+            Some(server)
+        }
+        None => None,
+    };
     let proxy = match ProxyState::from_policy(&policy) {
         Some(state) => {
             let tx = tx.clone();
@@ -289,6 +310,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         out: Output {
             out: std::io::BufWriter::new(std::io::stdout()),
             broken: false,
+            feed,
         },
         host,
         pending: Vec::new(),
@@ -297,6 +319,8 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         recent,
         metrics,
         metrics_server,
+        api_server,
+        timeline: BTreeMap::new(),
         sets: set_sizes(&rs),
         expected: expected_rules(&rs),
         tamper_reported: false,
@@ -491,6 +515,12 @@ impl Daemon {
     }
 
     fn record(&mut self, o: Observation<'_>) {
+        let action = event::action_of(o.verdict.blocked, o.question.is_some(), o.proxy.is_some());
+        let minute =
+            o.at.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64 / 60)
+                .unwrap_or(0);
+        *self.timeline.entry((minute, action)).or_default() += 1;
         if let Some(inc) = self.agg.record(o) {
             self.metrics.incident(
                 event::action(inc),
@@ -518,6 +548,18 @@ impl Daemon {
         }
         self.agg.close_idle(now);
         self.out.flush();
+        if !self.timeline.is_empty() {
+            let minutes: Vec<(i64, &str, u64)> = self
+                .timeline
+                .iter()
+                .map(|(&(m, a), &n)| (m, a, n))
+                .collect();
+            match self.store.add_timeline(&minutes) {
+                Ok(()) => self.timeline.clear(),
+                // Kept and retried; at most one entry per minute and action.
+                Err(e) => warn!("writing the timeline to the store: {e:#}"),
+            }
+        }
         if self.pending.is_empty() {
             return;
         }
@@ -723,6 +765,10 @@ impl Daemon {
             error!("reload: the [metrics] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
             return;
         }
+        if policy.api != self.policy.api {
+            error!("reload: the [api] section was added, removed or changed; that needs a restart. The running policy stays");
+            return;
+        }
         let proxy_listen = |p: &Policy| p.proxy.as_ref().map(|x| x.listen);
         if proxy_listen(&policy) != proxy_listen(&self.policy) {
             error!("reload: the [proxy] section was added, removed or its listen address changed; that needs a restart. The running policy stays");
@@ -818,6 +864,9 @@ impl Daemon {
         }
         if let Some(m) = self.metrics_server.take() {
             m.stop();
+        }
+        if let Some(a) = self.api_server.take() {
+            a.stop();
         }
         self.tick(true);
         // Settle the books: let the kernel flush, read once more.

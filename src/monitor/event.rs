@@ -35,21 +35,22 @@ pub const DEFAULT_RULE: &str = "default";
 /// ECS `event.action`: `blocked` / `would-block` for packets,
 /// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
 pub fn action(inc: &Incident) -> &'static str {
-    let blocked = inc.key.verdict.blocked;
-    if inc.question.is_some() {
-        return if blocked {
-            "dns-refused"
-        } else {
-            "dns-would-refuse"
-        };
-    }
-    if inc.proxy.is_some() && blocked {
-        return "proxy-denied";
-    }
-    if blocked {
-        "blocked"
-    } else {
-        "would-block"
+    action_of(
+        inc.key.verdict.blocked,
+        inc.question.is_some(),
+        inc.proxy.is_some(),
+    )
+}
+
+/// The action of one observation: a blocked (or, in audit mode, passed)
+/// packet, DNS question or proxy request.
+pub fn action_of(blocked: bool, dns_question: bool, proxy_request: bool) -> &'static str {
+    match (blocked, dns_question, proxy_request) {
+        (true, true, _) => "dns-refused",
+        (false, true, _) => "dns-would-refuse",
+        (true, false, true) => "proxy-denied",
+        (true, false, false) => "blocked",
+        (false, false, _) => "would-block",
     }
 }
 

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
+use hyper::StatusCode;
+
 use crate::dns::GuardStats;
+use crate::local_http::{full, Handler, LocalServer};
 use crate::monitor::event::LossFigures;
 use crate::proxy::ProxyStats;
 
@@ -275,11 +278,8 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     family(out, name, "gauge", help, samples);
 }
 
-/// The `/metrics` endpoint: hyper on its own thread. Everything else is 404.
-pub struct MetricsServer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// The `/metrics` endpoint, on its own thread. Everything else is 404.
+pub struct MetricsServer(LocalServer);
 
 impl MetricsServer {
     /// Binds (errors surface here) and serves `metrics`.
@@ -287,83 +287,31 @@ impl MetricsServer {
         listen: std::net::SocketAddr,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<MetricsServer> {
-        use anyhow::Context;
-        let listener = std::net::TcpListener::bind(listen)
-            .with_context(|| format!("metrics: binding {listen}"))?;
-        listener.set_nonblocking(true)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("metrics: starting its runtime")?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = accept(listener, metrics) => {}
-                        _ = stop_rx => {}
-                    }
-                });
+        let handler: Handler = Arc::new(move |req| {
+            let metrics = Arc::clone(&metrics);
+            Box::pin(async move {
+                if req.uri().path() == "/metrics" {
+                    full(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        metrics.render(),
+                    )
+                } else {
+                    full(
+                        StatusCode::NOT_FOUND,
+                        "text/plain; charset=utf-8",
+                        "egret: see /metrics\n",
+                    )
+                }
             })
-            .context("metrics: starting its thread")?;
-        Ok(MetricsServer {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-
-    pub fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn accept(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = Arc::clone(&metrics);
-                    async move {
-                        let mut resp = if req.uri().path() == "/metrics" {
-                            let mut r =
-                                Response::new(Full::new(bytes::Bytes::from(metrics.render())));
-                            r.headers_mut().insert(
-                                hyper::header::CONTENT_TYPE,
-                                hyper::header::HeaderValue::from_static(
-                                    "text/plain; version=0.0.4; charset=utf-8",
-                                ),
-                            );
-                            r
-                        } else {
-                            Response::new(Full::new(bytes::Bytes::from_static(
-                                b"egret: see /metrics\n",
-                            )))
-                        };
-                        if req.uri().path() != "/metrics" {
-                            *resp.status_mut() = StatusCode::NOT_FOUND;
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
         });
+        Ok(MetricsServer(LocalServer::start(
+            "metrics", listen, handler,
+        )?))
+    }
+
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

@@ -45,6 +45,29 @@ pub struct Store {
     conn: Connection,
 }
 
+/// Which events `events` returns: `action`, `rule` exact; `text` a
+/// case-insensitive substring of who or destination.
+#[derive(Debug, Clone)]
+pub struct EventFilter {
+    pub since: SystemTime,
+    pub limit: usize,
+    pub action: Option<String>,
+    pub rule: Option<String>,
+    pub text: Option<String>,
+}
+
+impl EventFilter {
+    pub fn since(since: SystemTime, limit: usize) -> EventFilter {
+        EventFilter {
+            since,
+            limit,
+            action: None,
+            rule: None,
+            text: None,
+        }
+    }
+}
+
 /// A stored event as `egret events` lists it.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -71,6 +94,12 @@ CREATE TABLE IF NOT EXISTS events (
     doc         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_last_seen ON events(last_seen);
+CREATE TABLE IF NOT EXISTS timeline (
+    minute INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (minute, action)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -162,8 +191,39 @@ impl Store {
         Ok(())
     }
 
+    /// Adds attempts per (unix minute, action) in one transaction.
+    pub fn add_timeline(&mut self, minutes: &[(i64, &str, u64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO timeline (minute, action, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(minute, action) DO UPDATE SET count = count + excluded.count",
+            )?;
+            for (minute, action, count) in minutes {
+                stmt.execute(params![minute, action, *count as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// (unix minute, action, attempts) from `since` on, oldest first.
+    pub fn timeline(&self, since: SystemTime) -> Result<Vec<(i64, String, i64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT minute, action, count FROM timeline WHERE minute >= ?1 ORDER BY minute, action",
+        )?;
+        let rows = stmt
+            .query_map([unix_ms(since) / 60_000], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     pub fn prune(&mut self, retention: Retention, now: SystemTime) -> Result<usize> {
         let cutoff = unix_ms(now) - retention.max_age.as_millis() as i64;
+        self.conn
+            .execute("DELETE FROM timeline WHERE minute < ?1", [cutoff / 60_000])?;
         let mut n = self
             .conn
             .execute("DELETE FROM events WHERE last_seen < ?1", [cutoff])?;
@@ -198,25 +258,38 @@ impl Store {
             .and_then(|s| serde_json::from_str(&s).ok()))
     }
 
-    /// Events last seen at or after `since`, newest first.
-    pub fn events(&self, since: SystemTime, limit: usize) -> Result<Vec<Row>> {
-        let mut stmt = self.conn.prepare(
+    /// Events the filter selects, newest first.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Row>> {
+        let mut stmt = self.conn.prepare_cached(
             "SELECT id, action, last_seen, count, who, destination, rule, doc FROM events
-             WHERE last_seen >= ?1 ORDER BY last_seen DESC, id DESC LIMIT ?2",
+             WHERE last_seen >= ?1
+               AND (?3 IS NULL OR action = ?3)
+               AND (?4 IS NULL OR rule = ?4)
+               AND (?5 IS NULL OR instr(lower(who || ' ' || destination), lower(?5)) > 0)
+             ORDER BY last_seen DESC, id DESC LIMIT ?2",
         )?;
         let rows = stmt
-            .query_map(params![unix_ms(since), limit as i64], |r| {
-                Ok(Row {
-                    id: r.get(0)?,
-                    action: r.get(1)?,
-                    last_seen_ms: r.get(2)?,
-                    count: r.get(3)?,
-                    who: r.get(4)?,
-                    destination: r.get(5)?,
-                    rule: r.get(6)?,
-                    doc: r.get(7)?,
-                })
-            })?
+            .query_map(
+                params![
+                    unix_ms(filter.since),
+                    filter.limit as i64,
+                    filter.action,
+                    filter.rule,
+                    filter.text
+                ],
+                |r| {
+                    Ok(Row {
+                        id: r.get(0)?,
+                        action: r.get(1)?,
+                        last_seen_ms: r.get(2)?,
+                        count: r.get(3)?,
+                        who: r.get(4)?,
+                        destination: r.get(5)?,
+                        rule: r.get(6)?,
+                        doc: r.get(7)?,
+                    })
+                },
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
@@ -300,7 +373,9 @@ mod tests {
         store
             .upsert(&[(&a, &event::incident(&a, true, "h"))])
             .unwrap();
-        let rows = store.events(now - Duration::from_secs(3600), 100).unwrap();
+        let rows = store
+            .events(&EventFilter::since(now - Duration::from_secs(3600), 100))
+            .unwrap();
         assert_eq!(rows.len(), 3, "the updated incident is recent again");
         assert_eq!(rows.iter().find(|r| r.id == a.id as i64).unwrap().count, 10);
         let doc: Value = serde_json::from_str(&rows[0].doc).unwrap();

@@ -43,6 +43,8 @@ pub struct Policy {
     pub proxy: Option<ProxyConfig>,
     /// The Prometheus endpoint, when the policy has a `[metrics]` section.
     pub metrics: Option<SocketAddr>,
+    /// The read-only API and dashboard, when the policy has an `[api]` section.
+    pub api: Option<ApiConfig>,
     /// Re-apply the policy when egret's table is deleted or changed by
     /// something else (it is always reported).
     pub restore_table: bool,
@@ -122,6 +124,17 @@ pub enum Scope {
 /// Bridges of Docker (default and user networks), podman, CNI and libvirt.
 pub const DEFAULT_CONTAINER_INTERFACES: &[&str] = &["docker0", "br-*", "podman*", "cni*", "virbr*"];
 
+/// `[api]`: egret's local, read-only HTTP API and (opt-in) dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Always a loopback address: the API shows who talks where.
+    pub listen: SocketAddr,
+    pub dashboard: bool,
+}
+
+/// Where `[api]` listens unless told otherwise.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9465";
+
 /// Where `[metrics]` listens unless told otherwise.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
@@ -165,6 +178,7 @@ impl Policy {
             dns: None,
             proxy: None,
             metrics: None,
+            api: None,
             restore_table: false,
             heartbeat: None,
             scope: Scope::Host,

@@ -51,6 +51,7 @@ struct RawMain {
     dns: Option<Spanned<RawDns>>,
     proxy: Option<Spanned<RawProxy>>,
     metrics: Option<Spanned<RawMetrics>>,
+    api: Option<Spanned<RawApi>>,
     scope: Option<Spanned<Scope>>,
     restore_table: Option<bool>,
     heartbeat: Option<Spanned<String>>,
@@ -77,6 +78,13 @@ struct RawDns {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<Spanned<String>>,
+    dashboard: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -201,25 +209,22 @@ pub fn parse_str(
         .proxy
         .as_ref()
         .map(|p| proxy_config(path, source, p, &mut errors));
-    let metrics = raw.metrics.as_ref().map(|m| {
-        let default = DEFAULT_METRICS_LISTEN
+    let mut listen = |l: &Option<Spanned<String>>, default: &str, loopback_only: bool| {
+        let default = default
             .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)));
-        match &m.get_ref().listen {
-            None => default,
-            Some(l) => l.get_ref().trim().parse().unwrap_or_else(|_| {
-                errors.push(
-                    Diagnostic::at(
-                        path,
-                        source,
-                        Some(l.span()),
-                        format!("invalid listen address {:?}", l.get_ref()),
-                    )
-                    .with_hint("write an address and port such as \"127.0.0.1:9464\""),
-                );
-                default
-            }),
-        }
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        listen_field(l, default, loopback_only).unwrap_or_else(|(span, msg, hint)| {
+            errors.push(Diagnostic::at(path, source, Some(span), msg).with_hint(&hint));
+            default
+        })
+    };
+    let metrics = raw
+        .metrics
+        .as_ref()
+        .map(|m| listen(&m.get_ref().listen, DEFAULT_METRICS_LISTEN, false));
+    let api = raw.api.as_ref().map(|a| super::ApiConfig {
+        listen: listen(&a.get_ref().listen, super::DEFAULT_API_LISTEN, true),
+        dashboard: a.get_ref().dashboard.unwrap_or(false),
     });
 
     let heartbeat = match duration_field(&raw.heartbeat, std::time::Duration::ZERO, false) {
@@ -319,6 +324,7 @@ pub fn parse_str(
             dns,
             proxy,
             metrics,
+            api,
             restore_table: raw.restore_table.unwrap_or(false),
             heartbeat,
             scope,
@@ -782,20 +788,11 @@ fn proxy_config(
     };
     let p = raw.get_ref();
     let default_listen = SocketAddr::from(([127, 0, 0, 1], 3128));
-    let listen = match &p.listen {
-        None => default_listen,
-        Some(l) => match l.get_ref().trim().parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                err(
-                    l.span(),
-                    format!("invalid listen address {:?}", l.get_ref()),
-                    "write an address and port such as \"127.0.0.1:3128\"",
-                );
-                default_listen
-            }
-        },
-    };
+    let listen =
+        listen_field(&p.listen, default_listen, false).unwrap_or_else(|(span, msg, hint)| {
+            err(span, msg, &hint);
+            default_listen
+        });
     let mut duration = |v: &Option<Spanned<String>>, default| {
         duration_field(v, default, false).unwrap_or_else(|(span, msg)| {
             err(span, msg, "write a duration such as \"10s\" or \"5m\"");
@@ -831,6 +828,35 @@ fn proxy_config(
         max_connections: count(&p.max_connections, ProxyConfig::DEFAULT_MAX_CONNECTIONS),
         max_per_client: count(&p.max_per_client, ProxyConfig::DEFAULT_MAX_PER_CLIENT),
         threads: count(&p.threads, 1),
+    }
+}
+
+/// An optional `listen` address (`default` when absent); `loopback_only` for
+/// endpoints that show who talks where. Err: (span, message, hint).
+fn listen_field(
+    value: &Option<Spanned<String>>,
+    default: SocketAddr,
+    loopback_only: bool,
+) -> Result<SocketAddr, (Range<usize>, String, String)> {
+    let Some(l) = value else {
+        return Ok(default);
+    };
+    let example = format!("\"127.0.0.1:{}\"", default.port());
+    match l.get_ref().trim().parse::<SocketAddr>() {
+        Ok(a) if loopback_only && !a.ip().is_loopback() => Err((
+            l.span(),
+            format!("this listens on loopback only, not {:?}", l.get_ref()),
+            format!(
+                "use {example} or \"[::1]:{}\" and reach it remotely through an SSH tunnel",
+                default.port()
+            ),
+        )),
+        Ok(a) => Ok(a),
+        Err(_) => Err((
+            l.span(),
+            format!("invalid listen address {:?}", l.get_ref()),
+            format!("write an address and port such as {example}"),
+        )),
     }
 }
 
@@ -1162,6 +1188,30 @@ units = ["borg.service"]
         );
         // Hosts with only a proxy are fine without via: they are reachable through it.
         assert!(parse("[proxy]\n[[allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n").is_ok());
+    }
+
+    #[test]
+    fn api_section_is_loopback_only_and_the_dashboard_opt_in() {
+        let api = parse("[api]\n").unwrap().api.unwrap();
+        assert_eq!(api.listen, "127.0.0.1:9465".parse().unwrap());
+        assert!(!api.dashboard);
+        assert_eq!(parse("").unwrap().api, None, "off by default");
+        let api = parse("[api]\nlisten = \"[::1]:8080\"\ndashboard = true\n")
+            .unwrap()
+            .api
+            .unwrap();
+        assert_eq!((api.listen.port(), api.dashboard), (8080, true));
+        let d = first_error("[api]\nlisten = \"0.0.0.0:9465\"\n");
+        assert!(d.message.contains("loopback only"), "{}", d.message);
+        assert_eq!((d.line, d.column), (2, 10));
+        let d = first_error("[api]\nlisten = \"here\"\n");
+        assert!(
+            d.message.contains("invalid listen address"),
+            "{}",
+            d.message
+        );
+        let d = first_error("[api]\nport = 1\n");
+        assert!(d.message.contains("unknown field"), "{}", d.message);
     }
 
     #[test]

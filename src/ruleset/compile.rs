@@ -759,6 +759,7 @@ mod tests {
             dns: None,
             proxy: None,
             metrics: None,
+            api: None,
             restore_table: false,
             heartbeat: None,
             scope: crate::policy::Scope::Host,

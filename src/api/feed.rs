@@ -1,0 +1,90 @@
+//! The live feed: every event document `egret run` writes to stdout, pushed
+//! to the API's Server-Sent-Events clients. Publishing costs nothing while
+//! nobody listens, and a slow client loses its oldest events (and is told
+//! how many) instead of holding the pipeline.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+/// Events a client may fall behind by before it skips ahead.
+const BACKLOG: usize = 1024;
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct LiveFeed(broadcast::Sender<Arc<str>>);
+
+impl Default for LiveFeed {
+    fn default() -> Self {
+        LiveFeed(broadcast::channel(BACKLOG).0)
+    }
+}
+
+impl LiveFeed {
+    pub fn publish(&self, doc: &Value) {
+        if self.0.receiver_count() > 0 {
+            let _ = self.0.send(doc.to_string().into());
+        }
+    }
+
+    pub fn clients(&self) -> usize {
+        self.0.receiver_count()
+    }
+
+    /// A `text/event-stream` body: `data:` lines with one ECS document each,
+    /// `event: lagged` when this client fell behind, comments as keep-alives.
+    /// Must be called on the API's runtime (it spawns the forwarder).
+    pub fn stream(&self) -> EventStream {
+        let mut events = self.0.subscribe();
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            if tx
+                .send(Bytes::from_static(b"retry: 2000\n: egret live feed\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+            keep_alive.tick().await;
+            loop {
+                let chunk = tokio::select! {
+                    r = events.recv() => match r {
+                        Ok(doc) => Bytes::from(format!("data: {doc}\n\n")),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            Bytes::from(format!("event: lagged\ndata: {n}\n\n"))
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = keep_alive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                    _ = tx.closed() => break,
+                };
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        EventStream(rx)
+    }
+}
+
+pub struct EventStream(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
