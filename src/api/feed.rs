@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Frame;
-use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
 /// Events a client may fall behind by before it skips ahead.
 const BACKLOG: usize = 1024;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Events queued for a client are sent together up to about this size.
+const BURST_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct LiveFeed(broadcast::Sender<Arc<str>>);
@@ -28,9 +29,11 @@ impl Default for LiveFeed {
 }
 
 impl LiveFeed {
-    pub fn publish(&self, doc: &Value) {
+    /// `line`: one serialized event document.
+    pub fn publish(&self, line: &str) {
         if self.0.receiver_count() > 0 {
-            let _ = self.0.send(doc.to_string().into());
+            // Framed once here, not once per client.
+            let _ = self.0.send(format!("data: {line}\n\n").into());
         }
     }
 
@@ -57,7 +60,17 @@ impl LiveFeed {
             loop {
                 let chunk = tokio::select! {
                     r = events.recv() => match r {
-                        Ok(doc) => Bytes::from(format!("data: {doc}\n\n")),
+                        // A burst goes out as one write, not one per event.
+                        Ok(event) => {
+                            let mut chunk = String::from(&*event);
+                            while chunk.len() < BURST_BYTES {
+                                match events.try_recv() {
+                                    Ok(more) => chunk.push_str(&more),
+                                    Err(_) => break,
+                                }
+                            }
+                            Bytes::from(chunk)
+                        }
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             Bytes::from(format!("event: lagged\ndata: {n}\n\n"))
                         }

@@ -102,12 +102,18 @@ struct Output {
 
 impl Output {
     fn line(&mut self, doc: &Value) {
-        self.feed.publish(doc);
+        if self.broken && self.feed.clients() == 0 {
+            return;
+        }
+        // Serialized once for stdout and the live feed.
+        let line = doc.to_string();
+        self.feed.publish(&line);
         if self.broken {
             return;
         }
-        let r = serde_json::to_writer(&mut self.out, doc)
-            .map_err(std::io::Error::from)
+        let r = self
+            .out
+            .write_all(line.as_bytes())
             .and_then(|()| self.out.write_all(b"\n"));
         if let Err(e) = r {
             warn!("stdout is gone ({e}); events still go to the store");
