@@ -2,6 +2,7 @@
 //! attempt into an intrusion signal. See docs/architecture.md for the map.
 
 pub mod apply;
+pub mod audit;
 pub mod cgroup;
 pub mod cli;
 pub mod dns;

@@ -1,0 +1,6 @@
+//! Audit to policy: the recorded would-be-blocked flows become a policy
+//! (`suggest`), candidate policies are replayed against them (`simulate`),
+//! single flows are explained (`explain`) and policies linted (`check --lint`).
+//! All of it rests on [`evaluate`], the compiled ruleset's semantics in userspace.
+
+pub mod evaluate;
