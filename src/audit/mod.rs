@@ -4,3 +4,6 @@
 //! All of it rests on [`evaluate`], the compiled ruleset's semantics in userspace.
 
 pub mod evaluate;
+pub mod policy_text;
+pub mod recorded;
+pub mod suggest;

@@ -221,6 +221,21 @@ impl Store {
         Ok(rows)
     }
 
+    /// The ECS documents of incidents (not egret's own events) last seen at
+    /// or after `since`, oldest first: the recorded flows `egret suggest` and
+    /// `egret simulate` work from.
+    pub fn incident_docs(&self, since: SystemTime) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN
+               ('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')
+             ORDER BY id",
+        )?;
+        let docs = stmt
+            .query_map([unix_ms(since)], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(docs)
+    }
+
     /// (label, packets, incidents) grouped by `column`, biggest first.
     pub fn top(
         &self,
@@ -305,6 +320,16 @@ mod tests {
         assert_eq!(rows.iter().find(|r| r.id == a.id as i64).unwrap().count, 10);
         let doc: Value = serde_json::from_str(&rows[0].doc).unwrap();
         assert!(doc.pointer("/event/action").is_some());
+
+        store
+            .insert_event(99, "data-loss", now, 1, &serde_json::json!({}))
+            .unwrap();
+        let docs = store.incident_docs(old).unwrap();
+        assert_eq!(docs.len(), 3, "incidents only, not egret's own events");
+        assert!(
+            docs[0].contains("\"count\":10"),
+            "oldest incident first, updated in place"
+        );
 
         let top = store.top(TopBy::Destination, old, 10).unwrap();
         assert_eq!(top[0], ("192.0.2.7:1389/tcp".to_string(), 11, 2));
