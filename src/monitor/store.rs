@@ -321,16 +321,6 @@ mod tests {
         let doc: Value = serde_json::from_str(&rows[0].doc).unwrap();
         assert!(doc.pointer("/event/action").is_some());
 
-        store
-            .insert_event(99, "data-loss", now, 1, &serde_json::json!({}))
-            .unwrap();
-        let docs = store.incident_docs(old).unwrap();
-        assert_eq!(docs.len(), 3, "incidents only, not egret's own events");
-        assert!(
-            docs[0].contains("\"count\":10"),
-            "oldest incident first, updated in place"
-        );
-
         let top = store.top(TopBy::Destination, old, 10).unwrap();
         assert_eq!(top[0], ("192.0.2.7:1389/tcp".to_string(), 11, 2));
         let top = store.top(TopBy::Process, old, 10).unwrap();
@@ -350,5 +340,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(pruned, 1);
+    }
+
+    #[test]
+    fn incident_documents_leave_out_egrets_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(1);
+        let now = SystemTime::now();
+        let a = sample(&mut agg, 1389, 1000, now - Duration::from_secs(60));
+        let b = sample(&mut agg, 53, 0, now);
+        for inc in [&b, &a] {
+            store
+                .upsert(&[(inc, &event::incident(inc, false, "h"))])
+                .unwrap();
+        }
+        store
+            .insert_event(b.id + 1, "data-loss", now, 1, &serde_json::json!({}))
+            .unwrap();
+        let docs = store
+            .incident_docs(now - Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(docs.len(), 2, "incidents only, not egret's own events");
+        assert!(docs[0].contains("1389"), "in incident order");
+        assert_eq!(store.incident_docs(now).unwrap().len(), 1);
     }
 }
