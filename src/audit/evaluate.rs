@@ -104,6 +104,17 @@ const BASELINE_ICMP: &[u8] = &[3, 11, 12];
 const BASELINE_ICMPV6: &[u8] = &[1, 2, 3, 4, 130, 131, 132, 133, 135, 136, 143];
 
 pub fn evaluate(policy: &Policy, flow: &Flow) -> Decision {
+    evaluate_with(policy, flow, &|_, _| false)
+}
+
+/// [`evaluate`], with what the DNS guard's sets hold now: `in_host_set(rule,
+/// address)` says whether `address` is in the rule's `h_<rule>_v4/v6` set
+/// (read from the kernel by `egret explain`).
+pub fn evaluate_with(
+    policy: &Policy,
+    flow: &Flow,
+    in_host_set: &dyn Fn(&str, IpAddr) -> bool,
+) -> Decision {
     if flow.dst.is_some_and(|d| d.is_loopback()) {
         return Decision::new(Outcome::Allowed, BASELINE_RULE, "loopback");
     }
@@ -139,7 +150,7 @@ pub fn evaluate(policy: &Policy, flow: &Flow) -> Decision {
     }
     let guard = policy.dns.is_some();
     for (index, rule) in policy.rules.iter().enumerate() {
-        let Some(pattern) = destination_matches(rule, flow, guard) else {
+        let Some(pattern) = destination_matches(rule, flow, guard, in_host_set) else {
             continue;
         };
         if service_matches(rule, flow) && subject_matches(rule, flow) {
@@ -182,7 +193,12 @@ pub fn evaluate(policy: &Policy, flow: &Flow) -> Decision {
 
 /// `None`: the destination does not match. `Some(pattern)`: it matches, by
 /// that host pattern or (`None` inside) by CIDR or because the rule names none.
-fn destination_matches(rule: &AllowRule, flow: &Flow, guard: bool) -> Option<Option<String>> {
+fn destination_matches(
+    rule: &AllowRule,
+    flow: &Flow,
+    guard: bool,
+    in_host_set: &dyn Fn(&str, IpAddr) -> bool,
+) -> Option<Option<String>> {
     if rule.cidrs.is_empty() && rule.hosts.is_empty() {
         return Some(None);
     }
@@ -195,11 +211,15 @@ fn destination_matches(rule: &AllowRule, flow: &Flow, guard: bool) -> Option<Opt
     if !guard || rule.via != Via::Any {
         return None;
     }
-    let domain = flow.domain.as_deref()?;
-    rule.hosts
-        .iter()
-        .find(|p| p.matches(domain))
-        .map(|p| Some(p.to_string()))
+    if let Some(found) = flow
+        .domain
+        .as_deref()
+        .and_then(|d| rule.hosts.iter().find(|p| p.matches(d)))
+    {
+        return Some(Some(found.to_string()));
+    }
+    let live = flow.dst.is_some_and(|d| in_host_set(&rule.name, d));
+    live.then(|| Some(format!("h_{}_v4/v6", rule.name)))
 }
 
 pub fn protocol_numbers(p: L4) -> &'static [u8] {
@@ -256,4 +276,4 @@ fn in_unit(unit: &str, flow: &Flow) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,6 +4,9 @@
 //! All of it rests on [`evaluate`], the compiled ruleset's semantics in userspace.
 
 pub mod evaluate;
+pub mod explain;
+pub mod lint;
 pub mod policy_text;
 pub mod recorded;
+pub mod simulate;
 pub mod suggest;

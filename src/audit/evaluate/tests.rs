@@ -337,7 +337,7 @@ prop_compose! {
     }
 }
 
-fn arb_policy() -> impl Strategy<Value = Policy> {
+pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
     (
         prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)],
         any::<bool>(),
@@ -346,7 +346,7 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
         .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
 }
 
-fn arb_flow() -> impl Strategy<Value = Flow> {
+pub(crate) fn arb_flow() -> impl Strategy<Value = Flow> {
     (
         proptest::sample::select(vec![
             "10.1.2.3",
