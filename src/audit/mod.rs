@@ -10,3 +10,4 @@ pub mod policy_text;
 pub mod recorded;
 pub mod simulate;
 pub mod suggest;
+pub mod commands;
