@@ -126,7 +126,11 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
     } else {
         print!("{}", explain::render(&e));
     }
-    Ok(if e.allowed() { EXIT_OK } else { EXIT_NOT_ALLOWED })
+    Ok(if e.allowed() {
+        EXIT_OK
+    } else {
+        EXIT_NOT_ALLOWED
+    })
 }
 
 /// Prints lint warnings after `check`; the exit status stays `check`'s.

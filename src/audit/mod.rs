@@ -3,6 +3,7 @@
 //! single flows are explained (`explain`) and policies linted (`check --lint`).
 //! All of it rests on [`evaluate`], the compiled ruleset's semantics in userspace.
 
+pub mod commands;
 pub mod evaluate;
 pub mod explain;
 pub mod lint;
@@ -10,4 +11,3 @@ pub mod policy_text;
 pub mod recorded;
 pub mod simulate;
 pub mod suggest;
-pub mod commands;
