@@ -117,6 +117,9 @@ impl Seen {
 /// Who, what protocol, through the proxy only or not.
 type Purpose = (Subject, L4, bool);
 
+/// A rule being built: its ports, collapse notes and what was seen.
+type Merged = (BTreeSet<u16>, Vec<String>, Seen);
+
 #[derive(Debug, Default)]
 struct Destinations {
     names: BTreeSet<String>,
@@ -238,10 +241,7 @@ pub fn suggest(input: &Input) -> String {
         .retain(|n| !connected_names.contains(n));
 
     // Same purpose, same destinations: one rule with all their ports.
-    let mut merged: BTreeMap<
-        (Purpose, Vec<String>, Vec<IpNet>),
-        (BTreeSet<u16>, Vec<String>, Seen),
-    > = BTreeMap::new();
+    let mut merged: BTreeMap<(Purpose, Vec<String>, Vec<IpNet>), Merged> = BTreeMap::new();
     for ((purpose, port), (dests, seen)) in groups {
         if dests.names.is_empty() && dests.ips.is_empty() {
             continue;
@@ -360,7 +360,7 @@ fn rule_name(subject: &Subject, protocol: L4, ports: &[(u16, u16)]) -> String {
         })
         .collect();
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        name.insert_str(0, "r");
+        name.insert(0, 'r');
     }
     name.truncate(60);
     name

@@ -186,7 +186,7 @@ fn the_audited_policy_is_kept_and_what_it_allows_is_not_suggested_again() {
     );
     let mut logged = seen("10.1.0.10", 6, Some(8443), "app", Some("api.example.test"));
     logged.rule = "web".into();
-    let flows = vec![
+    let flows = [
         seen("10.1.0.10", 6, Some(443), "app", Some("api.example.test")),
         logged,
         seen("10.1.0.9", 17, Some(53), "app", None),
