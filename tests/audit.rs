@@ -551,3 +551,60 @@ fn the_evaluator_agrees_with_the_kernel_for_random_policies_and_flows() {
     run_ok(&mut a.egret(&["remove"]));
     drop(servers);
 }
+
+const ROLLOUT: &str = r#"
+mode = "enforce"
+
+[[allow]]
+name = "batch"
+cidrs = ["10.1.0.10"]
+ports = [8080]
+users = ["nobody"]
+mode = "audit"
+"#;
+
+#[test]
+fn a_rule_in_audit_mode_records_its_subjects_other_traffic_under_its_name() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(ROLLOUT);
+    let state = policy.state_dir();
+    let run = Running::start(a, &state, &["--policy", policy.path()]);
+    assert!(a.tcp_ok(Some(NOBODY), WEB4, 8080), "allowed by the rule");
+    let other = Attempt::start(a, Some(NOBODY), &["try-tcp", API4, "8443"]);
+    let e = run.wait_event(15, "nobody's other traffic", |e| {
+        is_flow(e, "would-block", API4, 8443)
+    });
+    assert_eq!(at(&e, "/rule/name"), "batch", "{e:#}");
+    assert_eq!(at(&e, "/user/id"), "65534");
+    assert!(
+        a.tcp_ok(Some(NOBODY), API4, 8443),
+        "audit for the rule's subject: it passes"
+    );
+    assert!(!a.tcp_ok(None, API4, 8443), "everyone else is enforced");
+    let e = run.wait_event(15, "root blocked", |e| is_flow(e, "blocked", API4, 8443));
+    assert_eq!(at(&e, "/rule/name"), "default");
+    drop(other);
+    run.stop();
+
+    let (code, text, err) = egret_in(
+        a,
+        &["suggest", "--state-dir", &state, "--policy", policy.path()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("# logged under rule batch"), "{text}");
+    assert!(
+        text.contains("name = \"batch\""),
+        "the rule is kept: {text}"
+    );
+    assert!(
+        text.contains("mode = \"audit\""),
+        "with its mode, for the reviewer: {text}"
+    );
+    let suggested = PolicyFile::new(&text);
+    let (code, out, err) = egret_in(a, &["simulate", suggested.path(), "--state-dir", &state]);
+    assert_eq!(code, 0, "{out}{err}\n{text}");
+    let (code, out, _) = egret_in(a, &["simulate", policy.path(), "--state-dir", &state]);
+    assert_eq!(code, 5, "the rollout policy itself still logs them: {out}");
+    assert!(out.contains("would-block  batch"), "{out}");
+}
