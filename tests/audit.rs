@@ -386,6 +386,12 @@ fn simulate_and_explain_give_known_answers_for_hand_written_policies() {
     assert_eq!(e["decision"]["rule"], "cdn", "{out}");
     assert_eq!(e["live"], true);
     assert!(a.tcp_ok(Some(NOBODY), CDN_A, 8080), "the kernel agrees");
+    let (code, out, _) = ex(&["a.cdn.test:8080", "--user", "nobody"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{CDN_A} [dns-guard, h_cdn (")),
+        "asked of the guard, and found in the rule's live set: {out}"
+    );
     let (code, _, _) = ex(&[&format!("{CDN_B}:8081"), "--user", "nobody"]);
     assert_eq!(code, 5, "b.cdn.test was not resolved under this policy");
     assert!(!a.tcp_ok(Some(NOBODY), CDN_B, 8081), "the kernel agrees");

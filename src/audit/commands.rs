@@ -70,6 +70,37 @@ pub struct ExplainArgs<'a> {
     pub json: bool,
 }
 
+/// What `name` maps to now. With `[dns]`, the guard is asked, and only for
+/// a name it answers: a refused name would be reported as an incident. Its
+/// answer puts the addresses in the kernel sets, as any client's would.
+fn resolve_now(policy: &Policy, name: &str) -> explain::Resolved {
+    let mut addresses: Vec<IpAddr> = match crate::dns::guard::GuardConfig::from_policy(policy) {
+        Some(guard) if guard.allows(name) => {
+            let asked = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(crate::dns::upstream::lookup(&[guard.dns.listen], 0, name)));
+            match asked {
+                Ok(Ok(found)) => found.into_iter().map(|(ip, _)| ip).collect(),
+                _ => Vec::new(),
+            }
+        }
+        Some(_) => Vec::new(),
+        None => (name, 0)
+            .to_socket_addrs()
+            .map(|it| it.map(|s| s.ip()).collect())
+            .unwrap_or_default(),
+    };
+    addresses.sort();
+    addresses.dedup();
+    let by = if policy.dns.is_some() {
+        "dns-guard"
+    } else {
+        "resolver"
+    };
+    explain::Resolved { addresses, by }
+}
+
 pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
     let (target, port) = match explain::parse_target(a.dest) {
         Ok(t) => t,
@@ -106,17 +137,9 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         unit: a.unit.map(str::to_string),
         ..Flow::default()
     };
-    let resolved: Vec<IpAddr> = match &target {
-        Target::Name(n) => {
-            let mut ips: Vec<IpAddr> = (n.as_str(), port.unwrap_or(0))
-                .to_socket_addrs()
-                .map(|it| it.map(|s| s.ip()).collect())
-                .unwrap_or_default();
-            ips.sort();
-            ips.dedup();
-            ips
-        }
-        Target::Ip(_) => Vec::new(),
+    let resolved = match &target {
+        Target::Name(n) => resolve_now(policy, n),
+        Target::Ip(_) => explain::Resolved::default(),
     };
     // Live kernel facts are a bonus: without privileges the policy still answers.
     let live = explain::live_host_sets().ok();

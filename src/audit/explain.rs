@@ -2,9 +2,9 @@
 //!
 //! The decision is the evaluator's, from the policy alone, so it works
 //! without privileges. For a host name it also says which patterns match,
-//! what the name resolves to now (this host's resolver, which is the DNS
-//! guard when the system points at it), and, when the kernel can be read,
-//! which addresses the guard has put in the rules' sets and for how long.
+//! what the name resolves to now (asked of the policy's DNS guard when it
+//! answers the name, else of this host's resolver), and, when the kernel can
+//! be read, which addresses the guard has put in the rules' sets and for how long.
 
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -105,6 +105,14 @@ pub fn live_host_sets() -> Result<Vec<LiveElement>> {
     Ok(out)
 }
 
+/// What a name resolved to when explain asked, and who answered.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    pub addresses: Vec<IpAddr>,
+    /// `dns-guard` or `resolver`.
+    pub by: &'static str,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PatternMatch {
     pub rule: String,
@@ -116,7 +124,8 @@ pub struct PatternMatch {
 #[derive(Debug, Clone, Serialize)]
 pub struct AddressAnswer {
     pub ip: IpAddr,
-    /// `resolver` (resolved now) and/or `h_<rule>` (in the guard's set now).
+    /// Who maps the name to it now: `dns-guard` or `resolver` (asked now),
+    /// `h_<rule>` (in the guard's set in the kernel).
     pub sources: Vec<String>,
     pub decision: Decision,
 }
@@ -150,7 +159,7 @@ pub fn explain(
     policy: &Policy,
     target: &Target,
     base: &Flow,
-    resolved: &[IpAddr],
+    resolved: &Resolved,
     live: Option<&[LiveElement]>,
 ) -> Explanation {
     let elements = live.unwrap_or_default();
@@ -198,8 +207,8 @@ pub fn explain(
                 Some((_, s)) => s.push(source),
                 None => ips.push((ip, vec![source])),
             };
-            for &ip in resolved {
-                note(ip, "resolver".into());
+            for &ip in &resolved.addresses {
+                note(ip, resolved.by.to_string());
             }
             // The sets hold addresses of every name a rule allows; only the
             // rules whose patterns match this name are relevant.
@@ -353,14 +362,17 @@ mod tests {
             },
         ];
         let target = Target::Name("api.example.org".into());
-        let resolved = ["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let resolved = Resolved {
+            addresses: vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()],
+            by: "dns-guard",
+        };
         let e = explain(&p, &target, &base, &resolved, Some(&live));
         assert!(e.allowed());
         assert_eq!(e.dns_guard_answers, Some(true));
         assert_eq!(e.patterns[0].pattern, "*.example.org");
         let text = render(&e);
         assert!(
-            text.contains("192.0.2.7 [resolver, h_web (42 s left)]: allowed by rule web"),
+            text.contains("192.0.2.7 [dns-guard, h_web (42 s left)]: allowed by rule web"),
             "{text}"
         );
         assert!(
@@ -370,13 +382,14 @@ mod tests {
 
         // An address alone: allowed while the guard holds it in web's set.
         let ip = Target::Ip("192.0.2.7".parse().unwrap());
-        let e = explain(&p, &ip, &base, &[], Some(&live));
+        let none = Resolved::default();
+        let e = explain(&p, &ip, &base, &none, Some(&live));
         assert_eq!(e.decision.rule, "web");
-        let e = explain(&p, &ip, &base, &[], None);
+        let e = explain(&p, &ip, &base, &none, None);
         assert_eq!(e.decision.outcome, Outcome::Blocked);
         assert!(render(&e).contains("live sets were not read"));
 
-        let e = explain(&p, &Target::Name("evil.test".into()), &base, &[], None);
+        let e = explain(&p, &Target::Name("evil.test".into()), &base, &none, None);
         assert_eq!(e.dns_guard_answers, Some(false));
         assert!(!e.allowed());
     }
