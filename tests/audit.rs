@@ -614,3 +614,48 @@ fn a_rule_in_audit_mode_records_its_subjects_other_traffic_under_its_name() {
     assert_eq!(code, 5, "the rollout policy itself still logs them: {out}");
     assert!(out.contains("would-block  batch"), "{out}");
 }
+
+#[test]
+fn lint_reports_a_rule_the_kernel_never_counted_as_unused() {
+    let pair = Pair::new();
+    let (a, b) = (&pair.a, &pair.b);
+    let _server = b.server("tcp", B4, 8080);
+    let policy = PolicyFile::new(
+        r#"
+[[allow]]
+name = "used"
+cidrs = ["10.1.0.2"]
+ports = [8080]
+
+[[allow]]
+name = "idle"
+cidrs = ["10.1.0.3"]
+ports = [8080]
+
+[[allow]]
+name = "inner"
+cidrs = ["10.1.0.2"]
+ports = [8080]
+users = ["nobody"]
+"#,
+    );
+    let (_, out, _) = egret_in(a, &["check", "--lint", policy.path()]);
+    assert!(
+        out.contains("unused rules not checked"),
+        "no table yet: {out}"
+    );
+    run_ok(&mut a.egret(&["apply", policy.path(), "--state-dir", &policy.state_dir()]));
+    assert!(a.tcp_ok(None, B4, 8080));
+    let (code, out, err) = egret_in(a, &["check", "--lint", policy.path()]);
+    assert_eq!(code, 0, "warnings are not errors: {err}");
+    assert!(
+        out.contains("warning: rule idle: no packet matched it"),
+        "{out}"
+    );
+    assert!(!out.contains("rule used: no packet"), "{out}");
+    assert!(
+        out.contains("warning: rule inner: every flow it allows is already allowed by rule used"),
+        "{out}"
+    );
+    run_ok(&mut a.egret(&["remove"]));
+}
