@@ -20,6 +20,10 @@ pub const EXIT_INVALID: u8 = 1;
 pub const EXIT_SYSTEM: u8 = 3;
 /// `status`: egret's table is not loaded.
 pub const EXIT_NOT_LOADED: u8 = 4;
+/// `simulate`, `explain`: a flow would not be allowed (blocked, or logged as would-block).
+pub const EXIT_NOT_ALLOWED: u8 = 5;
+/// Usage error (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "egret", version, about = "Default-deny egress firewall: every blocked outbound attempt becomes an intrusion signal", after_help = EXIT_CODES)]
@@ -28,12 +32,18 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 success; 1 invalid policy (or nothing to confirm); 2 usage error; 3 kernel or system error; 4 egret's table is not loaded (status) or no `egret run` is running (reload).\nEvery command acts on the network namespace it runs in.";
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 invalid policy (or nothing to confirm); 2 usage error; 3 kernel or system error; 4 egret's table is not loaded (status) or no `egret run` is running (reload); 5 a flow would not be allowed (simulate, explain).\nEvery command acts on the network namespace it runs in.";
 
 #[derive(Subcommand)]
 pub enum Command {
     /// Validate a policy file; errors are printed as file:line:col.
-    Check { policy: PathBuf },
+    Check {
+        policy: PathBuf,
+        /// Also warn about shadowed rules, rules that allow everything, too broad
+        /// host patterns and (with the live table's counters) unused rules.
+        #[arg(long)]
+        lint: bool,
+    },
     /// Print the exact nftables ruleset a policy compiles to, and how it differs from what is live.
     Plan { policy: PathBuf },
     /// Load a policy atomically, replacing egret's table.
@@ -135,6 +145,50 @@ pub enum Command {
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Write a policy from what audit mode recorded, to review and then enforce.
+    ///
+    /// One rule per identity (service, else user) and purpose (protocol, port),
+    /// host names where the DNS guard resolved them. Stable output: same
+    /// incidents, same text.
+    Suggest {
+        /// Only incidents seen within this long.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        since: Duration,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The policy the audit ran under: its settings ([dns], [proxy], ...) and rules are kept.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Replay the recorded flows against a candidate policy: what it would allow
+    /// and block. Exit 5 when anything would not be allowed.
+    Simulate {
+        policy: PathBuf,
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        since: Duration,
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Say which rule allows or blocks a flow, and why. Exit 5 when it is not allowed.
+    Explain {
+        /// 192.0.2.7:443, [2001:db8::1]:53, deb.debian.org:443, ...
+        dest: String,
+        /// tcp, udp or icmp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// The sending user (name or uid).
+        #[arg(long)]
+        user: Option<String>,
+        /// The sending systemd unit (or cgroup path).
+        #[arg(long)]
+        unit: Option<String>,
+        #[arg(long, default_value = "/etc/egret/policy.toml")]
+        policy: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check what egret needs from this host, and say how to fix each problem.
     /// Exit 3 when something keeps egret from working.
     Doctor {
@@ -218,7 +272,7 @@ fn load_or_report(path: &Path) -> Option<crate::policy::Policy> {
 
 fn run(command: Command) -> Result<u8> {
     match command {
-        Command::Check { policy } => {
+        Command::Check { policy, lint } => {
             let Some(p) = load_or_report(&policy) else {
                 return Ok(EXIT_INVALID);
             };
@@ -228,7 +282,57 @@ fn run(command: Command) -> Result<u8> {
                 p.rules.len(),
                 p.mode
             );
+            if lint {
+                return Ok(crate::audit::commands::lint(&p));
+            }
             Ok(EXIT_OK)
+        }
+        Command::Suggest {
+            since,
+            state_dir,
+            policy,
+        } => {
+            let base = match &policy {
+                Some(path) => match load_or_report(path) {
+                    Some(p) => Some(p),
+                    None => return Ok(EXIT_INVALID),
+                },
+                None => None,
+            };
+            crate::audit::commands::suggest(&state_dir, since, base.as_ref())
+        }
+        Command::Simulate {
+            policy,
+            since,
+            state_dir,
+            json,
+        } => {
+            let Some(p) = load_or_report(&policy) else {
+                return Ok(EXIT_INVALID);
+            };
+            crate::audit::commands::simulate(&p, &state_dir, since, json)
+        }
+        Command::Explain {
+            dest,
+            protocol,
+            user,
+            unit,
+            policy,
+            json,
+        } => {
+            let Some(p) = load_or_report(&policy) else {
+                return Ok(EXIT_INVALID);
+            };
+            crate::audit::commands::explain(
+                &p,
+                &crate::audit::commands::ExplainArgs {
+                    dest: &dest,
+                    protocol: &protocol,
+                    user: user.as_deref(),
+                    unit: unit.as_deref(),
+                    json,
+                },
+            )
         }
         Command::Plan { policy } => {
             let Some(p) = load_or_report(&policy) else {

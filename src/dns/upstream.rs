@@ -117,6 +117,11 @@ impl Exchange<'_> {
 }
 
 pub fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
+    // 0 is no mark (a policy's mark is never 0): `egret explain` asks the
+    // guard without privileges.
+    if mark == 0 {
+        return Ok(());
+    }
     // SAFETY: fd is a live socket owned by the caller; the option value is a u32.
     let r = unsafe {
         libc::setsockopt(

@@ -14,6 +14,11 @@ use crate::monitor::packet::Flow;
 pub struct IncidentKey {
     pub verdict: Verdict,
     pub identity: Identity,
+    /// The sender's uid and unit, which policy rules can name: the same
+    /// executable run by two users or from two units is two incidents, so
+    /// `egret suggest` sees both.
+    pub uid: Option<u32>,
+    pub unit: Option<String>,
     pub destination: Option<IpAddr>,
     pub port: Option<u16>,
     pub protocol: Option<u8>,
@@ -154,6 +159,8 @@ impl Aggregator {
         let key = IncidentKey {
             verdict: verdict.clone(),
             identity: attribution.identity(),
+            uid: attribution.uid,
+            unit: attribution.unit.clone(),
             destination: flow.map(|f| f.dst).or(proxy.and_then(|p| p.ip)),
             port: flow.and_then(|f| f.dst_port()).or(proxy.map(|p| p.port)),
             protocol: flow.map(|f| f.protocol),
@@ -272,6 +279,33 @@ mod tests {
         blocked: true,
         rule: None,
     };
+
+    #[test]
+    fn one_executable_under_two_users_or_units_is_two_incidents() {
+        let mut agg = Aggregator::new(1);
+        let t0 = SystemTime::UNIX_EPOCH;
+        let as_user = |uid: u32, unit: Option<&str>| Attribution {
+            process: Some(crate::monitor::attribution::Process {
+                pid: 10,
+                executable: Some("/usr/bin/python3".into()),
+                ..Default::default()
+            }),
+            unit: unit.map(str::to_string),
+            ..who(uid)
+        };
+        let f = flow(1000, 443);
+        assert!(agg
+            .observe(&BLOCKED, Some(&f), &as_user(0, None), t0)
+            .is_some());
+        assert!(agg
+            .observe(&BLOCKED, Some(&f), &as_user(0, None), t0)
+            .is_none());
+        assert!(agg
+            .observe(&BLOCKED, Some(&f), &as_user(65534, None), t0)
+            .is_some());
+        let in_unit = as_user(0, Some("app.service"));
+        assert!(agg.observe(&BLOCKED, Some(&f), &in_unit, t0).is_some());
+    }
 
     #[test]
     fn syn_retries_are_one_incident_with_rate_limited_updates() {

@@ -294,6 +294,21 @@ impl Store {
         Ok(rows)
     }
 
+    /// The ECS documents of incidents (not egret's own events) last seen at
+    /// or after `since`, oldest first: the recorded flows `egret suggest` and
+    /// `egret simulate` work from.
+    pub fn incident_docs(&self, since: SystemTime) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN
+               ('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')
+             ORDER BY id",
+        )?;
+        let docs = stmt
+            .query_map([unix_ms(since)], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(docs)
+    }
+
     /// (label, packets, incidents) grouped by `column`, biggest first.
     pub fn top(
         &self,
@@ -400,5 +415,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(pruned, 1);
+    }
+
+    #[test]
+    fn incident_documents_leave_out_egrets_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(1);
+        let now = SystemTime::now();
+        let a = sample(&mut agg, 1389, 1000, now - Duration::from_secs(60));
+        let b = sample(&mut agg, 53, 0, now);
+        for inc in [&b, &a] {
+            store
+                .upsert(&[(inc, &event::incident(inc, false, "h"))])
+                .unwrap();
+        }
+        store
+            .insert_event(b.id + 1, "data-loss", now, 1, &serde_json::json!({}))
+            .unwrap();
+        let docs = store
+            .incident_docs(now - Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(docs.len(), 2, "incidents only, not egret's own events");
+        assert!(docs[0].contains("1389"), "in incident order");
+        assert_eq!(store.incident_docs(now).unwrap().len(), 1);
     }
 }

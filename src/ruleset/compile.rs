@@ -527,16 +527,20 @@ impl Compiler {
             L4::Icmp => vec![IPPROTO_ICMP, IPPROTO_ICMPV6],
         };
         if !r.ports.is_empty() {
+            // The kernel refuses overlapping elements (EEXIST): `[8080, "8000-8443"]` is one range.
+            let ranges = merge_ranges(
+                r.ports
+                    .iter()
+                    .map(|p| (p.first as u128, p.last as u128))
+                    .collect(),
+            );
             let mut elements = Vec::new();
             for &p in &r.protocols {
                 for n in numbers(p) {
-                    for range in &r.ports {
-                        let end = (range.first != range.last)
-                            .then(|| vec![n as u128, range.last as u128]);
-                        let end = end.or_else(|| Some(vec![n as u128, range.first as u128]));
+                    for &(first, last) in &ranges {
                         elements.push(Element {
-                            key: vec![n as u128, range.first as u128],
-                            end,
+                            key: vec![n as u128, first],
+                            end: Some(vec![n as u128, last]),
                         });
                     }
                 }
@@ -783,6 +787,33 @@ mod tests {
             }),
             ..policy(rules)
         }
+    }
+
+    #[test]
+    fn overlapping_port_ranges_become_one_element() {
+        let mut r = allow("web");
+        r.ports = vec![
+            PortRange {
+                first: 8080,
+                last: 8080,
+            },
+            PortRange {
+                first: 8000,
+                last: 8443,
+            },
+            PortRange {
+                first: 8444,
+                last: 8444,
+            },
+        ];
+        let rs = compile(&policy(vec![r]), &CompileInput::default());
+        assert_eq!(
+            rs.set("a_web_svc").unwrap().elements,
+            [Element {
+                key: vec![6, 8000],
+                end: Some(vec![6, 8444]),
+            }]
+        );
     }
 
     #[test]

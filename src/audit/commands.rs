@@ -1,0 +1,175 @@
+//! The audit commands at the edge: read the store, the policy, the kernel
+//! and the resolver, then hand the facts to the pure modules and print.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::evaluate::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use super::explain::{self, Target};
+use super::{lint, recorded, simulate, suggest};
+use crate::cli::{EXIT_NOT_ALLOWED, EXIT_OK};
+use crate::policy::{Accounts, Policy, SystemAccounts};
+
+fn window(state_dir: &Path, since: Duration) -> String {
+    format!(
+        "{}, last {}",
+        state_dir.display(),
+        humantime::format_duration(since)
+    )
+}
+
+pub fn suggest(state_dir: &Path, since: Duration, base: Option<&Policy>) -> Result<u8> {
+    let flows = recorded::load(state_dir, since)?;
+    if flows.is_empty() {
+        eprintln!(
+            "egret: no incidents recorded in {} within {} (has `egret run` run in audit mode with this --state-dir?)",
+            state_dir.display(),
+            humantime::format_duration(since)
+        );
+    }
+    print!(
+        "{}",
+        suggest::suggest(&suggest::Input {
+            recorded: &flows,
+            base,
+            source: &window(state_dir, since),
+        })
+    );
+    Ok(EXIT_OK)
+}
+
+pub fn simulate(policy: &Policy, state_dir: &Path, since: Duration, json: bool) -> Result<u8> {
+    let flows = recorded::load(state_dir, since)?;
+    let report = simulate::simulate(policy, &flows);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} incident(s) from {}",
+            flows.len(),
+            window(state_dir, since)
+        );
+        print!("{}", simulate::render(&report));
+    }
+    Ok(if report.anything_not_allowed() {
+        EXIT_NOT_ALLOWED
+    } else {
+        EXIT_OK
+    })
+}
+
+pub struct ExplainArgs<'a> {
+    pub dest: &'a str,
+    pub protocol: &'a str,
+    pub user: Option<&'a str>,
+    pub unit: Option<&'a str>,
+    pub json: bool,
+}
+
+/// What `name` maps to now. With `[dns]`, the guard is asked, and only for
+/// a name it answers: a refused name would be reported as an incident. Its
+/// answer puts the addresses in the kernel sets, as any client's would.
+fn resolve_now(policy: &Policy, name: &str) -> explain::Resolved {
+    let mut addresses: Vec<IpAddr> = match crate::dns::guard::GuardConfig::from_policy(policy) {
+        Some(guard) if guard.allows(name) => {
+            let asked = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(crate::dns::upstream::lookup(&[guard.dns.listen], 0, name)));
+            match asked {
+                Ok(Ok(found)) => found.into_iter().map(|(ip, _)| ip).collect(),
+                _ => Vec::new(),
+            }
+        }
+        Some(_) => Vec::new(),
+        None => (name, 0)
+            .to_socket_addrs()
+            .map(|it| it.map(|s| s.ip()).collect())
+            .unwrap_or_default(),
+    };
+    addresses.sort();
+    addresses.dedup();
+    let by = if policy.dns.is_some() {
+        "dns-guard"
+    } else {
+        "resolver"
+    };
+    explain::Resolved { addresses, by }
+}
+
+pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
+    let (target, port) = match explain::parse_target(a.dest) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("egret: {}: {e}", a.dest);
+            return Ok(crate::cli::EXIT_USAGE);
+        }
+    };
+    let uid = match a.user {
+        None => None,
+        Some(u) => match u.parse::<u32>().ok().or_else(|| SystemAccounts.uid(u)) {
+            Some(uid) => Some(uid),
+            None => {
+                eprintln!("egret: unknown user {u:?}");
+                return Ok(crate::cli::EXIT_USAGE);
+            }
+        },
+    };
+    let v6 = matches!(target, Target::Ip(IpAddr::V6(_)));
+    let protocol = match a.protocol {
+        "tcp" => IPPROTO_TCP,
+        "udp" => IPPROTO_UDP,
+        "icmp" if v6 => IPPROTO_ICMPV6,
+        "icmp" => IPPROTO_ICMP,
+        other => {
+            eprintln!("egret: protocol {other:?}: tcp, udp or icmp");
+            return Ok(crate::cli::EXIT_USAGE);
+        }
+    };
+    let base = Flow {
+        protocol,
+        port: port.filter(|_| matches!(protocol, IPPROTO_TCP | IPPROTO_UDP)),
+        uid,
+        unit: a.unit.map(str::to_string),
+        ..Flow::default()
+    };
+    let resolved = match &target {
+        Target::Name(n) => resolve_now(policy, n),
+        Target::Ip(_) => explain::Resolved::default(),
+    };
+    // Live kernel facts are a bonus: without privileges the policy still answers.
+    let live = explain::live_host_sets().ok();
+    let e = explain::explain(policy, &target, &base, &resolved, live.as_deref());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        print!("{}", explain::render(&e));
+    }
+    Ok(if e.allowed() {
+        EXIT_OK
+    } else {
+        EXIT_NOT_ALLOWED
+    })
+}
+
+/// Prints lint warnings after `check`; the exit status stays `check`'s.
+pub fn lint(policy: &Policy) -> u8 {
+    let live = crate::kernel::nft::Nftables::open()
+        .and_then(|mut n| n.read())
+        .ok()
+        .flatten();
+    let hits: Option<BTreeMap<String, u64>> = live.as_ref().map(lint::hits);
+    let warnings = lint::lint(policy, hits.as_ref());
+    for w in &warnings {
+        println!("warning: rule {}: {} ({})", w.rule, w.message, w.kind);
+    }
+    if hits.is_none() {
+        println!("note: unused rules not checked: egret's table could not be read here (not loaded, or no CAP_NET_ADMIN)");
+    }
+    println!("lint: {} warning(s)", warnings.len());
+    EXIT_OK
+}

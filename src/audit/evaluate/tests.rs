@@ -1,0 +1,426 @@
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::policy::{BlockAction, DnsConfig, HostPattern, Origin, PortRange, Refusal, Scope};
+use crate::ruleset::{
+    compile, ip_to_u128, CompileInput, Family, IdMatch, Match, Ruleset, Set, Verdict, OUTPUT_CHAIN,
+    PREFIX_WOULD_BLOCK,
+};
+
+fn allow(name: &str) -> AllowRule {
+    AllowRule {
+        name: name.into(),
+        comment: None,
+        cidrs: vec![],
+        hosts: vec![],
+        via: Via::Any,
+        protocols: vec![L4::Tcp],
+        ports: vec![],
+        users: vec![],
+        groups: vec![],
+        units: vec![],
+        mode: None,
+        origin: Origin {
+            file: PathBuf::from("p.toml"),
+            line: 1,
+        },
+    }
+}
+
+fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
+    Policy {
+        dns: dns.then(|| DnsConfig {
+            listen: "127.0.0.1:53".parse().unwrap(),
+            upstream: vec!["192.0.2.53:53".parse().unwrap()],
+            refuse: Refusal::Refused,
+            ttl_floor: std::time::Duration::from_secs(60),
+            grace: std::time::Duration::from_secs(300),
+            intercept: false,
+        }),
+        rules,
+        mode,
+        block: BlockAction::Drop,
+        ..Policy::audit_default()
+    }
+}
+
+fn tcp(dst: &str, port: u16) -> Flow {
+    Flow {
+        dst: Some(dst.parse().unwrap()),
+        protocol: IPPROTO_TCP,
+        port: Some(port),
+        ..Flow::default()
+    }
+}
+
+fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+    list.iter()
+        .map(|&(first, last)| PortRange { first, last })
+        .collect()
+}
+
+#[test]
+fn first_matching_rule_decides_and_the_rest_falls_to_default() {
+    let mut web = allow("web");
+    web.cidrs = vec![
+        "10.1.0.0/16".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ];
+    web.ports = ports(&[(443, 443), (8000, 8100)]);
+    let mut all = allow("all-10");
+    all.cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+    let p = policy(Mode::Enforce, false, vec![web, all]);
+    let d = evaluate(&p, &tcp("10.1.2.3", 8050));
+    assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Allowed, "web"));
+    assert_eq!(evaluate(&p, &tcp("2001:db8::1", 443)).rule, "web");
+    assert_eq!(evaluate(&p, &tcp("10.1.2.3", 22)).rule, "all-10");
+    let d = evaluate(&p, &tcp("2001:db9::1", 443));
+    assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Blocked, "default"));
+    let udp = Flow {
+        protocol: IPPROTO_UDP,
+        ..tcp("10.1.2.3", 443)
+    };
+    assert_eq!(
+        evaluate(&p, &udp).outcome,
+        Outcome::Blocked,
+        "rules default to TCP"
+    );
+    let audit = policy(Mode::Audit, false, p.rules.clone());
+    assert_eq!(evaluate(&audit, &udp).outcome, Outcome::WouldBlock);
+}
+
+#[test]
+fn baseline_and_dns_guard_come_before_the_rules() {
+    let mut any = allow("any");
+    any.cidrs = vec!["0.0.0.0/0".parse().unwrap()];
+    any.protocols = vec![L4::Tcp, L4::Udp];
+    let p = policy(Mode::Enforce, true, vec![any]);
+    assert_eq!(evaluate(&p, &tcp("127.0.0.1", 1)).rule, BASELINE_RULE);
+    let d = evaluate(&p, &tcp("192.0.2.1", 853));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (Outcome::Blocked, "dns-bypass")
+    );
+    let icmp_error = Flow {
+        dst: Some("2001:db8::1".parse().unwrap()),
+        protocol: IPPROTO_ICMPV6,
+        icmp_type: Some(135),
+        ..Flow::default()
+    };
+    assert_eq!(evaluate(&p, &icmp_error).rule, BASELINE_RULE);
+    let ping = Flow {
+        icmp_type: Some(128),
+        ..icmp_error
+    };
+    assert_eq!(evaluate(&p, &ping).outcome, Outcome::Blocked);
+    let mut intercept = p.clone();
+    if let Some(d) = intercept.dns.as_mut() {
+        d.intercept = true;
+    }
+    assert_eq!(
+        evaluate(&intercept, &tcp("192.0.2.1", 53)).rule,
+        DNS_GUARD_RULE
+    );
+}
+
+#[test]
+fn host_patterns_need_the_guard_and_a_resolved_name() {
+    let mut web = allow("web");
+    web.hosts = vec![HostPattern::parse("*.example.test").unwrap()];
+    web.ports = ports(&[(443, 443)]);
+    let with_name = Flow {
+        domain: Some("api.example.test".into()),
+        ..tcp("192.0.2.7", 443)
+    };
+    let p = policy(Mode::Enforce, true, vec![web.clone()]);
+    let d = evaluate(&p, &with_name);
+    assert_eq!(d.rule, "web");
+    assert_eq!(d.host_pattern.as_deref(), Some("*.example.test"));
+    assert_eq!(evaluate(&p, &tcp("192.0.2.7", 443)).rule, "default");
+    let apex = Flow {
+        domain: Some("example.test".into()),
+        ..with_name.clone()
+    };
+    assert_eq!(evaluate(&p, &apex).rule, "default");
+    let no_guard = policy(Mode::Enforce, false, vec![web.clone()]);
+    assert_eq!(evaluate(&no_guard, &with_name).rule, "default");
+    web.via = Via::Proxy;
+    let proxy_only = policy(Mode::Enforce, true, vec![web]);
+    assert_eq!(evaluate(&proxy_only, &with_name).rule, "default");
+}
+
+#[test]
+fn subjects_and_per_rule_audit_mode() {
+    let mut app = allow("app");
+    app.units = vec!["app.service".into()];
+    app.users = vec![1000];
+    app.cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+    app.mode = Some(Mode::Audit);
+    let p = policy(Mode::Enforce, false, vec![app]);
+    let from_app = |dst: &str| Flow {
+        uid: Some(1000),
+        cgroup: Some("/system.slice/app.service/worker".into()),
+        ..tcp(dst, 80)
+    };
+    assert_eq!(evaluate(&p, &from_app("10.1.0.1")).rule, "app");
+    let d = evaluate(&p, &from_app("10.9.0.1"));
+    assert_eq!((d.outcome, d.rule.as_str()), (Outcome::WouldBlock, "app"));
+    let other_user = Flow {
+        uid: Some(0),
+        ..from_app("10.9.0.1")
+    };
+    assert_eq!(evaluate(&p, &other_user).outcome, Outcome::Blocked);
+    let unknown_uid = Flow {
+        uid: None,
+        ..from_app("10.1.0.1")
+    };
+    assert_eq!(evaluate(&p, &unknown_uid).rule, "default");
+    let by_unit_name = Flow {
+        cgroup: None,
+        unit: Some("app.service".into()),
+        ..from_app("10.1.0.1")
+    };
+    assert_eq!(evaluate(&p, &by_unit_name).rule, "app");
+}
+
+#[test]
+fn a_unit_path_matches_from_the_root_only() {
+    let mut r = allow("p");
+    r.units = vec!["system.slice/app.service".into()];
+    let p = policy(Mode::Enforce, false, vec![r]);
+    let at = |cg: &str| Flow {
+        cgroup: Some(cg.into()),
+        ..tcp("10.0.0.1", 1)
+    };
+    assert_eq!(evaluate(&p, &at("/system.slice/app.service")).rule, "p");
+    assert_eq!(evaluate(&p, &at("/system.slice/app.service/x")).rule, "p");
+    assert_eq!(
+        evaluate(&p, &at("/user.slice/system.slice/app.service")).rule,
+        "default"
+    );
+    assert_eq!(
+        evaluate(&p, &at("/system.slice/app.service2")).rule,
+        "default"
+    );
+}
+
+// The compiled ruleset, interpreted: the evaluator must name the same rule
+// and outcome as walking the output chain `compile` emits, for any policy and
+// flow. Host sets hold what the guard would have put there: the flow's
+// address, when its name matches the set's rule.
+
+/// cgroup ids of the test units: `system.slice/uN.service` has id N.
+fn unit_ids(units: &[String]) -> crate::ruleset::UnitCgroups {
+    units
+        .iter()
+        .map(|u| {
+            let n: u64 = u
+                .trim_start_matches('u')
+                .trim_end_matches(".service")
+                .parse()
+                .unwrap();
+            (u.clone(), vec![(2, n)])
+        })
+        .collect()
+}
+
+fn cgroup_id_at(path: &str, level: u32) -> Option<u64> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let at = parts.get(level as usize - 1)?;
+    (level == 2 && parts[0] == "system.slice")
+        .then(|| {
+            at.trim_start_matches('u')
+                .trim_end_matches(".service")
+                .parse()
+                .ok()
+        })
+        .flatten()
+}
+
+fn in_set(set: &Set, values: &[u128]) -> bool {
+    set.elements.iter().any(|e| {
+        let end = e.end.as_ref().unwrap_or(&e.key);
+        e.key
+            .iter()
+            .zip(end)
+            .zip(values)
+            .all(|((lo, hi), v)| lo <= v && v <= hi)
+    })
+}
+
+fn interpret(rs: &Ruleset, policy: &Policy, flow: &Flow) -> (Outcome, String) {
+    let dst = flow.dst.unwrap();
+    let family = Family::of(&dst);
+    let set = |name: &str| rs.set(name).unwrap();
+    let host_set_holds = |name: &str| {
+        let rule = name.trim_start_matches("h_").rsplit_once('_').unwrap().0;
+        let r = policy.rules.iter().find(|r| r.name == rule).unwrap();
+        flow.domain.as_deref().is_some_and(|d| r.allows_host(d))
+    };
+    let chain = rs.chains.iter().find(|c| c.name == OUTPUT_CHAIN).unwrap();
+    for rule in &chain.rules {
+        let hit = rule.matches.iter().all(|m| match m {
+            Match::OifName(n) => n == "lo" && dst.is_loopback(),
+            Match::IifName(_) | Match::CtState(_) | Match::Mark(_) | Match::Flow(..) => false,
+            Match::NfProto(f) => *f == family,
+            Match::L4Proto(p) => *p == flow.protocol,
+            Match::L4ProtoIn(s) => in_set(set(s), &[flow.protocol as u128]),
+            Match::Daddr(f, s) if set(s).timeout => *f == family && host_set_holds(s),
+            Match::Daddr(f, s) => *f == family && in_set(set(s), &[ip_to_u128(&dst)]),
+            Match::ProtoDport(s) => flow
+                .port
+                .is_some_and(|p| in_set(set(s), &[flow.protocol as u128, p as u128])),
+            Match::IcmpType(_, s) => flow.icmp_type.is_some_and(|t| in_set(set(s), &[t as u128])),
+            Match::SkUid(IdMatch::Eq(u)) => flow.uid == Some(*u),
+            Match::SkUid(IdMatch::Set(s)) => flow.uid.is_some_and(|u| in_set(set(s), &[u as u128])),
+            Match::SkGid(IdMatch::Eq(g)) => flow.gid == Some(*g),
+            Match::SkGid(IdMatch::Set(s)) => flow.gid.is_some_and(|g| in_set(set(s), &[g as u128])),
+            Match::Cgroup { level, set: s } => flow
+                .cgroup
+                .as_deref()
+                .and_then(|c| cgroup_id_at(c, *level))
+                .is_some_and(|id| in_set(set(s), &[id as u128])),
+        });
+        if !hit {
+            continue;
+        }
+        let logged_as = rule.log.as_ref().map(|l| {
+            l.prefix
+                .split_once(':')
+                .and_then(|(_, rest)| rest.split_once(':'))
+                .map(|(_, r)| r.to_string())
+                .unwrap_or_else(|| DEFAULT_RULE.to_string())
+        });
+        let Some(verdict) = &rule.verdict else {
+            continue;
+        };
+        let comment = rule.comment.clone().unwrap_or_default();
+        return match (verdict, logged_as) {
+            (Verdict::Accept, None) if comment.starts_with("baseline") => {
+                (Outcome::Allowed, BASELINE_RULE.into())
+            }
+            (Verdict::Accept, None) => (Outcome::Allowed, comment),
+            (Verdict::Accept, Some(r)) => {
+                let prefix = &rule.log.as_ref().unwrap().prefix;
+                assert!(prefix.starts_with(PREFIX_WOULD_BLOCK));
+                (Outcome::WouldBlock, r)
+            }
+            (_, Some(r)) => (Outcome::Blocked, r),
+            (v, None) => panic!("unlogged {v:?}"),
+        };
+    }
+    panic!("the final rule matches everything")
+}
+
+prop_compose! {
+    fn arb_rule(i: usize)(
+        cidrs in proptest::sample::subsequence(vec!["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "2001:db8::/32", "2001:db8:1::/48"], 0..3),
+        hosts in proptest::sample::subsequence(vec!["a.test", "*.b.test", "c.*.test"], 0..2),
+        protocols in proptest::sample::subsequence(vec![L4::Tcp, L4::Udp, L4::Icmp], 0..3),
+        port_list in proptest::sample::subsequence(vec![(22, 22), (80, 443), (8080, 8080)], 0..3),
+        users in proptest::sample::subsequence(vec![0u32, 1000], 0..2),
+        units in proptest::sample::subsequence(vec!["u1.service", "u2.service"], 0..2),
+        mode in proptest::option::of(prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)]),
+    ) -> AllowRule {
+        let mut r = allow(&format!("r{i}"));
+        r.cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        r.hosts = hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
+        let ported = !protocols.is_empty() && !protocols.contains(&L4::Icmp);
+        r.protocols = protocols;
+        r.ports = if ported { ports(&port_list) } else { vec![] };
+        r.users = users;
+        r.units = units.iter().map(|u| u.to_string()).collect();
+        r.mode = mode.filter(|_| r.has_subject());
+        r
+    }
+}
+
+pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
+    (
+        prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)],
+        any::<bool>(),
+        (0..4usize).prop_flat_map(|n| (0..n).map(arb_rule).collect::<Vec<_>>()),
+    )
+        .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
+}
+
+pub(crate) fn arb_flow() -> impl Strategy<Value = Flow> {
+    (
+        proptest::sample::select(vec![
+            "10.1.2.3",
+            "10.200.0.1",
+            "192.0.2.9",
+            "2001:db8::1",
+            "2001:db8:1::5",
+            "198.51.100.1",
+            "127.0.0.1",
+        ]),
+        proptest::sample::select(vec![IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6]),
+        proptest::sample::select(vec![22u16, 53, 80, 300, 443, 853, 8080]),
+        proptest::sample::select(vec![None, Some(0u32), Some(1000), Some(65534)]),
+        proptest::sample::select(vec![
+            None,
+            Some("/system.slice/u1.service"),
+            Some("/system.slice/u2.service/x"),
+            Some("/system.slice/u3.service"),
+        ]),
+        proptest::sample::select(vec![
+            None,
+            Some("a.test"),
+            Some("x.y.b.test"),
+            Some("c.q.test"),
+            Some("b.test"),
+        ]),
+        proptest::sample::select(vec![0u8, 3, 8, 12, 128, 135, 143]),
+    )
+        .prop_map(|(dst, protocol, port, uid, cgroup, domain, icmp)| {
+            let icmp_proto = matches!(protocol, IPPROTO_ICMP | IPPROTO_ICMPV6);
+            Flow {
+                dst: Some(dst.parse().unwrap()),
+                protocol,
+                port: (!icmp_proto).then_some(port),
+                icmp_type: icmp_proto.then_some(icmp),
+                uid,
+                gid: None,
+                cgroup: cgroup.map(str::to_string),
+                unit: None,
+                domain: domain.map(str::to_string),
+            }
+        })
+}
+
+proptest! {
+    #[test]
+    fn the_evaluator_agrees_with_the_compiled_ruleset(p in arb_policy(), flows in proptest::collection::vec(arb_flow(), 1..16)) {
+        let units: Vec<String> = p.rules.iter().flat_map(|r| r.units.clone()).collect();
+        let rs = compile(&p, &CompileInput { units: unit_ids(&units), open_flows: vec![] });
+        for flow in &flows {
+            let d = evaluate(&p, flow);
+            let want = interpret(&rs, &p, flow);
+            prop_assert_eq!((d.outcome, d.rule.clone()), want, "{:?}", flow);
+        }
+    }
+
+    #[test]
+    fn an_added_rule_never_blocks_what_was_allowed(p in arb_policy(), extra in arb_rule(9), flow in arb_flow()) {
+        let before = evaluate(&p, &flow);
+        let mut more = p.clone();
+        more.rules.push(AllowRule { mode: None, ..extra });
+        prop_assume!(more.rules.iter().all(|r| r.mode.is_none()));
+        let after = evaluate(&more, &flow);
+        if before.outcome == Outcome::Allowed {
+            prop_assert_eq!(after, before);
+        }
+    }
+}
+
+#[test]
+fn scope_is_ignored_for_host_flows() {
+    let p = Policy {
+        scope: Scope::HostAndContainers,
+        ..policy(Mode::Enforce, false, vec![])
+    };
+    assert_eq!(evaluate(&p, &tcp("10.0.0.1", 1)).rule, "default");
+}
