@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
+use crate::alert::severity::Classifier;
+use crate::alert::Dispatcher;
 use crate::apply;
 use crate::dns::{Guard, GuardConfig, RecentNames, RefusedQuery};
 use crate::kernel::nft::Nftables;
@@ -39,6 +41,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
+/// At exit, alert sinks may take this long to send what they hold.
+const ALERTS_GRACE: Duration = Duration::from_secs(3);
 
 /// What reaches the pipeline: packets from the NFLOG reader, queries the DNS guard refused.
 pub enum Input {
@@ -144,6 +148,10 @@ struct Daemon {
     sets: Vec<(crate::ruleset::Set, u64)>,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
+    /// Grades incidents (written into every document).
+    classifier: Classifier,
+    /// `[[alerts]]`: documents go here too, without waiting.
+    alerts: Dispatcher,
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
@@ -222,6 +230,12 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     if let Some(g) = &guard {
         let _ = metrics.guard.set(Arc::clone(&g.stats));
     }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let alerts = Dispatcher::start(&policy, &host)?;
+    *metrics.alerts.lock().unwrap_or_else(|p| p.into_inner()) = alerts.stats();
     let proxy = match ProxyState::from_policy(&policy) {
         Some(state) => {
             let tx = tx.clone();
@@ -271,12 +285,10 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
 
     let mut accounting = Accounting::new(cfg.flush);
     accounting.add_while_down(while_down);
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
     let mut daemon = Daemon {
         agg: Aggregator::new(store.next_incident_id()?),
+        classifier: Classifier::new(policy.severity.clone()),
+        alerts,
         store,
         opts,
         policy,
@@ -396,6 +408,7 @@ impl Daemon {
                     );
                     self.out.line(&doc);
                     self.out.flush();
+                    self.alerts.send(&doc);
                 }
             }
             if self.metrics_server.is_some() && last_sizes.elapsed() >= SET_SIZES_EVERY {
@@ -501,9 +514,12 @@ impl Daemon {
                     .unwrap_or(event::DEFAULT_RULE),
                 inc.attribution.method.as_str(),
             );
-            let doc = event::incident(inc, false, &self.host);
+            let mut doc = event::incident(inc, false, &self.host);
+            let severity = self.classifier.new_incident(inc, &mut self.store);
+            event::set_severity(&mut doc, severity);
             self.out.line(&doc);
             self.out.flush();
+            self.alerts.send(&doc);
             self.pending.push((inc.clone(), doc));
         }
     }
@@ -512,11 +528,19 @@ impl Daemon {
     fn tick(&mut self, force: bool) {
         let now = SystemTime::now();
         for inc in self.agg.due(now, force) {
-            let doc = event::incident(&inc, true, &self.host);
+            let mut doc = event::incident(&inc, true, &self.host);
+            event::set_severity(&mut doc, self.classifier.of(&inc));
             self.out.line(&doc);
             self.pending.push((inc, doc));
         }
         self.agg.close_idle(now);
+        for doc in self.alerts.failure_events(&self.host) {
+            self.out.line(&doc);
+            let id = self.agg.reserve_id();
+            if let Err(e) = self.store.insert_event(id, "alert-failed", now, 1, &doc) {
+                warn!("storing an alert-failed event: {e:#}");
+            }
+        }
         self.out.flush();
         if self.pending.is_empty() {
             return;
@@ -581,6 +605,7 @@ impl Daemon {
             );
             self.out.line(&doc);
             self.out.flush();
+            self.alerts.send(&doc);
             let id = self.agg.reserve_id();
             if let Err(e) = self.store.insert_event(id, "data-loss", now, delta, &doc) {
                 warn!("storing a data-loss event: {e:#}");
@@ -644,12 +669,30 @@ impl Daemon {
         let doc = event::tamper(now, what, restored, &self.host);
         self.out.line(&doc);
         self.out.flush();
+        self.alerts.send(&doc);
         let id = self.agg.reserve_id();
         if let Err(e) = self.store.insert_event(id, "tamper", now, 1, &doc) {
             warn!("storing a tamper event: {e:#}");
         }
         // Once restored, a new change is a new occurrence.
         self.tamper_reported = !restored;
+    }
+
+    /// New sinks from a reloaded policy; the old ones get a moment to send
+    /// what they hold.
+    fn restart_alerts(&mut self, policy: &Policy) {
+        match Dispatcher::start(policy, &self.host) {
+            Ok(d) => {
+                *self
+                    .metrics
+                    .alerts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = d.stats();
+                std::mem::replace(&mut self.alerts, d).stop(Duration::from_secs(1));
+                info!(sinks = policy.alerts.len(), "alert sinks reconfigured");
+            }
+            Err(e) => error!("reload: the alert sinks could not start, the old ones stay: {e:#}"),
+        }
     }
 
     fn restore(&mut self) -> Result<()> {
@@ -736,6 +779,10 @@ impl Daemon {
             Ok(()) => {
                 if let (Some(p), Some(state)) = (&self.proxy, ProxyState::from_policy(&policy)) {
                     p.reload(state);
+                }
+                self.classifier.rules = policy.severity.clone();
+                if policy.alerts != self.alerts.configs() || policy.mark != self.policy.mark {
+                    self.restart_alerts(&policy);
                 }
                 info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
                 self.policy = policy;
@@ -824,6 +871,8 @@ impl Daemon {
         std::thread::sleep(Duration::from_millis(50));
         self.account();
         self.out.flush();
+        let alerts = std::mem::replace(&mut self.alerts, Dispatcher::none());
+        alerts.stop(ALERTS_GRACE);
         let f = self.accounting.figures(self.counts());
         info!(
             received = f.received,
