@@ -492,3 +492,26 @@ fn an_https_webhook_with_its_own_ca_file() {
     assert!(text.starts_with("[egret HIGH] "), "{text}");
     assert_eq!(post["path"], "/hook");
 }
+
+#[test]
+fn a_taken_nflog_group_is_reported_to_the_sinks_before_egret_gives_up() {
+    let ns = Netns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let hook = tmp.path().join("hook");
+    let first = PolicyFile::new("mode = \"audit\"\n");
+    let _holder = Running::start(&ns, &first.state_dir(), &["--policy", first.path()]);
+    let second = PolicyFile::new(&format!(
+        "mode = \"audit\"\n[[alerts]]\nname = \"hook\"\ntype = \"exec\"\n{}\n",
+        exec_hook(&hook)
+    ));
+    let out = ns.egret_run(&second).output().unwrap();
+    assert!(!out.status.success(), "the group is taken: egret run fails");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let doc: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(at(&doc, "/event/action"), "nflog-taken");
+    let line = wait_for(&hook, 10, "nflog-taken at the hook", |v| {
+        at(v, "/event/action") == "nflog-taken"
+    });
+    assert_eq!(at(&line, "/egret/severity"), "critical");
+    assert_eq!(at(&line, "/egret/log_group"), 5);
+}

@@ -170,7 +170,7 @@ pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
     run_inner(opts, policy, store, signals)
 }
 
-fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -> Result<()> {
+fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signals) -> Result<()> {
     let epoch = Instant::now();
     let mut nft = Nftables::open().context("opening nf_tables netlink")?;
 
@@ -196,7 +196,34 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     }
     let (tx, rx) = sync_channel::<Input>(CHANNEL_DEPTH);
     let mut early = Vec::new();
-    let mut reader = NflogReader::bind(cfg, epoch, &mut |p| early.push(p))?;
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    // Started first, so that even a failed start can be reported.
+    let alerts = Dispatcher::start(&policy, &host)?;
+    let mut reader = match NflogReader::bind(cfg, epoch, &mut |p| early.push(p)) {
+        Ok(r) => r,
+        Err(e) => {
+            if let crate::monitor::nflog::BindError::Busy(group) = e {
+                let now = SystemTime::now();
+                let doc = event::nflog_taken(now, group, &host);
+                let mut out = Output {
+                    out: std::io::BufWriter::new(std::io::stdout()),
+                    broken: false,
+                };
+                out.line(&doc);
+                out.flush();
+                let id = store.next_incident_id()?;
+                if let Err(e) = store.insert_event(id, "nflog-taken", now, 1, &doc) {
+                    warn!("storing an nflog-taken event: {e:#}");
+                }
+                alerts.send(&doc);
+            }
+            alerts.stop(ALERTS_GRACE);
+            return Err(e.into());
+        }
+    };
     let stats = Arc::clone(&reader.stats);
 
     // The guard binds its port before anything changes in the kernel, so a
@@ -230,11 +257,6 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     if let Some(g) = &guard {
         let _ = metrics.guard.set(Arc::clone(&g.stats));
     }
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let alerts = Dispatcher::start(&policy, &host)?;
     *metrics.alerts.lock().unwrap_or_else(|p| p.into_inner()) = alerts.stats();
     let proxy = match ProxyState::from_policy(&policy) {
         Some(state) => {

@@ -310,6 +310,19 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
     )
 }
 
+/// Another program holds egret's NFLOG group: `egret run` cannot start, and
+/// blocked packets would be reported to that program instead.
+pub fn nflog_taken(at: SystemTime, group: u16, host: &str) -> Value {
+    self_event(
+        at,
+        host,
+        format!("NFLOG group {group} is taken by another program: egret run cannot start and blocked packets are not reported"),
+        ("alert", "host", "error", "nflog-taken"),
+        Severity::Critical,
+        json!({ "log_group": group }),
+    )
+}
+
 /// An alert sink failed to deliver `failed` alerts since its last report.
 pub fn alert_failed(at: SystemTime, sink: &str, failed: u64, error: &str, host: &str) -> Value {
     self_event(

@@ -91,6 +91,7 @@ pub const ACTIONS: &[&str] = &[
     "tamper",
     "data-loss",
     "heartbeat",
+    "nflog-taken",
     "alert-failed",
 ];
 
