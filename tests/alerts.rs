@@ -62,6 +62,14 @@ fn wait_for(file: &Path, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -
     }
 }
 
+/// `egret events --json`: the store's documents.
+fn stored_events(ns: &Netns, policy: &PolicyFile) -> Vec<Value> {
+    ns.egret_ok(&["events", "--json", "--state-dir", &policy.state_dir()])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn exec_hook(file: &Path) -> String {
     format!(
         "command = [\"/bin/sh\", \"-c\", \"cat >> {}\"]",
@@ -206,16 +214,13 @@ fn severity_is_high_for_a_new_destination_and_low_for_a_known_one_across_restart
     });
     assert!(daemon.stop().success());
     // The store holds the graded documents too.
-    let stored = pair
-        .a
-        .egret_ok(&["events", "--json", "--state-dir", &policy.state_dir()]);
+    let stored = stored_events(&pair.a, &policy);
     let grades: Vec<String> = stored
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .iter()
         .filter(|d| at(d, "/destination/port") == 7000)
-        .map(|d| at(&d, "/egret/severity").as_str().unwrap().to_string())
+        .map(|d| at(d, "/egret/severity").as_str().unwrap().to_string())
         .collect();
-    assert_eq!(grades.len(), 2, "{stored}");
+    assert_eq!(grades.len(), 2, "{stored:#?}");
     assert!(grades.contains(&"high".into()) && grades.contains(&"low".into()));
 }
 
@@ -340,19 +345,13 @@ actions = ["alert-failed"]
     assert!(metrics.contains("egret_alerts_delivered_total{sink=\"hook\"}"));
 
     assert!(daemon.stop().success());
-    let stored = pair
-        .a
-        .egret_ok(&["events", "--json", "--state-dir", &policy.state_dir()]);
-    let docs: Vec<Value> = stored
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let docs = stored_events(&pair.a, &policy);
     for p in &ports {
         assert!(
             docs.iter()
                 .any(|d| at(d, "/destination/port") == *p as u64
                     && at(d, "/event/action") == "blocked"),
-            "port {p} is in the store: {stored}"
+            "port {p} is in the store: {docs:#?}"
         );
     }
     assert!(docs
@@ -514,4 +513,29 @@ fn a_taken_nflog_group_is_reported_to_the_sinks_before_egret_gives_up() {
     });
     assert_eq!(at(&line, "/egret/severity"), "critical");
     assert_eq!(at(&line, "/egret/log_group"), 5);
+}
+
+#[test]
+fn a_reload_adds_a_sink_and_its_hole() {
+    let pair = Pair::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let web = tmp.path().join("web");
+    let _web = receiver(&pair.b, &["http", B4, "8080", web.to_str().unwrap()]);
+    let policy = PolicyFile::new("mode = \"enforce\"\n");
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(!pair.a.nft_ruleset().contains("alerts: sink"));
+    policy.rewrite(&format!(
+        "mode = \"enforce\"\n[[alerts]]\nname = \"web\"\ntype = \"webhook\"\nurl = \"http://{B4}:8080/\"\n"
+    ));
+    daemon.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.stderr_text().contains("alert sinks reconfigured") {
+        assert!(Instant::now() < deadline, "{}", daemon.stderr_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pair.a.nft_ruleset().contains("comment \"alerts: sink web\""));
+    let _a = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "7300"]);
+    wait_for(&web, 20, "post after reload", |p| {
+        at(&p["body"], "/destination/port") == 7300
+    });
 }
