@@ -153,6 +153,14 @@ type = "exec"
     assert_eq!(at(body, "/user/name"), "nobody");
     assert_eq!(at(body, "/egret/severity"), "high");
     assert_eq!(at(body, "/event/id"), at(&e, "/event/id"));
+    let blocked_at = humantime::parse_rfc3339(at(body, "/@timestamp").as_str().unwrap()).unwrap();
+    let received_at =
+        std::time::UNIX_EPOCH + Duration::from_secs_f64(post["received_at"].as_f64().unwrap());
+    // A figure for docs/alerts.md, not an assertion (no wall-clock limits in tests).
+    println!(
+        "webhook latency: {:?} from the first packet to the receiver",
+        received_at.duration_since(blocked_at).unwrap_or_default()
+    );
 
     for (file, facility) in [(&udp, 19), (&tcp, 4)] {
         let m = wait_for(file, 20, "syslog message", |m| {
@@ -533,7 +541,10 @@ fn a_reload_adds_a_sink_and_its_hole() {
         assert!(Instant::now() < deadline, "{}", daemon.stderr_text());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(pair.a.nft_ruleset().contains("comment \"alerts: sink web\""));
+    assert!(pair
+        .a
+        .nft_ruleset()
+        .contains("comment \"alerts: sink web\""));
     let _a = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "7300"]);
     wait_for(&web, 20, "post after reload", |p| {
         at(&p["body"], "/destination/port") == 7300

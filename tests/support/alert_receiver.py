@@ -17,6 +17,7 @@ import re
 import socket
 import sys
 import threading
+import time
 
 LOCK = threading.Lock()
 
@@ -214,6 +215,7 @@ def http(host, port, out, cert=None, key=None):
                 "content_type": self.headers.get("Content-Type"),
                 "user_agent": self.headers.get("User-Agent"),
                 "authorization": self.headers.get("Authorization"),
+                "received_at": time.time(),
                 "body": doc,
             })
             self.send_response(200)
