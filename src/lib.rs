@@ -1,6 +1,7 @@
 //! egret: a default-deny egress firewall that turns every blocked outbound
 //! attempt into an intrusion signal. See docs/architecture.md for the map.
 
+pub mod alert;
 pub mod api;
 pub mod apply;
 pub mod audit;

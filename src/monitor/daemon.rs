@@ -16,6 +16,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
+use crate::alert::severity::Classifier;
+use crate::alert::Dispatcher;
 use crate::api::{ApiServer, LiveFeed};
 use crate::apply;
 use crate::dns::{Guard, GuardConfig, RecentNames, RefusedQuery};
@@ -41,6 +43,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
+/// At exit, alert sinks may take this long to send what they hold.
+const ALERTS_GRACE: Duration = Duration::from_secs(3);
 
 /// What reaches the pipeline: packets from the NFLOG reader, queries the DNS guard refused.
 pub enum Input {
@@ -101,6 +105,14 @@ struct Output {
 }
 
 impl Output {
+    fn stdout(feed: LiveFeed) -> Output {
+        Output {
+            out: std::io::BufWriter::new(std::io::stdout()),
+            broken: false,
+            feed,
+        }
+    }
+
     fn line(&mut self, doc: &Value) {
         if self.broken && self.feed.clients() == 0 {
             return;
@@ -158,6 +170,10 @@ struct Daemon {
     sets: Vec<(crate::ruleset::Set, u64)>,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
+    /// Grades incidents (written into every document).
+    classifier: Classifier,
+    /// `[[alerts]]`: documents go here too, without waiting.
+    alerts: Dispatcher,
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
@@ -176,7 +192,7 @@ pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
     run_inner(opts, policy, store, signals)
 }
 
-fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -> Result<()> {
+fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signals) -> Result<()> {
     let epoch = Instant::now();
     let mut nft = Nftables::open().context("opening nf_tables netlink")?;
 
@@ -202,7 +218,31 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     }
     let (tx, rx) = sync_channel::<Input>(CHANNEL_DEPTH);
     let mut early = Vec::new();
-    let mut reader = NflogReader::bind(cfg, epoch, &mut |p| early.push(p))?;
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    // Started first, so that even a failed start can be reported.
+    let alerts = Dispatcher::start(&policy, &host)?;
+    let mut reader = match NflogReader::bind(cfg, epoch, &mut |p| early.push(p)) {
+        Ok(r) => r,
+        Err(e) => {
+            if let crate::monitor::nflog::BindError::Busy(group) = e {
+                let now = SystemTime::now();
+                let doc = event::nflog_taken(now, group, &host);
+                let mut out = Output::stdout(LiveFeed::default());
+                out.line(&doc);
+                out.flush();
+                let id = store.next_incident_id()?;
+                if let Err(e) = store.insert_event(id, "nflog-taken", now, 1, &doc) {
+                    warn!("storing an nflog-taken event: {e:#}");
+                }
+                alerts.send(&doc);
+            }
+            alerts.stop(ALERTS_GRACE);
+            return Err(e.into());
+        }
+    };
     let stats = Arc::clone(&reader.stats);
 
     // The guard binds its port before anything changes in the kernel, so a
@@ -236,6 +276,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
     if let Some(g) = &guard {
         let _ = metrics.guard.set(Arc::clone(&g.stats));
     }
+    *metrics.alerts.lock().unwrap_or_else(|p| p.into_inner()) = alerts.stats();
     let feed = LiveFeed::default();
     let api_server = match policy.api {
         Some(api) => {
@@ -298,12 +339,10 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
 
     let mut accounting = Accounting::new(cfg.flush);
     accounting.add_while_down(while_down);
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
     let mut daemon = Daemon {
         agg: Aggregator::new(store.next_incident_id()?),
+        classifier: Classifier::new(policy.severity.clone()),
+        alerts,
         store,
         opts,
         policy,
@@ -313,11 +352,7 @@ fn run_inner(opts: RunOptions, policy: Policy, store: Store, signals: Signals) -
         accounting,
         stats,
         epoch,
-        out: Output {
-            out: std::io::BufWriter::new(std::io::stdout()),
-            broken: false,
-            feed,
-        },
+        out: Output::stdout(feed),
         host,
         pending: Vec::new(),
         guard,
@@ -426,6 +461,7 @@ impl Daemon {
                     );
                     self.out.line(&doc);
                     self.out.flush();
+                    self.alerts.send(&doc);
                 }
             }
             if self.metrics_server.is_some() && last_sizes.elapsed() >= SET_SIZES_EVERY {
@@ -537,9 +573,12 @@ impl Daemon {
                     .unwrap_or(event::DEFAULT_RULE),
                 inc.attribution.method.as_str(),
             );
-            let doc = event::incident(inc, false, &self.host);
+            let mut doc = event::incident(inc, false, &self.host);
+            let severity = self.classifier.new_incident(inc, &mut self.store);
+            event::set_severity(&mut doc, severity);
             self.out.line(&doc);
             self.out.flush();
+            self.alerts.send(&doc);
             self.pending.push((inc.clone(), doc));
         }
     }
@@ -548,11 +587,19 @@ impl Daemon {
     fn tick(&mut self, force: bool) {
         let now = SystemTime::now();
         for inc in self.agg.due(now, force) {
-            let doc = event::incident(&inc, true, &self.host);
+            let mut doc = event::incident(&inc, true, &self.host);
+            event::set_severity(&mut doc, self.classifier.of(&inc));
             self.out.line(&doc);
             self.pending.push((inc, doc));
         }
         self.agg.close_idle(now);
+        for doc in self.alerts.failure_events(&self.host) {
+            self.out.line(&doc);
+            let id = self.agg.reserve_id();
+            if let Err(e) = self.store.insert_event(id, "alert-failed", now, 1, &doc) {
+                warn!("storing an alert-failed event: {e:#}");
+            }
+        }
         self.out.flush();
         if !self.timeline.is_empty() {
             let minutes: Vec<(i64, &str, u64)> = self
@@ -629,6 +676,7 @@ impl Daemon {
             );
             self.out.line(&doc);
             self.out.flush();
+            self.alerts.send(&doc);
             let id = self.agg.reserve_id();
             if let Err(e) = self.store.insert_event(id, "data-loss", now, delta, &doc) {
                 warn!("storing a data-loss event: {e:#}");
@@ -692,12 +740,30 @@ impl Daemon {
         let doc = event::tamper(now, what, restored, &self.host);
         self.out.line(&doc);
         self.out.flush();
+        self.alerts.send(&doc);
         let id = self.agg.reserve_id();
         if let Err(e) = self.store.insert_event(id, "tamper", now, 1, &doc) {
             warn!("storing a tamper event: {e:#}");
         }
         // Once restored, a new change is a new occurrence.
         self.tamper_reported = !restored;
+    }
+
+    /// New sinks from a reloaded policy; the old ones get a moment to send
+    /// what they hold.
+    fn restart_alerts(&mut self, policy: &Policy) {
+        match Dispatcher::start(policy, &self.host) {
+            Ok(d) => {
+                *self
+                    .metrics
+                    .alerts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = d.stats();
+                std::mem::replace(&mut self.alerts, d).stop(Duration::from_secs(1));
+                info!(sinks = policy.alerts.len(), "alert sinks reconfigured");
+            }
+            Err(e) => error!("reload: the alert sinks could not start, the old ones stay: {e:#}"),
+        }
     }
 
     fn restore(&mut self) -> Result<()> {
@@ -789,6 +855,10 @@ impl Daemon {
                 if let (Some(p), Some(state)) = (&self.proxy, ProxyState::from_policy(&policy)) {
                     p.reload(state);
                 }
+                self.classifier.rules = policy.severity.clone();
+                if policy.alerts != self.alerts.configs() || policy.mark != self.policy.mark {
+                    self.restart_alerts(&policy);
+                }
                 info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
                 self.policy = policy;
                 self.units = units;
@@ -879,6 +949,8 @@ impl Daemon {
         std::thread::sleep(Duration::from_millis(50));
         self.account();
         self.out.flush();
+        let alerts = std::mem::replace(&mut self.alerts, Dispatcher::none());
+        alerts.stop(ALERTS_GRACE);
         let f = self.accounting.figures(self.counts());
         info!(
             received = f.received,

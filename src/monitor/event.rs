@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::monitor::incident::Incident;
 use crate::monitor::packet::L4;
-use crate::policy::Mode;
+use crate::policy::{Mode, Severity};
 
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -268,6 +268,7 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
         host,
         format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
         ("event", "network", "info", "data-loss"),
+        Severity::High,
         json!({ "lost": lost_since_last, "loss": figures }),
     )
 }
@@ -288,6 +289,7 @@ pub fn heartbeat(
             figures.lost()
         ),
         ("state", "host", "info", "heartbeat"),
+        Severity::Info,
         json!({ "loss": figures, "open_incidents": open_incidents }),
     )
 }
@@ -304,8 +306,98 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
         host,
         format!("egret's table was {what} outside egret{outcome}"),
         ("alert", "configuration", "change", "tamper"),
+        Severity::Critical,
         json!({ "tamper": what, "restored": restored }),
     )
+}
+
+/// Another program holds egret's NFLOG group: `egret run` cannot start, and
+/// blocked packets would be reported to that program instead.
+pub fn nflog_taken(at: SystemTime, group: u16, host: &str) -> Value {
+    self_event(
+        at,
+        host,
+        format!("NFLOG group {group} is taken by another program: egret run cannot start and blocked packets are not reported"),
+        ("alert", "host", "error", "nflog-taken"),
+        Severity::Critical,
+        json!({ "log_group": group }),
+    )
+}
+
+/// An alert sink failed to deliver `failed` alerts since its last report.
+pub fn alert_failed(at: SystemTime, sink: &str, failed: u64, error: &str, host: &str) -> Value {
+    self_event(
+        at,
+        host,
+        format!("alert sink {sink} failed to deliver {failed} alert(s): {error}"),
+        ("event", "host", "error", "alert-failed"),
+        Severity::Medium,
+        json!({ "alert": { "sink": sink, "failed": failed, "error": error } }),
+    )
+}
+
+/// What a sink's rate limit held back in one window: sent in place of them.
+pub fn alert_digest(
+    at: SystemTime,
+    sink: &str,
+    window: std::time::Duration,
+    suppressed: &[(String, Severity, u64)],
+    queue_full: u64,
+    host: &str,
+) -> Value {
+    let total: u64 = suppressed.iter().map(|s| s.2).sum::<u64>() + queue_full;
+    let top = suppressed
+        .iter()
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(Severity::Info);
+    let parts: Vec<String> = suppressed
+        .iter()
+        .map(|(a, s, n)| format!("{n} {a} ({})", s.as_str()))
+        .chain((queue_full > 0).then(|| format!("{queue_full} dropped while the sink was busy")))
+        .collect();
+    self_event(
+        at,
+        host,
+        format!(
+            "{total} more alert(s) in the last {} were held back by the rate limit of sink {sink}: {}; see `egret events`",
+            humantime::format_duration(window),
+            parts.join(", ")
+        ),
+        ("event", "host", "info", "alert-digest"),
+        top,
+        json!({ "alert": {
+            "sink": sink,
+            "suppressed": total,
+            "queue_full": queue_full,
+            "by": suppressed.iter().map(|(a, s, n)| json!({"action": a, "severity": s.as_str(), "count": n})).collect::<Vec<_>>(),
+        }}),
+    )
+}
+
+/// Writes a severity into a document: ECS `event.severity` (a number, higher
+/// is more urgent) and `egret.severity` (its name).
+pub fn set_severity(doc: &mut Value, severity: Severity) {
+    if let Some(e) = doc.get_mut("event").and_then(Value::as_object_mut) {
+        e.insert("severity".into(), severity.number().into());
+    }
+    match doc.get_mut("egret").and_then(Value::as_object_mut) {
+        Some(e) => {
+            e.insert("severity".into(), severity.as_str().into());
+        }
+        None => {
+            if let Some(d) = doc.as_object_mut() {
+                d.insert("egret".into(), json!({ "severity": severity.as_str() }));
+            }
+        }
+    }
+}
+
+/// The severity a document carries (`egret.severity`), if any.
+pub fn severity_of(doc: &Value) -> Option<Severity> {
+    doc.pointer("/egret/severity")
+        .and_then(Value::as_str)
+        .and_then(Severity::from_name)
 }
 
 /// An event about egret itself: ECS envelope with (kind, category, type, action).
@@ -314,9 +406,10 @@ fn self_event(
     host: &str,
     message: String,
     (kind, category, kind_type, action): (&str, &str, &str, &str),
+    severity: Severity,
     egret: Value,
 ) -> Value {
-    json!({
+    let mut doc = json!({
         "@timestamp": timestamp(at),
         "message": message,
         "event": {
@@ -329,7 +422,9 @@ fn self_event(
         },
         "host": { "hostname": host },
         "egret": egret,
-    })
+    });
+    set_severity(&mut doc, severity);
+    doc
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use hyper::StatusCode;
 
+use crate::alert::SinkStats;
 use crate::dns::GuardStats;
 use crate::local_http::{full, Handler, LocalServer};
 use crate::monitor::event::LossFigures;
@@ -34,6 +35,8 @@ pub struct Metrics {
     started: SystemTime,
     pub guard: OnceLock<Arc<GuardStats>>,
     pub proxy: OnceLock<Arc<ProxyStats>>,
+    /// The alert sinks' counts, replaced when a reload changes the sinks.
+    pub alerts: Mutex<Vec<(String, Arc<SinkStats>)>>,
 }
 
 impl Default for Metrics {
@@ -45,6 +48,7 @@ impl Default for Metrics {
             started: SystemTime::now(),
             guard: OnceLock::new(),
             proxy: OnceLock::new(),
+            alerts: Mutex::new(Vec::new()),
         }
     }
 }
@@ -148,6 +152,7 @@ impl Metrics {
                 .collect::<Vec<_>>(),
         );
         drop(c);
+        self.render_alerts(&mut out);
         if let Some(g) = self.guard.get() {
             let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
             counter(
@@ -244,6 +249,50 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+impl Metrics {
+    fn render_alerts(&self, out: &mut String) {
+        let sinks = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        if sinks.is_empty() {
+            return;
+        }
+        let per_sink = |f: fn(&SinkStats) -> &AtomicU64| -> Vec<(String, f64)> {
+            sinks
+                .iter()
+                .map(|(name, s)| {
+                    (
+                        labels(&[("sink", name)]),
+                        f(s).load(Ordering::Relaxed) as f64,
+                    )
+                })
+                .collect()
+        };
+        counter(
+            out,
+            "egret_alerts_delivered_total",
+            "Alerts (and digests) an alert sink delivered.",
+            &per_sink(|s| &s.delivered),
+        );
+        counter(
+            out,
+            "egret_alert_failures_total",
+            "Alerts an alert sink failed to deliver after its retries.",
+            &per_sink(|s| &s.failed),
+        );
+        counter(
+            out,
+            "egret_alerts_suppressed_total",
+            "Alerts held back by a sink's rate limit (counted in its digests).",
+            &per_sink(|s| &s.suppressed),
+        );
+        counter(
+            out,
+            "egret_alerts_dropped_total",
+            "Alerts dropped because a sink's queue was full (it was slow or down).",
+            &per_sink(|s| &s.queue_full),
+        );
     }
 }
 

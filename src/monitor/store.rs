@@ -100,6 +100,14 @@ CREATE TABLE IF NOT EXISTS timeline (
     count  INTEGER NOT NULL,
     PRIMARY KEY (minute, action)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen (
+    identity    TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    port        INTEGER NOT NULL,
+    protocol    TEXT NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    PRIMARY KEY (identity, destination, port, protocol)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -218,6 +226,24 @@ impl Store {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
+    }
+
+    /// Records that `identity` tried this destination; true when it never had
+    /// before (the row is new). Kept across restarts and retention: what a
+    /// service talks to is learned once.
+    pub fn first_attempt(
+        &mut self,
+        identity: &str,
+        destination: &str,
+        port: u16,
+        protocol: &str,
+        at: SystemTime,
+    ) -> Result<bool> {
+        let n = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO seen (identity, destination, port, protocol, first_seen) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![identity, destination, port, protocol, unix_ms(at)])?;
+        Ok(n == 1)
     }
 
     pub fn prune(&mut self, retention: Retention, now: SystemTime) -> Result<usize> {

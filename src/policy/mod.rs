@@ -4,6 +4,7 @@
 //! (and asking an [`Accounts`] for user and group ids). Everything else is pure,
 //! so it is unit- and property-tested without a kernel.
 
+mod alerts;
 mod diagnostic;
 mod host;
 mod parse;
@@ -16,6 +17,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use alerts::{
+    AlertSink, ExecConfig, Severity, SeverityRules, SinkKind, SyslogConfig, SyslogTarget,
+    WebhookConfig, WebhookFormat, ACTIONS,
+};
 pub use diagnostic::{Diagnostic, PolicyErrors};
 pub use host::HostPattern;
 pub use parse::{load, parse_str, Accounts, SystemAccounts};
@@ -51,6 +56,10 @@ pub struct Policy {
     /// Emit a `heartbeat` event this often, so a silent host can be told
     /// apart from a dead daemon. `None`: no heartbeat.
     pub heartbeat: Option<Duration>,
+    /// `[severity]`: how incidents are graded (docs/alerts.md).
+    pub severity: SeverityRules,
+    /// `[[alerts]]`: where events are pushed (webhook, syslog, exec).
+    pub alerts: Vec<AlertSink>,
     /// What egret filters: this host's own sockets, or also what local
     /// container bridges forward.
     pub scope: Scope,
@@ -181,6 +190,8 @@ impl Policy {
             api: None,
             restore_table: false,
             heartbeat: None,
+            severity: SeverityRules::default(),
+            alerts: Vec::new(),
             scope: Scope::Host,
             container_interfaces: Vec::new(),
             rules: Vec::new(),

@@ -55,6 +55,9 @@ struct RawMain {
     scope: Option<Spanned<Scope>>,
     restore_table: Option<bool>,
     heartbeat: Option<Spanned<String>>,
+    severity: Option<super::alerts::RawSeverity>,
+    #[serde(default)]
+    alerts: Vec<super::alerts::RawAlert>,
     container_interfaces: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
@@ -238,6 +241,12 @@ pub fn parse_str(
             None
         }
     };
+    let severity = raw
+        .severity
+        .as_ref()
+        .map(|s| super::alerts::severity_rules(path, source, s, &mut errors))
+        .unwrap_or_default();
+    let alerts = super::alerts::alert_sinks(path, source, &raw.alerts, &mut errors);
     let scope = raw.scope.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
     let mut container_interfaces = Vec::new();
     match &raw.container_interfaces {
@@ -327,6 +336,8 @@ pub fn parse_str(
             api,
             restore_table: raw.restore_table.unwrap_or(false),
             heartbeat,
+            severity,
+            alerts,
             scope,
             container_interfaces: if scope == Scope::HostAndContainers {
                 container_interfaces
@@ -861,7 +872,7 @@ fn listen_field(
 }
 
 /// A duration key (`"30s"`, `"5m"`): `default` when absent, or where and why it is invalid.
-fn duration_field(
+pub(super) fn duration_field(
     v: &Option<Spanned<String>>,
     default: std::time::Duration,
     zero_ok: bool,

@@ -674,7 +674,7 @@ fn describe(w: &Attribution) -> String {
 }
 
 /// Connects to the first address that answers, from a marked socket.
-async fn connect_upstream(
+pub(crate) async fn connect_upstream(
     addrs: &[SocketAddr],
     mark: u32,
     timeout: Duration,

@@ -51,6 +51,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
     c.proxy(policy);
+    c.alert_sinks(policy);
     for rule in &policy.rules {
         let before = c.rules.len();
         c.allow_rule(rule, input, policy.dns.is_some());
@@ -582,6 +583,47 @@ impl Compiler {
         ));
     }
 
+    /// Alert sinks with a pinned address (a webhook URL with an IP, a remote
+    /// syslog collector): their marked sockets may reach exactly that address,
+    /// port and protocol, whatever the allow rules say.
+    fn alert_sinks(&mut self, policy: &Policy) {
+        for (i, sink) in policy.alerts.iter().enumerate() {
+            let Some((addr, proto)) = sink.pinned_destination() else {
+                continue;
+            };
+            let family = Family::of(&addr.ip());
+            let field = match family {
+                Family::V4 => Field::Ipv4,
+                Family::V6 => Field::Ipv6,
+            };
+            let dst = self.add_set(
+                format!("alert{i}_dst"),
+                vec![field],
+                false,
+                vec![Element::single(vec![ip_to_u128(&addr.ip())])],
+            );
+            let svc = self.add_set(
+                format!("alert{i}_svc"),
+                vec![Field::L4Proto, Field::Port],
+                true,
+                vec![Element {
+                    key: vec![proto as u128, addr.port() as u128],
+                    end: Some(vec![proto as u128, addr.port() as u128]),
+                }],
+            );
+            self.rules.push(rule(
+                vec![
+                    Match::Mark(policy.mark),
+                    Match::NfProto(family),
+                    Match::Daddr(family, dst),
+                    Match::ProtoDport(svc),
+                ],
+                Verdict::Accept,
+                format!("alerts: sink {}", sink.name),
+            ));
+        }
+    }
+
     /// `guard`: a DNS guard fills host sets (for rules reachable directly).
     fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput, guard: bool) {
         let service = self.service(r);
@@ -766,6 +808,8 @@ mod tests {
             api: None,
             restore_table: false,
             heartbeat: None,
+            severity: Default::default(),
+            alerts: vec![],
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
             rules,
@@ -871,6 +915,25 @@ mod tests {
         );
         // No [dns]: none of it.
         assert!(!text(&policy(vec![])).contains("dns"));
+    }
+
+    #[test]
+    fn alert_sinks_with_a_pinned_address_get_exactly_that_marked_hole() {
+        let mut p = policy(vec![]);
+        p.alerts = crate::policy::parse_str(
+            "[[alerts]]\nname = \"siem\"\ntype = \"syslog\"\ntarget = \"udp://192.0.2.10:514\"\n[[alerts]]\nname = \"slack\"\ntype = \"webhook\"\nurl = \"https://hooks.slack.com/x\"\n",
+            std::path::Path::new("p.toml"),
+            &crate::policy::SystemAccounts,
+        )
+        .unwrap()
+        .alerts;
+        let t = render(&compile(&p, &CompileInput::default()));
+        assert!(
+            t.contains("meta mark 0x65677274 meta nfproto ipv4 ip daddr @alert0_dst meta l4proto . th dport @alert0_svc counter accept comment \"alerts: sink siem\""),
+            "{t}"
+        );
+        assert!(t.contains("udp . 514"), "{t}");
+        assert!(!t.contains("alert1_"), "a host name opens nothing: {t}");
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! How urgent an incident is. The rule is pure ([`grade`]); the
+//! [`Classifier`] adds the memory of what each identity tried before, kept in
+//! the store so a restart does not make every old destination "new" again.
+
+use std::collections::{HashMap, HashSet};
+
+use tracing::warn;
+
+use crate::monitor::attribution::Identity;
+use crate::monitor::event;
+use crate::monitor::incident::Incident;
+use crate::monitor::store::Store;
+use crate::policy::{Severity, SeverityRules};
+
+/// An incident's severity: `new_destination` or `repeat`, raised to `high`
+/// on a second-stage port and to the action's floor.
+pub fn grade(rules: &SeverityRules, action: &str, port: Option<u16>, new: bool) -> Severity {
+    let mut s = if new {
+        rules.new_destination
+    } else {
+        rules.repeat
+    };
+    if port.is_some_and(|p| rules.second_stage_ports.contains(&p)) {
+        s = s.max(Severity::High);
+    }
+    if let Some(floor) = rules.actions.get(action) {
+        s = s.max(*floor);
+    }
+    s
+}
+
+/// (identity, destination, port, protocol): what "tried before" means.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenKey {
+    pub identity: String,
+    pub destination: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+impl SeenKey {
+    pub fn of(inc: &Incident) -> SeenKey {
+        let identity = match &inc.key.identity {
+            Identity::Executable(e) => format!("exe:{e}"),
+            Identity::Unit(u) => format!("unit:{u}"),
+            Identity::Uid(u) => format!("uid:{u}"),
+            Identity::Forwarded(iface, src) => format!("forwarded:{iface}:{src}"),
+            Identity::Unknown => "unknown".into(),
+        };
+        let (destination, protocol) = if let Some((name, qtype)) = &inc.key.question {
+            (name.clone(), format!("dns:{qtype}"))
+        } else if let Some(host) = &inc.key.proxy_host {
+            (host.clone(), "proxy".into())
+        } else {
+            (
+                inc.key
+                    .destination
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+                inc.key.protocol.map(|p| p.to_string()).unwrap_or_default(),
+            )
+        };
+        SeenKey {
+            identity,
+            destination,
+            port: inc.key.port.unwrap_or(0),
+            protocol,
+        }
+    }
+}
+
+/// Bounds on the in-memory caches; past them they start over (the store
+/// still answers).
+const MAX_KNOWN: usize = 200_000;
+const MAX_GRADED: usize = 100_000;
+
+pub struct Classifier {
+    pub rules: SeverityRules,
+    known: HashSet<SeenKey>,
+    /// Severity of recent incidents, so updates keep their first grade.
+    graded: HashMap<u64, Severity>,
+}
+
+impl Classifier {
+    pub fn new(rules: SeverityRules) -> Classifier {
+        Classifier {
+            rules,
+            known: HashSet::new(),
+            graded: HashMap::new(),
+        }
+    }
+
+    /// Grades a new incident and remembers its destination for its identity.
+    pub fn new_incident(&mut self, inc: &Incident, store: &mut Store) -> Severity {
+        let key = SeenKey::of(inc);
+        let new = if self.known.contains(&key) {
+            false
+        } else {
+            let new = store
+                .first_attempt(
+                    &key.identity,
+                    &key.destination,
+                    key.port,
+                    &key.protocol,
+                    inc.first_seen,
+                )
+                .unwrap_or_else(|e| {
+                    // Better one alert too loud than a new destination graded low.
+                    warn!("recording a first attempt in the store: {e:#}");
+                    true
+                });
+            if self.known.len() >= MAX_KNOWN {
+                self.known.clear();
+            }
+            self.known.insert(key);
+            new
+        };
+        let s = grade(&self.rules, event::action(inc), inc.key.port, new);
+        if self.graded.len() >= MAX_GRADED {
+            let oldest_kept = inc.id.saturating_sub(MAX_GRADED as u64 / 2);
+            self.graded.retain(|id, _| *id >= oldest_kept);
+        }
+        self.graded.insert(inc.id, s);
+        s
+    }
+
+    /// The grade an incident got when it opened (updates keep it).
+    pub fn of(&self, inc: &Incident) -> Severity {
+        self.graded
+            .get(&inc.id)
+            .copied()
+            .unwrap_or_else(|| grade(&self.rules, event::action(inc), inc.key.port, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_is_high_repeat_low_second_stage_and_dns_always_high() {
+        let r = SeverityRules::default();
+        assert_eq!(grade(&r, "blocked", Some(443), true), Severity::High);
+        assert_eq!(grade(&r, "blocked", Some(443), false), Severity::Low);
+        assert_eq!(grade(&r, "blocked", Some(1389), false), Severity::High);
+        assert_eq!(grade(&r, "blocked", Some(1099), false), Severity::High);
+        assert_eq!(grade(&r, "dns-refused", None, false), Severity::High);
+        assert_eq!(grade(&r, "would-block", None, false), Severity::Low);
+    }
+
+    #[test]
+    fn rules_are_configurable() {
+        let r = SeverityRules {
+            second_stage_ports: vec![],
+            new_destination: Severity::Medium,
+            repeat: Severity::Info,
+            actions: [("proxy-denied".to_string(), Severity::Critical)].into(),
+        };
+        assert_eq!(grade(&r, "blocked", Some(1389), false), Severity::Info);
+        assert_eq!(grade(&r, "blocked", Some(1389), true), Severity::Medium);
+        assert_eq!(grade(&r, "dns-refused", None, false), Severity::Info);
+        assert_eq!(
+            grade(&r, "proxy-denied", Some(80), false),
+            Severity::Critical
+        );
+    }
+}
