@@ -74,6 +74,12 @@ function upsertIncident(d, fresh) {
   tr.title = d.message || "";
   tr.append(
     el("td", time((d.egret && d.egret.last_seen) || d["@timestamp"])),
+    (() => {
+      const sev = (d.egret && d.egret.severity) || "";
+      const td = el("td");
+      if (sev) td.append(el("span", sev, "sev s-" + sev));
+      return td;
+    })(),
     (() => { const td = el("td"); td.append(el("span", action, "action a-" + action)); return td; })(),
     el("td", (d.egret && d.egret.count) || 1, "num"),
     Object.assign(el("td", who(d)), { title: who(d) }),
