@@ -323,3 +323,45 @@ fn a_unit_rule_matches_processes_in_that_cgroup_only() {
     );
     assert!(!pair.a.tcp_ok(None, B4, 443), "nor is one outside both");
 }
+
+#[test]
+fn many_single_addresses_in_a_hash_set_beside_ranges_match_and_read_back() {
+    let pair = Pair::new();
+    let _s = [
+        pair.b.server("tcp", "0.0.0.0", 8080),
+        pair.b.server("tcp", "0.0.0.0", 8443),
+        pair.b.server("tcp", "0.0.0.0", 9090),
+    ];
+    let singles: Vec<String> = (0..20)
+        .map(|i| format!("\"192.0.2.{}\"", 2 * i + 1))
+        .collect();
+    let policy = PolicyFile::new(&format!(
+        r#"
+mode = "enforce"
+
+[[allow]]
+name = "by_address"
+cidrs = ["{B4}", "198.51.100.0/24", {singles}]
+ports = [8080]
+
+[[allow]]
+name = "by_range"
+cidrs = ["10.1.0.0/24", {singles}]
+ports = [8443]
+"#,
+        singles = singles.join(", ")
+    ));
+    pair.a.egret_ok(&["apply", policy.path()]);
+    let ruleset = pair.a.nft_ruleset();
+    for set in ["a_by_address_v4_addr", "a_by_range_v4_addr"] {
+        assert!(ruleset.contains(&format!("set {set} ")), "{ruleset}");
+    }
+    assert!(pair.a.tcp_ok(None, B4, 8080), "an address in the hash set");
+    assert!(
+        pair.a.tcp_ok(None, B4, 8443),
+        "an address in a range beside the hash set"
+    );
+    assert!(!pair.a.tcp_ok(None, B4, 9090), "other ports stay blocked");
+    let plan = pair.a.egret_ok(&["plan", policy.path()]);
+    assert!(plan.contains("# no change"), "{plan}");
+}
