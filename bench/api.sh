@@ -34,6 +34,8 @@ listen = "127.0.0.1:9465"
 P
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks of the process's threads named $2 (the API serves on thread "api").
+thread_ticks() { local t=0 d; for d in /proc/$1/task/*; do [ "$(cat "$d/comm")" = "$2" ] && t=$((t + $(awk '{print $14 + $15}' "$d/stat"))); done; echo $t; }
 incidents() { in_ns curl -s 'http://127.0.0.1:9465/api/v1/status' | python3 -c 'import json,sys; m=json.load(sys.stdin)["monitor"]; print(m["loss"]["received"])'; }
 settle() { local prev=-1 cur; while :; do cur=$("$@"); [ "$cur" = "$prev" ] && break; prev=$cur; sleep 1.5; done; echo "$cur"; }
 
@@ -45,14 +47,14 @@ start_egret() {
 stop_egret() { kill "$PID"; while [ -e "/proc/$PID" ]; do sleep 0.1; done; }
 
 echo "## live feed: $COUNT incidents (one blocked datagram each to a different port)"
-printf '%-8s %12s %14s %22s %12s\n' clients "cpu ms" "µs/incident" "incidents per client" "RSS MiB"
+printf '%-8s %14s %16s %18s %22s %10s\n' clients "egret cpu ms" "µs/incident" "api thread µs/inc" "incidents per client" "RSS MiB"
 for clients in 0 1 8; do
   start_egret
   for i in $(seq "$clients"); do
     (in_ns curl -sN http://127.0.0.1:9465/api/v1/stream > "$TMP/client$i" &)
   done
   sleep 0.5
-  c0=$(cpu_ticks "$PID")
+  c0=$(cpu_ticks "$PID") a0=$(thread_ticks "$PID" api)
   in_ns python3 - "$COUNT" <<'PY'
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -66,14 +68,14 @@ for i in range(n):
         import time; time.sleep(0.05)  # stay within the attribution budget's pace
 PY
   settle incidents > /dev/null
-  c1=$(cpu_ticks "$PID")
+  c1=$(cpu_ticks "$PID") a1=$(thread_ticks "$PID" api)
   got="-"
   if [ "$clients" -gt 0 ]; then
     got=$(for i in $(seq "$clients"); do grep -c '^data: .*"update":false' "$TMP/client$i" || true; done | sort -n | head -1)
   fi
-  ms=$(( (c1 - c0) * 1000 / HZ ))
+  ms=$(( (c1 - c0) * 1000 / HZ )) api_ms=$(( (a1 - a0) * 1000 / HZ ))
   rss=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$PID/status")
-  printf '%-8s %12s %14s %22s %12s\n' "$clients" "$ms" "$(python3 -c "print(round($ms*1000/$COUNT, 1))")" "$got" "$rss"
+  printf '%-8s %14s %16s %18s %22s %10s\n' "$clients" "$ms" "$(python3 -c "print(round($ms*1000/$COUNT, 1))")" "$(python3 -c "print(round($api_ms*1000/$COUNT, 1))")" "$got" "$rss"
   [ "$clients" = 8 ] || stop_egret
 done
 
