@@ -812,6 +812,7 @@ mod tests {
             alerts: vec![],
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
+            container_runtime: None,
             rules,
         }
     }
