@@ -426,7 +426,8 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
     assert_eq!(at(&e, "/rule/name"), "containers");
     assert_eq!(at(&e, "/container/name"), "app", "{e:#}");
     assert_eq!(at(&e, "/container/id"), app_id.as_str());
-    assert_eq!(at(&e, "/container/image/name"), IMAGE);
+    assert_eq!(at(&e, "/container/image/name"), "egret-test/busybox");
+    assert_eq!(at(&e, "/container/image/tag/0"), "1");
     assert_eq!(at(&e, "/egret/attribution"), "container-runtime");
     assert_eq!(at(&e, "/observer/ingress/interface/name"), "docker0");
     assert!(
@@ -457,6 +458,42 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
             "{docker_chain} missing:\n{rules}"
         );
     }
+
+    // A container started after egret, on a network of its own (a br-*
+    // bridge): the runtime is asked when its first packet arrives.
+    docker.docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.30.0.0/24",
+        "egret-net",
+    ]);
+    let late = docker.docker(&[
+        "run",
+        "--rm",
+        "--name",
+        "late",
+        "--network",
+        "egret-net",
+        IMAGE,
+        "sh",
+        "-c",
+        &format!("echo ping | nc -w 2 {BLOCKED} 8080"),
+    ]);
+    assert!(!late.status.success(), "blocked from egret-net");
+    let e = run.wait_event(15, "the late container's blocked connection", |e| {
+        at(e, "/destination/ip") == BLOCKED
+            && at(e, "/source/ip")
+                .as_str()
+                .is_some_and(|s| s.starts_with("172.30.0."))
+    });
+    assert_eq!(at(&e, "/container/name"), "late", "{e:#}");
+    assert!(
+        at(&e, "/observer/ingress/interface/name")
+            .as_str()
+            .is_some_and(|i| i.starts_with("br-")),
+        "{e:#}"
+    );
 
     // Docker rewrites its rules when it restarts; egret's table stays as it was.
     let egret_before = egret_table(&host);

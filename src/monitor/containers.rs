@@ -33,7 +33,7 @@ const REFRESH_EVERY: Duration = Duration::from_secs(10);
 const REFRESH_GAP: Duration = Duration::from_millis(200);
 /// One request to the runtime, connect to last byte.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-const LOOKUP_WAIT: Duration = Duration::from_millis(300);
+const LOOKUP_WAIT: Duration = Duration::from_millis(500);
 const WAIT_GAP: Duration = Duration::from_secs(1);
 const MISS_TTL: Duration = Duration::from_secs(30);
 const MISSES_MAX: usize = 4096;
@@ -57,6 +57,19 @@ pub enum Lookup {
     NotAContainer,
     /// No runtime answered (none running, no permission, too slow).
     RuntimeUnreachable,
+}
+
+/// ECS's `container.image.name` and `container.image.tag` of an image
+/// reference: `registry:5000/team/app:1.2` → (`registry:5000/team/app`,
+/// `1.2`); a digest or an image id stays whole.
+pub fn image_name_and_tag(reference: &str) -> (&str, Option<&str>) {
+    if reference.contains('@') || reference.starts_with("sha256:") {
+        return (reference, None);
+    }
+    match reference.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
+        _ => (reference, None),
+    }
 }
 
 /// The running containers' addresses, as one `GET /containers/json` lists them.
@@ -163,7 +176,6 @@ impl Shared {
 
 pub struct ContainerDirectory {
     shared: Arc<Shared>,
-    sockets: Vec<PathBuf>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -196,20 +208,13 @@ impl ContainerDirectory {
             .name("containers".into())
             .spawn({
                 let shared = Arc::clone(&shared);
-                let sockets = sockets.clone();
                 move || refresher(&shared, &sockets, &rt)
             })
             .context("starting the container directory")?;
         Ok(ContainerDirectory {
             shared,
-            sockets,
             thread: Some(thread),
         })
-    }
-
-    /// The sockets this directory asks, in order.
-    pub fn sockets(&self) -> &[PathBuf] {
-        &self.sockets
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
@@ -377,6 +382,25 @@ mod tests {
                 ("4f2a9c", "web", "nginx:1.25")
             );
         }
+    }
+
+    #[test]
+    fn image_references_split_into_name_and_tag() {
+        assert_eq!(image_name_and_tag("nginx:1.25"), ("nginx", Some("1.25")));
+        assert_eq!(image_name_and_tag("nginx"), ("nginx", None));
+        assert_eq!(
+            image_name_and_tag("registry:5000/team/app:2"),
+            ("registry:5000/team/app", Some("2"))
+        );
+        assert_eq!(
+            image_name_and_tag("registry:5000/team/app"),
+            ("registry:5000/team/app", None)
+        );
+        assert_eq!(
+            image_name_and_tag("app@sha256:ab12"),
+            ("app@sha256:ab12", None)
+        );
+        assert_eq!(image_name_and_tag("sha256:ab12"), ("sha256:ab12", None));
     }
 
     #[test]

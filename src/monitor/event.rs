@@ -138,7 +138,10 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         "container": {
             "id": a.container_id,
             "name": a.container_name,
-            "image": { "name": a.container_image },
+            "image": a.container_image.as_deref().map(|r| {
+                let (name, tag) = crate::monitor::containers::image_name_and_tag(r);
+                json!({ "name": name, "tag": tag.map(|t| vec![t]) })
+            }),
         },
         "observer": { "ingress": { "interface": { "name": a.ingress.as_ref().map(|i| i.0.clone()) } } },
         "rule": { "name": inc.key.verdict.rule.as_deref().unwrap_or(DEFAULT_RULE) },
