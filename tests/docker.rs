@@ -68,6 +68,15 @@ impl Dockerd {
         self.dir.path().join(name)
     }
 
+    /// Containers' cgroups go under this (not the system's `docker`), removed afterwards.
+    fn cgroup_parent(&self) -> String {
+        let dir = self.dir.path().file_name().unwrap_or_default();
+        format!(
+            "egret-test-{}",
+            dir.to_string_lossy().trim_start_matches('.')
+        )
+    }
+
     fn socket(&self) -> PathBuf {
         self.path("docker.sock")
     }
@@ -91,6 +100,7 @@ impl Dockerd {
             .args(["--pidfile", &p("dockerd.pid")])
             .args(["--host", &format!("unix://{}", p("docker.sock"))])
             .args(["--storage-driver", "vfs"])
+            .args(["--cgroup-parent", &self.cgroup_parent()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -225,6 +235,15 @@ impl Drop for Dockerd {
         for pid in self.leftovers() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+        let parent = self.cgroup_parent();
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&parent));
         // The mounts were private to the daemon's mount namespace; nothing of
         // them may be left in ours.
         let dir = self.dir.path().display().to_string();
