@@ -338,7 +338,10 @@ fn refresher(shared: &Shared, sockets: &[PathBuf], rt: &tokio::runtime::Runtime)
                 st.misses.clear();
             }
             Some((socket, Err(e))) => {
-                warn!("container runtime at {}: {e:#}", socket.display());
+                if !reported_down {
+                    warn!("container runtime at {}: {e:#}", socket.display());
+                }
+                reported_down = true;
                 st.answering = None;
             }
             None => {
