@@ -5,6 +5,9 @@
 # dnsmasq as a real upstream DNS server, dig and curl as real clients, openssl
 # for a test certificate, systemd-analyze to check the unit file, chromium and
 # chromedriver to test the dashboard in a real headless browser.
+# docker.io (dockerd, containerd, runc) and busybox-static (the one-file test
+# image) run a real Docker daemon inside a test's network namespace
+# (tests/docker.rs); the package must not start its own daemon here.
 set -euo pipefail
 need=()
 for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
@@ -15,5 +18,19 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  [ ${#need[@]} -gt 0 ] || apt-get update -qq
+  # policy-rc.d: no daemon is started in this machine's root namespace by the install.
+  blocker=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    blocker=/usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static >/dev/null
+  [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }

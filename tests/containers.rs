@@ -98,6 +98,8 @@ fn lab() -> Lab {
 const POLICY: &str = r#"
 mode = "enforce"
 scope = "host+containers"
+# No runtime answers here: events name the bridge and the address.
+container_runtime = "/nonexistent/docker.sock"
 
 [[allow]]
 name = "web"
@@ -128,6 +130,8 @@ fn forwarded_container_traffic_is_filtered_and_reported_with_its_bridge() {
     assert_eq!(at(&e, "/rule/name"), "containers");
     assert_eq!(at(&e, "/observer/ingress/interface/name"), "docker0");
     assert_eq!(at(&e, "/destination/port"), 8080);
+    assert_eq!(at(&e, "/egret/attribution"), "bridge");
+    assert!(e.pointer("/container/name").is_none(), "{e:#}");
     assert!(
         at(&e, "/message")
             .as_str()

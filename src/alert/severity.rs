@@ -44,6 +44,7 @@ impl SeenKey {
             Identity::Executable(e) => format!("exe:{e}"),
             Identity::Unit(u) => format!("unit:{u}"),
             Identity::Uid(u) => format!("uid:{u}"),
+            Identity::Container(name) => format!("container:{name}"),
             Identity::Forwarded(iface, src) => format!("forwarded:{iface}:{src}"),
             Identity::Unknown => "unknown".into(),
         };

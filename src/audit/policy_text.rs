@@ -56,6 +56,13 @@ pub fn settings(policy: &Policy, mode: Mode) -> String {
             "container_interfaces = {}",
             list(&policy.container_interfaces)
         );
+        if let Some(socket) = &policy.container_runtime {
+            let _ = writeln!(
+                out,
+                "container_runtime = {:?}",
+                socket.display().to_string()
+            );
+        }
     }
     if let Some(dns) = &policy.dns {
         let upstream: Vec<String> = dns.upstream.iter().map(|a| a.to_string()).collect();

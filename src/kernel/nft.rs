@@ -1343,7 +1343,7 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                 let dreg = e.u32(META_DREG).unwrap_or(0);
                 match (key, dreg) {
                     (META_OIFNAME, REG_1) => match cmp_data(next, CMP_EQ) {
-                        Some(d) => (Match::OifName(c_str(&d)), 2),
+                        Some(d) => (Match::OifName(ifname_from(&d)), 2),
                         None => return Err(foreign("an oifname match egret does not write")),
                     },
                     (META_IIFNAME, REG_1) => match cmp_data(next, CMP_EQ) {

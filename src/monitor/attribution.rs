@@ -35,6 +35,11 @@ pub enum Method {
     SockDiag,
     /// Only the socket owner's uid/gid from NFLOG.
     UidOnly,
+    /// Forwarded from a container bridge; the runtime named the container.
+    ContainerRuntime,
+    /// Forwarded from a container bridge; only the bridge and the source
+    /// address are known (no runtime answered, or it runs no such container).
+    Bridge,
     /// Nothing: no local socket (forwarded traffic) or no uid.
     None,
 }
@@ -45,6 +50,8 @@ impl Method {
             Method::SockDiagProc => "sock_diag+proc",
             Method::SockDiag => "sock_diag",
             Method::UidOnly => "uid-only",
+            Method::ContainerRuntime => "container-runtime",
+            Method::Bridge => "bridge",
             Method::None => "none",
         }
     }
@@ -72,6 +79,9 @@ pub struct Attribution {
     pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container_id: Option<String>,
+    /// Forwarded traffic whose runtime named it: the container and its image.
+    pub container_name: Option<String>,
+    pub container_image: Option<String>,
     /// Forwarded traffic (scope = "host+containers"): the interface it came
     /// in on and its source address, which stand for the container.
     pub ingress: Option<(String, IpAddr)>,
@@ -83,6 +93,8 @@ pub enum Identity {
     Executable(String),
     Unit(String),
     Uid(u32),
+    /// A forwarded flow from a container the runtime named.
+    Container(String),
     /// A forwarded flow: ingress interface and source address.
     Forwarded(String, IpAddr),
     Unknown,
@@ -101,6 +113,8 @@ impl Attribution {
             cgroup: None,
             unit: None,
             container_id: None,
+            container_name: None,
+            container_image: None,
             ingress: None,
         }
     }
@@ -112,6 +126,8 @@ impl Attribution {
             Identity::Unit(unit.clone())
         } else if let Some(uid) = self.uid {
             Identity::Uid(uid)
+        } else if let Some(name) = &self.container_name {
+            Identity::Container(name.clone())
         } else if let Some((iface, src)) = &self.ingress {
             Identity::Forwarded(iface.clone(), *src)
         } else {

@@ -23,7 +23,8 @@ use crate::apply;
 use crate::dns::{Guard, GuardConfig, RecentNames, RefusedQuery};
 use crate::kernel::nft::Nftables;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
-use crate::monitor::attribution::Attributor;
+use crate::monitor::attribution::{Attributor, Method};
+use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
 use crate::monitor::incident::{Aggregator, Incident, Observation, ProxyRequest};
 use crate::monitor::metrics::{Metrics, MetricsServer};
@@ -174,6 +175,8 @@ struct Daemon {
     classifier: Classifier,
     /// `[[alerts]]`: documents go here too, without waiting.
     alerts: Dispatcher,
+    /// scope = "host+containers": container names by address.
+    containers: Option<ContainerDirectory>,
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
@@ -345,6 +348,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         alerts,
         store,
         opts,
+        containers: container_directory(&policy),
         policy,
         units,
         nft,
@@ -388,6 +392,20 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     }
     daemon.finish();
     result
+}
+
+/// With scope = "host+containers": the runtime's names for container addresses.
+fn container_directory(policy: &Policy) -> Option<ContainerDirectory> {
+    if policy.scope != crate::policy::Scope::HostAndContainers {
+        return None;
+    }
+    match ContainerDirectory::start(policy.container_runtime.as_deref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            warn!("container names are off: {e:#}");
+            None
+        }
+    }
 }
 
 struct PidFile(PathBuf);
@@ -522,6 +540,13 @@ impl Daemon {
         let mut who = self.attributor.attribute(flow, p.uid, p.gid);
         if let (Some(index), Some(f), None) = (p.indev, flow, p.uid) {
             who.ingress = Some((interface_name(index), f.src));
+            who.method = Method::Bridge;
+            if let Some(Lookup::Found(c)) = self.containers.as_ref().map(|d| d.lookup(f.src)) {
+                who.method = Method::ContainerRuntime;
+                who.container_id = Some(c.id.clone());
+                who.container_name = Some(c.name.clone());
+                who.container_image = Some(c.image.clone());
+            }
         }
         let resolved = flow.and_then(|f| {
             self.recent
@@ -856,6 +881,11 @@ impl Daemon {
                     p.reload(state);
                 }
                 self.classifier.rules = policy.severity.clone();
+                if (policy.scope, &policy.container_runtime)
+                    != (self.policy.scope, &self.policy.container_runtime)
+                {
+                    self.containers = container_directory(&policy);
+                }
                 if policy.alerts != self.alerts.configs() || policy.mark != self.policy.mark {
                     self.restart_alerts(&policy);
                 }

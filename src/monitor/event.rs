@@ -135,7 +135,14 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "name": a.user_name,
             "group": { "id": a.gid.map(|g| g.to_string()), "name": a.group_name },
         },
-        "container": { "id": a.container_id },
+        "container": {
+            "id": a.container_id,
+            "name": a.container_name,
+            "image": a.container_image.as_deref().map(|r| {
+                let (name, tag) = crate::monitor::containers::image_name_and_tag(r);
+                json!({ "name": name, "tag": tag.map(|t| vec![t]) })
+            }),
+        },
         "observer": { "ingress": { "interface": { "name": a.ingress.as_ref().map(|i| i.0.clone()) } } },
         "rule": { "name": inc.key.verdict.rule.as_deref().unwrap_or(DEFAULT_RULE) },
         "egret": {
@@ -200,7 +207,10 @@ pub fn who(inc: &Incident) -> String {
     let user = a.user_name.clone().or_else(|| a.uid.map(|u| u.to_string()));
     let user = user.map(|u| format!("user {u}")).unwrap_or_default();
     if let (None, None, None, Some((iface, src))) = (&a.process, &a.unit, a.uid, &a.ingress) {
-        return format!("forwarded from {src} via {iface}");
+        return match &a.container_name {
+            Some(name) => format!("container {name} ({src} via {iface})"),
+            None => format!("forwarded from {src} via {iface}"),
+        };
     }
     match (&a.process, &a.unit) {
         (Some(p), _) => format!(
@@ -464,6 +474,8 @@ mod tests {
             cgroup: Some("/system.slice/app.service".into()),
             unit: Some("app.service".into()),
             container_id: None,
+            container_name: None,
+            container_image: None,
             ingress: None,
         };
         let v = Verdict {

@@ -8,6 +8,7 @@
 
 pub mod accounting;
 pub mod attribution;
+pub mod containers;
 pub mod daemon;
 pub mod event;
 pub mod incident;

@@ -66,6 +66,9 @@ pub struct Policy {
     /// With `Scope::HostAndContainers`: the bridge interfaces containers sit
     /// behind (`docker0`, `br-*`, ...).
     pub container_interfaces: Vec<String>,
+    /// With `Scope::HostAndContainers`: the Docker-API socket that names
+    /// containers by address. `None`: the usual Docker, then podman, socket.
+    pub container_runtime: Option<PathBuf>,
     pub rules: Vec<AllowRule>,
 }
 
@@ -194,6 +197,7 @@ impl Policy {
             alerts: Vec::new(),
             scope: Scope::Host,
             container_interfaces: Vec::new(),
+            container_runtime: None,
             rules: Vec::new(),
         }
     }

@@ -59,6 +59,7 @@ struct RawMain {
     #[serde(default)]
     alerts: Vec<super::alerts::RawAlert>,
     container_interfaces: Option<Vec<Spanned<String>>>,
+    container_runtime: Option<Spanned<String>>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -288,6 +289,32 @@ pub fn parse_str(
         }
     }
 
+    let container_runtime = raw.container_runtime.as_ref().and_then(|r| {
+        let p = r.get_ref();
+        let problem = if scope == Scope::Host {
+            Some((
+                "container_runtime needs scope = \"host+containers\"",
+                "set scope = \"host+containers\"; the runtime only names containers whose forwarded traffic egret sees",
+            ))
+        } else if !p.starts_with('/') {
+            Some((
+                "container_runtime must be an absolute path to a unix socket",
+                "e.g. \"/var/run/docker.sock\" or \"/run/podman/podman.sock\"",
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some((message, hint)) => {
+                errors.push(
+                    Diagnostic::at(path, source, Some(r.span()), message).with_hint(hint),
+                );
+                None
+            }
+            None => Some(PathBuf::from(p)),
+        }
+    });
+
     let mut checker = RuleChecker {
         accounts,
         names: HashMap::new(),
@@ -344,6 +371,7 @@ pub fn parse_str(
             } else {
                 Vec::new()
             },
+            container_runtime,
             rules: checker.rules,
         })
     } else {
@@ -1257,6 +1285,23 @@ units = ["borg.service"]
             d.message
         );
         assert_eq!((d.line, d.column), (2, 25));
+        let p =
+            parse("scope = \"host+containers\"\ncontainer_runtime = \"/run/podman/podman.sock\"\n")
+                .unwrap();
+        assert_eq!(
+            p.container_runtime.as_deref(),
+            Some(Path::new("/run/podman/podman.sock"))
+        );
+        assert_eq!(
+            parse("scope = \"host+containers\"\n")
+                .unwrap()
+                .container_runtime,
+            None
+        );
+        let d = first_error("scope = \"host+containers\"\ncontainer_runtime = \"docker.sock\"\n");
+        assert!(d.message.contains("absolute path"), "{}", d.message);
+        let d = first_error("container_runtime = \"/var/run/docker.sock\"\n");
+        assert!(d.message.contains("needs scope"), "{}", d.message);
         let d = first_error("container_interfaces = [\"docker0\"]\n");
         assert!(d.message.contains("needs scope"), "{}", d.message);
         assert!(first_error("scope = \"everything\"\n")

@@ -88,6 +88,16 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
                 "baseline: established and related",
             )
         }];
+        // Container to container (Docker loads br_netfilter, so bridged
+        // traffic passes the forward hook too): east-west, not egress.
+        rules.extend(policy.container_interfaces.iter().map(|i| Rule {
+            counter: None,
+            ..rule(
+                vec![Match::OifName(i.clone())],
+                Verdict::Accept,
+                format!("between containers behind {i}"),
+            )
+        }));
         rules.append(&mut c.container_rules);
         let log = Some(Log {
             group: policy.log_group,
@@ -840,6 +850,7 @@ mod tests {
             alerts: vec![],
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
+            container_runtime: None,
             rules,
         }
     }

@@ -1,0 +1,559 @@
+//! Coexistence with a real Docker daemon (Debian's docker.io), run inside a
+//! network namespace this test creates, in a mount namespace of its own and
+//! with all its state in a temporary directory: the machine's root network
+//! namespace, /var/lib/docker and /run/docker are never touched.
+//!
+//! egret with scope = "host+containers" and the daemon's socket: a
+//! container's allowed connection passes, a blocked one is reported with the
+//! container's name, id and image; Docker's own rules keep working (a
+//! published port, container to container on the bridge) and stay as Docker
+//! wrote them through `egret apply`, `egret run` and `egret remove`; and
+//! Docker rewriting its rules on restart leaves egret's table as it was.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const DOCKERD: &str = "/usr/sbin/dockerd";
+const DOCKER: &str = "/usr/bin/docker";
+const BUSYBOX: &str = "/bin/busybox";
+const IMAGE: &str = "egret-test/busybox:1";
+/// The host namespace's uplink, and the outside namespace's two servers.
+const HOST_UP: &str = "10.77.0.1";
+const ALLOWED: &str = "10.77.0.2";
+const BLOCKED: &str = "10.77.0.3";
+
+fn require_docker() {
+    for (path, package) in [
+        (DOCKERD, "docker.io"),
+        (DOCKER, "docker.io"),
+        (BUSYBOX, "busybox-static"),
+    ] {
+        assert!(
+            Path::new(path).exists(),
+            "{path} is missing: this test runs a real Docker daemon; install {package} (scripts/deps.sh does)"
+        );
+    }
+}
+
+/// dockerd in `ns`, all of its state under a temporary directory.
+struct Dockerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    ns_path: String,
+}
+
+impl Dockerd {
+    fn start(ns: &Netns) -> Dockerd {
+        require_docker();
+        let dir = tempfile::Builder::new()
+            .prefix("egret-docker")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("daemon.json"), "{}\n").unwrap();
+        let mut d = Dockerd {
+            dir,
+            child: None,
+            ns_path: format!("/run/netns/{}", ns.name),
+        };
+        d.launch();
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Containers' cgroups go under this (not the system's `docker`), removed afterwards.
+    fn cgroup_parent(&self) -> String {
+        let dir = self.dir.path().file_name().unwrap_or_default();
+        format!(
+            "egret-test-{}",
+            dir.to_string_lossy().trim_start_matches('.')
+        )
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path("docker.sock")
+    }
+
+    /// Its own mount namespace keeps the daemon's mounts (container root
+    /// filesystems, network namespace files) away from the machine's.
+    fn launch(&mut self) {
+        let p = |n: &str| self.path(n).display().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("dockerd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .args(["--", "unshare", "--mount", "--propagation", "private", "--"])
+            .arg(DOCKERD)
+            .args(["--config-file", &p("daemon.json")])
+            .args(["--data-root", &p("data")])
+            .args(["--exec-root", &p("exec")])
+            .args(["--pidfile", &p("dockerd.pid")])
+            .args(["--host", &format!("unix://{}", p("docker.sock"))])
+            .args(["--storage-driver", "vfs"])
+            .args(["--cgroup-parent", &self.cgroup_parent()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning dockerd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.docker(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not answer within 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("dockerd.log")).unwrap_or_default()
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new(DOCKER)
+            .env("DOCKER_CONFIG", self.path("cli"))
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running docker")
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A one-file image: busybox, made here (no registry is reachable).
+    fn import_busybox(&self) {
+        let root = self.path("rootfs");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+        for applet in ["sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        let tar = self.path("rootfs.tar");
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&root)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("."),
+        );
+        self.docker_ok(&["import", &tar.display().to_string(), IMAGE]);
+    }
+
+    fn inspect(&self, container: &str, format: &str) -> String {
+        self.docker_ok(&["inspect", "--format", format, container])
+    }
+
+    fn ip(&self, container: &str) -> String {
+        self.inspect(
+            container,
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        )
+    }
+
+    /// `sh -c script` in a running container; true when it exits 0.
+    fn exec(&self, container: &str, script: &str) -> (bool, String) {
+        let out = self.docker(&["exec", container, "sh", "-c", script]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// SIGTERM, then SIGKILL after 30 s; the daemon stops the containerd it started.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Processes this daemon started that outlived it (containerd, shims,
+    /// docker-proxy): they name its directory on their command line.
+    fn leftovers(&self) -> Vec<u32> {
+        let dir = self.dir.path().display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let ids = self.docker(&["ps", "--all", "--quiet"]);
+            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                let _ = self.docker(&["rm", "--force", id]);
+            }
+        }
+        self.stop();
+        for pid in self.leftovers() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        let parent = self.cgroup_parent();
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&parent));
+        // The mounts were private to the daemon's mount namespace; nothing of
+        // them may be left in ours.
+        let dir = self.dir.path().display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(&dir) {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
+/// Docker's rules as iptables-save prints them, without counters and comments.
+fn docker_rules(ns: &Netns) -> String {
+    let out = run_ok(&mut ns.cmd("iptables-save", &[]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.strip_prefix(':') {
+            // ":FORWARD DROP [12:3456]" → ":FORWARD DROP"
+            Some(chain) => format!(":{}", chain.rsplit_once(' ').map_or(chain, |c| c.0)),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn egret_table(ns: &Netns) -> String {
+    let out = run_ok(&mut ns.cmd("nft", &["list", "table", "inet", "egret"]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Counters move with traffic; the rules must not.
+    let mut tokens = text.split_whitespace().peekable();
+    let mut kept = Vec::new();
+    while let Some(t) = tokens.next() {
+        kept.push(t);
+        if t == "counter" && tokens.peek() == Some(&"packets") {
+            tokens.nth(3);
+        }
+    }
+    kept.join(" ")
+}
+
+fn policy(socket: &Path) -> String {
+    format!(
+        r#"
+mode = "enforce"
+scope = "host+containers"
+container_runtime = "{}"
+
+[[allow]]
+name = "web"
+cidrs = ["{ALLOWED}"]
+ports = [8080]
+"#,
+        socket.display()
+    )
+}
+
+/// The containers: `web` serves HTTP on 8080, published on the host's 8081;
+/// `app` is where connections start from.
+fn start_containers(d: &Dockerd) {
+    d.docker_ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "web",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "1",
+        "--publish",
+        "8081:8080",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    d.docker_ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "app",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "1",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+}
+
+/// A TCP round trip from `app` to an echo server of the outside namespace.
+fn app_connects(d: &Dockerd, to: &str) -> bool {
+    let (ok, out) = d.exec("app", &format!("echo ping | nc -w 3 {to} 8080"));
+    ok && out.contains("ping")
+}
+
+/// Container to container on the bridge.
+fn app_reaches_web(d: &Dockerd) -> bool {
+    let web = d.ip("web");
+    let (ok, out) = d.exec(
+        "app",
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {web} 8080"),
+    );
+    ok && out.contains("hello-from-web")
+}
+
+/// The published port, from the outside namespace.
+fn outside_reaches_published(outside: &Netns) -> bool {
+    let url = format!("http://{HOST_UP}:8081/");
+    let out = outside
+        .cmd("curl", &["--silent", "--max-time", "5", &url])
+        .output()
+        .expect("curl");
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello-from-web")
+}
+
+/// Polls for up to 20 s: Docker takes a moment to wire a (re)started container.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
+    let (host, outside) = (Netns::new(), Netns::new());
+    let id = std::process::id() % 10_000;
+    let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
+    run_ok(&mut host.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            &vh,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vo,
+            "netns",
+            &outside.name,
+        ],
+    ));
+    run_ok(&mut host.cmd("ip", &["addr", "add", &format!("{HOST_UP}/24"), "dev", &vh]));
+    run_ok(&mut host.cmd("ip", &["link", "set", &vh, "up"]));
+    for a in [ALLOWED, BLOCKED] {
+        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &vo]));
+    }
+    run_ok(&mut outside.cmd("ip", &["link", "set", &vo, "up"]));
+    let _servers = [
+        outside.server("tcp", ALLOWED, 8080),
+        outside.server("tcp", BLOCKED, 8080),
+    ];
+    // Declared after the namespaces: dropped (stopped, cleaned) before them.
+    let mut docker = Dockerd::start(&host);
+    docker.import_busybox();
+    start_containers(&docker);
+
+    // Before egret: everything works, so what stops later is egret's doing.
+    eventually("app reaches the allowed server", || {
+        app_connects(&docker, ALLOWED)
+    });
+    assert!(
+        app_connects(&docker, BLOCKED),
+        "the lab routes to {BLOCKED}"
+    );
+    assert!(app_reaches_web(&docker), "container to container");
+    eventually("the published port", || outside_reaches_published(&outside));
+    let docker_before = docker_rules(&host);
+    assert!(docker_before.contains(":DOCKER-USER"), "{docker_before}");
+    assert!(docker_before.contains("-j MASQUERADE"), "{docker_before}");
+
+    // egret apply: Docker's rules stay as Docker wrote them.
+    let file = PolicyFile::new(&policy(&docker.socket()));
+    run_ok(&mut host.egret(&["apply", "--state-dir", &file.state_dir(), file.path()]));
+    assert_eq!(
+        docker_rules(&host),
+        docker_before,
+        "egret apply left Docker's rules alone"
+    );
+    assert!(
+        !app_connects(&docker, BLOCKED),
+        "egret blocks what no rule allows"
+    );
+
+    let run = Running::start(&host, &file.state_dir(), &["--policy", file.path()]);
+    let app_id = docker.inspect("app", "{{.Id}}");
+    let app_ip = docker.ip("app");
+    assert!(app_connects(&docker, ALLOWED), "allowed by rule web");
+    assert!(!app_connects(&docker, BLOCKED));
+    let e = run.wait_event(15, "the container's blocked connection", |e| {
+        at(e, "/destination/ip") == BLOCKED && at(e, "/source/ip") == app_ip.as_str()
+    });
+    assert_eq!(at(&e, "/event/action"), "blocked");
+    assert_eq!(at(&e, "/rule/name"), "containers");
+    assert_eq!(at(&e, "/container/name"), "app", "{e:#}");
+    assert_eq!(at(&e, "/container/id"), app_id.as_str());
+    assert_eq!(at(&e, "/container/image/name"), "egret-test/busybox");
+    assert_eq!(at(&e, "/container/image/tag/0"), "1");
+    assert_eq!(at(&e, "/egret/attribution"), "container-runtime");
+    assert_eq!(at(&e, "/observer/ingress/interface/name"), "docker0");
+    assert!(
+        at(&e, "/message")
+            .as_str()
+            .unwrap_or("")
+            .contains("container app ("),
+        "{e:#}"
+    );
+    // Docker's own paths keep working under egret.
+    assert!(
+        app_reaches_web(&docker),
+        "container to container under egret"
+    );
+    assert!(
+        outside_reaches_published(&outside),
+        "published port under egret"
+    );
+    assert_eq!(docker_rules(&host), docker_before);
+    let rules = host.nft_ruleset();
+    for docker_chain in [
+        "chain DOCKER-USER",
+        "chain DOCKER-ISOLATION-STAGE-1",
+        "masquerade",
+    ] {
+        assert!(
+            rules.contains(docker_chain),
+            "{docker_chain} missing:\n{rules}"
+        );
+    }
+
+    // A container started after egret, on a network of its own (a br-*
+    // bridge): the runtime is asked when its first packet arrives.
+    docker.docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.30.0.0/24",
+        "egret-net",
+    ]);
+    let late = docker.docker(&[
+        "run",
+        "--rm",
+        "--name",
+        "late",
+        "--network",
+        "egret-net",
+        IMAGE,
+        "sh",
+        "-c",
+        &format!("echo ping | nc -w 2 {BLOCKED} 8080"),
+    ]);
+    assert!(!late.status.success(), "blocked from egret-net");
+    let e = run.wait_event(15, "the late container's blocked connection", |e| {
+        at(e, "/destination/ip") == BLOCKED
+            && at(e, "/source/ip")
+                .as_str()
+                .is_some_and(|s| s.starts_with("172.30.0."))
+    });
+    assert_eq!(at(&e, "/container/name"), "late", "{e:#}");
+    assert!(
+        at(&e, "/observer/ingress/interface/name")
+            .as_str()
+            .is_some_and(|i| i.starts_with("br-")),
+        "{e:#}"
+    );
+
+    // Docker rewrites its rules when it restarts; egret's table stays as it was.
+    let egret_before = egret_table(&host);
+    docker.restart();
+    eventually("app runs again", || {
+        docker.inspect("app", "{{.State.Running}}") == "true"
+    });
+    eventually("the published port after Docker's restart", || {
+        outside_reaches_published(&outside)
+    });
+    assert_eq!(
+        egret_table(&host),
+        egret_before,
+        "Docker's restart left egret's table alone"
+    );
+    assert!(app_connects(&docker, ALLOWED));
+    assert!(
+        !app_connects(&docker, BLOCKED),
+        "still blocked after Docker's restart"
+    );
+    assert!(app_reaches_web(&docker));
+
+    assert!(docker_rules(&host).contains(":DOCKER-USER"));
+
+    // egret remove: egret's table goes, Docker's stays.
+    run.stop();
+    run_ok(&mut host.egret(&["remove"]));
+    let after = host.nft_ruleset();
+    assert!(!after.contains("table inet egret"), "{after}");
+    for docker_chain in [
+        "chain DOCKER-USER",
+        "chain DOCKER-ISOLATION-STAGE-1",
+        "masquerade",
+    ] {
+        assert!(
+            after.contains(docker_chain),
+            "{docker_chain} missing:\n{after}"
+        );
+    }
+    assert!(app_connects(&docker, BLOCKED), "open again without egret");
+    assert!(app_reaches_web(&docker));
+    assert!(outside_reaches_published(&outside));
+    drop(docker);
+}
