@@ -333,7 +333,11 @@ fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
     );
     // A destination python3 never tried before: graded high.
     assert!(
-        seen["pushed_row"].as_str().unwrap().to_lowercase().contains("high"),
+        seen["pushed_row"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("high"),
         "{seen:#}"
     );
     assert!(seen["bars"].as_u64().unwrap() >= 1, "{seen:#}");
