@@ -258,6 +258,18 @@ impl Attributor {
         found
     }
 
+    /// Forgets cached sockets past their time to live (called from the
+    /// pipeline's tick), so a burst of one-off flows does not stay in memory.
+    pub fn expire(&mut self, now: Instant) {
+        if !self.sockets.is_empty() {
+            self.sockets
+                .retain(|_, (at, _)| now.duration_since(*at) < SOCKET_CACHE_TTL);
+            if self.sockets.capacity() > 4 * self.sockets.len().max(1024) {
+                self.sockets.shrink_to_fit();
+            }
+        }
+    }
+
     fn take_token(&mut self, now: Instant) -> bool {
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
         self.refilled = now;

@@ -44,6 +44,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
+/// How often cached socket attributions past their time to live are dropped.
+const SOCKET_EXPIRE_EVERY: Duration = Duration::from_secs(5);
+/// Written batches at least this big are followed by a `malloc_trim`.
+const TRIM_AFTER_BATCH: usize = 256;
 /// At exit, alert sinks may take this long to send what they hold.
 const ALERTS_GRACE: Duration = Duration::from_secs(3);
 
@@ -425,6 +429,7 @@ impl Daemon {
         let mut last_tick = Instant::now();
         let mut last_account = Instant::now() - ACCOUNT_EVERY;
         let mut last_units = Instant::now();
+        let mut last_expire = Instant::now();
         let mut last_prune = Instant::now();
         let mut last_sizes = Instant::now() - SET_SIZES_EVERY;
         let mut last_heartbeat = Instant::now();
@@ -462,6 +467,10 @@ impl Daemon {
             if last_account.elapsed() >= ACCOUNT_EVERY {
                 last_account = Instant::now();
                 self.account();
+            }
+            if last_expire.elapsed() >= SOCKET_EXPIRE_EVERY {
+                last_expire = Instant::now();
+                self.attributor.expire(last_expire);
             }
             if last_units.elapsed() >= UNITS_EVERY {
                 last_units = Instant::now();
@@ -643,7 +652,17 @@ impl Daemon {
         }
         let batch: Vec<(&Incident, &Value)> = self.pending.iter().map(|(i, d)| (i, d)).collect();
         match self.store.upsert(&batch) {
-            Ok(()) => self.pending.clear(),
+            Ok(()) => {
+                let burst = self.pending.len() >= TRIM_AFTER_BATCH;
+                self.pending = Vec::new();
+                // A burst's documents are many small allocations; glibc
+                // keeps the freed pages unless asked to give them back.
+                #[cfg(target_env = "gnu")]
+                if burst {
+                    // SAFETY: malloc_trim only releases free heap memory.
+                    unsafe { libc::malloc_trim(0) };
+                }
+            }
             // Kept for the next tick; bounded so a dead disk cannot eat memory.
             Err(e) => {
                 warn!("writing events to the store: {e:#}");

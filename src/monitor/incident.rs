@@ -104,7 +104,8 @@ pub enum Emit {
 }
 
 pub struct Aggregator {
-    open: HashMap<IncidentKey, Incident>,
+    /// Boxed: an incident is ~1.5 KB inline, and the table keeps spare slots.
+    open: HashMap<IncidentKey, Box<Incident>>,
     next_id: u64,
     /// Repeats are emitted at most this often per incident.
     pub update_every: Duration,
@@ -193,8 +194,8 @@ impl Aggregator {
             emitted_count: 1,
             emitted_at: at,
         };
-        self.open.insert(key.clone(), inc);
-        self.open.get(&key)
+        self.open.insert(key.clone(), Box::new(inc));
+        self.open.get(&key).map(|b| &**b)
     }
 
     /// Incidents whose count grew and whose last emission is `update_every`
@@ -211,7 +212,7 @@ impl Aggregator {
             .map(|i| {
                 i.emitted_count = i.count;
                 i.emitted_at = now;
-                i.clone()
+                Incident::clone(i)
             })
             .collect();
         out.sort_by_key(|i| i.id);
