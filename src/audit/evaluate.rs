@@ -191,6 +191,88 @@ pub fn evaluate_with(
     )
 }
 
+/// Rules that almost allow a flow they do not allow: the destination
+/// matches but the protocol/port does not, or destination and port match but
+/// the sender is not the rule's. `(rule, what is missing)`, in policy order.
+pub fn near_misses(
+    policy: &Policy,
+    flow: &Flow,
+    in_host_set: &dyn Fn(&str, IpAddr) -> bool,
+) -> Vec<(String, String)> {
+    let guard = policy.dns.is_some();
+    let mut out = Vec::new();
+    for rule in &policy.rules {
+        if rule.cidrs.is_empty() && rule.hosts.is_empty() {
+            // "Any destination" rules would almost-match everything.
+            continue;
+        }
+        if destination_matches(rule, flow, guard, in_host_set).is_none() {
+            continue;
+        }
+        let service = service_matches(rule, flow);
+        let subject = subject_matches(rule, flow);
+        let missing = match (service, subject) {
+            (true, true) => continue,
+            (false, _) => format!(
+                "the destination matches, but the rule allows only {}",
+                services(rule)
+            ),
+            (true, false) => format!(
+                "destination and port match, but the rule is only for {}",
+                subjects(rule)
+            ),
+        };
+        out.push((rule.name.clone(), missing));
+    }
+    out
+}
+
+fn services(rule: &AllowRule) -> String {
+    let protocols: Vec<&str> = rule
+        .protocols
+        .iter()
+        .map(|p| match p {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+            L4::Icmp => "icmp",
+        })
+        .collect();
+    let protocols = if protocols.is_empty() {
+        "any protocol".to_string()
+    } else {
+        protocols.join("/")
+    };
+    if rule.ports.is_empty() {
+        return protocols;
+    }
+    let ports: Vec<String> = rule
+        .ports
+        .iter()
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}-{}", r.first, r.last)
+            }
+        })
+        .collect();
+    format!("{protocols} ports {}", ports.join(", "))
+}
+
+fn subjects(rule: &AllowRule) -> String {
+    let list =
+        |what: &str, v: Vec<String>| (!v.is_empty()).then(|| format!("{what} {}", v.join(", ")));
+    [
+        list("uids", rule.users.iter().map(u32::to_string).collect()),
+        list("gids", rule.groups.iter().map(u32::to_string).collect()),
+        list("units", rule.units.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("; ")
+}
+
 /// `None`: the destination does not match. `Some(pattern)`: it matches, by
 /// that host pattern or (`None` inside) by CIDR or because the rule names none.
 fn destination_matches(

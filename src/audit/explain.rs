@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::Result;
 use serde::Serialize;
 
-use super::evaluate::{evaluate_with, Decision, Flow, Outcome};
+use super::evaluate::{evaluate_with, near_misses, Decision, Flow, Outcome};
 use super::simulate::destination;
 use crate::dns::guard::GuardConfig;
 use crate::policy::{Policy, Via};
@@ -142,6 +142,29 @@ pub struct Explanation {
     pub decision: Decision,
     /// Live kernel facts were read (false without privileges or table).
     pub live: bool,
+    /// When not allowed: rules that almost allow it, and what is missing.
+    pub near_misses: Vec<NearMiss>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NearMiss {
+    pub rule: String,
+    pub missing: String,
+}
+
+fn near(
+    policy: &Policy,
+    flow: &Flow,
+    decision: &Decision,
+    in_set: &dyn Fn(&str, IpAddr) -> bool,
+) -> Vec<NearMiss> {
+    if decision.outcome == Outcome::Allowed {
+        return Vec::new();
+    }
+    near_misses(policy, flow, in_set)
+        .into_iter()
+        .map(|(rule, missing)| NearMiss { rule, missing })
+        .collect()
 }
 
 impl Explanation {
@@ -170,13 +193,15 @@ pub fn explain(
                 dst: Some(*ip),
                 ..base.clone()
             };
+            let decision = evaluate_with(policy, &flow, &in_set);
             Explanation {
                 flow: destination(&flow),
                 mode: policy.mode.to_string(),
                 dns_guard_answers: None,
                 patterns: Vec::new(),
                 addresses: Vec::new(),
-                decision: evaluate_with(policy, &flow, &in_set),
+                near_misses: near(policy, &flow, &decision, &in_set),
+                decision,
                 live: live.is_some(),
             }
         }
@@ -233,13 +258,15 @@ pub fn explain(
                     }
                 })
                 .collect();
+            let decision = evaluate_with(policy, &named, &in_set);
             Explanation {
                 flow: destination(&named),
                 mode: policy.mode.to_string(),
                 dns_guard_answers: guard.map(|g| g.allows(name)),
                 patterns,
                 addresses,
-                decision: evaluate_with(policy, &named, &in_set),
+                near_misses: near(policy, &named, &decision, &in_set),
+                decision,
                 live: live.is_some(),
             }
         }
@@ -279,6 +306,9 @@ pub fn render(e: &Explanation) -> String {
         let _ = writeln!(out, "host pattern: {} in rule {}{via}", p.pattern, p.rule);
     }
     let _ = writeln!(out, "{}", decision_line(&e.decision));
+    for m in &e.near_misses {
+        let _ = writeln!(out, "  almost: rule {}: {}", m.rule, m.missing);
+    }
     for a in &e.addresses {
         let _ = writeln!(
             out,

@@ -424,3 +424,51 @@ fn scope_is_ignored_for_host_flows() {
     };
     assert_eq!(evaluate(&p, &tcp("10.0.0.1", 1)).rule, "default");
 }
+
+#[test]
+fn near_misses_say_what_a_rule_lacks() {
+    let mut web = allow("web");
+    web.cidrs = vec!["192.0.2.0/24".parse().unwrap()];
+    web.ports = ports(&[(443, 443), (8000, 8100)]);
+    let mut backup = allow("backup");
+    backup.cidrs = vec!["198.51.100.7/32".parse().unwrap()];
+    backup.ports = ports(&[(22, 22)]);
+    backup.users = vec![34];
+    // No destination list: it would "almost" match everything, so it is left out.
+    let mut anywhere = allow("anywhere-ssh");
+    anywhere.ports = ports(&[(22, 22)]);
+    anywhere.users = vec![1];
+    let p = policy(Mode::Enforce, false, vec![web, backup, anywhere]);
+    let none = |_: &str, _: IpAddr| false;
+
+    let wrong_port = near_misses(&p, &tcp("192.0.2.9", 22), &none);
+    assert_eq!(wrong_port.len(), 1, "{wrong_port:?}");
+    assert_eq!(wrong_port[0].0, "web");
+    assert!(
+        wrong_port[0].1.contains("ports 443, 8000-8100"),
+        "{wrong_port:?}"
+    );
+
+    let wrong_user = near_misses(
+        &p,
+        &Flow {
+            uid: Some(0),
+            ..tcp("198.51.100.7", 22)
+        },
+        &none,
+    );
+    assert_eq!(wrong_user.len(), 1, "{wrong_user:?}");
+    assert!(
+        wrong_user[0].1.contains("only for uids 34"),
+        "{wrong_user:?}"
+    );
+
+    assert!(
+        near_misses(&p, &tcp("192.0.2.9", 443), &none).is_empty(),
+        "allowed: nothing missing"
+    );
+    assert!(
+        near_misses(&p, &tcp("203.0.113.1", 22), &none).is_empty(),
+        "no destination matches"
+    );
+}
