@@ -67,8 +67,63 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
     out.extend(other_firewalls());
     if let Some(p) = inputs.policy {
         out.push(resolver(p, &inputs.resolv_conf));
+        if p.scope == crate::policy::Scope::HostAndContainers {
+            out.push(container_runtime(p));
+        }
     }
     out
+}
+
+/// With `scope = "host+containers"`: can egret name the containers? Asks the
+/// runtime's Docker-compatible API for `/_ping`, as `egret run` would ask for
+/// its containers. Optional: without it events name the bridge and address.
+fn container_runtime(policy: &Policy) -> Check {
+    let sockets: Vec<PathBuf> = match &policy.container_runtime {
+        Some(p) => vec![p.clone()],
+        None => crate::monitor::containers::DEFAULT_SOCKETS
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+    };
+    let mut tried = Vec::new();
+    for socket in &sockets {
+        match ping(socket) {
+            Ok(()) => {
+                return check(
+                    "container runtime",
+                    Status::Ok,
+                    format!("{} answers: container names are known", socket.display()),
+                    "",
+                )
+            }
+            Err(e) => tried.push(format!("{}: {e}", socket.display())),
+        }
+    }
+    check(
+        "container runtime",
+        Status::Warn,
+        format!(
+            "no container runtime answers ({}): events of forwarded traffic will name the bridge and address, not the container",
+            tried.join("; ")
+        ),
+        "start Docker or podman's API service (podman.socket), or set container_runtime = \"/path/to/api.sock\" in the policy; egret needs read access to that socket",
+    )
+}
+
+fn ping(socket: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head)?;
+    let status = String::from_utf8_lossy(&head[..n]);
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(code) => Err(std::io::Error::other(format!("answered HTTP {code}"))),
+        None => Err(std::io::Error::other("not an HTTP answer")),
+    }
 }
 
 fn privileges() -> Check {

@@ -422,6 +422,21 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
 
     // egret apply: Docker's rules stay as Docker wrote them.
     let file = PolicyFile::new(&policy(&docker.socket()));
+    // doctor finds the runtime egret will ask for container names.
+    let doctor = host.egret_out(&[
+        "doctor",
+        "--json",
+        "--policy",
+        file.path(),
+        "--state-dir",
+        &file.state_dir(),
+    ]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
+    let runtime = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "container runtime"))
+        .unwrap_or_else(|| panic!("no container runtime check: {checks:#}"));
+    assert_eq!(runtime["status"], "ok", "{runtime:#}");
     run_ok(&mut host.egret(&["apply", "--state-dir", &file.state_dir(), file.path()]));
     assert_eq!(
         docker_rules(&host),

@@ -117,3 +117,48 @@ fn a_resolver_that_bypasses_the_dns_guard_fails() {
     assert!(out.status.success(), "{checks:#}");
     assert_eq!(status(&checks, "resolver").0, "ok");
 }
+
+#[test]
+fn a_container_runtime_that_does_not_answer_is_a_warning() {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let policy = PolicyFile::new(&format!(
+        "mode = \"audit\"\nscope = \"host+containers\"\ncontainer_runtime = \"{}\"\n",
+        socket.display()
+    ));
+    let (out, checks) = doctor(
+        &ns,
+        &[
+            "--policy",
+            policy.path(),
+            "--state-dir",
+            &policy.state_dir(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "a warning is not a failure: {checks:#}"
+    );
+    let (s, detail) = status(&checks, "container runtime");
+    assert_eq!(s, "warn", "{detail}");
+    assert!(
+        detail.contains("docker.sock") && detail.contains("bridge and address"),
+        "{detail}"
+    );
+    // Without container scope the runtime is not egret's concern.
+    let host_only = PolicyFile::new("mode = \"audit\"\n");
+    let (_, checks) = doctor(
+        &ns,
+        &[
+            "--policy",
+            host_only.path(),
+            "--state-dir",
+            &host_only.state_dir(),
+        ],
+    );
+    assert!(
+        !checks.to_string().contains("container runtime"),
+        "{checks:#}"
+    );
+}
