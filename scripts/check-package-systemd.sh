@@ -217,7 +217,8 @@ expect "systemctl is-active egret after the reload" active "$(in_ct systemctl is
 expect "MainPID after the reload" "$pid" "$(in_ct systemctl show -P MainPID egret)"
 for _ in $(seq 50); do in_ct egret status | grep -q "peer-https" && break; sleep 0.2; done
 in_ct egret status | grep -q "peer-https" || fail "the reloaded policy's rule peer-https is not in egret status"
-in_ct journalctl -u egret -o cat --no-pager | grep -q "reloaded" || fail "egret's journal does not say 'reloaded'"
+in_ct journalctl -u egret -o cat --no-pager | grep -q "reloaded policy=/etc/egret/policy.toml mode=audit rules=1" \
+  || fail "egret's journal does not say it reloaded the policy with its new rule"
 notifications=$(in_ct journalctl -u egret --no-pager -o cat | grep -F "Got notification message from PID $pid (" || true)
 grep -q "(RELOADING=1)" <<<"$notifications" || fail "systemd got no RELOADING=1 from egret (pid $pid)"
 grep -q "(READY=1, STATUS=watching blocked egress)" <<<"$notifications" || fail "systemd got no READY=1 from egret after the reload"
