@@ -8,6 +8,10 @@
 # docker.io (dockerd, containerd, runc) and busybox-static (the one-file test
 # image) run a real Docker daemon inside a test's network namespace
 # (tests/docker.rs); the package must not start its own daemon here.
+# debootstrap and systemd-container (systemd-nspawn) make and boot the Debian 12
+# container in which the package is installed and started under a real systemd
+# (scripts/check-package-systemd.sh); no recommends: libnss-mymachines would
+# edit this machine's nsswitch.conf.
 set -euo pipefail
 need=()
 for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
@@ -19,7 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ]; then
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ]; then
   export DEBIAN_FRONTEND=noninteractive
   [ ${#need[@]} -gt 0 ] || apt-get update -qq
   # policy-rc.d: no daemon is started in this machine's root namespace by the install.
@@ -30,7 +34,7 @@ if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ]; then
     blocker=/usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static >/dev/null
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container >/dev/null
   [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }
