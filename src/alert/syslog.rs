@@ -201,4 +201,108 @@ mod tests {
             format!("<35>1 2026-11-25T03:48:38.287Z web1 egret {pid} blocked [egret@32473 action=\"blocked\" severity=\"high\" rule=\"a\\]\\\"b\\\\\" dst=\"10.66.0.2\" dport=\"1389\"] \u{feff}blocked /usr/bin/java → 10.66.0.2:1389/tcp")
         );
     }
+
+    /// The message back, by RFC 5424's grammar: header fields, the SD
+    /// element's params (unescaped), the MSG after the BOM.
+    struct Parsed<'a> {
+        header: Vec<&'a str>,
+        params: Vec<(String, String)>,
+        msg: &'a str,
+    }
+
+    fn parse(m: &str) -> Option<Parsed<'_>> {
+        let mut rest = m;
+        let mut header = Vec::new();
+        for _ in 0..6 {
+            let (field, r) = rest.split_once(' ')?;
+            if field.is_empty() || !field.chars().all(|c| c.is_ascii_graphic()) {
+                return None;
+            }
+            header.push(field);
+            rest = r;
+        }
+        let body = rest.strip_prefix('[')?;
+        let id_end = body.find([' ', ']'])?;
+        if &body[..id_end] != SD_ID {
+            return None;
+        }
+        let mut params = Vec::new();
+        let mut i = id_end;
+        loop {
+            match body[i..].chars().next()? {
+                ']' => {
+                    i += 1;
+                    break;
+                }
+                ' ' => {
+                    let eq = body[i + 1..].find('=')? + i + 1;
+                    let name = &body[i + 1..eq];
+                    if name.is_empty()
+                        || !name
+                            .chars()
+                            .all(|c| c.is_ascii_graphic() && !"=]\" ".contains(c))
+                    {
+                        return None;
+                    }
+                    if !body[eq + 1..].starts_with('"') {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    let mut escaped = false;
+                    let mut end = None;
+                    for (j, c) in body[eq + 2..].char_indices() {
+                        match (escaped, c) {
+                            (false, '\\') => escaped = true,
+                            (false, '"') => {
+                                end = Some(eq + 2 + j + 1);
+                                break;
+                            }
+                            (false, ']') => return None,
+                            (_, c) => {
+                                escaped = false;
+                                value.push(c);
+                            }
+                        }
+                    }
+                    params.push((name.to_string(), value));
+                    i = end?;
+                }
+                _ => return None,
+            }
+        }
+        let msg = body[i..].strip_prefix(" \u{feff}")?;
+        Some(Parsed {
+            header,
+            params,
+            msg,
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever a blocked process or a DNS name puts in an event, the
+        /// message stays one valid RFC 5424 record with the same values.
+        #[test]
+        fn any_field_values_round_trip_through_the_grammar(
+            rule in "\\PC*", domain in "\\PC*", exe in ".*", message in ".*", host in ".*"
+        ) {
+            let doc = serde_json::json!({
+                "@timestamp": "2026-11-25T03:48:38.287Z",
+                "message": message,
+                "event": {"action": "blocked"},
+                "host": {"hostname": host},
+                "rule": {"name": rule},
+                "process": {"executable": exe},
+                "destination": {"domain": domain},
+            });
+            let m = format(&doc, 4, "egret");
+            let Parsed { header, params, msg } =
+                parse(&m).unwrap_or_else(|| panic!("not RFC 5424: {m:?}"));
+            proptest::prop_assert_eq!(header.len(), 6);
+            proptest::prop_assert_eq!(msg, message.as_str());
+            let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            proptest::prop_assert_eq!(get("rule"), Some(rule));
+            proptest::prop_assert_eq!(get("domain"), Some(domain));
+            proptest::prop_assert_eq!(get("executable"), Some(exe));
+        }
+    }
 }
