@@ -317,6 +317,28 @@ pub struct AllowRule {
 }
 
 impl AllowRule {
+    /// A TCP rule to anywhere from anyone, for tests to narrow.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> AllowRule {
+        AllowRule {
+            name: name.into(),
+            comment: None,
+            cidrs: vec![],
+            hosts: vec![],
+            via: Via::Any,
+            protocols: vec![L4::Tcp],
+            ports: vec![],
+            users: vec![],
+            groups: vec![],
+            units: vec![],
+            mode: None,
+            origin: Origin {
+                file: std::path::PathBuf::from("p.toml"),
+                line: 1,
+            },
+        }
+    }
+
     /// True when the rule names who may send (users, groups or units).
     pub fn has_subject(&self) -> bool {
         !(self.users.is_empty() && self.groups.is_empty() && self.units.is_empty())

@@ -811,27 +811,10 @@ fn singles(values: &[u8]) -> Vec<Element> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Origin, PortRange};
-    use std::path::PathBuf;
+    use crate::policy::PortRange;
 
     fn allow(name: &str) -> AllowRule {
-        AllowRule {
-            name: name.into(),
-            comment: None,
-            cidrs: vec![],
-            hosts: vec![],
-            via: Via::Any,
-            protocols: vec![L4::Tcp],
-            ports: vec![],
-            users: vec![],
-            groups: vec![],
-            units: vec![],
-            mode: None,
-            origin: Origin {
-                file: PathBuf::from("p.toml"),
-                line: 1,
-            },
-        }
+        AllowRule::for_test(name)
     }
 
     fn policy(rules: Vec<AllowRule>) -> Policy {

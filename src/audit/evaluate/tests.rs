@@ -1,32 +1,14 @@
-use std::path::PathBuf;
-
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{BlockAction, DnsConfig, HostPattern, Origin, PortRange, Refusal, Scope};
+use crate::policy::{BlockAction, DnsConfig, HostPattern, PortRange, Refusal, Scope};
 use crate::ruleset::{
     compile, ip_to_u128, CompileInput, Family, IdMatch, Match, Ruleset, Set, Verdict, OUTPUT_CHAIN,
     PREFIX_WOULD_BLOCK,
 };
 
 fn allow(name: &str) -> AllowRule {
-    AllowRule {
-        name: name.into(),
-        comment: None,
-        cidrs: vec![],
-        hosts: vec![],
-        via: Via::Any,
-        protocols: vec![L4::Tcp],
-        ports: vec![],
-        users: vec![],
-        groups: vec![],
-        units: vec![],
-        mode: None,
-        origin: Origin {
-            file: PathBuf::from("p.toml"),
-            line: 1,
-        },
-    }
+    AllowRule::for_test(name)
 }
 
 fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
