@@ -85,10 +85,12 @@ pub struct Incident {
     /// The first packet's flow and attribution (later ones differ only in
     /// source port and timing).
     pub flow: Option<Flow>,
-    pub question: Option<DnsQuestion>,
-    pub proxy: Option<ProxyRequest>,
+    /// Boxed, like `proxy` and `resolved`: most incidents have none, and an
+    /// open incident's size is what a port scan multiplies.
+    pub question: Option<Box<DnsQuestion>>,
+    pub proxy: Option<Box<ProxyRequest>>,
     /// The host name behind the destination address, if the guard resolved it.
-    pub resolved: Option<ResolvedName>,
+    pub resolved: Option<Box<ResolvedName>>,
     pub attribution: Attribution,
     emitted_count: u64,
     emitted_at: SystemTime,
@@ -187,9 +189,9 @@ impl Aggregator {
             last_seen: at,
             count: 1,
             flow: flow.copied(),
-            question: question.cloned(),
-            proxy: proxy.cloned(),
-            resolved: resolved.cloned(),
+            question: question.cloned().map(Box::new),
+            proxy: proxy.cloned().map(Box::new),
+            resolved: resolved.cloned().map(Box::new),
             attribution: attribution.clone(),
             emitted_count: 1,
             emitted_at: at,
