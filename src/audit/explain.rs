@@ -359,19 +359,10 @@ mod tests {
 
     #[test]
     fn a_name_is_explained_by_pattern_resolver_and_live_set() {
-        struct NoAccounts;
-        impl crate::policy::Accounts for NoAccounts {
-            fn uid(&self, _: &str) -> Option<u32> {
-                None
-            }
-            fn gid(&self, _: &str) -> Option<u32> {
-                None
-            }
-        }
         let p = crate::policy::parse_str(
             "[dns]\nupstream = [\"192.0.2.53\"]\n[[allow]]\nname = \"web\"\nhosts = [\"*.example.org\"]\nports = [443]\n[[allow]]\nname = \"other\"\nhosts = [\"other.test\"]\nports = [443]\n",
             std::path::Path::new("p.toml"),
-            &NoAccounts,
+            &crate::policy::NoAccounts,
         )
         .unwrap();
         let base = Flow {

@@ -161,16 +161,6 @@ pub fn rule(r: &AllowRule) -> String {
 mod tests {
     use super::*;
 
-    struct NoAccounts;
-    impl crate::policy::Accounts for NoAccounts {
-        fn uid(&self, _: &str) -> Option<u32> {
-            None
-        }
-        fn gid(&self, _: &str) -> Option<u32> {
-            None
-        }
-    }
-
     #[test]
     fn a_policy_written_back_parses_to_the_same_policy() {
         let text = r#"
@@ -215,13 +205,13 @@ via = "proxy"
 protocol = "any"
 "#;
         let path = std::path::Path::new("p.toml");
-        let p = crate::policy::parse_str(text, path, &NoAccounts).unwrap();
+        let p = crate::policy::parse_str(text, path, &crate::policy::NoAccounts).unwrap();
         let mut back = settings(&p, Mode::Audit);
         for r in &p.rules {
             back.push('\n');
             back.push_str(&rule(r));
         }
-        let again = crate::policy::parse_str(&back, path, &NoAccounts)
+        let again = crate::policy::parse_str(&back, path, &crate::policy::NoAccounts)
             .unwrap_or_else(|e| panic!("{e}\n{back}"));
         let strip = |mut p: Policy| {
             for r in &mut p.rules {

@@ -240,16 +240,12 @@ mod tests {
     }
 
     fn policy(text: &str) -> Policy {
-        struct None_;
-        impl crate::policy::Accounts for None_ {
-            fn uid(&self, _: &str) -> Option<u32> {
-                None
-            }
-            fn gid(&self, _: &str) -> Option<u32> {
-                None
-            }
-        }
-        crate::policy::parse_str(text, std::path::Path::new("c.toml"), &None_).unwrap()
+        crate::policy::parse_str(
+            text,
+            std::path::Path::new("c.toml"),
+            &crate::policy::NoAccounts,
+        )
+        .unwrap()
     }
 
     #[test]

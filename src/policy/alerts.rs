@@ -670,20 +670,14 @@ fn socket_addr(text: &str, default_port: u16) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{parse_str, Accounts, Policy, PolicyErrors};
-
-    struct NoAccounts;
-    impl Accounts for NoAccounts {
-        fn uid(&self, _: &str) -> Option<u32> {
-            None
-        }
-        fn gid(&self, _: &str) -> Option<u32> {
-            None
-        }
-    }
+    use crate::policy::{parse_str, Policy, PolicyErrors};
 
     fn parse(text: &str) -> Result<Policy, PolicyErrors> {
-        parse_str(text, Path::new("/etc/egret/policy.toml"), &NoAccounts)
+        parse_str(
+            text,
+            Path::new("/etc/egret/policy.toml"),
+            &crate::policy::NoAccounts,
+        )
     }
 
     fn first_error(text: &str) -> Diagnostic {

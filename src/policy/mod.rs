@@ -316,6 +316,20 @@ pub struct AllowRule {
     pub origin: Origin,
 }
 
+/// Accounts that know no names: for tests whose policies use numeric ids.
+#[cfg(test)]
+pub(crate) struct NoAccounts;
+
+#[cfg(test)]
+impl Accounts for NoAccounts {
+    fn uid(&self, _: &str) -> Option<u32> {
+        None
+    }
+    fn gid(&self, _: &str) -> Option<u32> {
+        None
+    }
+}
+
 impl AllowRule {
     /// A TCP rule to anywhere from anyone, for tests to narrow.
     #[cfg(test)]
