@@ -335,13 +335,18 @@ fn many_single_addresses_in_a_hash_set_beside_ranges_match_and_read_back() {
     let singles: Vec<String> = (0..20)
         .map(|i| format!("\"192.0.2.{}\"", 2 * i + 1))
         .collect();
+    // Enough single addresses (with B4: 1,101; odd ones, so none merge into a
+    // range) for a hash set of fixed size.
+    let many: Vec<String> = (0..1100)
+        .map(|i| format!("\"198.18.{}.{}\"", i / 100, 2 * (i % 100) + 1))
+        .collect();
     let policy = PolicyFile::new(&format!(
         r#"
 mode = "enforce"
 
 [[allow]]
 name = "by_address"
-cidrs = ["{B4}", "198.51.100.0/24", {singles}]
+cidrs = ["{B4}", "198.51.100.0/24", {many}]
 ports = [8080]
 
 [[allow]]
@@ -349,13 +354,23 @@ name = "by_range"
 cidrs = ["10.1.0.0/24", {singles}]
 ports = [8443]
 "#,
-        singles = singles.join(", ")
+        singles = singles.join(", "),
+        many = many.join(", ")
     ));
     pair.a.egret_ok(&["apply", policy.path()]);
     let ruleset = pair.a.nft_ruleset();
     for set in ["a_by_address_v4_addr", "a_by_range_v4_addr"] {
         assert!(ruleset.contains(&format!("set {set} ")), "{ruleset}");
     }
+    let sized = ruleset
+        .split("set a_by_address_v4_addr ")
+        .nth(1)
+        .and_then(|s| s.split('}').next())
+        .unwrap_or_default();
+    assert!(
+        sized.contains("size 1101"),
+        "the kernel keeps the size: {sized}"
+    );
     assert!(pair.a.tcp_ok(None, B4, 8080), "an address in the hash set");
     assert!(
         pair.a.tcp_ok(None, B4, 8443),

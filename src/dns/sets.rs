@@ -61,6 +61,7 @@ impl HostSets {
                             key: vec![field],
                             interval: false,
                             timeout: true,
+                            size: None,
                             elements: Vec::new(),
                         },
                         Vec::new(),

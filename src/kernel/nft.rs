@@ -53,6 +53,7 @@ const SET_KEY_LEN: u16 = 5;
 const SET_DESC: u16 = 9;
 const SET_ID: u16 = 10;
 const SET_USERDATA: u16 = 13;
+const SET_DESC_SIZE: u16 = 1;
 const SET_DESC_CONCAT: u16 = 2;
 const SET_FIELD_LEN: u16 = 1;
 const SET_F_INTERVAL: u32 = 0x4;
@@ -564,17 +565,23 @@ impl Batch {
         self.b.attr_u32(SET_KEY_TYPE, key_type);
         self.b.attr_u32(SET_KEY_LEN, key_len(&set.key) as u32);
         self.b.attr_u32(SET_ID, id);
-        if concat && set.interval {
+        if set.size.is_some() || (concat && set.interval) {
             let desc = self.b.nest(SET_DESC);
-            let list = self.b.nest(SET_DESC_CONCAT);
-            for f in &set.key {
-                let e = self.b.nest(LIST_ELEM);
-                self.b.attr_u32(SET_FIELD_LEN, f.byte_len() as u32);
-                self.b.nest_end(e);
+            if let Some(size) = set.size {
+                self.b.attr_u32(SET_DESC_SIZE, size);
             }
-            self.b.nest_end(list);
+            if concat && set.interval {
+                let list = self.b.nest(SET_DESC_CONCAT);
+                for f in &set.key {
+                    let e = self.b.nest(LIST_ELEM);
+                    self.b.attr_u32(SET_FIELD_LEN, f.byte_len() as u32);
+                    self.b.nest_end(e);
+                }
+                self.b.nest_end(list);
+            }
             self.b.nest_end(desc);
-        } else if !concat {
+        }
+        if !concat {
             let order: u32 = if set.key[0].big_endian() { 2 } else { 1 };
             self.b.attr(
                 SET_USERDATA,
@@ -1060,6 +1067,7 @@ fn decode_set(payload: &[u8]) -> Result<Set> {
     let mut name = String::new();
     let (mut flags, mut key_type) = (0u32, 0u32);
     let mut field_lens = Vec::new();
+    let mut size = None;
     for (k, v) in attrs(payload) {
         match k {
             SET_NAME => name = c_str(v),
@@ -1067,6 +1075,9 @@ fn decode_set(payload: &[u8]) -> Result<Set> {
             SET_KEY_TYPE => key_type = be_u32(v).unwrap_or(0),
             SET_DESC => {
                 for (dk, dv) in attrs(v) {
+                    if dk == SET_DESC_SIZE {
+                        size = be_u32(dv);
+                    }
                     if dk == SET_DESC_CONCAT {
                         for (_, elem) in attrs(dv) {
                             field_lens.extend(
@@ -1107,6 +1118,7 @@ fn decode_set(payload: &[u8]) -> Result<Set> {
         key,
         interval: flags & SET_F_INTERVAL != 0,
         timeout: flags & SET_F_TIMEOUT != 0,
+        size,
         elements: Vec::new(),
     })
 }
@@ -1679,6 +1691,7 @@ ports = [443]
                 key: vec![Field::Ipv4],
                 interval: true,
                 timeout: false,
+                size: None,
                 elements: elements.clone(),
             }],
             chains: vec![],

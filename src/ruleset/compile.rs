@@ -179,6 +179,9 @@ struct Compiler {
 /// Below this many single addresses beside ranges, they stay in the interval set.
 const HASHED_ADDRESSES_MIN: usize = 16;
 
+/// From this many elements on, a hash set is loaded with a fixed size.
+const SIZED_SET_MIN: usize = 1024;
+
 fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
     Rule {
         matches,
@@ -197,11 +200,15 @@ impl Compiler {
         interval: bool,
         elements: Vec<Element>,
     ) -> String {
+        // Unit cgroup sets are refilled at run time (a restarted unit gets a
+        // new cgroup id) and may grow, so they never get a fixed size.
+        let fixed = !interval && elements.len() >= SIZED_SET_MIN && key != [Field::CgroupId];
         self.sets.push(Set {
             name: name.clone(),
             key,
             interval,
             timeout: false,
+            size: fixed.then(|| u32::try_from(elements.len()).unwrap_or(u32::MAX)),
             elements,
         });
         name
@@ -214,6 +221,7 @@ impl Compiler {
             key: vec![field],
             interval: false,
             timeout: true,
+            size: None,
             elements: Vec::new(),
         });
         name
@@ -1107,6 +1115,39 @@ mod tests {
         let rs = compile(&policy(vec![r]), &CompileInput::default());
         assert_eq!(rs.set("a_mirrors_v4").unwrap().elements.len(), 4);
         assert!(rs.set("a_mirrors_v4_addr").is_none());
+    }
+
+    #[test]
+    fn large_fixed_hash_sets_get_their_size_and_refilled_ones_never() {
+        let mut r = allow("bulk");
+        r.cidrs = (0..SIZED_SET_MIN as u32 + 5)
+            .map(|i| {
+                format!("198.18.{}.{}/32", i / 100, 2 * (i % 100) + 1)
+                    .parse()
+                    .unwrap()
+            })
+            .chain(["198.51.100.0/24".parse().unwrap()])
+            .collect();
+        r.units = vec!["many.service".into()];
+        let mut input = CompileInput::default();
+        let ids = (0..SIZED_SET_MIN as u64 + 1)
+            .map(|id| (2, 1000 + id))
+            .collect();
+        input.units.insert("many.service".into(), ids);
+        let rs = compile(&policy(vec![r]), &input);
+        let singles = rs.set("a_bulk_v4_addr").unwrap();
+        assert_eq!(singles.size, Some(SIZED_SET_MIN as u32 + 5));
+        assert!(render(&rs).contains(&format!("\t\tsize {}\n", SIZED_SET_MIN + 5)));
+        assert_eq!(rs.set("a_bulk_v4").unwrap().size, None, "interval sets");
+        // A restarted unit's new cgroup id is added at run time: no cap.
+        assert_eq!(rs.set("a_bulk_cg2").unwrap().size, None);
+
+        let mut small = allow("few");
+        small.cidrs = (0..20u8)
+            .map(|i| format!("192.0.2.{}/32", i + 1).parse().unwrap())
+            .collect();
+        let rs = compile(&policy(vec![small]), &CompileInput::default());
+        assert!(rs.sets.iter().all(|s| s.size.is_none()));
     }
 
     #[test]

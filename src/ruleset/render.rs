@@ -67,6 +67,9 @@ fn render_set(out: &mut String, set: &Set, cgroup_level: Option<u32>) {
             let _ = writeln!(out, "\t\ttype {}", names.join(" . "));
         }
     }
+    if let Some(size) = set.size {
+        let _ = writeln!(out, "\t\tsize {size}");
+    }
     if set.interval {
         let _ = writeln!(out, "\t\tflags interval");
     }
