@@ -9,18 +9,24 @@
 # 198.51.100.10) and one per proxy (PE egret, PT tinyproxy, PQ squid), each
 # joined to S by its own veth. Clients run beside their proxy.
 #
-#   sudo bash bench/proxy.sh        # ROUNDS=3 DURATION=10 THREADS=8 IDLE=10000
+#   sudo bash bench/proxy.sh        # ROUNDS=3 DURATION=10 THREADS=8 IDLE=10000 PEER_FIREWALL=1
+# egret enforces its own egress ruleset in PE (so its two connections per
+# tunnel are tracked by conntrack). A host that uses tinyproxy or squid as its
+# egress control needs a default-deny egress firewall too, or the proxy could
+# simply be bypassed: with PEER_FIREWALL=1 (the default) PT and PQ get what
+# ufw would set up for them (iptables: loopback, established, the upstream's
+# ports); PEER_FIREWALL=0 runs the peers with no firewall at all.
 # Each idle tunnel takes two descriptors in the proxy: IDLE is capped to what
 # the hard limit on open files allows (ulimit -Hn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} THREADS=${THREADS:-8} IDLE=${IDLE:-10000}
+ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} THREADS=${THREADS:-8} IDLE=${IDLE:-10000} PEER_FIREWALL=${PEER_FIREWALL:-1}
 ulimit -n "$(ulimit -Hn)"
 max_idle=$(( ($(ulimit -n) - 500) / 2 ))
 if [ "$IDLE" -gt "$max_idle" ]; then echo "note: open-file limit $(ulimit -n): $max_idle idle tunnels instead of $IDLE"; IDLE=$max_idle; fi
 need=()
-for c in tinyproxy:tinyproxy squid:squid ab:apache2-utils nginx:nginx-light dnsmasq:dnsmasq-base; do
+for c in tinyproxy:tinyproxy squid:squid ab:apache2-utils nginx:nginx-light dnsmasq:dnsmasq-base iptables-restore:iptables; do
   command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -140,6 +146,27 @@ shutdown_lifetime 1 seconds
 EOF
 (in_ns "$PQ" squid -N -f "$TMP/squid.conf" >/dev/null 2>"$TMP/squid.err" &)
 
+# The peers' egress firewall, as ufw would write it (default deny outgoing,
+# allow out to the upstream's ports).
+if [ "$PEER_FIREWALL" = 1 ]; then
+  for ns in "$PT" "$PQ"; do
+    in_ns "$ns" iptables-restore <<EOF
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT DROP [0:0]
+-A OUTPUT -o lo -j ACCEPT
+-A OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A OUTPUT -d 198.51.100.10/32 -p tcp -m multiport --dports 80,9000 -j ACCEPT
+-A OUTPUT -d 10.55.0.0/16 -p udp --dport 53 -j ACCEPT
+COMMIT
+EOF
+  done
+  echo "peers behind an iptables egress policy ($(iptables --version))"
+else
+  echo "peers with no firewall"
+fi
+
 sleep 3
 pid_of() { # the proxy's main process in namespace $1
   local comm
@@ -192,12 +219,24 @@ echo "egret with $(cat "$TMP/idle.out"): RSS $before KiB before, $after KiB with
 exec 3>&-
 sleep 1
 
-for i in 1 2 3; do
-  d=$(in_ns "$PE" "$LOAD" pull 198.51.100.10:9000 2000000000 | awk '{print $1}')
-  t=$(in_ns "$PE" "$LOAD" pull 127.0.0.1:3128 bench.test:9000 2000000000 | awk '{print $1}')
-  echo "throughput $d $t" >> "$TMP/results"
+# Tunnel throughput beside a direct connection from the same namespace, for
+# each proxy (2 GB pulls, median of three), with the proxy's CPU per GB and
+# how busy the machine's cores were (/proc/stat; the rest is idle).
+busy() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+for who in egret tinyproxy squid; do
+  case $who in egret) ns=$PE ;; tinyproxy) ns=$PT ;; squid) ns=$PQ ;; esac
+  pid=$(pid_of "$ns")
+  for _ in 1 2 3; do
+    d=$(in_ns "$ns" "$LOAD" pull 198.51.100.10:9000 2000000000 | awk '{print $1}')
+    read -r b0 a0 < <(busy); c0=$(cpu_ticks "$pid")
+    t=$(in_ns "$ns" "$LOAD" pull 127.0.0.1:3128 bench.test:9000 2000000000 | awk '{print $1}')
+    read -r b1 a1 < <(busy); c1=$(cpu_ticks "$pid")
+    echo "pull $who $d $t $(awk -v c=$((c1 - c0)) -v k="$tick" 'BEGIN{printf "%.2f", c / k / 2}') $(( 100 * (b1 - b0) / (a1 - a0) ))" >> "$TMP/results"
+  done
 done
-d=$(grep '^throughput' "$TMP/results" | awk '{print $2}' | sort -n | sed -n 2p)
-t=$(grep '^throughput' "$TMP/results" | awk '{print $3}' | sort -n | sed -n 2p)
-awk -v d="$d" -v t="$t" 'BEGIN{printf "throughput: direct %d MB/s, through the tunnel %d MB/s (%.2fx)\n", d, t, t/d}'
+printf '\n%-10s %12s %12s %7s %16s %11s\n' proxy direct_MB/s tunnel_MB/s ratio proxy_cpu_s/GB cores_busy
+for who in egret tinyproxy squid; do
+  grep "^pull $who " "$TMP/results" | sort -k4 -g | sed -n 2p \
+    | awk '{printf "%-10s %12s %12s %7.2f %16s %10s%%\n", $2, $3, $4, $4 / $3, $5, $6}'
+done
 in_ns "$PE" "$E" status --state-dir "$TMP/state" | grep "proxy:" || true
