@@ -9,7 +9,8 @@
 # 198.51.100.10) and one per proxy (PE egret, PT tinyproxy, PQ squid), each
 # joined to S by its own veth. Clients run beside their proxy.
 #
-#   sudo bash bench/proxy.sh        # ROUNDS=3 DURATION=10 THREADS=8 IDLE=10000 PEER_FIREWALL=1
+#   sudo bash bench/proxy.sh        # ROUNDS=3 DURATION=10 THREADS=8 IDLE=10000 PEER_FIREWALL=1 EGRET_THREADS=1
+# THREADS is the load's concurrency; EGRET_THREADS the proxy's `threads` setting.
 # egret enforces its own egress ruleset in PE (so its two connections per
 # tunnel are tracked by conntrack). A host that uses tinyproxy or squid as its
 # egress control needs a default-deny egress firewall too, or the proxy could
@@ -22,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} THREADS=${THREADS:-8} IDLE=${IDLE:-10000} PEER_FIREWALL=${PEER_FIREWALL:-1}
+EGRET_THREADS=${EGRET_THREADS:-1}
 ulimit -n "$(ulimit -Hn)"
 max_idle=$(( ($(ulimit -n) - 500) / 2 ))
 if [ "$IDLE" -gt "$max_idle" ]; then echo "note: open-file limit $(ulimit -n): $max_idle idle tunnels instead of $IDLE"; IDLE=$max_idle; fi
@@ -83,7 +85,7 @@ EOF
 (in_ns "$S" "$LOAD" source 198.51.100.10:9000 >/dev/null &) 2>/dev/null
 
 # PE: egret run with the proxy.
-cat > "$TMP/policy.toml" <<'EOF'
+cat > "$TMP/policy.toml" <<EOF
 mode = "enforce"
 [dns]
 upstream = ["10.55.1.1"]
@@ -91,6 +93,7 @@ upstream = ["10.55.1.1"]
 listen = "127.0.0.1:3128"
 max_connections = 30000
 max_per_client = 30000
+threads = $EGRET_THREADS
 [[allow]]
 name = "bench"
 hosts = ["bench.test"]
