@@ -5,12 +5,14 @@
 //! blocked process is an unprivileged program whose executable name carries
 //! CR, LF, ESC and a whole fake syslog header: each transport must still
 //! deliver exactly one record, with egret's program name and pid, and the
-//! fields rsyslog extracts itself.
+//! fields rsyslog extracts itself. Then the same with a real journald, run
+//! privately (its own mount and network namespaces, a tmpfs on /run and
+//! /var/log), reading the local record into its own fields.
 
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -158,6 +160,33 @@ fn rsyslogd(ns: &Netns, dir: &Path) -> Spawned {
     }
 }
 
+/// nobody connects to B4:1389 from a copy of the Python interpreter whose
+/// name is a syslog record of its own (/proc/PID/exe, and so
+/// process.executable, is this path). `dir` must be world-readable.
+fn hostile_attempt(ns: &Netns, dir: &Path) -> (Spawned, u64) {
+    let name = format!("py\r\n<11>Dec  1 00:00:00 {FORGED_TAG}[1]: \u{1b}[31mroot login ok\u{85}");
+    let exe = dir.join(&name);
+    std::fs::copy("/usr/bin/python3", &exe).unwrap();
+    let peer = peer_script();
+    let mut child = ns
+        .as_nobody(
+            exe.to_str().unwrap(),
+            &[peer.to_str().unwrap(), "try-tcp", B4, "1389"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid = line.trim().parse().expect("the peer prints its pid");
+    (Spawned(child), pid)
+}
+
 #[test]
 fn a_control_laden_executable_name_yields_one_parsed_record_per_transport() {
     let pair = Pair::new();
@@ -189,29 +218,7 @@ target = "tcp://{B4}:6601"
     ));
     let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
 
-    // A copy of the Python interpreter under a name that is a syslog record
-    // of its own: /proc/PID/exe, and so process.executable, is this path.
-    let name = format!("py\r\n<11>Dec  1 00:00:00 {FORGED_TAG}[1]: \u{1b}[31mroot login ok\u{85}");
-    let exe = dir.join(&name);
-    std::fs::copy("/usr/bin/python3", &exe).unwrap();
-    let peer = peer_script();
-    let mut child = pair
-        .a
-        .as_nobody(
-            exe.to_str().unwrap(),
-            &[peer.to_str().unwrap(), "try-tcp", B4, "1389"],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let attacker: u64 = line.trim().parse().expect("the peer prints its pid");
+    let (child, attacker) = hostile_attempt(&pair.a, dir);
     let e = daemon.wait_event(10, "for the blocked attempt", |e| {
         at(e, "/destination/port") == 1389 && at(e, "/process/pid") == attacker
     });
@@ -303,7 +310,118 @@ target = "tcp://{B4}:6601"
             );
         }
     }
-    drop(child.stdin.take());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// systemd-journald in mount and network namespaces of its own, with tmpfs
+/// on /run and /var/log: its sockets and journal files exist only there
+/// (reached through /proc/PID/root), never this machine's.
+fn private_journald() -> (Spawned, u32) {
+    let child = Command::new("unshare")
+        .args(["--mount", "--net", "--propagation", "private", "sh", "-ec"])
+        .arg(
+            "mount -t tmpfs egret-test /run; mount -t tmpfs egret-test /var/log; \
+             mkdir -p /run/systemd/journal; exec /lib/systemd/systemd-journald",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-journald (Debian package systemd)");
+    let pid = child.id();
+    let journald = Spawned(child);
+    let socket = format!("/proc/{pid}/root/run/systemd/journal/dev-log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Path::new(&socket).exists() {
+        assert!(Instant::now() < deadline, "journald made no {socket}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (journald, pid)
+}
+
+/// What journald filed from its syslog socket, as journalctl's JSON.
+fn journal_syslog_records(pid: u32) -> Vec<Value> {
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "--"])
+        .args([
+            "journalctl",
+            "-D",
+            "/run/log/journal",
+            "-o",
+            "json",
+            "--no-pager",
+        ])
+        .arg("_TRANSPORT=syslog")
+        .output()
+        .expect("journalctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn journald_files_a_local_record_under_egret_with_its_pid_once() {
+    let pair = Pair::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (_journald, jpid) = private_journald();
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[[alerts]]\nname = \"journal\"\ntype = \"syslog\"\ntarget = \"unix:///proc/{jpid}/root/run/systemd/journal/dev-log\"\n"
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let (attempt, attacker) = hostile_attempt(&pair.a, dir);
+    daemon.wait_event(10, "for the blocked attempt", |e| {
+        at(e, "/destination/port") == 1389 && at(e, "/process/pid") == attacker
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ours = |r: &Value| {
+        r["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.contains(":1389/tcp"))
+    };
+    let records = loop {
+        let records = journal_syslog_records(jpid);
+        if records.iter().any(ours) {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journald filed no record of the alert: {records:#?}\n{}",
+            daemon.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let records = journal_syslog_records(jpid)
+        .into_iter()
+        .chain(records)
+        .collect::<Vec<_>>();
+    assert!(
+        records.iter().all(|r| r["SYSLOG_IDENTIFIER"] == "egret"),
+        "a record under another identifier (forged?): {records:#?}"
+    );
+    let ours: Vec<&Value> = records.iter().filter(|r| ours(r)).collect();
+    let r = ours[0];
+    assert!(
+        ours.iter().all(|o| o["__CURSOR"] == r["__CURSOR"]),
+        "exactly one record: {ours:#?}"
+    );
+    let egret_pid = r["SYSLOG_PID"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{egret_pid}/exe")).unwrap(),
+        std::fs::canonicalize(egret_bin()).unwrap(),
+        "SYSLOG_PID is egret run's pid"
+    );
+    assert_eq!(r["PRIORITY"], "3", "high is err");
+    let message = r["MESSAGE"].as_str().unwrap();
+    assert!(
+        message.starts_with("blocked ") && message.contains("py\\x0d\\x0a<11>Dec"),
+        "{message}"
+    );
+    let (_, fields) = message.split_once(" @cee: ").expect("the CEE fields");
+    let fields: Value = serde_json::from_str(fields).unwrap();
+    assert_eq!(fields["pid"], attacker);
+    assert_eq!(fields["action"], "blocked");
+    drop(attempt);
 }
