@@ -523,6 +523,20 @@ fn every_document_of_a_real_run_conforms_to_ecs() {
         .output()
         .expect("dig");
     assert!(String::from_utf8_lossy(&refused.stdout).contains("REFUSED"));
+    // The labels `sp<32>ace<255>`, in dig's (RFC 1035) presentation form.
+    let odd = a
+        .cmd(
+            "dig",
+            &[
+                "+tries=1",
+                "+time=2",
+                "@127.0.0.1",
+                "sp\\032ace\\255.evil.test",
+            ],
+        )
+        .output()
+        .expect("dig");
+    assert!(String::from_utf8_lossy(&odd.stdout).contains("REFUSED"));
     let denied = a
         .cmd(
             "curl",
@@ -558,7 +572,10 @@ fn every_document_of_a_real_run_conforms_to_ecs() {
             seen.iter()
                 .any(|e| at(e, "/network/transport") == t && at(e, "/event/action") == "blocked")
         };
-        if wanted.iter().all(|w| has(w)) && icmp("icmp") && icmp("ipv6-icmp") {
+        let odd_name = seen
+            .iter()
+            .any(|e| at(e, "/dns/question/name") == "sp\\032ace\\255.evil.test");
+        if wanted.iter().all(|w| has(w)) && icmp("icmp") && icmp("ipv6-icmp") && odd_name {
             break;
         }
         assert!(
