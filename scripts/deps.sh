@@ -12,6 +12,9 @@
 # container in which the package is installed and started under a real systemd
 # (scripts/check-package-systemd.sh); no recommends: libnss-mymachines would
 # edit this machine's nsswitch.conf.
+# rsyslog: a private rsyslogd (own config, sockets and files, never the system's)
+# receives egret's syslog alerts in tests/alerts.rs; prometheus provides promtool,
+# which lints the metrics exposition in tests/metrics.rs. Neither daemon is started.
 set -euo pipefail
 need=()
 for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
@@ -23,7 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ]; then
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ] || [ ! -x /usr/sbin/rsyslogd ] || [ ! -x /usr/bin/promtool ]; then
   export DEBIAN_FRONTEND=noninteractive
   [ ${#need[@]} -gt 0 ] || apt-get update -qq
   # policy-rc.d: no daemon is started in this machine's root namespace by the install.
@@ -34,7 +37,7 @@ if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/deboo
     blocker=/usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container >/dev/null
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container rsyslog prometheus >/dev/null
   [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }

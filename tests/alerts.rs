@@ -346,7 +346,7 @@ actions = ["alert-failed"]
     let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
     let failures: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("egret_alert_failures_total{sink=\"down\"} "))
+        .find_map(|l| l.strip_prefix("egret_alerts_failed_total{sink=\"down\"} "))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(failures >= 1.0, "{metrics}");
@@ -393,9 +393,16 @@ fn deleting_egrets_table_reaches_the_sinks_as_critical_tamper() {
     });
     assert_eq!(at(&line, "/egret/severity"), "critical");
     assert_eq!(at(&line, "/egret/tamper"), "deleted");
-    let m = wait_for(&log, 20, "tamper in syslog", |m| m["msgid"] == "tamper");
+    let m = wait_for(&log, 20, "tamper in syslog", |m| {
+        m["fields"]["action"] == "tamper"
+    });
     assert_eq!(m["severity"], 2, "critical is syslog crit");
-    assert_eq!(m["sd"]["egret@32473"]["severity"], "critical");
+    assert_eq!(m["app_name"], "egret");
+    assert_eq!(m["fields"]["severity"], "critical");
+    assert!(m["msg"]
+        .as_str()
+        .unwrap()
+        .starts_with("egret's table was deleted"));
     assert!(
         received(&hook)
             .iter()

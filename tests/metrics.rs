@@ -23,6 +23,12 @@ listen = "127.0.0.1:9464"
 name = "web"
 hosts = ["allowed.test"]
 ports = [443]
+
+# So the alert sinks' families are rendered (and linted) too.
+[[alerts]]
+name = "page"
+type = "exec"
+command = ["/bin/true"]
 "#;
 
 fn scrape(ns: &Netns, path: &str) -> (String, String) {
@@ -43,6 +49,35 @@ fn scrape(ns: &Netns, path: &str) -> (String, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
     (body.to_string(), code.to_string())
+}
+
+/// Prometheus's own linter (naming conventions, HELP/TYPE, suffixes) finds
+/// nothing to say about the exposition.
+fn promtool_clean(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus, scripts/deps.sh)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n{text}"
+    );
 }
 
 fn value(text: &str, sample: &str) -> Option<f64> {
@@ -134,6 +169,12 @@ fn metrics_count_incidents_packets_dns_and_proxy_with_bounded_labels() {
         text.contains("# TYPE egret_incidents_total counter"),
         "{text}"
     );
+    assert!(
+        text.contains("egret_alerts_delivered_total{sink=\"page\"}")
+            && text.contains("egret_alerts_failed_total{sink=\"page\"}"),
+        "{text}"
+    );
+    promtool_clean(&text);
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (sample, v) = line.rsplit_once(' ').expect("name value");
         assert!(v.parse::<f64>().is_ok(), "{line}");

@@ -9,6 +9,10 @@ use crate::monitor::incident::Incident;
 use crate::monitor::packet::L4;
 use crate::policy::{Mode, Severity};
 
+/// The ECS version egret's documents follow (`ecs.version`), checked by
+/// tests/ecs.rs against that version's own field list.
+pub const ECS_VERSION: &str = "9.4.0";
+
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -88,19 +92,23 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     compact(json!({
         "@timestamp": timestamp(at),
         "message": summary(inc),
+        "ecs": { "version": ECS_VERSION },
         "event": {
             "kind": if blocked { "alert" } else { "event" },
             "category": ["network"],
             "type": [if flow.is_some() { "connection" } else { "protocol" }, if blocked { "denied" } else { "allowed" }],
             "action": action(inc),
-            "outcome": if blocked { "failure" } else { "success" },
+            // The firewall did what its policy says (ECS's own "firewall
+            // blocking a network connection" example): denied or allowed is
+            // in event.type, so the outcome is a success either way.
+            "outcome": "success",
             "id": inc.id.to_string(),
             "start": timestamp(inc.first_seen),
             "end": timestamp(inc.last_seen),
             "module": "egret",
             "dataset": dataset,
         },
-        "host": { "hostname": host },
+        "host": { "name": host, "hostname": host },
         "network": {
             "direction": "egress",
             "transport": flow.map(|f| f.transport()).or(q.map(|q| q.transport.to_string())).or(px.map(|_| "tcp".to_string())),
@@ -120,7 +128,8 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         },
         "http": px.map(|p| json!({"request": {"method": p.method}})),
         "dns": q.map(|q| json!({
-            "question": { "name": q.name, "type": q.qtype },
+            "type": "query",
+            "question": { "name": presentation_name(&q.name), "type": q.qtype },
             "response_code": if blocked { "REFUSED" } else { "NOERROR" },
         })),
         "process": p.map(|p| json!({
@@ -187,7 +196,12 @@ pub fn summary(inc: &Incident) -> String {
         } else {
             "would refuse"
         };
-        return format!("{what} DNS query {} {} from {}", q.qtype, q.name, who(inc));
+        return format!(
+            "{what} DNS query {} {} from {}",
+            q.qtype,
+            presentation_name(&q.name),
+            who(inc)
+        );
     }
     let what = if inc.key.verdict.blocked {
         "blocked"
@@ -232,7 +246,7 @@ pub fn destination(inc: &Incident) -> Option<String> {
         return Some(format!("{}:{} (proxy)", p.host, p.port));
     }
     if let Some(q) = &inc.question {
-        return Some(format!("{} {} (dns)", q.name, q.qtype));
+        return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype));
     }
     let f = inc.flow.as_ref()?;
     let ip = match f.dst {
@@ -248,6 +262,52 @@ pub fn destination(inc: &Incident) -> Option<String> {
         Some(p) => format!("{ip}:{p}/{}{name}", f.transport()),
         None => format!("{ip}/{}{name}", f.transport()),
     })
+}
+
+/// A DNS name in RFC 1035 §5.1 presentation form, as ECS's `dns.question.name`
+/// wants it: printable ASCII as is, `.` inside a label and `\\` escaped with a
+/// backslash, every other byte (space, controls, non-ASCII) as decimal
+/// `\\DDD`. `wire` is the guard's name (hickory's text form: `\\ooo` octal
+/// and `\\c` escapes), which every reader of ECS would misread.
+pub fn presentation_name(wire: &str) -> String {
+    let mut labels: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut bytes = wire.bytes().peekable();
+    while let Some(b) = bytes.next() {
+        let label = labels.last_mut().expect("never empty");
+        match b {
+            b'\\' => {
+                let mut octal = Vec::with_capacity(3);
+                while octal.len() < 3 && bytes.peek().is_some_and(|d| (b'0'..=b'7').contains(d)) {
+                    octal.extend(bytes.next());
+                }
+                if octal.is_empty() {
+                    label.extend(bytes.next());
+                } else {
+                    let v = octal.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+                    label.push(u8::try_from(v).unwrap_or(u8::MAX));
+                }
+            }
+            b'.' => labels.push(Vec::new()),
+            b => label.push(b),
+        }
+    }
+    let mut out = String::with_capacity(wire.len());
+    for (i, label) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for &b in label {
+            match b {
+                b'.' | b'\\' => {
+                    out.push('\\');
+                    out.push(char::from(b));
+                }
+                0x21..=0x7e => out.push(char::from(b)),
+                _ => out.push_str(&format!("\\{b:03}")),
+            }
+        }
+    }
+    out
 }
 
 /// Packets the kernel logged that egret did not receive.
@@ -277,7 +337,7 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
         at,
         host,
         format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
-        ("event", "network", "info", "data-loss"),
+        ("event", "network", "info", None, "data-loss"),
         Severity::High,
         json!({ "lost": lost_since_last, "loss": figures }),
     )
@@ -298,7 +358,7 @@ pub fn heartbeat(
             figures.received,
             figures.lost()
         ),
-        ("state", "host", "info", "heartbeat"),
+        ("state", "host", "info", None, "heartbeat"),
         Severity::Info,
         json!({ "loss": figures, "open_incidents": open_incidents }),
     )
@@ -315,7 +375,7 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
         at,
         host,
         format!("egret's table was {what} outside egret{outcome}"),
-        ("alert", "configuration", "change", "tamper"),
+        ("alert", "configuration", "change", None, "tamper"),
         Severity::Critical,
         json!({ "tamper": what, "restored": restored }),
     )
@@ -324,26 +384,33 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
 /// Another program holds egret's NFLOG group: `egret run` cannot start, and
 /// blocked packets would be reported to that program instead.
 pub fn nflog_taken(at: SystemTime, group: u16, host: &str) -> Value {
-    self_event(
+    let mut doc = self_event(
         at,
         host,
         format!("NFLOG group {group} is taken by another program: egret run cannot start and blocked packets are not reported"),
-        ("alert", "host", "error", "nflog-taken"),
+        ("alert", "process", "start", Some("failure"), "nflog-taken"),
         Severity::Critical,
         json!({ "log_group": group }),
-    )
+    );
+    set_error(
+        &mut doc,
+        &format!("NFLOG group {group} is taken by another program"),
+    );
+    doc
 }
 
 /// An alert sink failed to deliver `failed` alerts since its last report.
 pub fn alert_failed(at: SystemTime, sink: &str, failed: u64, error: &str, host: &str) -> Value {
-    self_event(
+    let mut doc = self_event(
         at,
         host,
         format!("alert sink {sink} failed to deliver {failed} alert(s): {error}"),
-        ("event", "host", "error", "alert-failed"),
+        ("event", "host", "info", Some("failure"), "alert-failed"),
         Severity::Medium,
         json!({ "alert": { "sink": sink, "failed": failed, "error": error } }),
-    )
+    );
+    set_error(&mut doc, error);
+    doc
 }
 
 /// What a sink's rate limit held back in one window: sent in place of them.
@@ -374,7 +441,7 @@ pub fn alert_digest(
             humantime::format_duration(window),
             parts.join(", ")
         ),
-        ("event", "host", "info", "alert-digest"),
+        ("event", "host", "info", None, "alert-digest"),
         top,
         json!({ "alert": {
             "sink": sink,
@@ -410,18 +477,27 @@ pub fn severity_of(doc: &Value) -> Option<Severity> {
         .and_then(Severity::from_name)
 }
 
-/// An event about egret itself: ECS envelope with (kind, category, type, action).
+/// ECS `error.message`: what went wrong, where SIEMs look for it.
+fn set_error(doc: &mut Value, message: &str) {
+    if let Some(d) = doc.as_object_mut() {
+        d.insert("error".into(), json!({ "message": message }));
+    }
+}
+
+/// An event about egret itself: ECS envelope with (kind, category, type,
+/// outcome, action); docs/monitoring.md says why each is what it is.
 fn self_event(
     at: SystemTime,
     host: &str,
     message: String,
-    (kind, category, kind_type, action): (&str, &str, &str, &str),
+    (kind, category, kind_type, outcome, action): (&str, &str, &str, Option<&str>, &str),
     severity: Severity,
     egret: Value,
 ) -> Value {
     let mut doc = json!({
         "@timestamp": timestamp(at),
         "message": message,
+        "ecs": { "version": ECS_VERSION },
         "event": {
             "kind": kind,
             "category": [category],
@@ -430,9 +506,12 @@ fn self_event(
             "module": "egret",
             "dataset": "egret.egress",
         },
-        "host": { "hostname": host },
+        "host": { "name": host, "hostname": host },
         "egret": egret,
     });
+    if let (Some(o), Some(e)) = (outcome, doc.get_mut("event").and_then(Value::as_object_mut)) {
+        e.insert("outcome".into(), o.into());
+    }
     set_severity(&mut doc, severity);
     doc
 }
@@ -444,6 +523,28 @@ mod tests {
     use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
     use crate::monitor::packet::Flow;
+
+    #[test]
+    fn dns_names_are_in_rfc1035_presentation_form_with_decimal_escapes() {
+        // hickory's text for the labels `sp<32>ace<255>` and `a.b` (one label).
+        assert_eq!(
+            presentation_name("sp\\040ace\\377.a\\.b.example"),
+            "sp\\032ace\\255.a\\.b.example"
+        );
+        assert_eq!(presentation_name("x\\(y\\\\z\\000"), "x(y\\\\z\\000");
+        assert_eq!(presentation_name("-a_b.*.test"), "-a_b.*.test");
+        assert_eq!(presentation_name("\\-lead"), "-lead");
+        let name = hickory_proto::rr::Name::from_labels(vec![
+            b"sp ace\xff".to_vec(),
+            b"tab\there\x7f".to_vec(),
+            b"ex".to_vec(),
+        ])
+        .unwrap();
+        assert_eq!(
+            presentation_name(&crate::dns::message::wire_name(&name)),
+            "sp\\032ace\\255.tab\\009here\\127.ex"
+        );
+    }
 
     #[test]
     fn an_incident_has_the_ecs_fields_siems_expect() {

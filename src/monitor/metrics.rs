@@ -277,7 +277,7 @@ impl Metrics {
         );
         counter(
             out,
-            "egret_alert_failures_total",
+            "egret_alerts_failed_total",
             "Alerts an alert sink failed to deliver after its retries.",
             &per_sink(|s| &s.failed),
         );

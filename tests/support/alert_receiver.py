@@ -6,10 +6,12 @@ received alert to OUT and prints "listening" once it is ready.
                                   headers, JSON body); answers 200
   syslog-udp HOST PORT OUT        RFC 5424 over UDP, one message per datagram
   syslog-tcp HOST PORT OUT        RFC 5424 over TCP, octet-counted (RFC 6587)
-  syslog-unix PATH OUT            RFC 5424 on a Unix datagram socket (like /dev/log)
+  syslog-unix PATH OUT            the syslog(3) format on a Unix datagram socket
+                                  (like /dev/log): <PRI>Mmm dd hh:mm:ss TAG[PID]: MSG,
+                                  MSG ending with " @cee: {JSON fields}"
 
-Syslog messages are parsed by the RFC 5424 grammar (section 6); a message
-that does not parse is recorded as {"error": ..., "raw": ...}.
+Network syslog messages are parsed by the RFC 5424 grammar (section 6); a
+message that does not parse is recorded as {"error": ..., "raw": ...}.
 """
 import json
 import os
@@ -144,10 +146,32 @@ def parse_5424(data):
     }
 
 
-def record_syslog(out, data):
+LOCAL = re.compile(
+    r"<(\d{1,3})>([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) ([!-9;-Z\\^-~]{1,32})\[(\d+)\]: (.*)\Z",
+    re.S,
+)
+
+
+def parse_local(data):
+    text = data.decode("utf-8")
+    m = LOCAL.match(text)
+    if not m:
+        raise ParseError("not <PRI>TIMESTAMP TAG[PID]: MSG")
+    msg, cookie, fields = m.group(5).partition(" @cee: ")
+    if not cookie:
+        raise ParseError("no @cee: fields")
+    pri = int(m.group(1))
+    return {
+        "pri": pri, "facility": pri // 8, "severity": pri % 8,
+        "timestamp": m.group(2), "app_name": m.group(3), "procid": m.group(4),
+        "msg": msg, "fields": json.loads(fields),
+    }
+
+
+def record_syslog(out, data, parse=parse_5424):
     try:
-        record(out, parse_5424(data))
-    except (ParseError, UnicodeDecodeError) as e:
+        record(out, parse(data))
+    except (ParseError, UnicodeDecodeError, ValueError) as e:
         record(out, {"error": str(e), "raw": data.decode("utf-8", "replace")})
 
 
@@ -166,7 +190,7 @@ def syslog_unix(path, out):
     os.chmod(path, 0o666)
     print("listening", flush=True)
     while True:
-        record_syslog(out, s.recv(65535))
+        record_syslog(out, s.recv(65535), parse_local)
 
 
 def syslog_tcp(host, port, out):
