@@ -509,9 +509,13 @@ fn run(command: Command) -> Result<u8> {
                         crate::doctor::Status::Warn => "WARN",
                         crate::doctor::Status::Fail => "FAIL",
                     };
-                    println!("{mark}  {:<11} {}", c.name, c.detail);
+                    println!(
+                        "{mark}  {:<11} {}",
+                        c.name,
+                        crate::text::printable(&c.detail)
+                    );
                     if !c.fix.is_empty() {
-                        println!("      {:<11} fix: {}", "", c.fix);
+                        println!("      {:<11} fix: {}", "", crate::text::printable(&c.fix));
                     }
                 }
             }
@@ -570,7 +574,10 @@ fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
         for r in &s.rules {
             println!(
                 "{:>12} {:>14}  {:<12} {}",
-                r.packets, r.bytes, r.action, r.rule
+                r.packets,
+                r.bytes,
+                r.action,
+                crate::text::printable(&r.rule)
             );
         }
         println!("blocked: {} packet(s)", s.blocked_packets);

@@ -33,6 +33,7 @@ use crate::monitor::store::{Retention, Store};
 use crate::policy::Policy;
 use crate::proxy::{Proxy, ProxyDenial, ProxyState};
 use crate::ruleset::{Ruleset, UnitCgroups, DNS_GUARD_RULE};
+use crate::text;
 
 pub const PID_FILE: &str = "egret.pid";
 const TICK: Duration = Duration::from_millis(250);
@@ -512,7 +513,11 @@ impl Daemon {
         }
     }
 
-    fn proxy_denial(&mut self, d: ProxyDenial) {
+    fn proxy_denial(&mut self, mut d: ProxyDenial) {
+        // The method is the client's own token (hyper takes any length).
+        if text::bound(&mut d.method, text::SHORT_MAX) {
+            d.attribution.truncated.push("http.request.method");
+        }
         let verdict = Verdict {
             blocked: d.blocked,
             rule: Some(d.rule.clone().unwrap_or_else(|| event::DEFAULT_RULE.into())),
@@ -521,11 +526,18 @@ impl Daemon {
             crate::proxy::decision::Host::Ip(ip) => Some(ip),
             crate::proxy::decision::Host::Name(_) => None,
         });
+        let mut host = match &d.target.host {
+            crate::proxy::decision::Host::Name(n) => n.clone(),
+            crate::proxy::decision::Host::Ip(ip) => ip.to_string(),
+        };
+        if text::bound(&mut host, text::NAME_MAX) {
+            d.attribution.truncated.push("destination.domain");
+        }
+        if text::bound(&mut d.reason, text::NAME_MAX) {
+            d.attribution.truncated.push("egret.reason");
+        }
         let request = ProxyRequest {
-            host: match &d.target.host {
-                crate::proxy::decision::Host::Name(n) => n.clone(),
-                crate::proxy::decision::Host::Ip(ip) => ip.to_string(),
-            },
+            host,
             port: d.target.port,
             method: d.method,
             client: d.client,
@@ -553,8 +565,16 @@ impl Daemon {
             if let Some(Lookup::Found(c)) = self.containers.as_ref().map(|d| d.lookup(f.src)) {
                 who.method = Method::ContainerRuntime;
                 who.container_id = Some(c.id.clone());
-                who.container_name = Some(c.name.clone());
-                who.container_image = Some(c.image.clone());
+                let (name, cut) = text::bounded(&c.name, text::NAME_MAX);
+                who.container_name = Some(name.to_string());
+                if cut {
+                    who.truncated.push("container.name");
+                }
+                let (image, cut) = text::bounded(&c.image, text::NAME_MAX);
+                who.container_image = Some(image.to_string());
+                if cut {
+                    who.truncated.push("container.image.name");
+                }
             }
         }
         let resolved = flow.and_then(|f| {
@@ -574,7 +594,11 @@ impl Daemon {
         });
     }
 
-    fn refused_query(&mut self, q: RefusedQuery) {
+    fn refused_query(&mut self, mut q: RefusedQuery) {
+        // hickory caps names at 255 bytes; the cap keeps that promise here.
+        if text::bound(&mut q.question.name, text::NAME_MAX) {
+            q.attribution.truncated.push("dns.question.name");
+        }
         let verdict = Verdict {
             blocked: q.blocked,
             rule: Some(DNS_GUARD_RULE.into()),
