@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::alert::severity::Classifier;
 use crate::alert::Dispatcher;
@@ -41,7 +41,10 @@ const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
 const UNITS_EVERY: Duration = Duration::from_secs(2);
 /// How often the host sets' sizes are read from the kernel for the metrics.
 const SET_SIZES_EVERY: Duration = Duration::from_secs(10);
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Retention (`--retention`, `--max-events`, `--max-seen`) is enforced this
+/// often, and also once a tenth of `--max-events` new incidents were stored,
+/// so the bounds hold within a minute even under a flood.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
@@ -182,6 +185,8 @@ struct Daemon {
     alerts: Dispatcher,
     /// scope = "host+containers": container names by address.
     containers: Option<ContainerDirectory>,
+    /// New incidents since the store was last pruned.
+    new_since_prune: u64,
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
@@ -377,6 +382,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         last_live: 0,
         reported_lost: 0,
         last_loss_event: None,
+        new_since_prune: 0,
     };
     daemon.agg.update_every = daemon.opts.update_every;
     if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
@@ -496,10 +502,14 @@ impl Daemon {
                 last_sizes = Instant::now();
                 self.count_set_elements();
             }
-            if last_prune.elapsed() >= PRUNE_EVERY {
+            let prune_after = (self.opts.retention.max_rows / 10).max(100);
+            if last_prune.elapsed() >= PRUNE_EVERY || self.new_since_prune >= prune_after {
                 last_prune = Instant::now();
-                if let Err(e) = self.store.prune(self.opts.retention, SystemTime::now()) {
-                    warn!("pruning the event store: {e:#}");
+                self.new_since_prune = 0;
+                match self.store.prune(self.opts.retention, SystemTime::now()) {
+                    Ok(n) if n > 0 => debug!(events = n, "pruned events past retention"),
+                    Ok(_) => {}
+                    Err(e) => warn!("pruning the event store: {e:#}"),
                 }
             }
         }
@@ -631,6 +641,7 @@ impl Daemon {
                     .unwrap_or(event::DEFAULT_RULE),
                 inc.attribution.method.as_str(),
             );
+            self.new_since_prune += 1;
             let mut doc = event::incident(inc, false, &self.host);
             let severity = self.classifier.new_incident(inc, &mut self.store);
             event::set_severity(&mut doc, severity);
