@@ -105,3 +105,69 @@ fn kill_group(group: Pid, child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    /// A document bigger than a pipe holds, a hook that never reads it and
+    /// leaves a child behind: delivery gives up at the timeout (before, the
+    /// write waited as long as the hook lived) and ends the child too.
+    #[test]
+    fn a_hook_that_never_reads_a_big_document_is_ended_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child");
+        let config = ExecConfig {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("sleep 120 & echo $! > {}; sleep 120", pid_file.display()),
+            ],
+        };
+        let mut exec = Exec::new(&config, Duration::from_millis(500));
+        let doc = serde_json::json!({ "big": "x".repeat(1 << 20) });
+        let err = exec.deliver(&doc).expect_err("the hook never finishes");
+        assert!(err.to_string().contains("did not finish"), "{err:#}");
+        let child: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SIGKILL is delivered before killpg returns; reaping by init may lag.
+        for _ in 0..200 {
+            if !alive(child) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the hook's child {child} survived the timeout");
+    }
+
+    #[test]
+    fn a_hook_that_reads_gets_the_whole_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let config = ExecConfig {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("cat > {}", out.display()),
+            ],
+        };
+        let mut exec = Exec::new(&config, Duration::from_secs(60));
+        let doc = serde_json::json!({ "big": "y".repeat(1 << 20) });
+        exec.deliver(&doc).unwrap();
+        let got: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(got, doc);
+    }
+}
