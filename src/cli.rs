@@ -92,6 +92,10 @@ pub enum Command {
         /// At most this many events are kept in the store.
         #[arg(long, default_value_t = 1_000_000)]
         max_events: u64,
+        /// At most this many (identity, destination) pairs are remembered for
+        /// severity; the least recently seen are forgotten first.
+        #[arg(long, default_value_t = crate::monitor::store::DEFAULT_MAX_SEEN)]
+        max_seen: u64,
         /// NFLOG socket receive buffer in bytes (tuning; default 32 MiB).
         #[arg(long, hide = true)]
         nflog_rcvbuf: Option<usize>,
@@ -408,6 +412,7 @@ fn run(command: Command) -> Result<u8> {
             update_every,
             retention,
             max_events,
+            max_seen,
             nflog_rcvbuf,
             nflog_qthresh,
             log_level,
@@ -433,6 +438,7 @@ fn run(command: Command) -> Result<u8> {
                 retention: crate::monitor::store::Retention {
                     max_age: retention,
                     max_rows: max_events,
+                    max_seen,
                 },
             };
             crate::monitor::daemon::run(opts, p)?;
@@ -509,9 +515,13 @@ fn run(command: Command) -> Result<u8> {
                         crate::doctor::Status::Warn => "WARN",
                         crate::doctor::Status::Fail => "FAIL",
                     };
-                    println!("{mark}  {:<11} {}", c.name, c.detail);
+                    println!(
+                        "{mark}  {:<11} {}",
+                        c.name,
+                        crate::text::printable(&c.detail)
+                    );
                     if !c.fix.is_empty() {
-                        println!("      {:<11} fix: {}", "", c.fix);
+                        println!("      {:<11} fix: {}", "", crate::text::printable(&c.fix));
                     }
                 }
             }
@@ -570,7 +580,10 @@ fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
         for r in &s.rules {
             println!(
                 "{:>12} {:>14}  {:<12} {}",
-                r.packets, r.bytes, r.action, r.rule
+                r.packets,
+                r.bytes,
+                r.action,
+                crate::text::printable(&r.rule)
             );
         }
         println!("blocked: {} packet(s)", s.blocked_packets);

@@ -16,3 +16,4 @@ pub mod policy;
 pub mod proxy;
 pub mod report;
 pub mod ruleset;
+pub mod text;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::monitor::daemon::running_pid;
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::ruleset::{Rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
+use crate::text::printable;
 
 fn open(state_dir: &Path) -> Result<Option<Store>> {
     let store = Store::open_read_only(state_dir)?;
@@ -68,11 +69,11 @@ pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: boo
         println!(
             "{:<20} {:<12} {:>7}  {:<44} {:<28} {}",
             table_time(at),
-            r.action,
+            printable(&r.action),
             r.count,
-            clip(&r.who, 44),
-            clip(&r.destination, 28),
-            r.rule
+            clip(&printable(&r.who), 44),
+            clip(&printable(&r.destination), 28),
+            printable(&r.rule)
         );
     }
     if rows.is_empty() {
@@ -95,9 +96,11 @@ pub fn print_event_line(doc: &Value, as_json: bool) {
         println!("{doc}");
         return;
     }
-    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
-    let at = humantime::parse_rfc3339_weak(s("/egret/last_seen"))
-        .or_else(|_| humantime::parse_rfc3339_weak(s("/@timestamp")))
+    // The document is the daemon's, but its strings are the attacker's
+    // (executable names, command lines, host names).
+    let s = |p: &str| printable(doc.pointer(p).and_then(Value::as_str).unwrap_or(""));
+    let at = humantime::parse_rfc3339_weak(&s("/egret/last_seen"))
+        .or_else(|_| humantime::parse_rfc3339_weak(&s("/@timestamp")))
         .map(table_time)
         .unwrap_or_default();
     let count = doc
@@ -126,7 +129,7 @@ pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
         println!("{title}:");
         println!("{:>10} {:>10}", "packets", "incidents");
         for (label, packets, incidents) in &rows {
-            println!("{packets:>10} {incidents:>10}  {label}");
+            println!("{packets:>10} {incidents:>10}  {}", printable(label));
         }
         if rows.is_empty() {
             println!("{:>10} {:>10}  (nothing blocked)", 0, 0);
@@ -265,7 +268,7 @@ pub fn print_monitor(m: &Value) {
         } else {
             "egret run is NOT running: blocked packets are not being reported"
         },
-        m["updated_at"].as_str().unwrap_or("?")
+        printable(m["updated_at"].as_str().unwrap_or("?"))
     );
     println!(
         "  kernel logged {}, received {}, lost {} (sequence gaps {}, unaccounted {}, while down {}; buffer overruns {})",

@@ -2,7 +2,9 @@
 //! [`Classifier`] adds the memory of what each identity tried before, kept in
 //! the store so a restart does not make every old destination "new" again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{Duration, SystemTime};
 
 use tracing::warn;
 
@@ -74,10 +76,16 @@ impl SeenKey {
 /// still answers).
 const MAX_KNOWN: usize = 200_000;
 const MAX_GRADED: usize = 100_000;
+/// A known pair's `last_seen` in the store is refreshed at most this often:
+/// the cap on the `seen` table evicts by it, at this resolution.
+const TOUCH_EVERY: Duration = Duration::from_secs(600);
 
 pub struct Classifier {
     pub rules: SeverityRules,
-    known: HashSet<SeenKey>,
+    /// Pairs known to the store, by a keyed hash (a key can be a 4 KiB path):
+    /// when its `last_seen` was last written.
+    known: HashMap<u64, SystemTime>,
+    hasher: RandomState,
     /// Severity of recent incidents, so updates keep their first grade.
     graded: HashMap<u64, Severity>,
 }
@@ -86,7 +94,8 @@ impl Classifier {
     pub fn new(rules: SeverityRules) -> Classifier {
         Classifier {
             rules,
-            known: HashSet::new(),
+            known: HashMap::new(),
+            hasher: RandomState::new(),
             graded: HashMap::new(),
         }
     }
@@ -94,7 +103,13 @@ impl Classifier {
     /// Grades a new incident and remembers its destination for its identity.
     pub fn new_incident(&mut self, inc: &Incident, store: &mut Store) -> Severity {
         let key = SeenKey::of(inc);
-        let new = if self.known.contains(&key) {
+        let hash = self.hasher.hash_one(&key);
+        let fresh = self.known.get(&hash).is_some_and(|&t| {
+            inc.first_seen
+                .duration_since(t)
+                .map_or(true, |d| d < TOUCH_EVERY)
+        });
+        let new = if fresh {
             false
         } else {
             let new = store
@@ -113,7 +128,7 @@ impl Classifier {
             if self.known.len() >= MAX_KNOWN {
                 self.known.clear();
             }
-            self.known.insert(key);
+            self.known.insert(hash, inc.first_seen);
             new
         };
         let s = grade(&self.rules, event::action(inc), inc.key.port, new);

@@ -147,7 +147,7 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {
-        print!("{}", explain::render(&e));
+        print!("{}", crate::text::printable_lines(&explain::render(&e)));
     }
     Ok(if e.allowed() {
         EXIT_OK

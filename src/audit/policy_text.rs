@@ -19,11 +19,10 @@ pub fn list<T: AsRef<str>>(items: &[T]) -> String {
     format!("[{}]", inner.join(", "))
 }
 
-/// Text safe inside a `#` comment: one line, no control characters.
+/// Text safe inside a `#` comment: one line (a newline would start a policy
+/// line of the attacker's choosing), no control characters or bidi overrides.
 pub fn comment_text(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::text::printable(s).into_owned()
 }
 
 fn duration(d: Duration) -> String {

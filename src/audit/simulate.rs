@@ -180,18 +180,25 @@ pub fn simulate(policy: &Policy, recorded: &[Recorded]) -> Report {
 }
 
 pub fn render(report: &Report) -> String {
+    use crate::text::printable;
     let mut out = String::new();
     for g in &report.groups {
         let _ = writeln!(
             out,
             "{:<12} {:<28} {:>8} packet(s) {:>6} incident(s)",
             g.outcome.as_str(),
-            g.rule,
+            printable(&g.rule),
             g.packets,
             g.incidents
         );
         for f in &g.flows {
-            let _ = writeln!(out, "    {:>8}  {} → {}", f.packets, f.who, f.destination);
+            let _ = writeln!(
+                out,
+                "    {:>8}  {} → {}",
+                f.packets,
+                printable(&f.who),
+                printable(&f.destination)
+            );
         }
     }
     let t = &report.totals;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::kernel::netlink::{attrs, NetlinkSocket};
 use crate::monitor::packet::{Flow, IPPROTO_TCP, IPPROTO_UDP, L4};
+use crate::text;
 
 const NETLINK_SOCK_DIAG: isize = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -85,6 +86,8 @@ pub struct Attribution {
     /// Forwarded traffic (scope = "host+containers"): the interface it came
     /// in on and its source address, which stand for the container.
     pub ingress: Option<(String, IpAddr)>,
+    /// ECS fields cut to their cap (`crate::text`), for `egret.truncated`.
+    pub truncated: Vec<&'static str>,
 }
 
 /// What the aggregation keys on: executable, else unit, else uid.
@@ -116,6 +119,7 @@ impl Attribution {
             container_name: None,
             container_image: None,
             ingress: None,
+            truncated: Vec::new(),
         }
     }
 
@@ -303,7 +307,7 @@ impl Attributor {
             a.user_name = self.names.user(sock.uid);
         }
         if let Some(pid) = self.find_inode(sock.inode, sock.uid) {
-            let process = read_process(&self.proc_root, pid);
+            let process = read_process_bounded(&self.proc_root, pid, &mut a.truncated);
             if let Some(path) = read_cgroup(&self.proc_root, pid) {
                 a.cgroup = Some(path);
             }
@@ -314,6 +318,12 @@ impl Attributor {
         }
         if a.cgroup.is_none() {
             a.cgroup = sock.cgroup_id.and_then(|id| self.cgroups.path(id));
+        }
+        if a.cgroup
+            .as_mut()
+            .is_some_and(|c| text::bound(c, text::PATH_MAX))
+        {
+            a.truncated.push("egret.cgroup");
         }
         if let Some(cg) = &a.cgroup {
             (a.unit, a.container_id) = unit_and_container(cg);
@@ -427,37 +437,72 @@ fn pid_uid(proc_root: &Path, pid: u32) -> Option<u32> {
         .map(|m| m.uid())
 }
 
+/// At most `max` bytes of a file, and whether there was more: a process's
+/// arguments can be megabytes, and only the cap is ever read.
+fn read_at_most(path: &Path, max: usize) -> Option<(Vec<u8>, bool)> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::with_capacity(max.min(8192) + 1);
+    file.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
+    let more = buf.len() > max;
+    buf.truncate(max);
+    Some((buf, more))
+}
+
+/// A small /proc text file (comm), first line, bounded.
 fn read_trimmed(path: PathBuf) -> Option<String> {
-    let s = std::fs::read_to_string(path).ok()?;
+    let (raw, _) = read_at_most(&path, text::SHORT_MAX)?;
+    let mut s = String::from_utf8_lossy(&raw).into_owned();
+    text::bound(&mut s, text::SHORT_MAX);
     let s = s.trim_end_matches('\n');
     (!s.is_empty()).then(|| s.to_string())
 }
 
 pub fn read_process(proc_root: &Path, pid: u32) -> Option<Process> {
+    read_process_bounded(proc_root, pid, &mut Vec::new())
+}
+
+/// The process's name, executable, command line and parent, each cut to its
+/// cap (`crate::text`); the ECS names of the fields cut go to `truncated`.
+fn read_process_bounded(
+    proc_root: &Path,
+    pid: u32,
+    truncated: &mut Vec<&'static str>,
+) -> Option<Process> {
     let dir = proc_root.join(pid.to_string());
     let name = read_trimmed(dir.join("comm"));
     // A process that exited between lookup and read leaves nothing behind.
     name.as_ref()?;
+    // The kernel caps the link at PATH_MAX; the JSON cost may still exceed it.
     let executable = std::fs::read_link(dir.join("exe")).ok().map(|p| {
-        p.to_string_lossy()
+        let mut exe = p
+            .to_string_lossy()
             .trim_end_matches(" (deleted)")
-            .to_string()
+            .to_string();
+        if text::bound(&mut exe, text::PATH_MAX) {
+            truncated.push("process.executable");
+        }
+        exe
     });
-    let command_line = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
-        let args: Vec<String> = raw
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (!args.is_empty()).then(|| args.join(" "))
-    });
-    let parent_pid = std::fs::read_to_string(dir.join("status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("PPid:"))
-                .and_then(|v| v.trim().parse().ok())
+    let command_line =
+        read_at_most(&dir.join("cmdline"), text::COMMAND_LINE_MAX).and_then(|(raw, more)| {
+            let args: Vec<String> = raw
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let mut line = args.join(" ");
+            if text::bound(&mut line, text::COMMAND_LINE_MAX) || more {
+                truncated.push("process.command_line");
+            }
+            (!line.is_empty()).then_some(line)
         });
+    let parent_pid = read_at_most(&dir.join("status"), 16 * 1024).and_then(|(raw, _)| {
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+    });
     let parent_name = parent_pid
         .filter(|&p| p != 0)
         .and_then(|p| read_trimmed(proc_root.join(format!("{p}/comm"))));
@@ -473,10 +518,13 @@ pub fn read_process(proc_root: &Path, pid: u32) -> Option<Process> {
 
 /// The process's cgroup v2 path (or, on hybrid hosts, the systemd v1 one).
 fn read_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(format!("{pid}/cgroup"))).ok()?;
+    // A delegated subtree lets its owner nest cgroups deep: read a bounded
+    // amount (the caller cuts the path to its cap).
+    let (raw, _) = read_at_most(&proc_root.join(format!("{pid}/cgroup")), 64 * 1024)?;
+    let content = String::from_utf8_lossy(&raw);
     let mut v2 = None;
     let mut systemd = None;
-    for line in text.lines() {
+    for line in content.lines() {
         let mut parts = line.splitn(3, ':');
         let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         if id == "0" && controllers.is_empty() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::alert::severity::Classifier;
 use crate::alert::Dispatcher;
@@ -33,6 +33,7 @@ use crate::monitor::store::{Retention, Store};
 use crate::policy::Policy;
 use crate::proxy::{Proxy, ProxyDenial, ProxyState};
 use crate::ruleset::{Ruleset, UnitCgroups, DNS_GUARD_RULE};
+use crate::text;
 
 pub const PID_FILE: &str = "egret.pid";
 const TICK: Duration = Duration::from_millis(250);
@@ -40,7 +41,10 @@ const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
 const UNITS_EVERY: Duration = Duration::from_secs(2);
 /// How often the host sets' sizes are read from the kernel for the metrics.
 const SET_SIZES_EVERY: Duration = Duration::from_secs(10);
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Retention (`--retention`, `--max-events`, `--max-seen`) is enforced this
+/// often, and also once a tenth of `--max-events` new incidents were stored,
+/// so the bounds hold within a minute even under a flood.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
 const CHANNEL_DEPTH: usize = 16_384;
@@ -181,6 +185,8 @@ struct Daemon {
     alerts: Dispatcher,
     /// scope = "host+containers": container names by address.
     containers: Option<ContainerDirectory>,
+    /// New incidents since the store was last pruned.
+    new_since_prune: u64,
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
@@ -376,6 +382,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         last_live: 0,
         reported_lost: 0,
         last_loss_event: None,
+        new_since_prune: 0,
     };
     daemon.agg.update_every = daemon.opts.update_every;
     if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
@@ -495,10 +502,14 @@ impl Daemon {
                 last_sizes = Instant::now();
                 self.count_set_elements();
             }
-            if last_prune.elapsed() >= PRUNE_EVERY {
+            let prune_after = (self.opts.retention.max_rows / 10).max(100);
+            if last_prune.elapsed() >= PRUNE_EVERY || self.new_since_prune >= prune_after {
                 last_prune = Instant::now();
-                if let Err(e) = self.store.prune(self.opts.retention, SystemTime::now()) {
-                    warn!("pruning the event store: {e:#}");
+                self.new_since_prune = 0;
+                match self.store.prune(self.opts.retention, SystemTime::now()) {
+                    Ok(n) if n > 0 => debug!(events = n, "pruned events past retention"),
+                    Ok(_) => {}
+                    Err(e) => warn!("pruning the event store: {e:#}"),
                 }
             }
         }
@@ -512,7 +523,11 @@ impl Daemon {
         }
     }
 
-    fn proxy_denial(&mut self, d: ProxyDenial) {
+    fn proxy_denial(&mut self, mut d: ProxyDenial) {
+        // The method is the client's own token (hyper takes any length).
+        if text::bound(&mut d.method, text::SHORT_MAX) {
+            d.attribution.truncated.push("http.request.method");
+        }
         let verdict = Verdict {
             blocked: d.blocked,
             rule: Some(d.rule.clone().unwrap_or_else(|| event::DEFAULT_RULE.into())),
@@ -521,11 +536,18 @@ impl Daemon {
             crate::proxy::decision::Host::Ip(ip) => Some(ip),
             crate::proxy::decision::Host::Name(_) => None,
         });
+        let mut host = match &d.target.host {
+            crate::proxy::decision::Host::Name(n) => n.clone(),
+            crate::proxy::decision::Host::Ip(ip) => ip.to_string(),
+        };
+        if text::bound(&mut host, text::NAME_MAX) {
+            d.attribution.truncated.push("destination.domain");
+        }
+        if text::bound(&mut d.reason, text::NAME_MAX) {
+            d.attribution.truncated.push("egret.reason");
+        }
         let request = ProxyRequest {
-            host: match &d.target.host {
-                crate::proxy::decision::Host::Name(n) => n.clone(),
-                crate::proxy::decision::Host::Ip(ip) => ip.to_string(),
-            },
+            host,
             port: d.target.port,
             method: d.method,
             client: d.client,
@@ -553,8 +575,16 @@ impl Daemon {
             if let Some(Lookup::Found(c)) = self.containers.as_ref().map(|d| d.lookup(f.src)) {
                 who.method = Method::ContainerRuntime;
                 who.container_id = Some(c.id.clone());
-                who.container_name = Some(c.name.clone());
-                who.container_image = Some(c.image.clone());
+                let (name, cut) = text::bounded(&c.name, text::NAME_MAX);
+                who.container_name = Some(name.to_string());
+                if cut {
+                    who.truncated.push("container.name");
+                }
+                let (image, cut) = text::bounded(&c.image, text::NAME_MAX);
+                who.container_image = Some(image.to_string());
+                if cut {
+                    who.truncated.push("container.image.name");
+                }
             }
         }
         let resolved = flow.and_then(|f| {
@@ -574,7 +604,11 @@ impl Daemon {
         });
     }
 
-    fn refused_query(&mut self, q: RefusedQuery) {
+    fn refused_query(&mut self, mut q: RefusedQuery) {
+        // hickory caps names at 255 bytes; the cap keeps that promise here.
+        if text::bound(&mut q.question.name, text::NAME_MAX) {
+            q.attribution.truncated.push("dns.question.name");
+        }
         let verdict = Verdict {
             blocked: q.blocked,
             rule: Some(DNS_GUARD_RULE.into()),
@@ -607,6 +641,7 @@ impl Daemon {
                     .unwrap_or(event::DEFAULT_RULE),
                 inc.attribution.method.as_str(),
             );
+            self.new_since_prune += 1;
             let mut doc = event::incident(inc, false, &self.host);
             let severity = self.classifier.new_incident(inc, &mut self.store);
             event::set_severity(&mut doc, severity);

@@ -165,6 +165,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "cgroup": a.cgroup,
             "icmp": { "type": icmp_type, "code": icmp_code },
             "reason": px.map(|p| p.reason.clone()),
+            "truncated": (!a.truncated.is_empty()).then_some(&a.truncated),
             "dns": inc.resolved.as_ref().map(|r| json!({
                 "resolved": r.name,
                 "asked_by": r.asked_by.as_ref().map(asker),
@@ -578,6 +579,7 @@ mod tests {
             container_name: None,
             container_image: None,
             ingress: None,
+            truncated: Vec::new(),
         };
         let v = Verdict {
             blocked: true,

@@ -25,18 +25,25 @@ fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// How long and how many events are kept.
+/// How long and how many events are kept, and how many (identity,
+/// destination) pairs the `seen` table remembers for severity.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     pub max_age: Duration,
     pub max_rows: u64,
+    /// Past it, the pairs last seen longest ago are forgotten (they are
+    /// graded "new destination" again if they come back).
+    pub max_seen: u64,
 }
+
+pub const DEFAULT_MAX_SEEN: u64 = 100_000;
 
 impl Default for Retention {
     fn default() -> Self {
         Retention {
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_rows: 1_000_000,
+            max_seen: DEFAULT_MAX_SEEN,
         }
     }
 }
@@ -106,6 +113,7 @@ CREATE TABLE IF NOT EXISTS seen (
     port        INTEGER NOT NULL,
     protocol    TEXT NOT NULL,
     first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (identity, destination, port, protocol)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
@@ -127,6 +135,20 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating the schema in {}", path.display()))?;
+        // Stores from before the `seen` cap lack its eviction order.
+        let has_last_seen: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('seen') WHERE name = 'last_seen'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_last_seen {
+            conn.execute_batch(
+                "ALTER TABLE seen ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;
+                 UPDATE seen SET last_seen = first_seen;",
+            )
+            .with_context(|| format!("upgrading the seen table in {}", path.display()))?;
+        }
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS seen_last_seen ON seen(last_seen);")?;
         Ok(Store { conn })
     }
 
@@ -229,8 +251,8 @@ impl Store {
     }
 
     /// Records that `identity` tried this destination; true when it never had
-    /// before (the row is new). Kept across restarts and retention: what a
-    /// service talks to is learned once.
+    /// before (the row is new). Kept across restarts and event retention:
+    /// what a service talks to is learned once; only `max_seen` evicts.
     pub fn first_attempt(
         &mut self,
         identity: &str,
@@ -240,10 +262,25 @@ impl Store {
         at: SystemTime,
     ) -> Result<bool> {
         let n = self.conn.prepare_cached(
-            "INSERT OR IGNORE INTO seen (identity, destination, port, protocol, first_seen) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR IGNORE INTO seen (identity, destination, port, protocol, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
         )?
         .execute(params![identity, destination, port, protocol, unix_ms(at)])?;
+        if n == 0 {
+            self.conn
+                .prepare_cached(
+                    "UPDATE seen SET last_seen = max(last_seen, ?5)
+                     WHERE identity = ?1 AND destination = ?2 AND port = ?3 AND protocol = ?4",
+                )?
+                .execute(params![identity, destination, port, protocol, unix_ms(at)])?;
+        }
         Ok(n == 1)
+    }
+
+    /// Rows in the `seen` table.
+    pub fn seen_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM seen", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn prune(&mut self, retention: Retention, now: SystemTime) -> Result<usize> {
@@ -256,6 +293,12 @@ impl Store {
         n += self.conn.execute(
             "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY last_seen DESC LIMIT -1 OFFSET ?1)",
             [retention.max_rows as i64],
+        )?;
+        self.conn.execute(
+            "DELETE FROM seen WHERE (identity, destination, port, protocol) IN
+               (SELECT identity, destination, port, protocol FROM seen
+                ORDER BY last_seen DESC LIMIT -1 OFFSET ?1)",
+            [retention.max_seen as i64],
         )?;
         Ok(n)
     }
@@ -436,11 +479,44 @@ mod tests {
                 Retention {
                     max_age: Duration::from_secs(60),
                     max_rows: 2,
+                    max_seen: 10,
                 },
                 now + Duration::from_secs(30),
             )
             .unwrap();
         assert_eq!(pruned, 1);
+    }
+
+    #[test]
+    fn seen_is_capped_forgetting_the_least_recently_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let t0 = SystemTime::now() - Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for i in 0..5u16 {
+            assert!(store
+                .first_attempt("exe:/a", "192.0.2.1", i, "6", at(i.into()))
+                .unwrap());
+        }
+        // Port 0 was first seen first but seen again last: it stays.
+        assert!(!store
+            .first_attempt("exe:/a", "192.0.2.1", 0, "6", at(100))
+            .unwrap());
+        let keep = Retention {
+            max_seen: 2,
+            ..Retention::default()
+        };
+        store.prune(keep, at(200)).unwrap();
+        assert_eq!(store.seen_count().unwrap(), 2);
+        assert!(!store
+            .first_attempt("exe:/a", "192.0.2.1", 0, "6", at(300))
+            .unwrap());
+        assert!(!store
+            .first_attempt("exe:/a", "192.0.2.1", 4, "6", at(300))
+            .unwrap());
+        assert!(store
+            .first_attempt("exe:/a", "192.0.2.1", 1, "6", at(300))
+            .unwrap());
     }
 
     #[test]
