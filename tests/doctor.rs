@@ -74,7 +74,7 @@ fn an_unwritable_state_dir_and_missing_privileges_fail() {
     run_ok(std::process::Command::new("chmod").args(["777", dir.path().to_str().unwrap()]));
     let out = ns
         .as_nobody(
-            egret_bin(),
+            egret_bin_for_others(),
             &[
                 "doctor",
                 "--json",

@@ -118,7 +118,7 @@ fn the_capabilities_the_unit_grants_are_enough_and_each_is_needed() {
                     "--clear-groups",
                     &format!("--inh-caps={granted}"),
                     &format!("--ambient-caps={granted}"),
-                    egret_bin(),
+                    egret_bin_for_others(),
                     "run",
                     "--policy",
                     policy.path(),
