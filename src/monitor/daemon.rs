@@ -818,7 +818,8 @@ impl Daemon {
             Some(g) => g.swap(None, swap)?,
             None => swap()?,
         }
-        self.accounting.retire(self.last_live);
+        let counts = self.counts();
+        self.accounting.retire_vanished(self.last_live, counts);
         self.last_live = 0;
         self.expected = expected_rules(&rs);
         self.sets = set_sizes(&rs);

@@ -81,6 +81,11 @@ pub struct Row {
     pub doc: String,
 }
 
+/// The actions of traffic incidents, as an SQL list: egret's own events
+/// (tamper, heartbeat, data loss...) are kept out of what describes traffic.
+const TRAFFIC_ACTIONS: &str =
+    "('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id          INTEGER PRIMARY KEY,
@@ -324,11 +329,10 @@ impl Store {
     /// or after `since`, oldest first: the recorded flows `egret suggest` and
     /// `egret simulate` work from.
     pub fn incident_docs(&self, since: SystemTime) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN
-               ('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')
-             ORDER BY id",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN {TRAFFIC_ACTIONS}
+             ORDER BY id"
+        ))?;
         let docs = stmt
             .query_map([unix_ms(since)], |r| r.get(0))?
             .collect::<rusqlite::Result<Vec<String>>>()?;
@@ -348,7 +352,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT {col}, sum(count), count(*) FROM events
-             WHERE last_seen >= ?1 AND action != 'data-loss'
+             WHERE last_seen >= ?1 AND action IN {TRAFFIC_ACTIONS}
              GROUP BY {col} ORDER BY sum(count) DESC, {col} LIMIT ?2"
         );
         let mut stmt = self.conn.prepare(&sql)?;
@@ -465,5 +469,37 @@ mod tests {
         assert_eq!(docs.len(), 2, "incidents only, not egret's own events");
         assert!(docs[0].contains("1389"), "in incident order");
         assert_eq!(store.incident_docs(now).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn top_tables_leave_out_egrets_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(1);
+        let now = SystemTime::now();
+        let a = sample(&mut agg, 1389, 1000, now);
+        store
+            .upsert(&[(&a, &event::incident(&a, false, "h"))])
+            .unwrap();
+        for (i, action) in ["tamper", "heartbeat", "data-loss", "alert-dropped"]
+            .iter()
+            .enumerate()
+        {
+            store
+                .insert_event(
+                    a.id + 1 + i as u64,
+                    action,
+                    now,
+                    100,
+                    &serde_json::json!({}),
+                )
+                .unwrap();
+        }
+        let since = now - Duration::from_secs(60);
+        for by in [TopBy::Process, TopBy::Destination] {
+            let top = store.top(by, since, 10).unwrap();
+            assert_eq!(top.len(), 1, "{by:?}: {top:?}");
+            assert_eq!(top[0].1, 1, "{by:?}: {top:?}");
+        }
     }
 }
