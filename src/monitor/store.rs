@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::monitor::event::{self, LossFigures};
 use crate::monitor::incident::Incident;
+use crate::policy::Policy;
 
 pub const DB_FILE: &str = "events.db";
 
@@ -79,6 +80,19 @@ pub struct Row {
     pub destination: String,
     pub rule: String,
     pub doc: String,
+}
+
+const RAN_WITH: &str = "ran_with";
+const AUDITED_WITH: &str = "audited_with";
+
+/// The settings an `egret run` ran with (`Store::record_run_settings`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RunSettings {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub mode: String,
+    /// Policy text with the settings only (no rules).
+    pub settings: String,
 }
 
 /// The actions of traffic incidents, as an SQL list: egret's own events
@@ -281,6 +295,37 @@ impl Store {
                 r.get(0)
             })
             .optional()?)
+    }
+
+    /// Records the settings (mode, `[dns]`, `[proxy]`...; never rules or
+    /// alert targets) `egret run` runs with, so `egret suggest` and `egret
+    /// doctor` know them from the state dir alone. An audit-mode run is also
+    /// kept apart: a later enforce run does not hide what the audit saw.
+    pub fn record_run_settings(&mut self, policy: &Policy, at: SystemTime) -> Result<()> {
+        let record = serde_json::json!({
+            "at": event::timestamp(at),
+            "mode": policy.mode.as_str(),
+            "settings": crate::audit::policy_text::settings(policy, policy.mode),
+        })
+        .to_string();
+        self.put_counter(RAN_WITH, &record)?;
+        if policy.mode == crate::policy::Mode::Audit {
+            self.put_counter(AUDITED_WITH, &record)?;
+        }
+        Ok(())
+    }
+
+    /// What `record_run_settings` kept: the last audit-mode run's if any,
+    /// else the last run's.
+    pub fn run_settings(&self) -> Result<Option<RunSettings>> {
+        let text = match self.counter(AUDITED_WITH)? {
+            Some(t) => t,
+            None => match self.counter(RAN_WITH)? {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        Ok(serde_json::from_str(&text).ok())
     }
 
     pub fn loss(&self) -> Result<Option<LossFigures>> {
