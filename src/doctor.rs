@@ -84,7 +84,9 @@ const AUDIT_DOC: &str = "/usr/share/doc/egret/docs/audit.md";
 /// needs. Advice only: a warning, never a failure.
 fn first_day(policy: &Policy, state_dir: &Path) -> Check {
     use crate::policy::Mode;
-    let audited = crate::monitor::store::Store::open_read_only(state_dir)
+    let store = crate::monitor::store::Store::open_read_only(state_dir);
+    let unreadable = store.is_err();
+    let audited = store
         .ok()
         .flatten()
         .and_then(|s| s.run_settings().ok().flatten())
@@ -108,6 +110,12 @@ fn first_day(policy: &Policy, state_dir: &Path) -> Check {
                 Status::Ok,
                 format!("enforcing; the last audit ran at {} (`egret simulate` replays what it recorded against a policy)", r.at),
                 "",
+            ),
+            None if unreadable => check(
+                "audit path",
+                Status::Warn,
+                format!("enforce mode; whether an audit ran cannot be told: the store in {} cannot be read (run as root)", state_dir.display()),
+                format!("see {AUDIT_DOC} for the way from audit to enforcement"),
             ),
             None => check(
                 "audit path",

@@ -37,10 +37,6 @@ extern "C" fn remove_support_dir() {
     }
 }
 
-extern "C" {
-    fn atexit(cb: extern "C" fn()) -> std::os::raw::c_int;
-}
-
 static SUPPORT: std::sync::OnceLock<SupportDir> = std::sync::OnceLock::new();
 
 fn support() -> &'static SupportDir {
@@ -63,7 +59,7 @@ fn support() -> &'static SupportDir {
         }
         // SAFETY: registers a plain function; statics are never dropped by the
         // test harness, so this is what removes the directory.
-        unsafe { atexit(remove_support_dir) };
+        unsafe { libc::atexit(remove_support_dir) };
         SupportDir {
             dir,
             bin: std::sync::OnceLock::new(),
