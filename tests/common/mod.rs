@@ -87,11 +87,15 @@ pub fn egret_bin_for_others() -> &'static str {
     let s = support();
     s.bin
         .get_or_init(|| {
-            use std::os::unix::fs::PermissionsExt;
+            // Copied by a child process: a file open for writing in this
+            // process would leak into children other test threads fork at
+            // that moment, and exec of the copy would fail (ETXTBSY).
             let path = s.dir.join("egret");
-            std::fs::copy(egret_bin(), &path).expect("copying the egret binary");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-                .expect("chmod 755 the egret copy");
+            run_ok(
+                Command::new("install")
+                    .args(["-m", "755", egret_bin()])
+                    .arg(&path),
+            );
             path
         })
         .to_str()
