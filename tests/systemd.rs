@@ -68,8 +68,8 @@ fn readiness_reload_and_stop_are_notified_to_systemd() {
     let mut buf = [0u8; 256];
     let mut next = || {
         // A socket with a receive timeout is never restarted after a signal
-        // (signal(7)): EINTR here is seen about once in ten runs, also before
-        // this change; it is not a missing notification.
+        // (signal(7)): EINTR, seen here about once in eight runs, is not a
+        // missing notification.
         let n = loop {
             match sock.recv(&mut buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
