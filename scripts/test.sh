@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
 # The whole test suite. Run as root: the integration tests create their own
 # network namespaces (never touching this machine's own firewall) and cgroups.
-set -euo pipefail
+# Every stage runs even when an earlier one failed (one run shows every
+# failure); the summary at the end names what failed, and the exit status is
+# non-zero if anything did.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests create network namespaces" >&2; exit 1; }
-bash scripts/deps.sh
-cargo test --all-targets
+bash scripts/deps.sh || { echo "scripts/deps.sh failed: cannot run the tests" >&2; exit 1; }
+failed=()
+stage() {
+  echo "==> $*"
+  "$@" || failed+=("$*")
+}
+stage cargo test --all-targets --no-fail-fast
 # The Debian package: built and checked, never installed or started here;
 # then installed and started under systemd in a booted Debian 12 container.
-bash scripts/check-package.sh
-bash scripts/check-package-systemd.sh target/debian/egret_*.deb
+stage bash scripts/check-package.sh
+# The package check-package.sh built (if it failed before building one,
+# check-package-systemd.sh builds it itself).
+deb=$(ls -t target/debian/egret_*.deb 2>/dev/null | head -n1)
+stage bash scripts/check-package-systemd.sh ${deb:+"$deb"}
+echo
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED stages:"
+  printf '  %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "all stages passed"

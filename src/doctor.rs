@@ -66,12 +66,65 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
     ];
     out.extend(other_firewalls());
     if let Some(p) = inputs.policy {
+        out.push(first_day(p, inputs.state_dir));
         out.push(resolver(p, &inputs.resolv_conf));
         if p.scope == crate::policy::Scope::HostAndContainers {
             out.push(container_runtime(p));
         }
     }
     out
+}
+
+/// Where the installed documentation of the audit workflow is.
+const AUDIT_DOC: &str = "/usr/share/doc/egret/docs/audit.md";
+
+/// Is the host on the path from audit to enforcement (docs/audit.md)? An
+/// audit without the DNS guard learns addresses, which cloud services change
+/// under their names; enforcing what no audit informed blocks what the host
+/// needs. Advice only: a warning, never a failure.
+fn first_day(policy: &Policy, state_dir: &Path) -> Check {
+    use crate::policy::Mode;
+    let store = crate::monitor::store::Store::open_read_only(state_dir);
+    let unreadable = store.is_err();
+    let audited = store
+        .ok()
+        .flatten()
+        .and_then(|s| s.run_settings().ok().flatten())
+        .filter(|r| r.mode == Mode::Audit.as_str());
+    match (policy.mode, policy.dns.is_some()) {
+        (Mode::Audit, false) => check(
+            "audit path",
+            Status::Warn,
+            "audit mode without [dns]: the audit learns addresses, not the host names they came from, and `egret suggest` can only write address rules that break when a service moves",
+            format!("add a [dns] section (upstream = your resolvers) so the DNS guard names every destination, then let the audit run; see {AUDIT_DOC}"),
+        ),
+        (Mode::Audit, true) => check(
+            "audit path",
+            Status::Ok,
+            format!("audit mode with the DNS guard: after some normal traffic, `egret suggest --state-dir {} > suggested.toml`, review it, `egret simulate suggested.toml`, then enforce ({AUDIT_DOC})", state_dir.display()),
+            "",
+        ),
+        (Mode::Enforce, _) => match audited {
+            Some(r) => check(
+                "audit path",
+                Status::Ok,
+                format!("enforcing; the last audit ran at {} (`egret simulate` replays what it recorded against a policy)", r.at),
+                "",
+            ),
+            None if unreadable => check(
+                "audit path",
+                Status::Warn,
+                format!("enforce mode; whether an audit ran cannot be told: the store in {} cannot be read (run as root)", state_dir.display()),
+                format!("see {AUDIT_DOC} for the way from audit to enforcement"),
+            ),
+            None => check(
+                "audit path",
+                Status::Warn,
+                format!("enforce mode, but no audit was ever recorded in {}: traffic this host needs and no rule allows is blocked", state_dir.display()),
+                format!("run with mode = \"audit\" and [dns] first, then `egret suggest` and `egret simulate` before enforcing; see {AUDIT_DOC}"),
+            ),
+        },
+    }
 }
 
 /// With `scope = "host+containers"`: can egret name the containers? Asks the

@@ -16,7 +16,7 @@ use serde_json::Value;
 const NOBODY: u32 = 65534;
 
 fn receiver_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/alert_receiver.py")
+    support_script("alert_receiver.py")
 }
 
 /// A receiver from alert_receiver.py in `ns`, recording into `out`.

@@ -295,8 +295,7 @@ fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
     assert!(page.contains("<title>egret</title>"), "{page}");
 
     let shot = std::env::temp_dir().join(format!("egret-dashboard-{}.png", std::process::id()));
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/dashboard.py");
+    let script = support_script("dashboard.py");
     let out = a
         .cmd(
             "python3",

@@ -246,6 +246,36 @@ fn audit_then_suggest_then_enforce_the_same_traffic_passes_and_new_is_blocked() 
     drop(run);
 }
 
+#[test]
+fn suggest_from_the_state_dir_alone_knows_the_audit_had_the_dns_guard() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let audit = PolicyFile::new(AUDIT);
+    let state = audit.state_dir();
+    let run = Running::start(a, &state, &["--policy", audit.path()]);
+    assert_eq!(resolve(a, "web.test"), WEB4);
+    let web = Attempt::start(a, None, &["try-tcp", WEB4, "8080"]);
+    run.wait_event(15, "root → web.test", |e| {
+        is_flow(e, "would-block", WEB4, 8080) && at(e, "/destination/domain") == "web.test"
+    });
+    drop(web);
+    run.stop();
+    // A later run in enforce mode without [dns] does not hide what the audit ran with.
+    let later = PolicyFile::new("mode = \"enforce\"\n");
+    Running::start(a, &state, &["--policy", later.path()]).stop();
+
+    let (code, text, err) = egret_in(a, &["suggest", "--state-dir", &state]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("\n[dns]\n"), "{text}");
+    assert!(text.contains("upstream = [\"10.1.0.2:53\"]"), "{text}");
+    assert!(text.contains("hosts = [\"web.test\"]"), "{text}");
+    assert!(!text.contains("needs [dns]"), "{text}");
+    assert!(text.contains("recorded them at"), "{text}");
+    let suggested = PolicyFile::new(&text);
+    let check = egret_in(a, &["check", suggested.path()]);
+    assert_eq!(check.0, 0, "{}{}\n{text}", check.1, check.2);
+}
+
 const CANDIDATE: &str = r#"
 mode = "enforce"
 

@@ -87,3 +87,51 @@ fn the_shipped_example_policies_are_valid() {
     }
     assert!(checked >= 2);
 }
+
+/// The packaged /etc/egret/policy.toml, a new user's first contact: valid,
+/// its step-1 [dns] block valid once uncommented, and every document it
+/// names installed by the package (docs/*.md → /usr/share/doc/egret/docs/).
+#[test]
+fn the_packaged_policy_leads_down_the_audit_path_with_working_references() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("packaging/policy.toml")).expect("policy.toml");
+    let p = PolicyFile::new(&text);
+    let out = egret(&["check", p.path()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let with_dns = text
+        .replace("# [dns]\n", "[dns]\n")
+        .replace("# upstream = [", "upstream = [")
+        .replace("# intercept = true", "intercept = true");
+    assert_ne!(with_dns, text, "the [dns] block of step 1 is there");
+    let p = PolicyFile::new(&with_dns);
+    let out = egret(&["check", p.path()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for step in ["[dns]", "egret suggest", "egret simulate", "enforce"] {
+        assert!(text.contains(step), "the recipe names {step}");
+    }
+    assert!(!text.contains("https://"), "no placeholder URL: {text}");
+    let mut named = 0;
+    for (i, _) in text.match_indices("/usr/share/doc/egret/") {
+        let rest = &text[i + "/usr/share/doc/egret/".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c)))
+            .unwrap_or(rest.len());
+        let doc = rest[..end].trim_end_matches('.');
+        assert!(
+            root.join(doc).is_file(),
+            "{doc} is not a document the package installs"
+        );
+        named += 1;
+    }
+    assert!(named >= 3, "{text}");
+}

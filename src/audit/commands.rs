@@ -31,15 +31,52 @@ pub fn suggest(state_dir: &Path, since: Duration, base: Option<&Policy>) -> Resu
             humantime::format_duration(since)
         );
     }
+    let mut source = window(state_dir, since);
+    let recorded_base = match base {
+        Some(_) => None,
+        None => recorded_settings(state_dir),
+    };
+    if let Some((_, at)) = &recorded_base {
+        source.push_str(&format!("; settings as `egret run` recorded them at {at}"));
+    }
     print!(
         "{}",
         suggest::suggest(&suggest::Input {
             recorded: &flows,
-            base,
-            source: &window(state_dir, since),
+            base: base.or(recorded_base.as_ref().map(|(p, _)| p)),
+            source: &source,
         })
     );
     Ok(EXIT_OK)
+}
+
+/// The settings (`[dns]`, `[proxy]`...) the last audit ran with, as the
+/// daemon recorded them in the store: without `--policy`, suggestions still
+/// use host names when the audit had the DNS guard.
+fn recorded_settings(state_dir: &Path) -> Option<(Policy, String)> {
+    let store = crate::monitor::store::Store::open_read_only(state_dir)
+        .ok()
+        .flatten()?;
+    let recorded = match store.run_settings() {
+        Ok(r) => r?,
+        Err(e) => {
+            eprintln!("egret: reading the recorded settings: {e:#}");
+            return None;
+        }
+    };
+    match crate::policy::parse_str(
+        &recorded.settings,
+        Path::new("(settings recorded by egret run)"),
+        &SystemAccounts,
+    ) {
+        Ok(p) => Some((p, recorded.at)),
+        Err(errors) => {
+            for d in &errors.0 {
+                eprintln!("egret: the recorded settings are not used: {d}");
+            }
+            None
+        }
+    }
 }
 
 pub fn simulate(policy: &Policy, state_dir: &Path, since: Duration, json: bool) -> Result<u8> {

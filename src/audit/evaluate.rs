@@ -285,7 +285,8 @@ fn destination_matches(
         return Some(None);
     }
     if let Some(dst) = flow.dst {
-        if rule.cidrs.iter().any(|n| n.contains(&dst)) {
+        // via = "proxy": its cidrs are for the proxy only, never a direct packet.
+        if rule.via == Via::Any && rule.cidrs.iter().any(|n| n.contains(&dst)) {
             return Some(None);
         }
     }

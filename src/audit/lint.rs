@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::policy::{AllowRule, HostPattern, Policy};
+use crate::policy::{AllowRule, HostPattern, Policy, Via};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
@@ -33,10 +33,10 @@ fn hosts_active(r: &AllowRule, policy: &Policy) -> bool {
 
 fn dest_any(r: &AllowRule) -> bool {
     (r.cidrs.is_empty() && r.hosts.is_empty())
-        || (r
-            .cidrs
-            .iter()
-            .any(|c| matches!(c, IpNet::V4(n) if n.prefix_len() == 0))
+        || (r.via == Via::Any
+            && r.cidrs
+                .iter()
+                .any(|c| matches!(c, IpNet::V4(n) if n.prefix_len() == 0))
             && r.cidrs
                 .iter()
                 .any(|c| matches!(c, IpNet::V6(n) if n.prefix_len() == 0)))
@@ -63,6 +63,8 @@ fn subset<T: PartialEq>(inner: &[T], outer: &[T]) -> bool {
 fn covers(earlier: &AllowRule, later: &AllowRule, policy: &Policy) -> bool {
     let destinations = dest_any(earlier)
         || (!dest_any(later)
+            // Proxy-only cidrs do not cover direct ones.
+            && (later.cidrs.is_empty() || earlier.via == Via::Any || later.via == Via::Proxy)
             && later
                 .cidrs
                 .iter()

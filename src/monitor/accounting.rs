@@ -56,6 +56,16 @@ impl Accounting {
         self.pending = None;
     }
 
+    /// The live ruleset is being replaced after it was deleted or changed
+    /// outside egret (a tamper restore): its final count cannot be read, so
+    /// `last` (the last reading) may miss what it logged since. Everything
+    /// received by then was logged by the tables egret loaded, so the books
+    /// carry at least that: they stay continuous across the restore.
+    pub fn retire_vanished(&mut self, last: u64, counts: ReaderCounts) {
+        self.retire(last);
+        self.retired = self.retired.max(counts.received + counts.seq_lost);
+    }
+
     /// A kernel reading of the live ruleset's log-rule counters at `now_ms`.
     pub fn kernel_reading(&mut self, live: u64, now_ms: u64, counts: ReaderCounts) {
         if live < self.live {
@@ -91,8 +101,11 @@ impl Accounting {
         // Until the next quiet spell re-measures it, a revealed tail may sit
         // in both seq_lost and the gauge; never claim more than the kernel logged.
         let room = (self.retired + self.live).saturating_sub(counts.received + counts.seq_lost);
+        // Messages still in flight from a vanished table arrive after its
+        // count was carried: the kernel logged at least what was received.
+        let logged = (self.retired + self.live).max(counts.received + counts.seq_lost);
         LossFigures {
-            kernel_logged: self.retired + self.live + self.while_down,
+            kernel_logged: logged + self.while_down,
             received: counts.received,
             seq_lost: counts.seq_lost,
             unaccounted: self.unaccounted.min(room),
@@ -160,5 +173,21 @@ mod tests {
         // An outside `apply` resets the counters: nothing is forgotten.
         acc.kernel_reading(1, 3_000, counts(16, 0, 3_000));
         assert_eq!(acc.figures(counts(16, 0, 3_000)).kernel_logged, 23);
+    }
+
+    #[test]
+    fn a_deleted_table_restored_keeps_the_books_continuous() {
+        let mut acc = Accounting::new(Duration::from_millis(100));
+        acc.kernel_reading(10, 0, counts(10, 0, 0));
+        // 5 more were logged and received before the table was deleted,
+        // after the last reading: the deleted table cannot be read.
+        acc.retire_vanished(10, counts(15, 0, 500));
+        acc.kernel_reading(3, 1_000, counts(18, 0, 1_000));
+        let f = acc.figures(counts(18, 0, 1_000));
+        assert_eq!(f.kernel_logged, 18, "{f:?}");
+        assert_eq!(f.kernel_logged, f.received + f.lost());
+        // A message of the old table still in flight after the restore.
+        let f = acc.figures(counts(19, 0, 1_100));
+        assert_eq!(f.kernel_logged, f.received + f.lost(), "{f:?}");
     }
 }

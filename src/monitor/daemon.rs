@@ -205,6 +205,13 @@ pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
     run_inner(opts, policy, store, signals)
 }
 
+/// For `egret suggest` and `egret doctor` from the state dir alone.
+fn record_settings(store: &mut Store, policy: &Policy) {
+    if let Err(e) = store.record_run_settings(policy, SystemTime::now()) {
+        warn!("recording the policy's settings in the store: {e:#}");
+    }
+}
+
 fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signals) -> Result<()> {
     let epoch = Instant::now();
     let mut nft = Nftables::open().context("opening nf_tables netlink")?;
@@ -322,6 +329,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     let units = apply::resolve_units(&policy);
     let rs = apply::compile_with_units(&policy, units.clone())?;
     nft.apply(&rs).context("loading the ruleset")?;
+    record_settings(&mut store, &policy);
     info!(
         policy = %opts.policy_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded default: audit mode, baseline only)".into()),
         mode = %policy.mode,
@@ -853,7 +861,8 @@ impl Daemon {
             Some(g) => g.swap(None, swap)?,
             None => swap()?,
         }
-        self.accounting.retire(self.last_live);
+        let counts = self.counts();
+        self.accounting.retire_vanished(self.last_live, counts);
         self.last_live = 0;
         self.expected = expected_rules(&rs);
         self.sets = set_sizes(&rs);
@@ -945,6 +954,7 @@ impl Daemon {
                 }
                 info!(policy = %path.display(), mode = %policy.mode, rules = policy.rules.len(), "reloaded");
                 self.policy = policy;
+                record_settings(&mut self.store, &self.policy);
                 self.units = units;
             }
             Err(e) => error!("reload failed, the running policy stays: {e:#}"),

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::monitor::event::{self, LossFigures};
 use crate::monitor::incident::Incident;
+use crate::policy::Policy;
 
 pub const DB_FILE: &str = "events.db";
 
@@ -87,6 +88,24 @@ pub struct Row {
     pub rule: String,
     pub doc: String,
 }
+
+const RAN_WITH: &str = "ran_with";
+const AUDITED_WITH: &str = "audited_with";
+
+/// The settings an `egret run` ran with (`Store::record_run_settings`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RunSettings {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub mode: String,
+    /// Policy text with the settings only (no rules).
+    pub settings: String,
+}
+
+/// The actions of traffic incidents, as an SQL list: egret's own events
+/// (tamper, heartbeat, data loss...) are kept out of what describes traffic.
+const TRAFFIC_ACTIONS: &str =
+    "('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -321,6 +340,37 @@ impl Store {
             .optional()?)
     }
 
+    /// Records the settings (mode, `[dns]`, `[proxy]`...; never rules or
+    /// alert targets) `egret run` runs with, so `egret suggest` and `egret
+    /// doctor` know them from the state dir alone. An audit-mode run is also
+    /// kept apart: a later enforce run does not hide what the audit saw.
+    pub fn record_run_settings(&mut self, policy: &Policy, at: SystemTime) -> Result<()> {
+        let record = serde_json::json!({
+            "at": event::timestamp(at),
+            "mode": policy.mode.as_str(),
+            "settings": crate::audit::policy_text::settings(policy, policy.mode),
+        })
+        .to_string();
+        self.put_counter(RAN_WITH, &record)?;
+        if policy.mode == crate::policy::Mode::Audit {
+            self.put_counter(AUDITED_WITH, &record)?;
+        }
+        Ok(())
+    }
+
+    /// What `record_run_settings` kept: the last audit-mode run's if any,
+    /// else the last run's.
+    pub fn run_settings(&self) -> Result<Option<RunSettings>> {
+        let text = match self.counter(AUDITED_WITH)? {
+            Some(t) => t,
+            None => match self.counter(RAN_WITH)? {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        Ok(serde_json::from_str(&text).ok())
+    }
+
     pub fn loss(&self) -> Result<Option<LossFigures>> {
         Ok(self
             .counter("loss")?
@@ -367,11 +417,10 @@ impl Store {
     /// or after `since`, oldest first: the recorded flows `egret suggest` and
     /// `egret simulate` work from.
     pub fn incident_docs(&self, since: SystemTime) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN
-               ('blocked', 'would-block', 'dns-refused', 'dns-would-refuse', 'proxy-denied')
-             ORDER BY id",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT doc FROM events WHERE last_seen >= ?1 AND action IN {TRAFFIC_ACTIONS}
+             ORDER BY id"
+        ))?;
         let docs = stmt
             .query_map([unix_ms(since)], |r| r.get(0))?
             .collect::<rusqlite::Result<Vec<String>>>()?;
@@ -391,7 +440,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT {col}, sum(count), count(*) FROM events
-             WHERE last_seen >= ?1 AND action != 'data-loss'
+             WHERE last_seen >= ?1 AND action IN {TRAFFIC_ACTIONS}
              GROUP BY {col} ORDER BY sum(count) DESC, {col} LIMIT ?2"
         );
         let mut stmt = self.conn.prepare(&sql)?;
@@ -541,5 +590,37 @@ mod tests {
         assert_eq!(docs.len(), 2, "incidents only, not egret's own events");
         assert!(docs[0].contains("1389"), "in incident order");
         assert_eq!(store.incident_docs(now).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn top_tables_leave_out_egrets_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(1);
+        let now = SystemTime::now();
+        let a = sample(&mut agg, 1389, 1000, now);
+        store
+            .upsert(&[(&a, &event::incident(&a, false, "h"))])
+            .unwrap();
+        for (i, action) in ["tamper", "heartbeat", "data-loss", "alert-dropped"]
+            .iter()
+            .enumerate()
+        {
+            store
+                .insert_event(
+                    a.id + 1 + i as u64,
+                    action,
+                    now,
+                    100,
+                    &serde_json::json!({}),
+                )
+                .unwrap();
+        }
+        let since = now - Duration::from_secs(60);
+        for by in [TopBy::Process, TopBy::Destination] {
+            let top = store.top(by, since, 10).unwrap();
+            assert_eq!(top.len(), 1, "{by:?}: {top:?}");
+            assert_eq!(top[0].1, 1, "{by:?}: {top:?}");
+        }
     }
 }

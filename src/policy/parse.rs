@@ -532,16 +532,23 @@ impl RuleChecker<'_> {
         hosts.sort();
         hosts.dedup();
         let via = raw.via.as_ref().map(|v| *v.get_ref()).unwrap_or_default();
-        if let Some(v) = raw.via.as_ref().filter(|_| raw.hosts.is_empty()) {
+        if let Some(v) = raw
+            .via
+            .as_ref()
+            .filter(|_| raw.hosts.is_empty() && raw.cidrs.is_empty())
+        {
             self.err(
                 path,
                 source,
                 v.span(),
-                "via applies to hosts, and this rule has none",
-                "remove via, or add hosts = [...]",
+                "via applies to hosts and cidrs, and this rule has neither",
+                "remove via, or add hosts = [...] or cidrs = [...]",
             );
         }
+        // via = "proxy" on cidrs: the proxy may reach them (even private
+        // addresses, past its SSRF guard), nothing reaches them directly.
         let span = match (&raw.via, raw.hosts.first()) {
+            (Some(v), _) if via == Via::Proxy && !raw.cidrs.is_empty() => Some(v.span()),
             (Some(v), Some(_)) if via == Via::Proxy => Some(v.span()),
             (_, Some(h)) => Some(h.span()),
             _ => None,
@@ -1216,7 +1223,13 @@ units = ["borg.service"]
         assert!(d.message.contains("needs the proxy"), "{}", d.message);
         assert_eq!((d.line, d.column), (4, 7));
         let d = first_error("[proxy]\n[[allow]]\nname = \"a\"\nports = [1]\nvia = \"proxy\"\n");
-        assert!(d.message.contains("this rule has none"), "{}", d.message);
+        assert!(d.message.contains("this rule has neither"), "{}", d.message);
+        // An internal service behind the proxy: its addresses, proxy only.
+        let p = parse("[proxy]\n[[allow]]\nname = \"wiki\"\ncidrs = [\"10.2.0.5\"]\nports = [443]\nvia = \"proxy\"\n").unwrap();
+        assert_eq!(p.rules[0].via, Via::Proxy);
+        let d =
+            first_error("[[allow]]\nname = \"wiki\"\ncidrs = [\"10.2.0.5\"]\nvia = \"proxy\"\n");
+        assert!(d.message.contains("needs the proxy"), "{}", d.message);
         let d = first_error("[proxy]\nmax_connections = 0\n");
         assert!(d.message.contains("not a positive number"), "{}", d.message);
         let d = first_error("[proxy]\nlisten = \"nowhere\"\n");

@@ -448,4 +448,23 @@ mod tests {
         who.uid = Some(1001);
         assert!(!rule.subject_ok(&who));
     }
+
+    // suite-gaps: `via = "proxy"` on cidrs (no code change here: the proxy
+    // already honours every rule's cidrs; the kernel side drops the direct path).
+    #[test]
+    fn proxy_only_cidrs_are_reachable_through_the_proxy() {
+        let r = rules(
+            "[[allow]]\nname = \"wiki\"\ncidrs = [\"10.2.0.5\"]\nports = [8080]\nvia = \"proxy\"\n",
+        );
+        let ip: IpAddr = "10.2.0.5".parse().unwrap();
+        assert_eq!(r.candidates(&t("10.2.0.5:8080")).len(), 1);
+        assert!(
+            r.address_ok(ip, 8080, None).is_ok(),
+            "covered past the SSRF guard"
+        );
+        assert!(r.address_ok(ip, 22, None).is_err(), "only the rule's ports");
+        assert!(r
+            .address_ok("10.2.0.6".parse().unwrap(), 8080, None)
+            .is_err());
+    }
 }

@@ -653,9 +653,14 @@ impl Compiler {
         if r.cidrs.is_empty() && r.hosts.is_empty() {
             destinations.push(Vec::new());
         }
+        // via = "proxy": the cidrs are reached through the proxy only (its
+        // marked sockets), so no direct rule names them.
+        let direct_cidrs: &[ipnet::IpNet] = match r.via {
+            Via::Any => &r.cidrs,
+            Via::Proxy => &[],
+        };
         for family in [Family::V4, Family::V6] {
-            let ranges: Vec<(u128, u128)> = r
-                .cidrs
+            let ranges: Vec<(u128, u128)> = direct_cidrs
                 .iter()
                 .filter(|n| Family::of(&n.addr()) == family)
                 .map(|n| (ip_to_u128(&n.network()), ip_to_u128(&n.broadcast())))
@@ -996,6 +1001,21 @@ mod tests {
             !t.contains("comment \"web\""),
             "no kernel rule for a proxy-only rule: {t}"
         );
+    }
+
+    #[test]
+    fn proxy_only_cidrs_get_no_direct_rule() {
+        let mut wiki = allow("wiki");
+        wiki.cidrs = vec!["10.2.0.5/32".parse().unwrap()];
+        wiki.via = Via::Proxy;
+        let mut direct = allow("direct");
+        direct.cidrs = vec!["10.3.0.0/24".parse().unwrap()];
+        let rs = compile(&policy(vec![wiki, direct]), &CompileInput::default());
+        let t = render(&rs);
+        assert!(rs.set("a_wiki_v4").is_none(), "{t}");
+        assert!(!t.contains("comment \"wiki\""), "{t}");
+        assert!(!t.contains("10.2.0.5"), "{t}");
+        assert!(t.contains("comment \"direct\""), "{t}");
     }
 
     #[test]

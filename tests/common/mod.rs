@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -13,8 +13,93 @@ pub fn egret_bin() -> &'static str {
     env!("CARGO_BIN_EXE_egret")
 }
 
+/// What a test runs as another user (scripts, the egret binary) must not be
+/// read from the checkout: it may sit in a directory only root can enter
+/// (`/root/egret`). They are placed once per test process in a world-readable
+/// temporary directory instead, removed when the process exits.
+struct SupportDir {
+    dir: PathBuf,
+    bin: std::sync::OnceLock<PathBuf>,
+}
+
+const SUPPORT_FILES: [(&str, &str); 3] = [
+    ("peer.py", include_str!("../support/peer.py")),
+    (
+        "alert_receiver.py",
+        include_str!("../support/alert_receiver.py"),
+    ),
+    ("dashboard.py", include_str!("../support/dashboard.py")),
+];
+
+extern "C" fn remove_support_dir() {
+    if let Some(s) = SUPPORT.get() {
+        let _ = std::fs::remove_dir_all(&s.dir);
+    }
+}
+
+static SUPPORT: std::sync::OnceLock<SupportDir> = std::sync::OnceLock::new();
+
+fn support() -> &'static SupportDir {
+    SUPPORT.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        // Not under the checkout and not under $TMPDIR (which may be private):
+        // /tmp is what every user can traverse.
+        let dir = tempfile::Builder::new()
+            .prefix("egret-test-support-")
+            .tempdir_in("/tmp")
+            .expect("a temporary directory in /tmp")
+            .keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 755 the support directory");
+        for (name, text) in SUPPORT_FILES {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("writing a support script");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod 644 a support script");
+        }
+        // SAFETY: registers a plain function; statics are never dropped by the
+        // test harness, so this is what removes the directory.
+        unsafe { libc::atexit(remove_support_dir) };
+        SupportDir {
+            dir,
+            bin: std::sync::OnceLock::new(),
+        }
+    })
+}
+
+/// A support script (tests/support/NAME) at a path any user can read.
+pub fn support_script(name: &str) -> PathBuf {
+    let s = support();
+    assert!(
+        SUPPORT_FILES.iter().any(|(n, _)| *n == name),
+        "unknown support script {name}"
+    );
+    s.dir.join(name)
+}
+
 pub fn peer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/peer.py")
+    support_script("peer.py")
+}
+
+/// The egret binary at a path any user can execute: for tests that run it
+/// as another user (the build's own copy may be in a private checkout).
+pub fn egret_bin_for_others() -> &'static str {
+    let s = support();
+    s.bin
+        .get_or_init(|| {
+            // Copied by a child process: a file open for writing in this
+            // process would leak into children other test threads fork at
+            // that moment, and exec of the copy would fail (ETXTBSY).
+            let path = s.dir.join("egret");
+            run_ok(
+                Command::new("install")
+                    .args(["-m", "755", egret_bin()])
+                    .arg(&path),
+            );
+            path
+        })
+        .to_str()
+        .expect("utf-8 path")
 }
 
 fn unique(prefix: &str) -> String {

@@ -190,7 +190,9 @@ function showStatus(s) {
   fillTable("rules", s.rules || [], (r) => [[r.packets, "num"], [r.action], [r.rule]]);
   const loss = m.loss || {};
   const items = [
-    ["blocked packets (kernel)", s.blocked_packets],
+    // The books' count spans ruleset swaps and tamper restores, as "received" does;
+    // the live table's counters restart with each new table.
+    ["blocked packets (kernel)", loss.kernel_logged !== undefined ? loss.kernel_logged : s.blocked_packets],
     ["received by egret", loss.received],
     ["lost", lost + " (gaps " + (loss.seq_lost || 0) + ", overruns " + (loss.enobufs || 0) + ", while down " + (loss.while_down || 0) + ")"],
     ["books updated", time(m.updated_at)],

@@ -74,6 +74,16 @@ fn first_matching_rule_decides_and_the_rest_falls_to_default() {
 }
 
 #[test]
+fn proxy_only_cidrs_allow_no_direct_packet() {
+    let mut wiki = allow("wiki");
+    wiki.cidrs = vec!["10.2.0.5/32".parse().unwrap()];
+    wiki.via = crate::policy::Via::Proxy;
+    let p = policy(Mode::Enforce, false, vec![wiki]);
+    let d = evaluate(&p, &tcp("10.2.0.5", 443));
+    assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Blocked, "default"));
+}
+
+#[test]
 fn baseline_and_dns_guard_come_before_the_rules() {
     let mut any = allow("any");
     any.cidrs = vec!["0.0.0.0/0".parse().unwrap()];
@@ -305,10 +315,14 @@ prop_compose! {
         users in proptest::sample::subsequence(vec![0u32, 1000], 0..2),
         units in proptest::sample::subsequence(vec!["u1.service", "u2.service"], 0..2),
         mode in proptest::option::of(prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)]),
+        proxy_only in proptest::bool::weighted(0.2),
     ) -> AllowRule {
         let mut r = allow(&format!("r{i}"));
         r.cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
         r.hosts = hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
+        if proxy_only && !(r.cidrs.is_empty() && r.hosts.is_empty()) {
+            r.via = crate::policy::Via::Proxy;
+        }
         let ported = !protocols.is_empty() && !protocols.contains(&L4::Icmp);
         r.protocols = protocols;
         r.ports = if ported { ports(&port_list) } else { vec![] };

@@ -74,6 +74,32 @@ cidrs = ["192.0.2.0/24"]
 }
 
 #[test]
+fn proxy_only_cidrs_shadow_no_direct_rule() {
+    let p = policy(
+        r#"
+[proxy]
+[[allow]]
+name = "via-proxy"
+cidrs = ["10.0.0.0/8"]
+via = "proxy"
+[[allow]]
+name = "direct"
+cidrs = ["10.1.0.0/16"]
+[[allow]]
+name = "direct-too"
+cidrs = ["10.1.2.0/24"]
+via = "proxy"
+"#,
+    );
+    let k = kinds(&p, None);
+    assert!(!k.iter().any(|(r, _)| r == "direct"), "{k:?}");
+    assert!(
+        k.contains(&("direct-too".to_string(), "shadowed")),
+        "a direct rule also opens the proxy: {k:?}"
+    );
+}
+
+#[test]
 fn near_misses_are_not_shadowed() {
     let p = policy(
         r#"
