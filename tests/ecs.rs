@@ -226,6 +226,7 @@ fn process_who() -> Attribution {
         container_name: None,
         container_image: None,
         ingress: None,
+        truncated: vec!["process.command_line"],
     }
 }
 
@@ -243,6 +244,7 @@ fn container_who(method: Method) -> Attribution {
         container_name: Some("web".into()),
         container_image: Some("registry.example/nginx:1.25".into()),
         ingress: Some(("docker0".into(), "172.17.0.2".parse().unwrap())),
+        truncated: Vec::new(),
     }
 }
 
