@@ -89,6 +89,7 @@ struct RawMetrics {
 struct RawApi {
     listen: Option<Spanned<String>>,
     dashboard: Option<bool>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +230,11 @@ pub fn parse_str(
     let api = raw.api.as_ref().map(|a| super::ApiConfig {
         listen: listen(&a.get_ref().listen, super::DEFAULT_API_LISTEN, true),
         dashboard: a.get_ref().dashboard.unwrap_or(false),
+        group: a
+            .get_ref()
+            .group
+            .clone()
+            .unwrap_or_else(|| super::DEFAULT_API_GROUP.to_string()),
     });
 
     let heartbeat = match duration_field(&raw.heartbeat, std::time::Duration::ZERO, false) {
