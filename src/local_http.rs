@@ -557,3 +557,35 @@ pub fn full(
     );
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_group_members_only() {
+        assert!(authorized(0, "no-such-group-here"));
+        // daemon (uid 1) has group daemon (gid 1) on every Debian system.
+        assert!(authorized(1, "daemon"));
+        assert!(!authorized(65534, "daemon"));
+        assert!(!authorized(65534, "no-such-group-here"));
+        assert!(!authorized(65534, ""));
+    }
+
+    #[test]
+    fn caps_count_per_client_and_in_all() {
+        let caps = Caps::new(3, 2);
+        let a = Client::Uid(1000);
+        let b = Client::Addr(IpAddr::from([127, 0, 0, 1]));
+        let a1 = caps.admit(a).unwrap();
+        let _a2 = caps.admit(a).unwrap();
+        assert!(caps.admit(a).is_none(), "per client");
+        let _b1 = caps.admit(b).unwrap();
+        assert!(caps.admit(b).is_none(), "in all");
+        drop(a1);
+        assert!(
+            caps.admit(b).is_some(),
+            "a closed connection gives its place back"
+        );
+    }
+}

@@ -574,4 +574,37 @@ mod tests {
         assert!(docs[0].contains("1389"), "in incident order");
         assert_eq!(store.incident_docs(now).unwrap().len(), 1);
     }
+
+    #[test]
+    fn state_dir_and_store_get_their_modes_but_shared_dirs_are_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/b");
+        drop(Store::open(&state).unwrap());
+        assert_eq!(mode(&state), STATE_DIR_MODE);
+        assert_eq!(mode(&db_path(&state)), DB_MODE);
+        // An existing store's dir left wide open is narrowed.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(db_path(&state), std::fs::Permissions::from_mode(0o666)).unwrap();
+        drop(Store::open(&state).unwrap());
+        assert_eq!((mode(&state), mode(&db_path(&state))), (0o750, 0o640));
+        // A shared sticky directory pointed at by mistake keeps its mode.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_state_dir(&shared, None).unwrap();
+        assert_eq!(mode(&shared), 0o1777);
+        // A non-empty directory that is not egret's keeps its mode.
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::write(home.join(".profile"), "").unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_state_dir(&home, None).unwrap();
+        assert_eq!(mode(&home), 0o755);
+        // Files written through write_file get the mode asked for.
+        let f = state.join("x.json");
+        write_file(&f, b"{}", 0o600).unwrap();
+        assert_eq!(mode(&f), 0o600);
+    }
 }

@@ -1260,6 +1260,16 @@ units = ["borg.service"]
     }
 
     #[test]
+    fn api_group_defaults_to_egret() {
+        let p = parse("[api]\n").unwrap();
+        assert_eq!(p.api.as_ref().unwrap().group, "egret");
+        assert_eq!(p.access_group(), "egret");
+        let p = parse("[api]\ngroup = \"ops\"\n").unwrap();
+        assert_eq!(p.access_group(), "ops");
+        assert_eq!(parse("").unwrap().access_group(), "egret", "without [api]");
+    }
+
+    #[test]
     fn metrics_section() {
         assert_eq!(
             parse("[metrics]\n").unwrap().metrics,
