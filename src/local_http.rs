@@ -103,6 +103,18 @@ pub struct ServerStats {
     pub closed_idle: AtomicU64,
 }
 
+impl ServerStats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "refused_access": g(&self.refused_access),
+            "refused_busy": g(&self.refused_busy),
+            "accept_errors": g(&self.accept_errors),
+            "closed_idle": g(&self.closed_idle),
+        })
+    }
+}
+
 pub struct LocalServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,

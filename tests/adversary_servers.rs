@@ -320,6 +320,17 @@ fn only_root_and_the_api_group_read_the_api() {
         "group member"
     );
     assert!(run.stderr_text().contains("refused uid 65534"));
+    // Counted where an operator looks.
+    let out = run_ok(&mut ns.cmd(
+        "curl",
+        &["-s", "-m", "5", &format!("http://{API}/api/v1/status")],
+    ));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert!(
+        status["api"]["connections"]["refused_access"].as_u64() >= Some(3),
+        "{:#}",
+        status["api"]
+    );
     // Metrics hold counts only: anyone local may scrape them.
     assert_eq!(http_status(&ns, Some(65534), METRICS, "/metrics"), 200);
 }

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 pub use feed::LiveFeed;
 
 use crate::kernel::nft::Nftables;
-use crate::local_http::{full, Access, Body, Client, Handler, Limits, LocalServer};
+use crate::local_http::{full, Access, Body, Client, Handler, Limits, LocalServer, ServerStats};
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::policy::ApiConfig;
 use crate::ruleset::OUTPUT_CHAIN;
@@ -49,6 +49,8 @@ struct Api {
     feed: LiveFeed,
     dashboard: bool,
     started: SystemTime,
+    /// The server's refusals, set once it started.
+    server: std::sync::OnceLock<Arc<ServerStats>>,
 }
 
 pub struct ApiServer(LocalServer);
@@ -60,7 +62,9 @@ impl ApiServer {
             feed,
             dashboard: config.dashboard,
             started: SystemTime::now(),
+            server: std::sync::OnceLock::new(),
         });
+        let stats_slot = Arc::clone(&api);
         let handler: Handler = Arc::new(move |req| {
             let api = Arc::clone(&api);
             Box::pin(async move { api.route(req).await })
@@ -74,12 +78,9 @@ impl ApiServer {
                 config.group
             );
         }
-        Ok(ApiServer(LocalServer::start(
-            "api",
-            config.listen,
-            limits,
-            handler,
-        )?))
+        let server = LocalServer::start("api", config.listen, limits, handler)?;
+        let _ = stats_slot.server.set(Arc::clone(&server.stats));
+        Ok(ApiServer(server))
     }
 
     pub fn stop(self) {
@@ -232,6 +233,7 @@ impl Api {
             "started": rfc3339(self.started),
             "now": rfc3339(SystemTime::now()),
             "live_feeds": self.feed.clients(),
+            "connections": self.server.get().map(|s| s.snapshot()),
         });
         Ok(v)
     }
