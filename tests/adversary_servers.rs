@@ -429,3 +429,35 @@ fn state_files_keep_their_modes_under_a_hostile_umask() {
     let _ = child.0.wait();
     let _ = std::io::stderr().flush();
 }
+
+/// `apply --confirm` under umask 000 into a new `--state-dir`: the dir is
+/// 0750 and the pending file (the previous ruleset) root's alone.
+#[test]
+fn apply_confirm_files_keep_their_modes_under_a_hostile_umask() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("mode = \"enforce\"\n");
+    let state = policy.dir.path().join("custom/state");
+    let state_s = state.to_string_lossy().into_owned();
+    let netns = format!("--net=/run/netns/{}", ns.name);
+    run_ok(Command::new("sh").args([
+        "-c",
+        "umask 000 && exec \"$@\"",
+        "sh",
+        "nsenter",
+        &netns,
+        "--",
+        egret_bin(),
+        "apply",
+        policy.path(),
+        "--confirm",
+        "600",
+        "--state-dir",
+        &state_s,
+    ]));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
+    let pending = state.join("pending-confirm.json");
+    let modes = (mode(&state), mode(&pending));
+    // Confirm before asserting, so the watcher never outlives the test.
+    ns.egret_ok(&["confirm", "--state-dir", &state_s]);
+    assert_eq!(modes, (0o750, 0o600), "state dir, pending file");
+}
