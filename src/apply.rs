@@ -66,11 +66,9 @@ pub fn read_pending(state_dir: &Path) -> Option<Pending> {
     serde_json::from_str(&text).ok()
 }
 
+/// The ruleset files hold the previous policy: root's alone, whatever the umask.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::monitor::store::write_file(path, data, 0o600)
 }
 
 /// Loads `rs`. With `confirm`, first records what was live and starts a
@@ -90,8 +88,7 @@ pub fn apply(rs: &Ruleset, confirm: Option<Duration>, state_dir: &Path) -> Resul
     let previous = nft
         .read()
         .context("reading the live ruleset to roll back to")?;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    crate::monitor::store::prepare_state_dir(state_dir, None)?;
     let token = u64::from(std::process::id()) << 32 | (now_unix() & 0xffff_ffff);
     let pending = Pending {
         deadline_unix: now_unix() + timeout.as_secs().max(1),

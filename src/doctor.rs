@@ -356,7 +356,9 @@ fn clock() -> Check {
 
 fn state_dir(dir: &Path) -> Check {
     let probe = dir.join(format!(".doctor-{}", std::process::id()));
-    let result = std::fs::create_dir_all(dir)
+    // Made as `egret run` makes it (0750 whatever the umask), should doctor come first.
+    let result = crate::monitor::store::prepare_state_dir(dir, None)
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
         .and_then(|()| std::fs::write(&probe, b"probe"))
         .and_then(|()| std::fs::remove_file(&probe));
     match result {

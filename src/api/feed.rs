@@ -3,15 +3,18 @@
 //! nobody listens, and a slow client loses its oldest events (and is told
 //! how many) instead of holding the pipeline.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Frame;
 use tokio::sync::{broadcast, mpsc};
+
+use crate::local_http::Client;
 
 /// Events a client may fall behind by before it skips ahead.
 const BACKLOG: usize = 1024;
@@ -20,11 +23,32 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const BURST_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
-pub struct LiveFeed(broadcast::Sender<Arc<str>>);
+pub struct LiveFeed(
+    broadcast::Sender<Arc<str>>,
+    Arc<Mutex<HashMap<Client, usize>>>,
+);
 
 impl Default for LiveFeed {
     fn default() -> Self {
-        LiveFeed(broadcast::channel(BACKLOG).0)
+        LiveFeed(broadcast::channel(BACKLOG).0, Arc::default())
+    }
+}
+
+/// A client's hold on one of its feeds, given back when the stream ends.
+struct Held {
+    client: Client,
+    per_client: Arc<Mutex<HashMap<Client, usize>>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -44,7 +68,26 @@ impl LiveFeed {
     /// A `text/event-stream` body: `data:` lines with one ECS document each,
     /// `event: lagged` when this client fell behind, comments as keep-alives.
     /// Must be called on the API's runtime (it spawns the forwarder).
-    pub fn stream(&self) -> EventStream {
+    /// A stream for `client`, unless it has `max` open already.
+    pub fn stream_for(&self, client: Option<Client>, max: usize) -> Option<EventStream> {
+        let Some(client) = client else {
+            return Some(self.open(None));
+        };
+        {
+            let mut m = self.1.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(client).or_insert(0);
+            if *n >= max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(self.open(Some(Held {
+            client,
+            per_client: Arc::clone(&self.1),
+        })))
+    }
+
+    fn open(&self, held: Option<Held>) -> EventStream {
         let mut events = self.0.subscribe();
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
@@ -84,11 +127,15 @@ impl LiveFeed {
                 }
             }
         });
-        EventStream(rx)
+        EventStream { rx, _held: held }
     }
 }
 
-pub struct EventStream(mpsc::Receiver<Bytes>);
+pub struct EventStream {
+    rx: mpsc::Receiver<Bytes>,
+    /// Keeps the client's count until the stream is dropped.
+    _held: Option<Held>,
+}
 
 impl hyper::body::Body for EventStream {
     type Data = Bytes;
@@ -98,6 +145,6 @@ impl hyper::body::Body for EventStream {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+        self.rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
     }
 }

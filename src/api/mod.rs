@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 pub use feed::LiveFeed;
 
 use crate::kernel::nft::Nftables;
-use crate::local_http::{full, Body, Handler, LocalServer};
+use crate::local_http::{full, Access, Body, Client, Handler, Limits, LocalServer, ServerStats};
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::policy::ApiConfig;
 use crate::ruleset::OUTPUT_CHAIN;
@@ -35,6 +35,8 @@ const JSON: &str = "application/json";
 const MAX_LIMIT: usize = 1000;
 /// Live feeds open at once; each holds a socket and a small queue.
 const MAX_STREAMS: usize = 64;
+/// Live feeds one client (uid) may hold, so one user cannot take them all.
+const MAX_STREAMS_PER_CLIENT: usize = 8;
 /// The longest window the timeline serves, in minutes (a week).
 const MAX_TIMELINE_MINUTES: i64 = 7 * 24 * 60;
 
@@ -47,27 +49,38 @@ struct Api {
     feed: LiveFeed,
     dashboard: bool,
     started: SystemTime,
+    /// The server's refusals, set once it started.
+    server: std::sync::OnceLock<Arc<ServerStats>>,
 }
 
 pub struct ApiServer(LocalServer);
 
 impl ApiServer {
-    pub fn start(config: ApiConfig, state_dir: PathBuf, feed: LiveFeed) -> Result<ApiServer> {
+    pub fn start(config: &ApiConfig, state_dir: PathBuf, feed: LiveFeed) -> Result<ApiServer> {
         let api = Arc::new(Api {
             state_dir,
             feed,
             dashboard: config.dashboard,
             started: SystemTime::now(),
+            server: std::sync::OnceLock::new(),
         });
+        let stats_slot = Arc::clone(&api);
         let handler: Handler = Arc::new(move |req| {
             let api = Arc::clone(&api);
             Box::pin(async move { api.route(req).await })
         });
-        Ok(ApiServer(LocalServer::start(
-            "api",
-            config.listen,
-            handler,
-        )?))
+        let limits = Limits::new(Access::RootAndGroup(config.group.clone()));
+        if config.group.is_empty()
+            || !matches!(nix::unistd::Group::from_name(&config.group), Ok(Some(_)))
+        {
+            tracing::warn!(
+                "API: group {:?} does not exist: only root may use the API (create it, or set `group` in [api])",
+                config.group
+            );
+        }
+        let server = LocalServer::start("api", config.listen, limits, handler)?;
+        let _ = stats_slot.server.set(Arc::clone(&server.stats));
+        Ok(ApiServer(server))
     }
 
     pub fn stop(self) {
@@ -137,7 +150,7 @@ impl Api {
                 StatusCode::NOT_FOUND,
                 "the dashboard is off (set `dashboard = true` in [api]); the API is under /api/v1/".into(),
             )),
-            "/api/v1/stream" => self.stream(),
+            "/api/v1/stream" => self.stream(req.extensions().get::<Client>().copied()),
             "/api/v1/status" => self.blocking(move |api| api.status(false)).await,
             "/api/v1/rules" => self.blocking(move |api| api.status(true)).await,
             "/api/v1/events" => {
@@ -169,14 +182,23 @@ impl Api {
         Ok(full(StatusCode::OK, JSON, value.to_string()))
     }
 
-    fn stream(&self) -> Result<Response<Body>, Refusal> {
+    fn stream(&self, client: Option<Client>) -> Result<Response<Body>, Refusal> {
         if self.feed.clients() >= MAX_STREAMS {
             return Err(Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{MAX_STREAMS} live feeds are open already"),
             ));
         }
-        let mut resp = Response::new(self.feed.stream().boxed());
+        let stream = self
+            .feed
+            .stream_for(client, MAX_STREAMS_PER_CLIENT)
+            .ok_or_else(|| {
+                Refusal(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("you have {MAX_STREAMS_PER_CLIENT} live feeds open already"),
+                )
+            })?;
+        let mut resp = Response::new(stream.boxed());
         resp.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("text/event-stream"),
@@ -211,6 +233,7 @@ impl Api {
             "started": rfc3339(self.started),
             "now": rfc3339(SystemTime::now()),
             "live_feeds": self.feed.clients(),
+            "connections": self.server.get().map(|s| s.snapshot()),
         });
         Ok(v)
     }

@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
+use crate::local_http::{AcceptErrors, Caps, PeerUids};
+
 use super::batch::{self, Batcher};
 use super::cache::{Cache, CacheKey};
 use super::message::{self, Incoming, Query};
@@ -25,6 +27,9 @@ use crate::monitor::incident::{DnsQuestion, ResolvedName};
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
 
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
+/// TCP connections open at once, and per client (uid, else address).
+const TCP_MAX_CLIENTS: usize = 256;
+const TCP_MAX_PER_CLIENT: usize = 32;
 const CACHE_ENTRIES: usize = 20_000;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -87,6 +92,10 @@ pub struct GuardStats {
     pub refused: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub set_failures: AtomicU64,
+    /// accept() failures (EMFILE...), waited out.
+    pub tcp_accept_errors: AtomicU64,
+    /// TCP connections closed at once: their client, or everyone, was at the cap.
+    pub tcp_refused: AtomicU64,
 }
 
 impl GuardStats {
@@ -99,6 +108,8 @@ impl GuardStats {
             "refused": g(&self.refused),
             "upstream_failures": g(&self.upstream_failures),
             "set_failures": g(&self.set_failures),
+            "tcp_accept_errors": g(&self.tcp_accept_errors),
+            "tcp_refused": g(&self.tcp_refused),
         })
     }
 }
@@ -282,8 +293,19 @@ fn cache_key(q: &Query) -> CacheKey {
 async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> {
     let mut batch = Batcher::default();
     let mut replies = Vec::with_capacity(batch::BATCH);
+    let mut errors = AcceptErrors::default();
     loop {
-        let received = batch.recv(&sock).await?;
+        // An error (ENOMEM, a pending ICMP error) is waited out, never the end of the guard.
+        let received = match batch.recv(&sock).await {
+            Ok(r) => {
+                errors.ok();
+                r
+            }
+            Err(e) => {
+                errors.back_off("DNS guard (UDP)", &e).await;
+                continue;
+            }
+        };
         let cfg = shared.config();
         for (i, r) in received.iter().enumerate() {
             let incoming = if r.truncated {
@@ -317,16 +339,42 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> 
                 let _ = sock.send_to(&reply, peer).await;
             });
         }
-        batch.send(&sock, &replies).await?;
+        if let Err(e) = batch.send(&sock, &replies).await {
+            debug!("DNS guard (UDP): sending replies: {e}");
+        }
         replies.clear();
     }
 }
 
 async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    let mut errors = AcceptErrors::default();
+    let caps = Caps::new(TCP_MAX_CLIENTS, TCP_MAX_PER_CLIENT);
+    let uids = Arc::new(PeerUids::default());
     loop {
-        let (stream, peer) = listener.accept().await?;
-        let shared = Arc::clone(&shared);
+        // Out of descriptors (EMFILE, ENFILE), memory, an aborted handshake:
+        // wait and accept again; UDP answers meanwhile on the same runtime.
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => {
+                errors.ok();
+                c
+            }
+            Err(e) => {
+                shared
+                    .stats
+                    .tcp_accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                errors.back_off("DNS guard (TCP)", &e).await;
+                continue;
+            }
+        };
+        let (shared, caps, uids) = (Arc::clone(&shared), Arc::clone(&caps), Arc::clone(&uids));
         tokio::spawn(async move {
+            let (_, client) = uids.client(peer, stream.local_addr().ok());
+            let Some(_slot) = caps.admit(client) else {
+                shared.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "DNS guard (TCP): {client} is over its connections: closed");
+                return;
+            };
             if let Err(e) = tcp_client(&shared, stream, peer).await {
                 debug!(%peer, "DNS guard: TCP client: {e}");
             }

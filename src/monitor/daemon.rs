@@ -191,7 +191,7 @@ struct Daemon {
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
     let signals = Signals::register().context("installing signal handlers")?;
-    let store = Store::open(&opts.state_dir)?;
+    let store = Store::open_for(&opts.state_dir, Some(policy.access_group()))?;
     if let Some(pid) = running_pid(&opts.state_dir) {
         bail!(
             "another `egret run` (pid {pid}) uses {}",
@@ -199,8 +199,12 @@ pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
         );
     }
     let pid_file = pid_path(&opts.state_dir);
-    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
-        .context("writing the pid file")?;
+    crate::monitor::store::write_file(
+        &pid_file,
+        format!("{}\n", std::process::id()).as_bytes(),
+        0o644,
+    )
+    .context("writing the pid file")?;
     let _pid_guard = PidFile(pid_file);
     run_inner(opts, policy, store, signals)
 }
@@ -298,7 +302,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     }
     *metrics.alerts.lock().unwrap_or_else(|p| p.into_inner()) = alerts.stats();
     let feed = LiveFeed::default();
-    let api_server = match policy.api {
+    let api_server = match &policy.api {
         Some(api) => {
             let server = ApiServer::start(api, opts.state_dir.clone(), feed.clone())?;
             if api.dashboard {

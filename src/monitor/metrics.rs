@@ -14,7 +14,7 @@ use hyper::StatusCode;
 
 use crate::alert::SinkStats;
 use crate::dns::GuardStats;
-use crate::local_http::{full, Handler, LocalServer};
+use crate::local_http::{full, Access, Handler, Limits, LocalServer};
 use crate::monitor::event::LossFigures;
 use crate::proxy::ProxyStats;
 
@@ -354,8 +354,12 @@ impl MetricsServer {
                 }
             })
         });
+        // Counts only, no command lines: any local scraper may read them.
         Ok(MetricsServer(LocalServer::start(
-            "metrics", listen, handler,
+            "metrics",
+            listen,
+            Limits::new(Access::Anyone),
+            handler,
         )?))
     }
 

@@ -20,6 +20,90 @@ pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join(DB_FILE)
 }
 
+/// The state dir's mode: root writes, `group` reads, nobody else enters.
+pub const STATE_DIR_MODE: u32 = 0o750;
+/// The store's mode (and its -wal and -shm): it holds every user's command lines.
+pub const DB_MODE: u32 = 0o640;
+
+/// The gid of `group`, when it exists.
+fn group_id(group: Option<&str>) -> Option<nix::unistd::Gid> {
+    let name = group.filter(|g| !g.is_empty())?;
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid)
+}
+
+/// Creates the state dir (and its parents) whatever the umask: 0750, group
+/// `group` when it exists. An existing dir is made so too when it is egret's
+/// (ours, not sticky, and empty or holding egret's files), never a shared
+/// directory someone pointed `--state-dir` at.
+pub fn prepare_state_dir(dir: &Path, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let created = !dir.exists();
+    if created {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(STATE_DIR_MODE)
+            .create(dir)
+            .with_context(|| format!("creating state dir {}", dir.display()))?;
+    }
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("reading state dir {}", dir.display()))?;
+    let ours = meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.mode() & 0o1000 == 0
+        && (created
+            || db_path(dir).exists()
+            || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()));
+    if !ours {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    give_to_group(dir, group);
+    Ok(())
+}
+
+/// Sets `path`'s mode (and group, when it exists), whatever the umask was.
+pub fn set_file_mode(path: &Path, mode: u32, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    give_to_group(path, group);
+    Ok(())
+}
+
+/// Best effort: egret run as an unprivileged user may not be in the group;
+/// then only that user (and root) reads what it wrote.
+fn give_to_group(path: &Path, group: Option<&str>) {
+    if let Some(gid) = group_id(group) {
+        if let Err(e) = nix::unistd::chown(path, None, Some(gid)) {
+            tracing::warn!("giving {} to group {gid}: {e}", path.display());
+        }
+    }
+}
+
+/// Writes `data` to `path` through a temporary file created with `mode`
+/// (not what the umask leaves), then renamed over it.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(data))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
 fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -143,12 +227,36 @@ CREATE TABLE IF NOT EXISTS counters (
 
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        Store::open_for(state_dir, None)
+    }
+
+    /// Opens (creating) the store; the state dir and the database files get
+    /// their modes whatever the umask, and `group` (when it exists) may read them.
+    pub fn open_for(state_dir: &Path, group: Option<&str>) -> Result<Store> {
+        prepare_state_dir(state_dir, group)?;
         let path = db_path(state_dir);
+        {
+            // Created here with its mode, before SQLite makes it with the umask's.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(DB_MODE)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        set_file_mode(&path, DB_MODE, group)?;
         let conn =
             Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.clone().into_os_string();
+            side.push(suffix);
+            let side = PathBuf::from(side);
+            if side.exists() {
+                set_file_mode(&side, DB_MODE, group)?;
+            }
+        }
         // WAL + NORMAL: a crash may lose the last commit, never corrupts.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -622,5 +730,38 @@ mod tests {
             assert_eq!(top.len(), 1, "{by:?}: {top:?}");
             assert_eq!(top[0].1, 1, "{by:?}: {top:?}");
         }
+    }
+
+    #[test]
+    fn state_dir_and_store_get_their_modes_but_shared_dirs_are_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/b");
+        drop(Store::open(&state).unwrap());
+        assert_eq!(mode(&state), STATE_DIR_MODE);
+        assert_eq!(mode(&db_path(&state)), DB_MODE);
+        // An existing store's dir left wide open is narrowed.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(db_path(&state), std::fs::Permissions::from_mode(0o666)).unwrap();
+        drop(Store::open(&state).unwrap());
+        assert_eq!((mode(&state), mode(&db_path(&state))), (0o750, 0o640));
+        // A shared sticky directory pointed at by mistake keeps its mode.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_state_dir(&shared, None).unwrap();
+        assert_eq!(mode(&shared), 0o1777);
+        // A non-empty directory that is not egret's keeps its mode.
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::write(home.join(".profile"), "").unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_state_dir(&home, None).unwrap();
+        assert_eq!(mode(&home), 0o755);
+        // Files written through write_file get the mode asked for.
+        let f = state.join("x.json");
+        write_file(&f, b"{}", 0o600).unwrap();
+        assert_eq!(mode(&f), 0o600);
     }
 }

@@ -137,11 +137,27 @@ pub enum Scope {
 pub const DEFAULT_CONTAINER_INTERFACES: &[&str] = &["docker0", "br-*", "podman*", "cni*", "virbr*"];
 
 /// `[api]`: egret's local, read-only HTTP API and (opt-in) dashboard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     /// Always a loopback address: the API shows who talks where.
     pub listen: SocketAddr,
     pub dashboard: bool,
+    /// Besides root, only members of this group may use the API (and read
+    /// the state directory, which egret gives to this group).
+    pub group: String,
+}
+
+/// The group of `[api]` and of the state directory unless told otherwise
+/// (the Debian package creates it).
+pub const DEFAULT_API_GROUP: &str = "egret";
+
+impl Policy {
+    /// The group that may read what egret recorded (the API and the state dir).
+    pub fn access_group(&self) -> &str {
+        self.api
+            .as_ref()
+            .map_or(DEFAULT_API_GROUP, |a| a.group.as_str())
+    }
 }
 
 /// Where `[api]` listens unless told otherwise.

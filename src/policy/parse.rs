@@ -89,6 +89,7 @@ struct RawMetrics {
 struct RawApi {
     listen: Option<Spanned<String>>,
     dashboard: Option<bool>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +230,11 @@ pub fn parse_str(
     let api = raw.api.as_ref().map(|a| super::ApiConfig {
         listen: listen(&a.get_ref().listen, super::DEFAULT_API_LISTEN, true),
         dashboard: a.get_ref().dashboard.unwrap_or(false),
+        group: a
+            .get_ref()
+            .group
+            .clone()
+            .unwrap_or_else(|| super::DEFAULT_API_GROUP.to_string()),
     });
 
     let heartbeat = match duration_field(&raw.heartbeat, std::time::Duration::ZERO, false) {
@@ -1264,6 +1270,16 @@ units = ["borg.service"]
         );
         let d = first_error("[api]\nport = 1\n");
         assert!(d.message.contains("unknown field"), "{}", d.message);
+    }
+
+    #[test]
+    fn api_group_defaults_to_egret() {
+        let p = parse("[api]\n").unwrap();
+        assert_eq!(p.api.as_ref().unwrap().group, "egret");
+        assert_eq!(p.access_group(), "egret");
+        let p = parse("[api]\ngroup = \"ops\"\n").unwrap();
+        assert_eq!(p.access_group(), "ops");
+        assert_eq!(parse("").unwrap().access_group(), "egret", "without [api]");
     }
 
     #[test]
