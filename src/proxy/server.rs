@@ -49,6 +49,9 @@ const NAME_CACHE_MAX: usize = 10_000;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause between failed accepts (EMFILE and the like).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Failed accepts are logged at most this often (and counted always): while
+/// descriptors are short, accept fails and succeeds by turns, many times a second.
+const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Refused connections being closed politely at once (answer sent, the
 /// client's request drained so the close is not a reset); past this they are
 /// just closed.
@@ -391,28 +394,31 @@ impl Drop for Admission {
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
     let mut backoff = Duration::ZERO;
-    let mut failed = 0u64;
+    let mut reported: Option<Instant> = None;
+    let mut unreported = 0u64;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             // Out of descriptors and the like: the pending connection stays
             // queued and accept fails again at once, so back off (doubling,
-            // up to a second), say it once, and keep serving.
+            // up to a second), say it once a minute, and keep serving.
             Err(e) => {
                 shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                if failed == 0 {
-                    warn!("proxy: accept: {e}; retrying with backoff");
+                if reported.map_or(true, |at| at.elapsed() >= ACCEPT_REPORT_EVERY) {
+                    warn!(
+                        "proxy: accept: {e} ({unreported} more failures since the last report); \
+                         backing off, still serving (counted in accept_errors)"
+                    );
+                    (reported, unreported) = (Some(Instant::now()), 0);
+                } else {
+                    unreported += 1;
                 }
-                failed += 1;
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
         };
-        if failed > 0 {
-            warn!("proxy: accepting again after {failed} failed accepts");
-            (failed, backoff) = (0, Duration::ZERO);
-        }
+        backoff = Duration::ZERO;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
