@@ -447,8 +447,10 @@ fn refuse(shared: &Arc<Shared>, stream: TcpStream, msg: &'static str) {
          Content-Length: {}\r\nConnection: close\r\n\r\n{msg}",
         msg.len()
     );
-    // A fresh socket's send buffer takes these bytes whole.
-    let _ = stream.try_write(answer.as_bytes());
+    // A fresh socket's send buffer takes these bytes whole. Sent directly:
+    // tokio's try_write declines until the reactor has seen the new socket
+    // writable, which it may not have yet.
+    let _ = socket2::SockRef::from(&stream).send(answer.as_bytes());
     if shared.stats.refusing.fetch_add(1, Ordering::Relaxed) >= REFUSING_MAX {
         shared.stats.refusing.fetch_sub(1, Ordering::Relaxed);
         return;
