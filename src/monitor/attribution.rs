@@ -234,6 +234,22 @@ impl Attributor {
         self.lookup(key, Attribution::unknown())
     }
 
+    /// Who holds exactly this socket now: sock_diag by the exact tuple, the
+    /// process holding that socket's inode, no cache and no rate limit. For
+    /// access decisions (the proxy's `users`/`groups`/`units`): a cached
+    /// answer for the same tuple may be another, earlier socket's (the port
+    /// reused by another user within the cache's lifetime).
+    pub fn attribute_socket_now(
+        &mut self,
+        protocol: u8,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+    ) -> Attribution {
+        self.stats.deep_lookups += 1;
+        let (src, sport, dst, dport) = (local.ip(), local.port(), remote.ip(), remote.port());
+        self.deep(protocol, src, sport, dst, dport, Attribution::unknown())
+    }
+
     /// The socket behind `key`, from the cache or a deep lookup (rate-limited:
     /// past the budget, `base` is all we say).
     fn lookup(&mut self, key: SocketKey, base: Attribution) -> Attribution {

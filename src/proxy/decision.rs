@@ -254,19 +254,24 @@ impl ProxyRules {
     }
 
     /// May the proxy connect to `ip` for this client? Public addresses: yes.
-    /// Special-purpose ones only when some rule's `cidrs` cover them (with the
-    /// port and the client), never because of a host name alone.
+    /// Special-purpose ones, and this host's own (`local`: any address of its
+    /// interfaces, which reaches its services like loopback does), only when
+    /// some rule's `cidrs` cover them (with the port and the client), never
+    /// because of a host name alone.
     pub fn address_ok(
         &self,
         ip: IpAddr,
         port: u16,
         who: Option<&Attribution>,
+        local: bool,
     ) -> Result<(), &'static str> {
         if !self.ssrf_guard {
             return Ok(());
         }
-        let Some(why) = special_purpose(ip) else {
-            return Ok(());
+        let why = match special_purpose(ip) {
+            Some(why) => why,
+            None if local => "an address of this host",
+            None => return Ok(()),
         };
         let covered = self.rules.iter().any(|r| {
             r.port_ok(port)
@@ -418,22 +423,28 @@ mod tests {
         );
         let private: IpAddr = "10.1.0.5".parse().unwrap();
         assert!(r
-            .address_ok(private, 443, None)
+            .address_ok(private, 443, None, false)
             .unwrap_err()
             .contains("RFC 1918"));
         assert!(r
-            .address_ok("198.51.100.7".parse().unwrap(), 443, None)
+            .address_ok("198.51.100.7".parse().unwrap(), 443, None, false)
             .is_ok());
         // Covered by a cidrs rule, on its port only.
         assert!(r
-            .address_ok("10.9.0.5".parse().unwrap(), 8080, None)
+            .address_ok("10.9.0.5".parse().unwrap(), 8080, None, false)
             .is_ok());
         assert!(r
-            .address_ok("10.9.0.5".parse().unwrap(), 443, None)
+            .address_ok("10.9.0.5".parse().unwrap(), 443, None, false)
             .is_err());
         assert!(r
-            .address_ok("169.254.169.254".parse().unwrap(), 80, None)
+            .address_ok("169.254.169.254".parse().unwrap(), 80, None, false)
             .is_err());
+        // The host's own public address is refused like loopback.
+        let own: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(
+            r.address_ok(own, 443, None, true),
+            Err("an address of this host")
+        );
     }
 
     #[test]
@@ -459,12 +470,12 @@ mod tests {
         let ip: IpAddr = "10.2.0.5".parse().unwrap();
         assert_eq!(r.candidates(&t("10.2.0.5:8080")).len(), 1);
         assert!(
-            r.address_ok(ip, 8080, None).is_ok(),
+            r.address_ok(ip, 8080, None, false).is_ok(),
             "covered past the SSRF guard"
         );
-        assert!(r.address_ok(ip, 22, None).is_err(), "only the rule's ports");
+        assert!(r.address_ok(ip, 22, None, false).is_err(), "only the rule's ports");
         assert!(r
-            .address_ok("10.2.0.6".parse().unwrap(), 8080, None)
+            .address_ok("10.2.0.6".parse().unwrap(), 8080, None, false)
             .is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! refusals → `ProxyDenial` → the monitor's pipeline.
 
 pub mod decision;
+mod local;
 pub mod relay;
 pub mod server;
 pub mod sni;

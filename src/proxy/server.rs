@@ -31,16 +31,34 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::decision::{Host, ProxyRules, Target};
+use super::local::LocalAddrs;
 use super::relay;
 use super::sni::{self, Sni};
 use crate::dns::upstream;
-use crate::monitor::attribution::{Attribution, Attributor};
+use crate::kernel::netlink::NetlinkSocket;
+use crate::monitor::attribution::{lookup_socket, Attribution, Attributor};
 use crate::policy::{Policy, ProxyConfig};
 
 const IPPROTO_TCP: u8 = 6;
 /// How long a name the proxy resolved through the system resolver is reused.
 const SYSTEM_NAME_TTL: Duration = Duration::from_secs(30);
 const NAME_CACHE_MAX: usize = 10_000;
+/// A request's header must be complete this long after the connection starts
+/// waiting for it (or `idle_timeout`, if shorter): a client dribbling a
+/// header byte by byte holds a slot no longer than this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between failed accepts (EMFILE and the like).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Failed accepts are logged at most this often (and counted always): while
+/// descriptors are short, accept fails and succeeds by turns, many times a second.
+const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Refused connections being closed politely at once (answer sent, the
+/// client's request drained so the close is not a reset); past this they are
+/// just closed.
+const REFUSING_MAX: usize = 256;
+/// How long a refused connection may take to read its answer.
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+const NETLINK_SOCK_DIAG: isize = 4;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -90,7 +108,10 @@ pub struct ProxyStats {
     pub denied: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub over_limit: AtomicU64,
+    /// Failed accepts (out of descriptors, memory): the proxy backs off and goes on.
+    pub accept_errors: AtomicU64,
     pub open: AtomicUsize,
+    refusing: AtomicUsize,
     allowed: Mutex<HashMap<String, u64>>,
 }
 
@@ -106,6 +127,7 @@ impl ProxyStats {
             "denied": g(&self.denied),
             "upstream_failures": g(&self.upstream_failures),
             "over_limit": g(&self.over_limit),
+            "accept_errors": g(&self.accept_errors),
             "allowed_by_rule": allowed,
         })
     }
@@ -136,7 +158,12 @@ struct Shared {
     state: RwLock<Arc<ProxyState>>,
     attributor: Mutex<Attributor>,
     names: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
-    clients: Mutex<HashMap<IpAddr, usize>>,
+    clients: Mutex<HashMap<ClientKey, usize>>,
+    /// This host's addresses: the SSRF guard refuses them like loopback, and
+    /// clients from them are local users, limited per uid.
+    local: Mutex<LocalAddrs>,
+    /// sock_diag, for the uid of a local client's socket at accept.
+    diag: Mutex<Option<NetlinkSocket>>,
     on_denied: OnDenied,
     stats: Arc<ProxyStats>,
 }
@@ -183,6 +210,8 @@ impl Proxy {
             attributor: Mutex::new(Attributor::new()),
             names: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalAddrs::new()),
+            diag: Mutex::new(NetlinkSocket::open(NETLINK_SOCK_DIAG).ok()),
             on_denied,
             stats: Arc::clone(&stats),
         });
@@ -230,6 +259,7 @@ impl Proxy {
     pub fn reload(&self, state: ProxyState) {
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
         lock(&self.shared.names).clear();
+        lock(&self.shared.local).reread();
     }
 
     pub fn stop(mut self) {
@@ -247,30 +277,56 @@ impl Shared {
         Arc::clone(&self.state.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Counts a client in; `None` when a limit is reached.
-    fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Admission> {
+    /// Who a connection counts against: a remote client by its address; a
+    /// local one (from loopback or any of this host's addresses, where every
+    /// user shares the address) by the uid owning its socket.
+    fn client_key(&self, peer: SocketAddr, local: SocketAddr) -> ClientKey {
+        let ip = peer.ip();
+        if !(ip.is_loopback() || lock(&self.local).contains(ip)) {
+            return ClientKey::Addr(ip);
+        }
+        let mut diag = lock(&self.diag);
+        match diag
+            .as_mut()
+            .and_then(|d| lookup_socket(d, IPPROTO_TCP, ip, peer.port(), local.ip(), local.port()))
+        {
+            Some(sock) => ClientKey::Uid(sock.uid),
+            // Gone already (closed right after connecting): its address.
+            None => ClientKey::Addr(ip),
+        }
+    }
+
+    /// Counts a client in; the answer for it when a limit is reached.
+    fn admit(self: &Arc<Self>, client: ClientKey) -> Result<Admission, &'static str> {
         let cfg = self.state().config.clone();
         let open = self.stats.open.fetch_add(1, Ordering::Relaxed) + 1;
         let mut clients = lock(&self.clients);
         let mine = clients.entry(client).or_default();
         *mine += 1;
+        let mine = *mine;
+        drop(clients);
         let admission = Admission {
             shared: Arc::clone(self),
             client,
         };
-        if open > cfg.max_connections || *mine > cfg.max_per_client {
-            drop(clients);
-            drop(admission);
-            self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(admission)
+        let refusal = if open > cfg.max_connections {
+            "egret: too many connections\n"
+        } else if mine > cfg.max_per_client {
+            "egret: too many connections from this client\n"
+        } else {
+            return Ok(admission);
+        };
+        drop(admission);
+        self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+        Err(refusal)
     }
 
+    /// The identity of exactly this client socket, looked up now (never a
+    /// cached answer for an earlier socket with the same addresses and ports).
     async fn attribute(self: &Arc<Self>, client: SocketAddr, local: SocketAddr) -> Attribution {
         let s = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            lock(&s.attributor).attribute_socket(IPPROTO_TCP, client, local)
+            lock(&s.attributor).attribute_socket_now(IPPROTO_TCP, client, local)
         })
         .await
         .unwrap_or_else(|_| Attribution::unknown())
@@ -311,10 +367,16 @@ impl Shared {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Addr(IpAddr),
+    Uid(u32),
+}
+
 /// A client's place in the limits; given back on drop.
 struct Admission {
     shared: Arc<Shared>,
-    client: IpAddr,
+    client: ClientKey,
 }
 
 impl Drop for Admission {
@@ -331,61 +393,117 @@ impl Drop for Admission {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    let mut backoff = Duration::ZERO;
+    let mut reported: Option<Instant> = None;
+    let mut unreported = 0u64;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
-            // Out of descriptors and the like: wait a little, keep serving.
+            // Out of descriptors and the like: the pending connection stays
+            // queued and accept fails again at once, so back off (doubling,
+            // up to a second), say it once a minute, and keep serving.
             Err(e) => {
-                warn!("proxy: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if reported.map_or(true, |at| at.elapsed() >= ACCEPT_REPORT_EVERY) {
+                    warn!(
+                        "proxy: accept: {e} ({unreported} more failures since the last report); \
+                         backing off, still serving (counted in accept_errors)"
+                    );
+                    (reported, unreported) = (Some(Instant::now()), 0);
+                } else {
+                    unreported += 1;
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                tokio::time::sleep(backoff).await;
                 continue;
             }
         };
+        backoff = Duration::ZERO;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let admission = shared.admit(peer.ip());
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let admission = shared.admit(shared.client_key(peer, local));
         let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            if let Err(e) = serve_client(shared, stream, peer, admission).await {
-                debug!(%peer, "proxy: client connection: {e}");
+        match admission {
+            Ok(admission) => {
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(shared, stream, peer, local, admission).await {
+                        debug!(%peer, "proxy: client connection: {e}");
+                    }
+                });
             }
-        });
+            Err(msg) => refuse(&shared, stream, msg),
+        }
     }
 }
 
-/// Per client connection: the upstream connection kept alive for plain HTTP.
+/// Over a limit: answer 503 at once (without waiting for the request, which
+/// could take until a timeout) and close.
+fn refuse(shared: &Arc<Shared>, stream: TcpStream, msg: &'static str) {
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{msg}",
+        msg.len()
+    );
+    // A fresh socket's send buffer takes these bytes whole. Sent directly:
+    // tokio's try_write declines until the reactor has seen the new socket
+    // writable, which it may not have yet.
+    let _ = socket2::SockRef::from(&stream).send(answer.as_bytes());
+    if shared.stats.refusing.fetch_add(1, Ordering::Relaxed) >= REFUSING_MAX {
+        shared.stats.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        // Closing with the request unread would reset the connection, and
+        // the client could lose the answer: read it (briefly, boundedly) first.
+        let drain = async {
+            let mut buf = [0u8; 4096];
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, drain).await;
+        shared.stats.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Per client connection: the upstream connection kept alive for plain HTTP,
+/// and the client's identity once looked up (the socket cannot change owner
+/// for another's while this end of it is open, so one lookup serves every
+/// request on it).
 #[derive(Default)]
 struct Conn {
     upstream: tokio::sync::Mutex<Option<(Target, SendRequest<Incoming>)>>,
+    who: tokio::sync::OnceCell<Attribution>,
 }
 
 async fn serve_client(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    admission: Option<Admission>,
+    local: SocketAddr,
+    admission: Admission,
 ) -> Result<()> {
-    let local = stream.local_addr()?;
     let idle = shared.state().config.idle_timeout;
-    let admission = admission.map(Arc::new);
+    let admission = Arc::new(admission);
     let conn = Arc::new(Conn::default());
     let svc = service_fn(move |req| {
         let (shared, conn, admission) = (Arc::clone(&shared), Arc::clone(&conn), admission.clone());
-        async move {
-            let Some(admission) = admission else {
-                return Ok::<_, Infallible>(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "egret: too many connections\n",
-                    true,
-                ));
-            };
-            Ok(handle(&shared, &conn, admission, req, peer, local).await)
-        }
+        async move { Ok::<_, Infallible>(handle(&shared, &conn, admission, req, peer, local).await) }
     });
     hyper::server::conn::http1::Builder::new()
         .title_case_headers(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(idle)
+        .header_read_timeout(idle.min(HEADER_TIMEOUT))
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades()
         .await?;
@@ -449,6 +567,7 @@ async fn handle(
     let method = req.method().to_string();
     let ask = Ask {
         shared,
+        conn: Some(conn),
         st: &st,
         target: &target,
         method: &method,
@@ -497,11 +616,26 @@ async fn handle(
 #[derive(Clone, Copy)]
 struct Ask<'a> {
     shared: &'a Arc<Shared>,
+    conn: Option<&'a Conn>,
     st: &'a ProxyState,
     target: &'a Target,
     method: &'a str,
     peer: SocketAddr,
     local: SocketAddr,
+}
+
+impl Ask<'_> {
+    /// The client's identity: this connection's, looked up once.
+    async fn who(&self) -> Attribution {
+        match self.conn {
+            Some(c) => c
+                .who
+                .get_or_init(|| self.shared.attribute(self.peer, self.local))
+                .await
+                .clone(),
+            None => self.shared.attribute(self.peer, self.local).await,
+        }
+    }
 }
 
 enum Decided {
@@ -519,12 +653,7 @@ enum Decided {
 /// (`would-block`) and the request goes on.
 async fn decide(ask: &Ask<'_>) -> Decided {
     let Ask {
-        shared,
-        st,
-        target,
-        peer,
-        local,
-        ..
+        shared, st, target, ..
     } = *ask;
     let candidates = st.rules.candidates(target);
     let mut who: Option<Attribution> = None;
@@ -535,7 +664,7 @@ async fn decide(ask: &Ask<'_>) -> Decided {
     } else if let Some(r) = candidates.iter().find(|r| !r.has_subject()) {
         rule = Some(r.name.clone());
     } else {
-        let w = shared.attribute(peer, local).await;
+        let w = ask.who().await;
         match candidates.iter().find(|r| r.subject_ok(&w)) {
             Some(r) => rule = Some(r.name.clone()),
             None => {
@@ -579,14 +708,15 @@ async fn decide(ask: &Ask<'_>) -> Decided {
     if problem.is_none() {
         let needs_who = st.rules.cidr_rules_need_subject() && who.is_none();
         if needs_who
-            && ips
-                .iter()
-                .any(|ip| crate::proxy::special_purpose(*ip).is_some())
+            && ips.iter().any(|ip| {
+                crate::proxy::special_purpose(*ip).is_some() || lock(&shared.local).contains(*ip)
+            })
         {
-            who = Some(shared.attribute(peer, local).await);
+            who = Some(ask.who().await);
         }
         for &ip in &ips {
-            match st.rules.address_ok(ip, target.port, who.as_ref()) {
+            let local = lock(&shared.local).contains(ip);
+            match st.rules.address_ok(ip, target.port, who.as_ref(), local) {
                 Ok(()) => addrs.push(SocketAddr::new(ip, target.port)),
                 Err(why) => {
                     refused.get_or_insert((ip, why));
@@ -638,11 +768,11 @@ async fn report(
         target,
         method,
         peer,
-        local,
+        ..
     } = *ask;
     let attribution = match who {
         Some(w) => w,
-        None => shared.attribute(peer, local).await,
+        None => ask.who().await,
     };
     shared.stats.denied.fetch_add(1, Ordering::Relaxed);
     debug!(%peer, %target, %reason, "proxy: denied");
@@ -760,10 +890,19 @@ async fn forward(
         Err(_) => return text(StatusCode::BAD_REQUEST, "egret: bad request target\n", true),
     };
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&target.to_string()) {
+    // RFC 9112 3.2.2: a proxy replaces Host with the request target's
+    // authority. The upstream is asked for exactly the host that was decided,
+    // whatever Host the client sent (domain fronting: an allowed name in the
+    // request line, another site of the same server in Host).
+    let host = match target.port {
+        80 => target.host.to_string(),
+        _ => target.to_string(),
+    };
+    match HeaderValue::from_str(&host) {
+        Ok(v) => {
             parts.headers.insert(header::HOST, v);
         }
+        Err(_) => return text(StatusCode::BAD_REQUEST, "egret: bad request target\n", true),
     }
     let req = Request::from_parts(parts, body);
     let mut slot = conn.upstream.lock().await;
@@ -835,6 +974,7 @@ async fn tunnel(
         {
             let ask = Ask {
                 shared,
+                conn: None,
                 st,
                 target: &target,
                 method: "CONNECT",
