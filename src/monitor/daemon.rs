@@ -314,7 +314,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     };
 
     let units = apply::resolve_units(&policy);
-    let rs = apply::compile_with_units(&policy, units.clone())?;
+    let (rs, preexisting) = apply::compile_seeded(&policy, units.clone())?;
     nft.apply(&rs).context("loading the ruleset")?;
     info!(
         policy = %opts.policy_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded default: audit mode, baseline only)".into()),
@@ -378,6 +378,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         last_loss_event: None,
     };
     daemon.agg.update_every = daemon.opts.update_every;
+    daemon.report_preexisting(&preexisting);
     if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
         if n > 0 {
             info!(events = n, "pruned events past retention");
@@ -810,8 +811,28 @@ impl Daemon {
         }
     }
 
+    /// Connections seeded because they predate egret's table, which the
+    /// policy would not allow.
+    fn report_preexisting(&mut self, list: &[apply::Preexisting]) {
+        for c in list {
+            warn!("{c}");
+            let now = SystemTime::now();
+            let doc = super::preexisting::document(now, c, &self.host);
+            self.out.line(&doc);
+            self.alerts.send(&doc);
+            let id = self.agg.reserve_id();
+            if let Err(e) = self
+                .store
+                .insert_event(id, super::preexisting::ACTION, now, 1, &doc)
+            {
+                warn!("storing a preexisting event: {e:#}");
+            }
+        }
+        self.out.flush();
+    }
+
     fn restore(&mut self) -> Result<()> {
-        let rs = apply::compile_with_units(&self.policy, self.units.clone())?;
+        let (rs, preexisting) = apply::compile_seeded(&self.policy, self.units.clone())?;
         let nft = &mut self.nft;
         let mut swap = || nft.apply(&rs).context("restoring the ruleset");
         match &self.guard {
@@ -823,6 +844,7 @@ impl Daemon {
         self.expected = expected_rules(&rs);
         self.sets = set_sizes(&rs);
         info!("egret's table restored from the policy");
+        self.report_preexisting(&preexisting);
         Ok(())
     }
 
@@ -851,6 +873,14 @@ impl Daemon {
             info!("reload: running on the embedded default policy; nothing to re-read");
             return;
         };
+        let unsafe_files = apply::unsafe_policy_files(&path);
+        if !unsafe_files.is_empty() {
+            for f in &unsafe_files {
+                error!("reload: refusing an unsafe policy file: {f}");
+            }
+            error!("reload: someone other than root could change what egret allows; the running policy stays");
+            return;
+        }
         let policy = match apply::load_policy(&path) {
             Ok(p) => p,
             Err(errors) => {
