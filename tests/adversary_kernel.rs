@@ -348,3 +348,161 @@ fn policy_files_others_may_write_are_refused() {
     chmod(policy.dir.path(), 0o700);
     ns.egret_ok(&["apply", policy.path(), "--state-dir", "/nonexistent"]);
 }
+
+fn tampers(run: &Running) -> Vec<serde_json::Value> {
+    run.snapshot()
+        .into_iter()
+        .filter(|e| at(e, "/event/action") == "tamper")
+        .collect()
+}
+
+fn changes_mention(e: &serde_json::Value, what: &str) -> bool {
+    at(e, "/egret/changes").as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c.as_str().is_some_and(|c| c.contains(what)))
+    })
+}
+
+// Finding 14: what an attacker with root would actually do to egret's table.
+#[test]
+fn foreign_changes_to_the_table_are_reported_with_their_committer_and_undone() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7100);
+    let allow =
+        "[[allow]]\nname = \"web\"\ncidrs = [\"10.1.0.98/32\", \"10.1.0.99/32\"]\nports = [7100]\n";
+    let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n{allow}"));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(
+        pair.a.nft_ruleset().contains("a_web_v4"),
+        "{}",
+        pair.a.nft_ruleset()
+    );
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+
+    // A new address in a static allow set.
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "a_web_v4",
+            &format!("{{ {B4} }}"),
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: element added", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "a_web_v4")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert!(at(&e, "/process/pid").is_u64(), "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    let set = String::from_utf8_lossy(
+        &run_ok(
+            &mut pair
+                .a
+                .cmd("nft", &["list", "set", "inet", "egret", "a_web_v4"]),
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(!set.contains(B4), "restored: {set}");
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+
+    // A rule egret does not write (and cannot decode).
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "insert", "rule", "inet", "egret", "output", "ip", "daddr", B4, "accept",
+        ],
+    ));
+    let before = tampers(&run).len();
+    let e = run.wait_event(15, "tamper: rule added", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "rule added")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    assert!(!pair
+        .a
+        .nft_ruleset()
+        .contains(&format!("ip daddr {B4} accept")));
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+    assert!(tampers(&run).len() > before);
+    drop(run);
+
+    // Without restore_table: each change reported once, never a reason to
+    // stop looking, and a later change is reported too.
+    let policy = PolicyFile::new(&format!("{ENFORCE}{allow}"));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "insert", "rule", "inet", "egret", "output", "ip", "daddr", B4, "accept",
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: undecodable rule", |e| {
+        at(e, "/event/action") == "tamper"
+    });
+    assert_eq!(at(&e, "/egret/restored"), false, "{e:#}");
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(tampers(&run).len(), 1, "once: {:#?}", tampers(&run));
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "a_web_v4",
+            "{ 10.1.0.77 }",
+        ],
+    ));
+    run.wait_event(15, "tamper: element added later", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "a_web_v4")
+    });
+    drop(run);
+}
+
+// Finding 14: `egret apply`/`remove` behind a running daemon's back.
+#[test]
+fn apply_and_remove_while_run_runs_are_refused_or_reported() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n"));
+    let state = policy.state_dir();
+    let run = Running::start(&ns, &state, &["--policy", policy.path()]);
+    let pid = std::fs::read_to_string(format!("{state}/egret.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let other = PolicyFile::new("mode = \"audit\"\n");
+    let live = ns.nft_rules_only();
+    for args in [
+        vec!["apply", other.path(), "--state-dir", &state],
+        vec!["remove", "--state-dir", &state],
+    ] {
+        let out = ns.egret_out(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("pid {pid}")), "{args:?}: {err}");
+        assert_eq!(ns.nft_rules_only(), live, "{args:?} changed the table");
+    }
+    let out = ns.egret_out(&["apply", other.path(), "--state-dir", &state]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("egret reload"));
+
+    // From another state dir egret cannot know: the daemon sees a foreign
+    // transaction, names it and puts its own policy back.
+    let elsewhere = other.state_dir();
+    ns.egret_ok(&["apply", other.path(), "--state-dir", &elsewhere]);
+    let e = run.wait_event(15, "tamper by egret apply", |e| {
+        at(e, "/event/action") == "tamper"
+    });
+    assert_eq!(at(&e, "/process/name"), "egret", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    assert!(
+        ns.nft_ruleset().contains("mode=enforce"),
+        "{}",
+        ns.nft_ruleset()
+    );
+    drop(run);
+}

@@ -170,6 +170,14 @@ impl From<KernelError> for NftError {
     }
 }
 
+impl Drop for Nftables {
+    fn drop(&mut self) {
+        if let Ok(port) = self.sock.port() {
+            super::notify::own_port(port, false);
+        }
+    }
+}
+
 impl Nftables {
     pub fn open() -> Result<Nftables> {
         let sock = NetlinkSocket::open(NETLINK_NETFILTER)?;
@@ -180,6 +188,9 @@ impl Nftables {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
+        if let Ok(port) = sock.port() {
+            super::notify::own_port(port, true);
+        }
         Ok(Nftables { sock, seq })
     }
 

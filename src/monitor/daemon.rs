@@ -169,6 +169,8 @@ struct Daemon {
     /// The rules egret loaded (counters zeroed): what the live table must show.
     expected: Vec<(String, crate::ruleset::Rule)>,
     tamper_reported: bool,
+    /// Changes to the table egret did not make (notifications, full comparison).
+    watch: super::tamper::TamperWatch,
     /// The last reading of the log rules' counters.
     last_live: u64,
     /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
@@ -372,6 +374,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         timeline: BTreeMap::new(),
         sets: set_sizes(&rs),
         expected: expected_rules(&rs),
+        watch: super::tamper::TamperWatch::new(&rs),
         tamper_reported: false,
         last_live: 0,
         reported_lost: 0,
@@ -465,6 +468,7 @@ impl Daemon {
                 last_tick = Instant::now();
                 self.tick(false);
             }
+            self.watch_table();
             if last_account.elapsed() >= ACCOUNT_EVERY {
                 last_account = Instant::now();
                 self.account();
@@ -696,12 +700,20 @@ impl Daemon {
                 self.write_books(live);
                 self.last_live = live;
                 if normalized(rules) != self.expected {
-                    self.tampered("changed");
-                } else {
+                    self.tampered("changed", None);
+                } else if !self.watch.standing() {
                     self.tamper_reported = false;
                 }
             }
-            Ok(None) => self.tampered("deleted"),
+            Ok(None) => self.tampered("deleted", None),
+            // A rule egret cannot decode is one it did not write.
+            Err(crate::kernel::nft::NftError::Foreign(what)) => {
+                let found = super::tamper::Found {
+                    changes: vec![format!("egret cannot decode the table: {what}")],
+                    ..Default::default()
+                };
+                self.tampered("changed", Some(found));
+            }
             Err(e) => warn!("reading egret's log counters: {e}"),
         }
         let figures = self.accounting.figures(self.counts());
@@ -759,9 +771,30 @@ impl Daemon {
         }
     }
 
+    /// Another process's transaction on egret's table (a new occurrence,
+    /// reported even while an earlier one stands), or a difference the full
+    /// comparison found.
+    fn watch_table(&mut self) {
+        if let Some(found) = self.watch.notified() {
+            self.tamper_reported = false;
+            self.tampered(found.what(), Some(found));
+        } else if let Some(found) = self.watch.compare(&mut self.nft, false) {
+            self.tampered(found.what(), Some(found));
+        }
+    }
+
     /// egret's table was deleted or changed by something else: report it
     /// (once per occurrence) and, with `restore_table`, load the policy again.
-    fn tampered(&mut self, what: &str) {
+    fn tampered(&mut self, what: &str, found: Option<super::tamper::Found>) {
+        // A change found by polling: its notification names who made it.
+        let found = match (found, self.watch.notified()) {
+            (Some(mut f), Some(n)) => {
+                f.by = f.by.or(n.by);
+                f.changes.extend(n.changes);
+                Some(f)
+            }
+            (f, n) => f.or(n),
+        };
         let restore = self.policy.restore_table;
         if !self.tamper_reported {
             warn!(
@@ -782,7 +815,10 @@ impl Daemon {
             return;
         }
         let now = SystemTime::now();
-        let doc = event::tamper(now, what, restored, &self.host);
+        let mut doc = event::tamper(now, what, restored, &self.host);
+        if let Some(f) = &found {
+            super::tamper::annotate(&mut doc, f);
+        }
         self.out.line(&doc);
         self.out.flush();
         self.alerts.send(&doc);
@@ -792,6 +828,7 @@ impl Daemon {
         }
         // Once restored, a new change is a new occurrence.
         self.tamper_reported = !restored;
+        self.watch.set_standing(!restored);
     }
 
     /// New sinks from a reloaded policy; the old ones get a moment to send
@@ -842,6 +879,7 @@ impl Daemon {
         self.accounting.retire(self.last_live);
         self.last_live = 0;
         self.expected = expected_rules(&rs);
+        self.watch.expect(&rs);
         self.sets = set_sizes(&rs);
         info!("egret's table restored from the policy");
         self.report_preexisting(&preexisting);
@@ -865,6 +903,7 @@ impl Daemon {
         self.accounting.retire(last);
         self.sets = set_sizes(rs);
         self.expected = expected_rules(rs);
+        self.watch.expect(rs);
         Ok(())
     }
 
@@ -1005,6 +1044,7 @@ impl Daemon {
                 info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
                 self.units = units;
                 self.sets = set_sizes(&rs);
+                self.watch.expect(&rs);
             }
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }

@@ -18,3 +18,4 @@ pub mod packet;
 pub mod preexisting;
 pub mod store;
 pub mod systemd;
+pub mod tamper;
