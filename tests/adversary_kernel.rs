@@ -506,3 +506,44 @@ fn apply_and_remove_while_run_runs_are_refused_or_reported() {
     );
     drop(run);
 }
+
+// Finding 14: an address slipped into a DNS guard set (run-time state egret
+// writes itself) is someone else's change too, and not carried over.
+#[test]
+fn addresses_slipped_into_a_dns_guard_set_are_reported_and_dropped() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7200);
+    let policy = PolicyFile::new(&format!(
+        "{ENFORCE}restore_table = true\n[dns]\nlisten = \"127.0.0.1:5399\"\nupstream = [\"192.0.2.53\"]\n[[allow]]\nname = \"web\"\nhosts = [\"web.test\"]\nports = [7200]\n"
+    ));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7200));
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "h_web_v4",
+            &format!("{{ {B4} timeout 1h }}"),
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: host set element", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "h_web_v4")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    let set = String::from_utf8_lossy(
+        &run_ok(
+            &mut pair
+                .a
+                .cmd("nft", &["list", "set", "inet", "egret", "h_web_v4"]),
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(!set.contains(B4), "not carried over: {set}");
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7200));
+    drop(run);
+}

@@ -206,8 +206,14 @@ impl Nftables {
     /// state, not policy: those of a live set with the same name and key are
     /// carried into the new table with their remaining time, in the same transaction.
     pub fn apply(&mut self, rs: &Ruleset) -> Result<()> {
+        self.apply_carrying(rs, true)
+    }
+
+    /// [`Nftables::apply`]; with `carry` false the timeout sets start empty
+    /// (someone else wrote into them: their live elements are not egret's).
+    pub fn apply_carrying(&mut self, rs: &Ruleset, carry: bool) -> Result<()> {
         let mut carried = Vec::new();
-        if rs.sets.iter().any(|s| s.timeout) && self.get_table()?.is_some() {
+        if carry && rs.sets.iter().any(|s| s.timeout) && self.get_table()?.is_some() {
             let live = self.live_sets()?;
             for set in rs.sets.iter().filter(|s| s.timeout) {
                 if live

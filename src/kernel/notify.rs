@@ -74,6 +74,9 @@ pub struct ForeignCommit {
     pub more: usize,
     /// The transaction's last word on the table was its deletion.
     pub deleted: bool,
+    /// It added elements to a DNS guard set (`h_<rule>_v4/v6`): a restore
+    /// must not carry that set's live elements over.
+    pub host_sets: bool,
 }
 
 /// What one poll found.
@@ -85,11 +88,18 @@ pub struct Notifications {
     pub overrun: bool,
 }
 
+struct Change {
+    text: String,
+    /// Some(true): the table was created, Some(false): deleted.
+    table: Option<bool>,
+    host_set: bool,
+}
+
 pub struct ChangeListener {
     sock: NetlinkSocket,
     buf: Vec<u8>,
     /// Changes to egret's table seen since the last NEWGEN, and whose port.
-    pending: Vec<(u32, String, Option<bool>)>,
+    pending: Vec<(u32, Change)>,
 }
 
 impl ChangeListener {
@@ -141,9 +151,10 @@ impl ChangeListener {
         let body = m.payload.get(4..).unwrap_or_default();
         if kind == MSG_NEWGEN {
             let pending = std::mem::take(&mut self.pending);
-            let foreign: Vec<_> = pending
+            let foreign: Vec<Change> = pending
                 .into_iter()
-                .filter(|(port, _, _)| !is_own(*port))
+                .filter(|(port, _)| !is_own(*port))
+                .map(|(_, c)| c)
                 .collect();
             if foreign.is_empty() {
                 return;
@@ -156,10 +167,16 @@ impl ChangeListener {
                     _ => {}
                 }
             }
-            for (_, change, table) in foreign {
-                if let Some(deleted) = table {
-                    commit.deleted = !deleted;
+            for Change {
+                text: change,
+                table,
+                host_set,
+            } in foreign
+            {
+                if let Some(exists) = table {
+                    commit.deleted = !exists;
                 }
+                commit.host_sets |= host_set;
                 if commit.changes.len() < MAX_CHANGES {
                     if !commit.changes.contains(&change) {
                         commit.changes.push(change);
@@ -183,6 +200,7 @@ impl ChangeListener {
         if attr(ATTR_TABLE) != TABLE {
             return;
         }
+        let mut host_set = false;
         let (change, table) = match kind {
             MSG_NEWTABLE => ("table created or changed".to_string(), Some(true)),
             MSG_DELTABLE => ("table deleted".to_string(), Some(false)),
@@ -204,10 +222,11 @@ impl ChangeListener {
                 None,
             ),
             MSG_DELSET => (format!("set {} deleted", attr(ATTR_SET_NAME)), None),
-            MSG_NEWSETELEM => (
-                format!("elements added to set {}", attr(ATTR_SET_OF_ELEMENTS)),
-                None,
-            ),
+            MSG_NEWSETELEM => {
+                let set = attr(ATTR_SET_OF_ELEMENTS);
+                host_set = set.starts_with("h_");
+                (format!("elements added to set {set}"), None)
+            }
             MSG_DELSETELEM => {
                 let set = attr(ATTR_SET_OF_ELEMENTS);
                 // Expired addresses of the DNS guard's sets are run-time
@@ -221,7 +240,14 @@ impl ChangeListener {
         };
         // Bounded: a transaction of 100k elements is one pending entry per message.
         if self.pending.len() < 4096 {
-            self.pending.push((m.port, change, table));
+            self.pending.push((
+                m.port,
+                Change {
+                    text: change,
+                    table,
+                    host_set,
+                },
+            ));
         }
     }
 }

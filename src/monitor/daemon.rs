@@ -802,8 +802,11 @@ impl Daemon {
                 if restore { "; restoring it" } else { "" }
             );
         }
+        // Addresses someone else put in the DNS guard's sets must not be
+        // carried into the restored table; the guard re-adds what it resolves.
+        let carry = !found.as_ref().is_some_and(|f| f.host_sets);
         let restored = restore && {
-            match self.restore() {
+            match self.restore(carry) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!("restoring egret's table: {e:#}");
@@ -868,10 +871,13 @@ impl Daemon {
         self.out.flush();
     }
 
-    fn restore(&mut self) -> Result<()> {
+    fn restore(&mut self, carry: bool) -> Result<()> {
         let (rs, preexisting) = apply::compile_seeded(&self.policy, self.units.clone())?;
         let nft = &mut self.nft;
-        let mut swap = || nft.apply(&rs).context("restoring the ruleset");
+        let mut swap = || {
+            nft.apply_carrying(&rs, carry)
+                .context("restoring the ruleset")
+        };
         match &self.guard {
             Some(g) => g.swap(None, swap)?,
             None => swap()?,

@@ -24,6 +24,8 @@ pub struct Found {
     /// The committing process (pid, name), when a notification named it.
     pub by: Option<(Option<u32>, Option<String>)>,
     pub changes: Vec<String>,
+    /// Someone else added addresses to a DNS guard set.
+    pub host_sets: bool,
 }
 
 impl Found {
@@ -37,6 +39,7 @@ impl Found {
 
     fn merge(&mut self, other: Found) {
         self.deleted |= other.deleted;
+        self.host_sets |= other.host_sets;
         if self.by.is_none() {
             self.by = other.by;
         }
@@ -54,6 +57,7 @@ impl Found {
         }
         Found {
             deleted: c.deleted,
+            host_sets: c.host_sets,
             by: Some((c.pid, c.process)),
             changes,
         }
@@ -314,6 +318,7 @@ mod tests {
                 deleted: false,
                 by: Some((Some(42), Some("nft".into()))),
                 changes: vec!["rule added to chain output".into()],
+                host_sets: false,
             },
         );
         assert_eq!(doc["process"]["pid"], 42);
