@@ -787,7 +787,13 @@ impl Daemon {
     /// (once per occurrence) and, with `restore_table`, load the policy again.
     fn tampered(&mut self, what: &str, found: Option<super::tamper::Found>) {
         // A change found by polling: its notification names who made it.
-        let found = match (found, self.watch.notified()) {
+        // Another process's transaction is a new occurrence, even while an
+        // earlier change stands.
+        let notified = self.watch.notified();
+        if notified.is_some() {
+            self.tamper_reported = false;
+        }
+        let found = match (found, notified) {
             (Some(mut f), Some(n)) => {
                 f.by = f.by.or(n.by);
                 f.changes.extend(n.changes);
