@@ -76,29 +76,43 @@ impl std::fmt::Display for Preexisting {
 ///
 /// Seeding exists for one case: a TCP session conntrack has not seen stalls
 /// when the first ruleset with `ct state established` lands. Once egret's
-/// table is loaded (it always has that rule), conntrack tracks every flow, so
-/// a reload, a restart of `egret run` or another `apply` seeds nothing: what
-/// is open then passed egret's rules already, and a socket that merely
-/// exists (a connected UDP socket has sent nothing) gains nothing from it.
+/// table is loaded (it always has that rule), conntrack tracks every new
+/// flow, so a reload, a restart of `egret run` or another `apply` adds
+/// nothing: it keeps only what the first load seeded and is still open. A
+/// socket that merely exists (a connected UDP socket has sent nothing) never
+/// gains anything from it.
 pub fn compile_seeded(
     policy: &Policy,
     units: crate::ruleset::UnitCgroups,
 ) -> Result<(Ruleset, Vec<Preexisting>)> {
-    let loaded = Nftables::open()
-        .context("opening nf_tables netlink")?
+    let mut nft = Nftables::open().context("opening nf_tables netlink")?;
+    let loaded = nft
         .table_comment()
         .context("reading egret's table")?
         .is_some();
-    let open = if loaded {
-        Vec::new()
-    } else {
-        sockets::open_tcp().context("listing open connections (sock_diag)")?
-    };
+    let mut open = sockets::open_tcp().context("listing open connections (sock_diag)")?;
+    if loaded {
+        // Only what the first load seeded and is still open: an idle
+        // connection may not have sent the packet that lets conntrack
+        // confirm it yet. Nothing new is ever added.
+        let mut seeded = std::collections::BTreeSet::new();
+        for name in [
+            crate::ruleset::PREEXISTING_V4,
+            crate::ruleset::PREEXISTING_V6,
+        ] {
+            seeded.extend(
+                nft.set_elements(name)
+                    .with_context(|| format!("reading set {name}"))?,
+            );
+        }
+        open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
+    }
     let open_flows = open.iter().map(|s| s.flow).collect();
     let rs = compile(policy, &CompileInput { units, open_flows });
     let unallowed = open
         .into_iter()
-        .filter(|s| !s.inbound)
+        // Reported when first seeded, not at every reload.
+        .filter(|s| !s.inbound && !loaded)
         .filter_map(|socket| {
             let gid = nix::unistd::User::from_uid(socket.uid.into())
                 .ok()

@@ -267,6 +267,22 @@ impl Nftables {
             .collect()
     }
 
+    /// The elements of live static set `name`; empty when it does not exist.
+    pub fn set_elements(&mut self, name: &str) -> Result<Vec<Element>> {
+        let Some(set) = self.live_sets()?.into_iter().find(|s| s.name == name) else {
+            return Ok(Vec::new());
+        };
+        let req = self.request(MSG_GETSETELEM, |b| {
+            b.attr_str(ELEM_LIST_TABLE, TABLE);
+            b.attr_str(ELEM_LIST_SET, &set.name);
+        });
+        let mut points = Vec::new();
+        self.sock.dump(&req, |_, p| {
+            decode_elements(p.get(4..).unwrap_or_default(), &set, &mut points)
+        })??;
+        Ok(assemble_elements(&set, points))
+    }
+
     /// Deletes egret's table if it exists.
     pub fn remove(&mut self) -> Result<()> {
         let mut batch = Batch::new(self.next_seq());

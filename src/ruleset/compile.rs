@@ -424,15 +424,7 @@ impl Compiler {
                 .filter(|f| {
                     Family::of(&f.local.ip()) == family && Family::of(&f.remote.ip()) == family
                 })
-                .map(|f| {
-                    Element::single(vec![
-                        f.protocol as u128,
-                        ip_to_u128(&f.local.ip()),
-                        f.local.port() as u128,
-                        ip_to_u128(&f.remote.ip()),
-                        f.remote.port() as u128,
-                    ])
-                })
+                .map(super::preexisting_element)
                 .collect();
             elements.sort();
             elements.dedup();
