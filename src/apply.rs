@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::evaluate::{evaluate, Decision, Flow, Outcome};
 use crate::kernel::nft::Nftables;
-use crate::kernel::sockets;
+use crate::kernel::sockets::{self, OpenSocket};
 use crate::policy::{self, Policy, PolicyErrors, SystemAccounts};
 use crate::ruleset::{compile, CompileInput, Ruleset};
 
@@ -21,9 +22,21 @@ pub fn load_policy(path: &Path) -> std::result::Result<Policy, PolicyErrors> {
     policy::load(path, &SystemAccounts)
 }
 
+/// Policy files and directories someone other than root or the invoking user
+/// could change (like sshd's StrictModes). `run`, `apply` and `reload` refuse
+/// to load such a policy; `check` warns.
+pub fn unsafe_policy_files(path: &Path) -> Vec<policy::UnsafeFile> {
+    policy::unsafe_files(path, nix::unistd::geteuid().as_raw())
+}
+
 /// Compiles `policy` against the system as it is now (unit cgroups, open connections).
 pub fn compile_live(policy: &Policy) -> Result<Ruleset> {
     compile_with_units(policy, resolve_units(policy))
+}
+
+/// [`compile_live`], with the seeded connections the policy would not allow.
+pub fn compile_live_seeded(policy: &Policy) -> Result<(Ruleset, Vec<Preexisting>)> {
+    compile_seeded(policy, resolve_units(policy))
 }
 
 /// The cgroups of every unit the policy names, as they are now.
@@ -32,8 +45,92 @@ pub fn resolve_units(policy: &Policy) -> crate::ruleset::UnitCgroups {
 }
 
 pub fn compile_with_units(policy: &Policy, units: crate::ruleset::UnitCgroups) -> Result<Ruleset> {
-    let open_flows = sockets::open_flows().context("listing open connections (sock_diag)")?;
-    Ok(compile(policy, &CompileInput { units, open_flows }))
+    Ok(compile_seeded(policy, units)?.0)
+}
+
+/// A TCP connection let through once because it predates egret, which the
+/// policy itself would not allow: the operator must see it (it may be a
+/// command-and-control channel that was open before egret came).
+#[derive(Debug, Clone)]
+pub struct Preexisting {
+    pub socket: OpenSocket,
+    pub decision: Decision,
+}
+
+impl std::fmt::Display for Preexisting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a TCP connection that predates egret's table, {} → {} (uid {}), was let through; the policy would not allow it (rule {}: {})",
+            self.socket.flow.local,
+            self.socket.flow.remote,
+            self.socket.uid,
+            self.decision.rule,
+            self.decision.outcome.as_str()
+        )
+    }
+}
+
+/// Compiles like [`compile_with_units`]; also returns the seeded connections
+/// the policy would not allow.
+///
+/// Seeding exists for one case: a TCP session conntrack has not seen stalls
+/// when the first ruleset with `ct state established` lands. Once egret's
+/// table is loaded (it always has that rule), conntrack tracks every new
+/// flow, so a reload, a restart of `egret run` or another `apply` adds
+/// nothing: it keeps only what the first load seeded and is still open. A
+/// socket that merely exists (a connected UDP socket has sent nothing) never
+/// gains anything from it.
+pub fn compile_seeded(
+    policy: &Policy,
+    units: crate::ruleset::UnitCgroups,
+) -> Result<(Ruleset, Vec<Preexisting>)> {
+    let mut nft = Nftables::open().context("opening nf_tables netlink")?;
+    let loaded = nft
+        .table_comment()
+        .context("reading egret's table")?
+        .is_some();
+    let mut open = sockets::open_tcp().context("listing open connections (sock_diag)")?;
+    if loaded {
+        // Only what the first load seeded and is still open: an idle
+        // connection may not have sent the packet that lets conntrack
+        // confirm it yet. Nothing new is ever added.
+        let mut seeded = std::collections::BTreeSet::new();
+        for name in [
+            crate::ruleset::PREEXISTING_V4,
+            crate::ruleset::PREEXISTING_V6,
+        ] {
+            seeded.extend(
+                nft.set_elements(name)
+                    .with_context(|| format!("reading set {name}"))?,
+            );
+        }
+        open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
+    }
+    let open_flows = open.iter().map(|s| s.flow).collect();
+    let rs = compile(policy, &CompileInput { units, open_flows });
+    let unallowed = open
+        .into_iter()
+        // Reported when first seeded, not at every reload.
+        .filter(|s| !s.inbound && !loaded)
+        .filter_map(|socket| {
+            let gid = nix::unistd::User::from_uid(socket.uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.gid.as_raw());
+            let flow = Flow {
+                dst: Some(socket.flow.remote.ip()),
+                protocol: socket.flow.protocol,
+                port: Some(socket.flow.remote.port()),
+                uid: Some(socket.uid),
+                gid,
+                ..Flow::default()
+            };
+            let decision = evaluate(policy, &flow);
+            (decision.outcome != Outcome::Allowed).then_some(Preexisting { socket, decision })
+        })
+        .collect();
+    Ok((rs, unallowed))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +166,17 @@ pub fn read_pending(state_dir: &Path) -> Option<Pending> {
 /// The ruleset files hold the previous policy: root's alone, whatever the umask.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     crate::monitor::store::write_file(path, data, 0o600)
+}
+
+/// The pid of an `egret run` using `state_dir` in this network namespace
+/// (the one whose table `apply` and `remove` would change behind its back).
+pub fn daemon_here(state_dir: &Path) -> Option<i32> {
+    let pid = crate::monitor::daemon::running_pid(state_dir)?;
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    match (ns(&pid.to_string()), ns("self")) {
+        (Some(theirs), Some(ours)) if theirs != ours => None,
+        _ => Some(pid),
+    }
 }
 
 /// Loads `rs`. With `confirm`, first records what was live and starts a

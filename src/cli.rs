@@ -71,7 +71,11 @@ pub enum Command {
         state_dir: PathBuf,
     },
     /// Delete egret's table: all egress is allowed again (the emergency exit).
-    Remove,
+    Remove {
+        /// Refused while an `egret run` uses this state dir (stop it first).
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Apply the policy, then report every blocked outbound attempt (egret's main job).
     ///
     /// Events go to stdout as ECS JSON lines and to the store in the state dir;
@@ -274,12 +278,31 @@ fn load_or_report(path: &Path) -> Option<crate::policy::Policy> {
     }
 }
 
+/// For commands that load a policy into the kernel: refuses a policy others
+/// could have written (see `apply::unsafe_policy_files`).
+fn load_strict(path: &Path) -> Option<crate::policy::Policy> {
+    let unsafe_files = apply::unsafe_policy_files(path);
+    if !unsafe_files.is_empty() {
+        for f in &unsafe_files {
+            eprintln!("egret: refusing an unsafe policy file: {f}");
+        }
+        eprintln!(
+            "egret: someone other than root could change what egret allows; nothing was applied"
+        );
+        return None;
+    }
+    load_or_report(path)
+}
+
 fn run(command: Command) -> Result<u8> {
     match command {
         Command::Check { policy, lint } => {
             let Some(p) = load_or_report(&policy) else {
                 return Ok(EXIT_INVALID);
             };
+            for f in apply::unsafe_policy_files(&policy) {
+                eprintln!("egret: warning: `run`, `apply` and `reload` refuse this policy: {f}");
+            }
             println!(
                 "{}: ok ({} rule(s), mode {})",
                 policy.display(),
@@ -372,11 +395,18 @@ fn run(command: Command) -> Result<u8> {
             confirm,
             state_dir,
         } => {
-            let Some(p) = load_or_report(&policy) else {
+            let Some(p) = load_strict(&policy) else {
                 return Ok(EXIT_INVALID);
             };
-            let rs = apply::compile_live(&p)?;
+            if let Some(pid) = apply::daemon_here(&state_dir) {
+                eprintln!("egret: `egret run` (pid {pid}) is running with {} and owns egret's table; nothing was applied. Edit the policy it runs with and use `egret reload --state-dir {}` instead (a policy loaded behind its back would be reported as tampering)", state_dir.display(), state_dir.display());
+                return Ok(EXIT_INVALID);
+            }
+            let (rs, preexisting) = apply::compile_live_seeded(&p)?;
             apply::apply(&rs, confirm.map(Duration::from_secs), &state_dir)?;
+            for c in &preexisting {
+                eprintln!("egret: warning: {c}");
+            }
             let rules = p.rules.len();
             match confirm {
                 Some(s) => println!("applied {} ({rules} rule(s), mode {}); run `egret confirm` within {s} s or it is rolled back", policy.display(), p.mode),
@@ -398,7 +428,11 @@ fn run(command: Command) -> Result<u8> {
             rules,
             state_dir,
         } => status(json, rules, &state_dir),
-        Command::Remove => {
+        Command::Remove { state_dir } => {
+            if let Some(pid) = apply::daemon_here(&state_dir) {
+                eprintln!("egret: `egret run` (pid {pid}) is running with {} and would report the removal as tampering (and, with restore_table, load its table again); stop it first (systemctl stop egret, or kill -TERM {pid}), then remove", state_dir.display());
+                return Ok(EXIT_INVALID);
+            }
             Nftables::open()
                 .context("opening nf_tables netlink")?
                 .remove()
@@ -423,7 +457,7 @@ fn run(command: Command) -> Result<u8> {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let p = match &policy {
-                Some(path) => match load_or_report(path) {
+                Some(path) => match load_strict(path) {
                     Some(p) => p,
                     None => return Ok(EXIT_INVALID),
                 },

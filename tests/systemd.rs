@@ -111,11 +111,12 @@ fn the_capabilities_the_unit_grants_are_enough_and_each_is_needed() {
         let policy = PolicyFile::new("mode = \"enforce\"\n");
         let state = policy.state_dir();
         std::fs::create_dir_all(&state).unwrap();
-        run_ok(std::process::Command::new("chmod").args([
-            "-R",
-            "777",
-            policy.dir.path().to_str().unwrap(),
-        ]));
+        // The policy stays root's and unwritable by others (egret refuses
+        // a policy others may change); nobody may read it and write state.
+        run_ok(
+            std::process::Command::new("chmod").args(["755", policy.dir.path().to_str().unwrap()]),
+        );
+        run_ok(std::process::Command::new("chmod").args(["-R", "777", &state]));
         let mut egret = pair
             .a
             .cmd(

@@ -1,7 +1,8 @@
 //! Everything that talks to the kernel. One submodule per interface:
-//! `nft` (nf_tables), `sockets` (sock_diag). Callers use small types from
+//! `nft` (nf_tables), `notify` (nf_tables' change notifications), `sockets` (sock_diag). Callers use small types from
 //! `crate::ruleset`; no netlink detail leaks out.
 
 pub mod netlink;
 pub mod nft;
+pub mod notify;
 pub mod sockets;

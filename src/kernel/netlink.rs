@@ -109,6 +109,9 @@ pub struct RawMsg<'a> {
     pub msg_type: u16,
     pub flags: u16,
     pub seq: u32,
+    /// The netlink port of the socket that sent it (for nf_tables
+    /// notifications: the socket that committed the change).
+    pub port: u32,
     pub payload: &'a [u8],
 }
 
@@ -126,6 +129,7 @@ pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = RawMsg<'_>> {
             msg_type: u16::from_ne_bytes(buf[4..6].try_into().ok()?),
             flags: u16::from_ne_bytes(buf[6..8].try_into().ok()?),
             seq: u32::from_ne_bytes(buf[8..12].try_into().ok()?),
+            port: u32::from_ne_bytes(buf[12..16].try_into().ok()?),
             payload: &buf[16..len],
         };
         buf = &buf[pad4(len).min(buf.len())..];
@@ -200,6 +204,18 @@ impl NetlinkSocket {
             sock,
             buf: vec![0; 1 << 20],
         })
+    }
+
+    /// This socket's netlink port id.
+    pub fn port(&self) -> io::Result<u32> {
+        let mut addr = SocketAddr::new(0, 0);
+        self.sock.get_address(&mut addr)?;
+        Ok(addr.port_number())
+    }
+
+    /// Joins multicast group `group` (e.g. nf_tables' change notifications).
+    pub fn join_group(&self, group: u32) -> io::Result<()> {
+        self.sock.add_membership(group)
     }
 
     pub fn raw_fd(&self) -> i32 {

@@ -170,6 +170,14 @@ impl From<KernelError> for NftError {
     }
 }
 
+impl Drop for Nftables {
+    fn drop(&mut self) {
+        if let Ok(port) = self.sock.port() {
+            super::notify::own_port(port, false);
+        }
+    }
+}
+
 impl Nftables {
     pub fn open() -> Result<Nftables> {
         let sock = NetlinkSocket::open(NETLINK_NETFILTER)?;
@@ -180,6 +188,9 @@ impl Nftables {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
+        if let Ok(port) = sock.port() {
+            super::notify::own_port(port, true);
+        }
         Ok(Nftables { sock, seq })
     }
 
@@ -195,8 +206,14 @@ impl Nftables {
     /// state, not policy: those of a live set with the same name and key are
     /// carried into the new table with their remaining time, in the same transaction.
     pub fn apply(&mut self, rs: &Ruleset) -> Result<()> {
+        self.apply_carrying(rs, true)
+    }
+
+    /// [`Nftables::apply`]; with `carry` false the timeout sets start empty
+    /// (someone else wrote into them: their live elements are not egret's).
+    pub fn apply_carrying(&mut self, rs: &Ruleset, carry: bool) -> Result<()> {
         let mut carried = Vec::new();
-        if rs.sets.iter().any(|s| s.timeout) && self.get_table()?.is_some() {
+        if carry && rs.sets.iter().any(|s| s.timeout) && self.get_table()?.is_some() {
             let live = self.live_sets()?;
             for set in rs.sets.iter().filter(|s| s.timeout) {
                 if live
@@ -248,6 +265,22 @@ impl Nftables {
         raw.iter()
             .map(|p| decode_set(p.get(4..).unwrap_or_default()))
             .collect()
+    }
+
+    /// The elements of live static set `name`; empty when it does not exist.
+    pub fn set_elements(&mut self, name: &str) -> Result<Vec<Element>> {
+        let Some(set) = self.live_sets()?.into_iter().find(|s| s.name == name) else {
+            return Ok(Vec::new());
+        };
+        let req = self.request(MSG_GETSETELEM, |b| {
+            b.attr_str(ELEM_LIST_TABLE, TABLE);
+            b.attr_str(ELEM_LIST_SET, &set.name);
+        });
+        let mut points = Vec::new();
+        self.sock.dump(&req, |_, p| {
+            decode_elements(p.get(4..).unwrap_or_default(), &set, &mut points)
+        })??;
+        Ok(assemble_elements(&set, points))
     }
 
     /// Deletes egret's table if it exists.

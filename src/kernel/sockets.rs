@@ -1,4 +1,4 @@
-//! sock_diag: the connections open right now in this network namespace.
+//! sock_diag: the TCP connections open right now in this network namespace.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -6,7 +6,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagMessage,
 };
@@ -14,10 +14,23 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
 
 use crate::ruleset::OpenFlow;
 
-/// Connected TCP and UDP sockets that talk to something other than loopback.
+/// An established TCP connection, with its owner and direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OpenSocket {
+    pub flow: OpenFlow,
+    pub uid: u32,
+    /// Accepted by a local listener: its packets out are replies.
+    pub inbound: bool,
+}
+
+/// Established TCP connections that talk to something other than loopback.
 /// These are the flows conntrack may not know yet when egret's first ruleset
 /// lands, so the ruleset lets their packets through once (see architecture.md).
-pub fn open_flows() -> std::io::Result<Vec<OpenFlow>> {
+///
+/// Never UDP: a UDP `connect()` sends nothing, so any user could register
+/// any destination and have it seeded; a UDP flow that predates conntrack
+/// does not freeze either (its next datagram is simply a new flow).
+pub fn open_tcp() -> std::io::Result<Vec<OpenSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NlAddr::new(0, 0))?;
@@ -28,23 +41,45 @@ pub fn open_flows() -> std::io::Result<Vec<OpenFlow>> {
         | StateFlags::CLOSE_WAIT
         | StateFlags::LAST_ACK
         | StateFlags::CLOSING;
-    let mut flows = Vec::new();
+    let mut found = Vec::new();
+    let mut listeners = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        for (protocol, states) in [
-            (IPPROTO_TCP, tcp_states.clone()),
-            (IPPROTO_UDP, StateFlags::ESTABLISHED),
-        ] {
-            dump(&mut socket, family, protocol, states, &mut flows)?;
-        }
+        dump(
+            &mut socket,
+            family,
+            IPPROTO_TCP,
+            tcp_states.clone(),
+            &mut found,
+        )?;
+        dump(
+            &mut socket,
+            family,
+            IPPROTO_TCP,
+            StateFlags::LISTEN,
+            &mut listeners,
+        )?;
     }
-    flows.retain(|f| {
-        !f.local.ip().is_loopback()
-            && !f.remote.ip().is_loopback()
-            && !f.remote.ip().is_unspecified()
-    });
-    flows.sort();
-    flows.dedup();
-    Ok(flows)
+    let listening = |local: SocketAddr| {
+        listeners.iter().any(|l| {
+            l.flow.local.port() == local.port()
+                && (l.flow.local.ip() == local.ip() || l.flow.local.ip().is_unspecified())
+        })
+    };
+    let mut open: Vec<OpenSocket> = found
+        .into_iter()
+        .filter(|s| {
+            !s.flow.local.ip().is_loopback()
+                && !s.flow.remote.ip().is_loopback()
+                && !s.flow.remote.ip().is_unspecified()
+        })
+        .map(|s| OpenSocket {
+            inbound: listening(s.flow.local),
+            ..s
+        })
+        .collect();
+    open.sort();
+    open.dedup_by(|a, b| a.flow == b.flow);
+    Ok(open)
 }
 
 fn canonical(addr: IpAddr, port: u16) -> SocketAddr {
@@ -60,7 +95,7 @@ fn dump(
     family: u8,
     protocol: u8,
     states: StateFlags,
-    out: &mut Vec<OpenFlow>,
+    out: &mut Vec<OpenSocket>,
 ) -> std::io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -97,10 +132,14 @@ fn dump(
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     let id = &r.header.socket_id;
-                    out.push(OpenFlow {
-                        protocol,
-                        local: canonical(id.source_address, id.source_port),
-                        remote: canonical(id.destination_address, id.destination_port),
+                    out.push(OpenSocket {
+                        flow: OpenFlow {
+                            protocol,
+                            local: canonical(id.source_address, id.source_port),
+                            remote: canonical(id.destination_address, id.destination_port),
+                        },
+                        uid: r.header.uid,
+                        inbound: false,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(()),

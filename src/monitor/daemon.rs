@@ -173,6 +173,8 @@ struct Daemon {
     /// The rules egret loaded (counters zeroed): what the live table must show.
     expected: Vec<(String, crate::ruleset::Rule)>,
     tamper_reported: bool,
+    /// Changes to the table egret did not make (notifications, full comparison).
+    watch: super::tamper::TamperWatch,
     /// The last reading of the log rules' counters.
     last_live: u64,
     /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
@@ -331,7 +333,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     };
 
     let units = apply::resolve_units(&policy);
-    let rs = apply::compile_with_units(&policy, units.clone())?;
+    let (rs, preexisting) = apply::compile_seeded(&policy, units.clone())?;
     nft.apply(&rs).context("loading the ruleset")?;
     record_settings(&mut store, &policy);
     info!(
@@ -390,6 +392,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         timeline: BTreeMap::new(),
         sets: set_sizes(&rs),
         expected: expected_rules(&rs),
+        watch: super::tamper::TamperWatch::new(&rs),
         tamper_reported: false,
         last_live: 0,
         reported_lost: 0,
@@ -397,6 +400,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         new_since_prune: 0,
     };
     daemon.agg.update_every = daemon.opts.update_every;
+    daemon.report_preexisting(&preexisting);
     if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
         if n > 0 {
             info!(events = n, "pruned events past retention");
@@ -483,6 +487,7 @@ impl Daemon {
                 last_tick = Instant::now();
                 self.tick(false);
             }
+            self.watch_table();
             if last_account.elapsed() >= ACCOUNT_EVERY {
                 last_account = Instant::now();
                 self.account();
@@ -742,12 +747,20 @@ impl Daemon {
                 self.write_books(live);
                 self.last_live = live;
                 if normalized(rules) != self.expected {
-                    self.tampered("changed");
-                } else {
+                    self.tampered("changed", None);
+                } else if !self.watch.standing() {
                     self.tamper_reported = false;
                 }
             }
-            Ok(None) => self.tampered("deleted"),
+            Ok(None) => self.tampered("deleted", None),
+            // A rule egret cannot decode is one it did not write.
+            Err(crate::kernel::nft::NftError::Foreign(what)) => {
+                let found = super::tamper::Found {
+                    changes: vec![format!("egret cannot decode the table: {what}")],
+                    ..Default::default()
+                };
+                self.tampered("changed", Some(found));
+            }
             Err(e) => warn!("reading egret's log counters: {e}"),
         }
         let figures = self.accounting.figures(self.counts());
@@ -805,9 +818,36 @@ impl Daemon {
         }
     }
 
+    /// Another process's transaction on egret's table (a new occurrence,
+    /// reported even while an earlier one stands), or a difference the full
+    /// comparison found.
+    fn watch_table(&mut self) {
+        if let Some(found) = self.watch.notified() {
+            self.tamper_reported = false;
+            self.tampered(found.what(), Some(found));
+        } else if let Some(found) = self.watch.compare(&mut self.nft, false) {
+            self.tampered(found.what(), Some(found));
+        }
+    }
+
     /// egret's table was deleted or changed by something else: report it
     /// (once per occurrence) and, with `restore_table`, load the policy again.
-    fn tampered(&mut self, what: &str) {
+    fn tampered(&mut self, what: &str, found: Option<super::tamper::Found>) {
+        // A change found by polling: its notification names who made it.
+        // Another process's transaction is a new occurrence, even while an
+        // earlier change stands.
+        let notified = self.watch.notified();
+        if notified.is_some() {
+            self.tamper_reported = false;
+        }
+        let found = match (found, notified) {
+            (Some(mut f), Some(n)) => {
+                f.by = f.by.or(n.by);
+                f.changes.extend(n.changes);
+                Some(f)
+            }
+            (f, n) => f.or(n),
+        };
         let restore = self.policy.restore_table;
         if !self.tamper_reported {
             warn!(
@@ -815,8 +855,11 @@ impl Daemon {
                 if restore { "; restoring it" } else { "" }
             );
         }
+        // Addresses someone else put in the DNS guard's sets must not be
+        // carried into the restored table; the guard re-adds what it resolves.
+        let carry = !found.as_ref().is_some_and(|f| f.host_sets);
         let restored = restore && {
-            match self.restore() {
+            match self.restore(carry) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!("restoring egret's table: {e:#}");
@@ -828,7 +871,10 @@ impl Daemon {
             return;
         }
         let now = SystemTime::now();
-        let doc = event::tamper(now, what, restored, &self.host);
+        let mut doc = event::tamper(now, what, restored, &self.host);
+        if let Some(f) = &found {
+            super::tamper::annotate(&mut doc, f);
+        }
         self.out.line(&doc);
         self.out.flush();
         self.alerts.send(&doc);
@@ -838,6 +884,7 @@ impl Daemon {
         }
         // Once restored, a new change is a new occurrence.
         self.tamper_reported = !restored;
+        self.watch.set_standing(!restored);
     }
 
     /// New sinks from a reloaded policy; the old ones get a moment to send
@@ -857,10 +904,33 @@ impl Daemon {
         }
     }
 
-    fn restore(&mut self) -> Result<()> {
-        let rs = apply::compile_with_units(&self.policy, self.units.clone())?;
+    /// Connections seeded because they predate egret's table, which the
+    /// policy would not allow.
+    fn report_preexisting(&mut self, list: &[apply::Preexisting]) {
+        for c in list {
+            warn!("{c}");
+            let now = SystemTime::now();
+            let doc = super::preexisting::document(now, c, &self.host);
+            self.out.line(&doc);
+            self.alerts.send(&doc);
+            let id = self.agg.reserve_id();
+            if let Err(e) = self
+                .store
+                .insert_event(id, super::preexisting::ACTION, now, 1, &doc)
+            {
+                warn!("storing a preexisting event: {e:#}");
+            }
+        }
+        self.out.flush();
+    }
+
+    fn restore(&mut self, carry: bool) -> Result<()> {
+        let (rs, preexisting) = apply::compile_seeded(&self.policy, self.units.clone())?;
         let nft = &mut self.nft;
-        let mut swap = || nft.apply(&rs).context("restoring the ruleset");
+        let mut swap = || {
+            nft.apply_carrying(&rs, carry)
+                .context("restoring the ruleset")
+        };
         match &self.guard {
             Some(g) => g.swap(None, swap)?,
             None => swap()?,
@@ -869,8 +939,10 @@ impl Daemon {
         self.accounting.retire_vanished(self.last_live, counts);
         self.last_live = 0;
         self.expected = expected_rules(&rs);
+        self.watch.expect(&rs);
         self.sets = set_sizes(&rs);
         info!("egret's table restored from the policy");
+        self.report_preexisting(&preexisting);
         Ok(())
     }
 
@@ -891,6 +963,7 @@ impl Daemon {
         self.accounting.retire(last);
         self.sets = set_sizes(rs);
         self.expected = expected_rules(rs);
+        self.watch.expect(rs);
         Ok(())
     }
 
@@ -899,6 +972,14 @@ impl Daemon {
             info!("reload: running on the embedded default policy; nothing to re-read");
             return;
         };
+        let unsafe_files = apply::unsafe_policy_files(&path);
+        if !unsafe_files.is_empty() {
+            for f in &unsafe_files {
+                error!("reload: refusing an unsafe policy file: {f}");
+            }
+            error!("reload: someone other than root could change what egret allows; the running policy stays");
+            return;
+        }
         let policy = match apply::load_policy(&path) {
             Ok(p) => p,
             Err(errors) => {
@@ -1024,6 +1105,7 @@ impl Daemon {
                 info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
                 self.units = units;
                 self.sets = set_sizes(&rs);
+                self.watch.expect(&rs);
             }
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }

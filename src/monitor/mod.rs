@@ -15,5 +15,7 @@ pub mod incident;
 pub mod metrics;
 pub mod nflog;
 pub mod packet;
+pub mod preexisting;
 pub mod store;
 pub mod systemd;
+pub mod tamper;

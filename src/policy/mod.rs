@@ -6,6 +6,7 @@
 
 mod alerts;
 mod diagnostic;
+mod files;
 mod host;
 mod parse;
 
@@ -22,6 +23,7 @@ pub use alerts::{
     WebhookConfig, WebhookFormat, ACTIONS,
 };
 pub use diagnostic::{Diagnostic, PolicyErrors};
+pub use files::{unsafe_files, UnsafeFile};
 pub use host::HostPattern;
 pub use parse::{load, parse_str, Accounts, SystemAccounts};
 

@@ -430,31 +430,20 @@ impl RuleChecker<'_> {
         pattern: &Spanned<String>,
     ) -> Vec<PathBuf> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let joined = base.join(pattern.get_ref());
-        let text = joined.to_string_lossy().to_string();
+        let text = base.join(pattern.get_ref()).to_string_lossy().to_string();
         let is_glob = pattern.get_ref().contains(['*', '?', '[']);
-        if !is_glob {
-            if joined.is_file() {
-                return vec![joined];
+        match super::files::include_matches(path, pattern.get_ref()) {
+            Ok(files) if files.is_empty() && !is_glob => {
+                self.err(
+                    path,
+                    source,
+                    pattern.span(),
+                    format!("included file {text} does not exist"),
+                    "use a glob such as \"policy.d/*.toml\" to include files that may be absent",
+                );
+                Vec::new()
             }
-            self.err(
-                path,
-                source,
-                pattern.span(),
-                format!("included file {text} does not exist"),
-                "use a glob such as \"policy.d/*.toml\" to include files that may be absent",
-            );
-            return Vec::new();
-        }
-        match glob::glob(&text) {
-            Ok(paths) => {
-                let mut files: Vec<PathBuf> = paths
-                    .filter_map(Result::ok)
-                    .filter(|p| p.is_file())
-                    .collect();
-                files.sort();
-                files
-            }
+            Ok(files) => files,
             Err(e) => {
                 self.err(
                     path,

@@ -416,20 +416,15 @@ impl Compiler {
                 Family::V4 => (PREEXISTING_V4, Field::Ipv4),
                 Family::V6 => (PREEXISTING_V6, Field::Ipv6),
             };
+            // TCP only, whatever the caller gathered: a connected UDP socket
+            // has sent nothing, so seeding it would let anyone pick a destination.
             let mut elements: Vec<Element> = open_flows
                 .iter()
+                .filter(|f| f.protocol == 6)
                 .filter(|f| {
                     Family::of(&f.local.ip()) == family && Family::of(&f.remote.ip()) == family
                 })
-                .map(|f| {
-                    Element::single(vec![
-                        f.protocol as u128,
-                        ip_to_u128(&f.local.ip()),
-                        f.local.port() as u128,
-                        ip_to_u128(&f.remote.ip()),
-                        f.remote.port() as u128,
-                    ])
-                })
+                .map(super::preexisting_element)
                 .collect();
             elements.sort();
             elements.dedup();
@@ -1267,5 +1262,22 @@ mod tests {
         let set = rs.set(PREEXISTING_V4).unwrap();
         assert_eq!(set.elements.len(), 1);
         assert!(render(&rs).contains("tcp . 10.0.0.1 . 22 . 10.0.0.2 . 50000"));
+    }
+
+    #[test]
+    fn connected_udp_sockets_are_never_seeded() {
+        let flows = vec![OpenFlow {
+            protocol: 17,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:53".parse().unwrap(),
+        }];
+        let rs = compile(
+            &policy(vec![]),
+            &CompileInput {
+                open_flows: flows,
+                ..Default::default()
+            },
+        );
+        assert!(rs.set(PREEXISTING_V4).unwrap().elements.is_empty());
     }
 }

@@ -313,6 +313,17 @@ pub struct OpenFlow {
     pub remote: SocketAddr,
 }
 
+/// An open flow as an element of `preexisting_v4/v6`.
+pub fn preexisting_element(f: &OpenFlow) -> Element {
+    Element::single(vec![
+        f.protocol as u128,
+        ip_to_u128(&f.local.ip()),
+        f.local.port() as u128,
+        ip_to_u128(&f.remote.ip()),
+        f.remote.port() as u128,
+    ])
+}
+
 pub fn ip_to_u128(ip: &IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u32::from(*a) as u128,

@@ -1,0 +1,581 @@
+//! Adversarial tests for egret's kernel side (issue 15, findings 1, 13, 14):
+//! each attack runs for real, as the unprivileged user `nobody` (65534) where
+//! the attacker is unprivileged, in namespaces the test creates, and must fail.
+//!
+//! Run: `cargo test --test adversary_kernel`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A socket `nobody` connected (UDP: `connect()` sends nothing) and parked;
+/// each `send()` tries one echo round trip on it.
+const PARKER: &str = r#"
+import socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+s.settimeout(2.0)
+s.connect((host, port))
+print("parked", flush=True)
+for _ in sys.stdin:
+    try:
+        s.send(b"ping\n")
+        ok = s.recv(16) == b"ping\n"
+    except OSError:
+        ok = False
+    print("ok" if ok else "blocked", flush=True)
+"#;
+
+struct Parked {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    what: String,
+}
+
+impl Parked {
+    fn new(ns: &Netns, proto: &str, host: &str, port: u16) -> Parked {
+        let mut child = ns
+            .as_nobody(
+                "/usr/bin/python3",
+                &["-c", PARKER, proto, host, &port.to_string()],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning the parked socket");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("parker output");
+        assert_eq!(line.trim(), "parked", "{proto} {host}:{port}");
+        Parked {
+            child,
+            stdin,
+            stdout,
+            what: format!("{proto} {host}:{port}"),
+        }
+    }
+
+    /// True when an echo round trip on the parked socket works.
+    fn round_trip(&mut self) -> bool {
+        self.stdin.write_all(b"go\n").expect("parker stdin");
+        self.stdin.flush().expect("parker stdin");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("parker answer");
+        line.trim() == "ok"
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_stderr(run: &Running, needle: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.stderr_text().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} (x{count}) in egret run's stderr:\n{}",
+            run.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The elements of egret's pre-existing-connection sets, from `nft` (an
+/// independent witness), one family per line.
+fn seeded(ns: &Netns) -> String {
+    let mut out = String::new();
+    for set in ["preexisting_v4", "preexisting_v6"] {
+        let o = run_ok(&mut ns.cmd("nft", &["list", "set", "inet", "egret", set]));
+        let text = String::from_utf8_lossy(&o.stdout);
+        if let Some(i) = text.find("elements = {") {
+            out.push_str(&text[i..]);
+        }
+    }
+    out
+}
+
+const ENFORCE: &str = "mode = \"enforce\"\n";
+
+fn assert_all_blocked(parked: &mut [Parked], when: &str, ns: &Netns) {
+    for p in parked.iter_mut() {
+        assert!(
+            !p.round_trip(),
+            "{when}: the parked {} socket of nobody became an allowed flow; seeded: {}",
+            p.what,
+            seeded(ns)
+        );
+    }
+    let s = seeded(ns);
+    assert!(!s.contains("udp"), "{when}: UDP seeded: {s}");
+}
+
+// Finding 1: a connected UDP socket sends nothing, so seeding it let any
+// user pick a destination (DNS around the guard included) that the next
+// reload, restart or apply opened for good.
+#[test]
+fn parked_udp_sockets_never_become_allowed_flows() {
+    let pair = Pair::new();
+    let _servers: Vec<Server> = [B4, B6]
+        .iter()
+        .flat_map(|h| [53u16, 9999].map(|port| pair.b.server("udp", h, port)))
+        .collect();
+    let mut parked = Vec::new();
+    let park_all = |parked: &mut Vec<Parked>| {
+        for host in [B4, B6] {
+            for port in [53, 9999] {
+                parked.push(Parked::new(&pair.a, "udp", host, port));
+            }
+        }
+    };
+    // Parked before egret's first ruleset...
+    park_all(&mut parked);
+    let policy = PolicyFile::new(ENFORCE);
+    let state = policy.state_dir();
+    let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
+    assert_all_blocked(&mut parked, "first load", &pair.a);
+
+    // ...and while it is loaded, then a reload.
+    park_all(&mut parked);
+    run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
+    wait_stderr(&run, "reloaded", 1);
+    assert_all_blocked(&mut parked, "reload", &pair.a);
+
+    // A restart of `egret run`.
+    park_all(&mut parked);
+    drop(run);
+    let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
+    assert_all_blocked(&mut parked, "restart", &pair.a);
+    drop(run);
+
+    // `egret apply`.
+    park_all(&mut parked);
+    pair.a
+        .egret_ok(&["apply", policy.path(), "--state-dir", &state]);
+    assert_all_blocked(&mut parked, "apply", &pair.a);
+}
+
+// Finding 1, TCP: only what egret's first ruleset needs is seeded (TCP
+// that conntrack has not seen), it is reported when the policy would not
+// allow it, and nothing is seeded once the table is loaded.
+#[test]
+fn only_tcp_that_predates_egret_is_seeded_and_it_is_reported() {
+    let pair = Pair::new();
+    let _servers: Vec<Server> = [B4, B6]
+        .iter()
+        .flat_map(|h| [7000u16, 7001].map(|port| pair.b.server("tcp", h, port)))
+        .collect();
+    // nobody's connections that predate egret: let through (they must not
+    // stall), and reported, since this policy allows neither.
+    let mut before: Vec<Parked> = [B4, B6]
+        .iter()
+        .map(|h| Parked::new(&pair.a, "tcp", h, 7000))
+        .collect();
+    let policy = PolicyFile::new(&format!(
+        "{ENFORCE}[[allow]]\nname = \"later\"\nusers = [\"nobody\"]\ncidrs = [\"{B4}/32\", \"{B6}/128\"]\nports = [7001]\nprotocol = \"tcp\"\n"
+    ));
+    let state = policy.state_dir();
+    let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
+    for host in [B4, B6] {
+        let e = run.wait_event(10, "preexisting", |e| {
+            at(e, "/event/action") == "preexisting" && at(e, "/destination/ip") == host
+        });
+        assert_eq!(at(&e, "/destination/port"), 7000, "{e:#}");
+        assert_eq!(at(&e, "/user/id"), "65534", "{e:#}");
+        assert_eq!(at(&e, "/network/transport"), "tcp", "{e:#}");
+        assert_eq!(at(&e, "/event/kind"), "alert", "{e:#}");
+        assert_eq!(at(&e, "/egret/rule"), "default", "{e:#}");
+    }
+    for p in &mut before {
+        assert!(p.round_trip(), "{} stalled", p.what);
+    }
+    // Allowed while it ran: nobody's connections to 7001.
+    let mut during: Vec<Parked> = [B4, B6]
+        .iter()
+        .map(|h| Parked::new(&pair.a, "tcp", h, 7001))
+        .collect();
+    for p in &mut during {
+        assert!(p.round_trip(), "{}", p.what);
+    }
+    // The rule goes; a reload, a restart and an apply must not seed the
+    // connections opened while egret's table was loaded (conntrack knows
+    // them); what the first load seeded stays while it is open.
+    policy.rewrite(ENFORCE);
+    let only_first = |when: &str| {
+        let s = seeded(&pair.a);
+        assert!(!s.contains("7001"), "{when} seeded a later connection: {s}");
+        assert_eq!(s.matches(". 7000").count(), 2, "{when}: {s}");
+    };
+    only_first("first load");
+    run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
+    wait_stderr(&run, "reloaded", 1);
+    only_first("reload");
+    drop(run);
+    let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
+    only_first("restart");
+    assert!(
+        !run.snapshot()
+            .iter()
+            .any(|e| at(e, "/event/action") == "preexisting"),
+        "nothing predates a loaded table"
+    );
+    drop(run);
+    let out = pair
+        .a
+        .egret_out(&["apply", policy.path(), "--state-dir", &state]);
+    assert!(out.status.success());
+    only_first("apply");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("predates"));
+    // Established connections still work (conntrack).
+    for p in before.iter_mut().chain(during.iter_mut()) {
+        assert!(p.round_trip(), "{} stalled", p.what);
+    }
+
+    // `egret apply` as the first load warns about what it let through.
+    pair.a.egret_ok(&["remove", "--state-dir", &state]);
+    let out = pair
+        .a
+        .egret_out(&["apply", policy.path(), "--state-dir", &state]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for host in [B4, B6] {
+        let port = if host.contains(':') {
+            format!("[{host}]:7000")
+        } else {
+            format!("{host}:7000")
+        };
+        assert!(
+            stderr.contains(&port) && stderr.contains("uid 65534"),
+            "{stderr}"
+        );
+    }
+    // Closed, they are not seeded again.
+    drop(before);
+    drop(during);
+    pair.a
+        .egret_ok(&["apply", policy.path(), "--state-dir", &state]);
+    let s = seeded(&pair.a);
+    assert!(!s.contains("7000") && !s.contains("7001"), "{s}");
+}
+
+// Finding 13: policy files others may write.
+#[test]
+fn policy_files_others_may_write_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let ns = Netns::new();
+    let policy = PolicyFile::new(&format!("{ENFORCE}include = [\"policy.d/*.toml\"]\n"));
+    let state = policy.state_dir();
+    let dropins = policy.dir.path().join("policy.d");
+    std::fs::create_dir(&dropins).unwrap();
+    chmod(&dropins, 0o755);
+    let run = Running::start(&ns, &state, &["--policy", policy.path()]);
+
+    // A world-writable policy: nobody adds a rule that allows everything.
+    chmod(&policy.path, 0o666);
+    chmod(policy.dir.path(), 0o755);
+    run_ok(&mut ns.as_nobody(
+        "/bin/sh",
+        &[
+            "-c",
+            &format!(
+                "printf '[[allow]]\\nname = \"evil\"\\ncidrs = [\"0.0.0.0/0\"]\\n' >> {}",
+                policy.path()
+            ),
+        ],
+    ));
+    run_ok(&mut ns.egret(&["reload", "--state-dir", &state]));
+    wait_stderr(&run, "refusing an unsafe policy file", 1);
+    let stderr = run.stderr_text();
+    assert!(
+        stderr.contains(policy.path()) && stderr.contains("chmod go-w"),
+        "{stderr}"
+    );
+    assert!(!ns.nft_ruleset().contains("evil"), "the reload was refused");
+    for args in [
+        vec!["apply", policy.path(), "--state-dir", "/nonexistent"],
+        vec![
+            "run",
+            "--policy",
+            policy.path(),
+            "--state-dir",
+            "/nonexistent",
+        ],
+    ] {
+        let out = ns.egret_out(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(policy.path()) && err.contains("chmod go-w"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!ns.nft_ruleset().contains("evil"));
+    // `check` warns only.
+    let out = ns.egret_out(&["check", policy.path()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod go-w"));
+    drop(run);
+    ns.egret_ok(&["remove", "--state-dir", &state]);
+
+    // A drop-in nobody owns (and so may rewrite at will).
+    let policy = PolicyFile::new(&format!("{ENFORCE}include = [\"policy.d/*.toml\"]\n"));
+    let dropins = policy.dir.path().join("policy.d");
+    std::fs::create_dir(&dropins).unwrap();
+    chmod(&dropins, 0o755);
+    let file = dropins.join("a.toml");
+    std::fs::write(&file, "").unwrap();
+    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+    let out = ns.egret_out(&["apply", policy.path(), "--state-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(file.to_str().unwrap()) && err.contains("chown root"),
+        "{err}"
+    );
+    // A drop-in directory anyone may write (sticky or not): nobody adds a file.
+    std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+    chmod(&dropins, 0o1777);
+    let out = ns.egret_out(&["apply", policy.path(), "--state-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(dropins.to_str().unwrap()));
+    // The containing directory writable by others, without the sticky bit.
+    chmod(&dropins, 0o755);
+    chmod(policy.dir.path(), 0o777);
+    let out = ns.egret_out(&["apply", policy.path(), "--state-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod go-w"));
+    assert!(!ns.nft_ruleset().contains("table inet egret"));
+    // Fixed as the message says: accepted.
+    chmod(policy.dir.path(), 0o700);
+    ns.egret_ok(&["apply", policy.path(), "--state-dir", "/nonexistent"]);
+}
+
+fn tampers(run: &Running) -> Vec<serde_json::Value> {
+    run.snapshot()
+        .into_iter()
+        .filter(|e| at(e, "/event/action") == "tamper")
+        .collect()
+}
+
+fn changes_mention(e: &serde_json::Value, what: &str) -> bool {
+    at(e, "/egret/changes").as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c.as_str().is_some_and(|c| c.contains(what)))
+    })
+}
+
+// Finding 14: what an attacker with root would actually do to egret's table.
+#[test]
+fn foreign_changes_to_the_table_are_reported_with_their_committer_and_undone() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7100);
+    let allow =
+        "[[allow]]\nname = \"web\"\ncidrs = [\"10.1.0.98/32\", \"10.1.0.99/32\"]\nports = [7100]\n";
+    let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n{allow}"));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(
+        pair.a.nft_ruleset().contains("a_web_v4"),
+        "{}",
+        pair.a.nft_ruleset()
+    );
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+
+    // A new address in a static allow set.
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "a_web_v4",
+            &format!("{{ {B4} }}"),
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: element added", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "a_web_v4")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert!(at(&e, "/process/pid").is_u64(), "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    let set = String::from_utf8_lossy(
+        &run_ok(
+            &mut pair
+                .a
+                .cmd("nft", &["list", "set", "inet", "egret", "a_web_v4"]),
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(!set.contains(B4), "restored: {set}");
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+
+    // A rule egret does not write (and cannot decode).
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "insert", "rule", "inet", "egret", "output", "ip", "daddr", B4, "accept",
+        ],
+    ));
+    let before = tampers(&run).len();
+    let e = run.wait_event(15, "tamper: rule added", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "rule added")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    assert!(!pair
+        .a
+        .nft_ruleset()
+        .contains(&format!("ip daddr {B4} accept")));
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
+    assert!(tampers(&run).len() > before);
+    drop(run);
+
+    // Without restore_table: each change reported once, never a reason to
+    // stop looking, and a later change is reported too.
+    let policy = PolicyFile::new(&format!("{ENFORCE}{allow}"));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "insert", "rule", "inet", "egret", "output", "ip", "daddr", B4, "accept",
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: undecodable rule", |e| {
+        at(e, "/event/action") == "tamper"
+    });
+    assert_eq!(at(&e, "/egret/restored"), false, "{e:#}");
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(tampers(&run).len(), 1, "once: {:#?}", tampers(&run));
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "a_web_v4",
+            "{ 10.1.0.77 }",
+        ],
+    ));
+    run.wait_event(15, "tamper: element added later", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "a_web_v4")
+    });
+    drop(run);
+}
+
+// Finding 14: `egret apply`/`remove` behind a running daemon's back.
+#[test]
+fn apply_and_remove_while_run_runs_are_refused_or_reported() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n"));
+    let state = policy.state_dir();
+    let run = Running::start(&ns, &state, &["--policy", policy.path()]);
+    let pid = std::fs::read_to_string(format!("{state}/egret.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let other = PolicyFile::new("mode = \"audit\"\n");
+    let live = ns.nft_rules_only();
+    for args in [
+        vec!["apply", other.path(), "--state-dir", &state],
+        vec!["remove", "--state-dir", &state],
+    ] {
+        let out = ns.egret_out(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("pid {pid}")), "{args:?}: {err}");
+        assert_eq!(ns.nft_rules_only(), live, "{args:?} changed the table");
+    }
+    let out = ns.egret_out(&["apply", other.path(), "--state-dir", &state]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("egret reload"));
+
+    // From another state dir egret cannot know: the daemon sees a foreign
+    // transaction, names it and puts its own policy back.
+    let elsewhere = other.state_dir();
+    ns.egret_ok(&["apply", other.path(), "--state-dir", &elsewhere]);
+    let e = run.wait_event(15, "tamper by egret apply", |e| {
+        at(e, "/event/action") == "tamper"
+    });
+    assert_eq!(at(&e, "/process/name"), "egret", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    assert!(
+        ns.nft_ruleset().contains("mode=enforce"),
+        "{}",
+        ns.nft_ruleset()
+    );
+    drop(run);
+}
+
+// Finding 14: an address slipped into a DNS guard set (run-time state egret
+// writes itself) is someone else's change too, and not carried over.
+#[test]
+fn addresses_slipped_into_a_dns_guard_set_are_reported_and_dropped() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7200);
+    let policy = PolicyFile::new(&format!(
+        "{ENFORCE}restore_table = true\n[dns]\nlisten = \"127.0.0.1:5399\"\nupstream = [\"192.0.2.53\"]\n[[allow]]\nname = \"web\"\nhosts = [\"web.test\"]\nports = [7200]\n"
+    ));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7200));
+    run_ok(&mut pair.a.cmd(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egret",
+            "h_web_v4",
+            &format!("{{ {B4} timeout 1h }}"),
+        ],
+    ));
+    let e = run.wait_event(15, "tamper: host set element", |e| {
+        at(e, "/event/action") == "tamper" && changes_mention(e, "h_web_v4")
+    });
+    assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    let set = String::from_utf8_lossy(
+        &run_ok(
+            &mut pair
+                .a
+                .cmd("nft", &["list", "set", "inet", "egret", "h_web_v4"]),
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(!set.contains(B4), "not carried over: {set}");
+    assert!(!pair.a.tcp_ok(Some(65534), B4, 7200));
+    drop(run);
+}
+
+// The other side of finding 1: an idle connection the first load seeded has
+// not yet sent the packet that lets conntrack confirm it; a reload before it
+// does must not take its seed away (it would stall).
+#[test]
+fn an_idle_connection_seeded_at_first_load_survives_an_early_reload() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7300);
+    let held = Held::connect(&pair.a, B4, 7300);
+    let policy = PolicyFile::new(ENFORCE);
+    let state = policy.state_dir();
+    let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
+    run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
+    wait_stderr(&run, "reloaded", 1);
+    assert!(seeded(&pair.a).contains(". 7300"), "{}", seeded(&pair.a));
+    assert!(held.round_trip(), "the idle connection stalled");
+    drop(run);
+}
