@@ -373,6 +373,7 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("proxy would deny", proxy(false, "nope.test", None)),
         ("container, bridge", observed(true, Some("containers"), Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::Bridge), None, false)),
         ("container, runtime", observed(true, None, Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::ContainerRuntime), None, false)),
+        ("preexisting", preexisting()),
         ("tamper restored", event::tamper(when(), "deleted", true, "web1")),
         ("tamper not restored", event::tamper(when(), "changed", false, "web1")),
         ("heartbeat", event::heartbeat(when(), &loss, 3, "web1")),
@@ -381,6 +382,32 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("alert-failed", event::alert_failed(when(), "siem", 3, "connection refused", "web1")),
         ("alert-digest", event::alert_digest(when(), "siem", Duration::from_secs(60), &[("blocked".into(), Severity::High, 12)], 2, "web1")),
     ]
+}
+
+fn preexisting() -> Value {
+    use egret::apply::Preexisting;
+    use egret::audit::evaluate::{Decision, Outcome};
+    use egret::kernel::sockets::OpenSocket;
+    use egret::ruleset::OpenFlow;
+    let c = Preexisting {
+        socket: OpenSocket {
+            flow: OpenFlow {
+                protocol: 6,
+                local: "10.1.0.1:40312".parse().unwrap(),
+                remote: "192.0.2.7:7000".parse().unwrap(),
+            },
+            uid: 65534,
+            inbound: false,
+        },
+        decision: Decision {
+            outcome: Outcome::Blocked,
+            rule: "default".into(),
+            index: None,
+            host_pattern: None,
+            why: "no rule allows it".into(),
+        },
+    };
+    egret::monitor::preexisting::document(when(), &c, "web1")
 }
 
 #[test]

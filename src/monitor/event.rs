@@ -487,7 +487,9 @@ fn set_error(doc: &mut Value, message: &str) {
 
 /// An event about egret itself: ECS envelope with (kind, category, type,
 /// outcome, action); docs/monitoring.md says why each is what it is.
-fn self_event(
+/// A document about something other than an incident (egret's own events,
+/// pre-existing connections): the ECS skeleton every event shares.
+pub(crate) fn self_event(
     at: SystemTime,
     host: &str,
     message: String,

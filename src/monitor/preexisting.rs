@@ -14,32 +14,36 @@ pub const ACTION: &str = "preexisting";
 
 pub fn document(at: SystemTime, c: &Preexisting, host: &str) -> Value {
     let flow = &c.socket.flow;
-    let mut doc = json!({
-        "@timestamp": event::timestamp(at),
-        "message": format!("{c}"),
-        "event": {
-            "kind": "alert",
-            "category": ["network"],
-            "type": ["connection"],
-            "action": ACTION,
-            "module": "egret",
-            "dataset": "egret.egress",
-        },
-        "host": { "hostname": host },
-        "source": { "ip": flow.local.ip().to_string(), "port": flow.local.port() },
-        "destination": { "ip": flow.remote.ip().to_string(), "port": flow.remote.port() },
-        "network": {
-            "transport": "tcp",
-            "type": if flow.remote.is_ipv4() { "ipv4" } else { "ipv6" },
-            "direction": "egress",
-        },
-        "user": { "id": c.socket.uid.to_string() },
-        "egret": {
+    let mut doc = event::self_event(
+        at,
+        host,
+        format!("{c}"),
+        ("alert", "network", "connection", Some("success"), ACTION),
+        Severity::High,
+        json!({
             "rule": c.decision.rule,
             "outcome": c.decision.outcome.as_str(),
             "why": c.decision.why,
-        },
-    });
-    event::set_severity(&mut doc, Severity::High);
+        }),
+    );
+    if let Some(o) = doc.as_object_mut() {
+        o.insert(
+            "source".into(),
+            json!({ "ip": flow.local.ip().to_string(), "port": flow.local.port() }),
+        );
+        o.insert(
+            "destination".into(),
+            json!({ "ip": flow.remote.ip().to_string(), "port": flow.remote.port() }),
+        );
+        o.insert(
+            "network".into(),
+            json!({
+                "transport": "tcp",
+                "type": if flow.remote.is_ipv4() { "ipv4" } else { "ipv6" },
+                "direction": "egress",
+            }),
+        );
+        o.insert("user".into(), json!({ "id": c.socket.uid.to_string() }));
+    }
     doc
 }

@@ -473,7 +473,10 @@ mod tests {
             r.address_ok(ip, 8080, None, false).is_ok(),
             "covered past the SSRF guard"
         );
-        assert!(r.address_ok(ip, 22, None, false).is_err(), "only the rule's ports");
+        assert!(
+            r.address_ok(ip, 22, None, false).is_err(),
+            "only the rule's ports"
+        );
         assert!(r
             .address_ok("10.2.0.6".parse().unwrap(), 8080, None, false)
             .is_err());
