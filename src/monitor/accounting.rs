@@ -72,6 +72,18 @@ impl Accounting {
         }
     }
 
+    /// The last reading, taken after the reader stopped: what the kernel
+    /// logged and was not received never will be, so it is booked now
+    /// rather than left in flight (a flood leaves a full socket at exit).
+    pub fn final_reading(&mut self, live: u64, counts: ReaderCounts) {
+        if live < self.live {
+            self.retired += self.live;
+        }
+        self.live = live;
+        self.pending = None;
+        self.unaccounted = (self.retired + live).saturating_sub(counts.received + counts.seq_lost);
+    }
+
     /// Checks whether a pending reading has settled and books tail loss.
     fn settle_pending(&mut self, counts: ReaderCounts) {
         let Some((kernel, at_ms, received_then)) = self.pending else {
@@ -139,6 +151,17 @@ mod tests {
         acc.kernel_reading(1001, 4_000, counts(901, 100, 3_500));
         let f = acc.figures(counts(901, 100, 3_500));
         assert_eq!((f.unaccounted, f.seq_lost), (0, 100));
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
+    }
+
+    #[test]
+    fn at_exit_what_was_not_received_is_lost() {
+        let mut acc = Accounting::new(Duration::from_millis(100));
+        acc.kernel_reading(900, 1_000, counts(850, 10, 990));
+        // Still flooding when the reader stopped: 40 sat in the socket.
+        acc.final_reading(1000, counts(950, 10, 1_990));
+        let f = acc.figures(counts(950, 10, 1_990));
+        assert_eq!((f.unaccounted, f.packets_lost()), (40, 50));
         assert_eq!(f.kernel_logged, f.received + f.packets_lost());
     }
 

@@ -157,6 +157,8 @@ struct Daemon {
     stats: Arc<NflogStats>,
     /// Reports of the guard and the proxy that found the pipeline full.
     dropped: Arc<Dropped>,
+    /// The NFLOG reader has stopped: nothing logged is in flight any more.
+    reader_stopped: bool,
     epoch: Instant,
     out: Output,
     host: String,
@@ -364,6 +366,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         accounting,
         stats,
         dropped,
+        reader_stopped: false,
         epoch,
         out: Output::stdout(feed),
         host,
@@ -398,6 +401,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     // Whatever was queued before stopping still counts. The guard and the
     // proxy stop first: under a flood they would refill the queue forever.
     daemon.stop_inputs();
+    daemon.reader_stopped = true;
     while let Ok(p) = rx.try_recv() {
         daemon.handle(p);
     }
@@ -700,7 +704,11 @@ impl Daemon {
             Ok(Some(rules)) => {
                 let live = crate::kernel::nft::logged_total(&rules);
                 let (now_ms, counts) = (self.now_ms(), self.counts());
-                self.accounting.kernel_reading(live, now_ms, counts);
+                if self.reader_stopped {
+                    self.accounting.final_reading(live, counts);
+                } else {
+                    self.accounting.kernel_reading(live, now_ms, counts);
+                }
                 self.write_books(live);
                 self.last_live = live;
                 if normalized(rules) != self.expected {
