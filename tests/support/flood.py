@@ -13,6 +13,10 @@ loopback or the test namespace's own addresses only.
       prints "done S" with S the sends the firewall refused (EPERM).
   udp-one HOST PORT
       one datagram; prints "refused" if the firewall refused it.
+  udp-uids HOST FIRST_UID UIDS PER_UID
+      (as root) for each of UIDS uids from FIRST_UID, a child that drops to
+      that uid and sends one datagram to each of PER_UID ports of HOST: that
+      many distinct identities, each within its own rate. Prints the sends.
 """
 import errno
 import os
@@ -111,6 +115,26 @@ def udp_one(host, port):
         print("refused", flush=True)
 
 
+def udp_uids(host, first, uids, per_uid):
+    for uid in range(first, first + uids):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                for port in range(1, per_uid + 1):
+                    try:
+                        s.sendto(b"x", (host, port))
+                    except OSError:
+                        pass
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    print(uids * per_uid, flush=True)
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "dns":
@@ -119,6 +143,8 @@ def main():
             args[4] if len(args) > 4 else "n")
     elif cmd == "udp":
         udp(args[0], int(args[1]))
+    elif cmd == "udp-uids":
+        udp_uids(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif cmd == "udp-one":
         udp_one(args[0], int(args[1]))
     else:
