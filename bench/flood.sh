@@ -72,7 +72,7 @@ stored() {  # action|uid|sum of counts|incidents
 measure_uids() {
   local first=$1 uids=$2 c0 n0 t0 c1 n1 t1
   c0=$(cpu_ticks "$PID"); n0=$(new_incidents); t0=$(now)
-  in_ns python3 "$F" udp-uids 10.77.0.2 "$first" "$uids" 100 >/dev/null
+  in_ns /usr/bin/python3 "$F" udp-uids 10.77.0.2 "$first" "$uids" 100 >/dev/null
   settle 'm["loss"]["received"]' >/dev/null
   c1=$(cpu_ticks "$PID"); n1=$(new_incidents); t1=$(now)
   awk -v n=$((n1 - n0)) -v c=$((c1 - c0)) -v hz="$HZ" -v s="$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" \
@@ -82,11 +82,11 @@ measure_uids() {
 echo "== 1. $NAMES refused names from nobody, $PROBES first attempts of uid 65533 meanwhile"
 start_egret
 c0=$(cpu_ticks "$PID"); t0=$(now)
-as_uid 65534 python3 "$F" dns 127.0.0.1 53 "$NAMES" 256 > "$TMP/flood.out" &
+as_uid 65534 /usr/bin/python3 "$F" dns 127.0.0.1 53 "$NAMES" 256 > "$TMP/flood.out" &
 FLOOD=$!
 probes=0
 while kill -0 "$FLOOD" 2>/dev/null && [ "$probes" -lt "$PROBES" ]; do
-  as_uid 65533 python3 "$F" dns 127.0.0.1 53 1 1 "probe$probes-" >/dev/null
+  as_uid 65533 /usr/bin/python3 "$F" dns 127.0.0.1 53 1 1 "probe$probes-" >/dev/null
   probes=$((probes + 1))
 done
 wait "$FLOOD"; t1=$(now)
@@ -101,7 +101,7 @@ heard=$(awk -F'|' '$2 == "65533" && $1 == "dns-refused" { s += $4 } END { print 
 probe_refused=$(awk -F'|' '$2 == "65533" { s += $3 } END { print s + 0 }' "$TMP/stored")
 echo "client: $(cat "$TMP/flood.out") in ${secs} s"
 awk -v r="$refused" -v s="$secs" -v c=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "guard refusals handled: %d (%.0f/s), egret CPU %.0f ms (%.1f us per refusal)\n", r, r / s, c * 1000 / hz, c * 1e6 / hz / r }'
-echo "stored for nobody: $nobody attempts in $(awk -F'|' '$2 == "65534" { printf "%s %s incidents; ", $1, $4 }' "$TMP/stored")dropped (counted): $dropped; books balance: $([ $((nobody + dropped)) = "$refused" ] && echo yes || echo NO)"
+echo "stored for nobody: $nobody attempts in $(awk -F'|' '$2 == "65534" { printf "%s %s incidents; ", $1, $4 }' "$TMP/stored")dropped (counted): $dropped; books balance (refusals = nobody's stored + uid 65533's stored + dropped): $([ $((nobody + probe_refused + dropped)) = "$refused" ] && echo yes || echo NO)"
 echo "other identity: $probes first attempts sent during the flood, $heard went out as incidents of their own ($probe_refused refusals stored)"
 echo "stop after the flood: ${stop_s} s"
 
@@ -114,10 +114,10 @@ echo "filling to $(books 'm["open_incidents"]') open: $n incidents, ${us} us per
 read -r n ms us rate <<<"$(measure_uids 40000 50)"
 echo "with $(books 'm["open_incidents"]') open: $n incidents, ${ms} ms CPU, ${us} us per incident, ${rate} incidents/s"
 
-echo "== 3. SIGTERM during a refused-name flood with $(books 'm["open_incidents"]') incidents open"
-as_uid 65534 python3 "$F" dns 127.0.0.1 53 "$NAMES" 512 flood3- > /dev/null &
+echo "== 3. SIGTERM during a refused-name flood (after $((NAMES / 4)) refusals) with $(books 'm["open_incidents"]') incidents open"
+as_uid 65534 /usr/bin/python3 "$F" dns 127.0.0.1 53 "$NAMES" 512 flood3- > /dev/null &
 FLOOD=$!
-while [ "$(books 'm["dns_guard"]["refused"] if m["dns_guard"] else 0')" -lt 5000 ]; do sleep 0.1; done
+while [ "$(books 'm["dns_guard"]["refused"] if m["dns_guard"] else 0')" -lt $((NAMES / 4)) ]; do sleep 0.1; done
 stop_s=$(stop_egret)
 wait "$FLOOD" || true
 refused=$(books 'm["dns_guard"]["refused"]')
