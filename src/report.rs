@@ -280,6 +280,13 @@ pub fn print_monitor(m: &Value) {
         n("/loss/while_down"),
         n("/loss/enobufs"),
     );
+    if n("/loss/dns_dropped") + n("/loss/proxy_dropped") > 0 {
+        println!(
+            "  reports dropped on a full pipeline (counted in lost): {} refused DNS queries, {} proxy denials",
+            n("/loss/dns_dropped"),
+            n("/loss/proxy_dropped"),
+        );
+    }
     if m.pointer("/dns_guard").is_some_and(|g| !g.is_null()) {
         println!(
             "  dns guard: {} queries, {} from cache, {} forwarded, {} refused; upstream failures {}, kernel set failures {}",

@@ -350,7 +350,7 @@ fn proxy(blocked: bool, host: &str, ip: Option<&str>) -> Value {
 /// Every kind of document egret makes, one line each: add new actions here.
 #[rustfmt::skip]
 fn documents() -> Vec<(&'static str, Value)> {
-    let loss = LossFigures { kernel_logged: 10, received: 8, seq_lost: 1, unaccounted: 1, while_down: 0, enobufs: 1 };
+    let loss = LossFigures { kernel_logged: 10, received: 8, seq_lost: 1, unaccounted: 1, while_down: 0, enobufs: 1, dns_dropped: 2, proxy_dropped: 1 };
     let resolved = ResolvedName { name: "api.example.test".into(), asked_by: Some(process_who()) };
     let (v4, v6, dst4, dst6) = ("10.1.0.1", "2001:db8::1", "192.0.2.7", "2001:db8::2");
     vec![
@@ -374,6 +374,7 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("container, bridge", observed(true, Some("containers"), Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::Bridge), None, false)),
         ("container, runtime", observed(true, None, Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::ContainerRuntime), None, false)),
         ("preexisting", preexisting()),
+        ("flood", flood()),
         ("tamper restored", event::tamper(when(), "deleted", true, "web1")),
         ("tamper not restored", event::tamper(when(), "changed", false, "web1")),
         ("heartbeat", event::heartbeat(when(), &loss, 3, "web1")),
@@ -382,6 +383,34 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("alert-failed", event::alert_failed(when(), "siem", 3, "connection refused", "web1")),
         ("alert-digest", event::alert_digest(when(), "siem", Duration::from_secs(60), &[("blocked".into(), Severity::High, 12)], 2, "web1")),
     ]
+}
+
+/// One identity's new destinations past its rate fold into a flood incident.
+fn flood() -> Value {
+    let verdict = Verdict {
+        blocked: true,
+        rule: None,
+    };
+    let who = process_who();
+    let mut agg = Aggregator::new(7);
+    for port in 1..=1000u16 {
+        let f = ports("10.1.0.1", "192.0.2.7", 6, port);
+        let o = Observation {
+            verdict: &verdict,
+            flow: Some(&f),
+            question: None,
+            proxy: None,
+            attribution: &who,
+            resolved: None,
+            at: when(),
+        };
+        if let Some(inc) = agg.record(o).filter(|i| i.flood.is_some()) {
+            let mut doc = event::incident(inc, false, "web1");
+            event::set_severity(&mut doc, Severity::High);
+            return doc;
+        }
+    }
+    panic!("1,000 new destinations at once never folded into a flood incident")
 }
 
 fn preexisting() -> Value {

@@ -64,6 +64,10 @@ fn protocol_number(transport: &str) -> Option<u8> {
 /// Reads one stored document; `None` for documents that are not incidents.
 pub fn from_doc(doc: &Value) -> Option<Recorded> {
     let action = text(doc, "/event/action")?;
+    // A flood folds many destinations: no one flow to learn from.
+    if action == "flood" {
+        return None;
+    }
     let kind = if let Some(name) = text(doc, "/dns/question/name") {
         Kind::DnsQuery { name }
     } else if doc.pointer("/http").is_some() {

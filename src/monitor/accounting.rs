@@ -20,6 +20,9 @@ pub struct ReaderCounts {
     pub enobufs: u64,
     /// When (ms on the daemon's monotonic clock) the socket was last found empty.
     pub drained_at_ms: u64,
+    /// Reports of the DNS guard and the proxy dropped on a full pipeline.
+    pub dns_dropped: u64,
+    pub proxy_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +82,18 @@ impl Accounting {
         }
     }
 
+    /// The last reading, taken after the reader stopped: what the kernel
+    /// logged and was not received never will be, so it is booked now
+    /// rather than left in flight (a flood leaves a full socket at exit).
+    pub fn final_reading(&mut self, live: u64, counts: ReaderCounts) {
+        if live < self.live {
+            self.retired += self.live;
+        }
+        self.live = live;
+        self.pending = None;
+        self.unaccounted = (self.retired + live).saturating_sub(counts.received + counts.seq_lost);
+    }
+
     /// Checks whether a pending reading has settled and books tail loss.
     fn settle_pending(&mut self, counts: ReaderCounts) {
         let Some((kernel, at_ms, received_then)) = self.pending else {
@@ -111,6 +126,8 @@ impl Accounting {
             unaccounted: self.unaccounted.min(room),
             while_down: self.while_down,
             enobufs: counts.enobufs,
+            dns_dropped: counts.dns_dropped,
+            proxy_dropped: counts.proxy_dropped,
         }
     }
 }
@@ -125,6 +142,7 @@ mod tests {
             seq_lost,
             enobufs: 0,
             drained_at_ms,
+            ..ReaderCounts::default()
         }
     }
 
@@ -138,15 +156,38 @@ mod tests {
         acc.kernel_reading(1000, 2_000, counts(900, 50, 1_400));
         let f = acc.figures(counts(900, 50, 1_400));
         assert_eq!((f.unaccounted, f.lost()), (50, 100));
-        assert_eq!(f.kernel_logged, f.received + f.lost());
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
         // A later packet reveals the tail as a gap: not counted twice.
         acc.kernel_reading(1001, 3_000, counts(901, 100, 2_500));
         let f = acc.figures(counts(901, 100, 2_500));
-        assert_eq!(f.kernel_logged, f.received + f.lost());
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
         acc.kernel_reading(1001, 4_000, counts(901, 100, 3_500));
         let f = acc.figures(counts(901, 100, 3_500));
         assert_eq!((f.unaccounted, f.seq_lost), (0, 100));
-        assert_eq!(f.kernel_logged, f.received + f.lost());
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
+    }
+
+    #[test]
+    fn at_exit_what_was_not_received_is_lost() {
+        let mut acc = Accounting::new(Duration::from_millis(100));
+        acc.kernel_reading(900, 1_000, counts(850, 10, 990));
+        // Still flooding when the reader stopped: 40 sat in the socket.
+        acc.final_reading(1000, counts(950, 10, 1_990));
+        let f = acc.figures(counts(950, 10, 1_990));
+        assert_eq!((f.unaccounted, f.packets_lost()), (40, 50));
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
+    }
+
+    #[test]
+    fn dropped_reports_are_lost_but_not_packets() {
+        let acc = Accounting::new(Duration::from_millis(100));
+        let c = ReaderCounts {
+            dns_dropped: 3,
+            proxy_dropped: 2,
+            ..counts(10, 1, 0)
+        };
+        let f = acc.figures(c);
+        assert_eq!((f.packets_lost(), f.lost()), (1, 6));
     }
 
     #[test]
@@ -155,7 +196,7 @@ mod tests {
         acc.kernel_reading(1000, 1_000, counts(950, 0, 990));
         // Still receiving: the reading is dropped, not booked.
         acc.kernel_reading(3000, 2_000, counts(2900, 0, 1_990));
-        assert_eq!(acc.figures(counts(2900, 0, 1_990)).lost(), 0);
+        assert_eq!(acc.figures(counts(2900, 0, 1_990)).packets_lost(), 0);
     }
 
     #[test]
@@ -169,7 +210,7 @@ mod tests {
         let f = acc.figures(counts(15, 0, 2_000));
         assert_eq!(f.kernel_logged, 22);
         assert_eq!(f.while_down, 7);
-        assert_eq!(f.kernel_logged, f.received + f.lost());
+        assert_eq!(f.kernel_logged, f.received + f.packets_lost());
         // An outside `apply` resets the counters: nothing is forgotten.
         acc.kernel_reading(1, 3_000, counts(16, 0, 3_000));
         assert_eq!(acc.figures(counts(16, 0, 3_000)).kernel_logged, 23);

@@ -26,6 +26,7 @@ use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::{Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
+use crate::monitor::flood::{hand_over, Dropped};
 use crate::monitor::incident::{Aggregator, Incident, Observation, ProxyRequest};
 use crate::monitor::metrics::{Metrics, MetricsServer};
 use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats, Verdict};
@@ -158,6 +159,10 @@ struct Daemon {
     attributor: Attributor,
     accounting: Accounting,
     stats: Arc<NflogStats>,
+    /// Reports of the guard and the proxy that found the pipeline full.
+    dropped: Arc<Dropped>,
+    /// The NFLOG reader has stopped: nothing logged is in flight any more.
+    reader_stopped: bool,
     epoch: Instant,
     out: Output,
     host: String,
@@ -243,6 +248,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         cfg.qthresh = q;
     }
     let (tx, rx) = sync_channel::<Input>(CHANNEL_DEPTH);
+    let dropped = Arc::new(Dropped::default());
     let mut early = Vec::new();
     let host = nix::unistd::gethostname()
         .ok()
@@ -276,13 +282,13 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     let recent = Arc::new(Mutex::new(RecentNames::default()));
     let guard = match GuardConfig::from_policy(&policy) {
         Some(gc) => {
-            let tx = tx.clone();
+            let (tx, dropped) = (tx.clone(), Arc::clone(&dropped));
             let guard = Guard::start(
                 gc,
                 Arc::clone(&recent),
                 Box::new(move |q| {
-                    // A full pipeline drops the report, never the answer.
-                    let _ = tx.try_send(Input::Query(Box::new(q)));
+                    // A full pipeline drops the report (counted), never the answer.
+                    hand_over(&tx, Input::Query(Box::new(q)), &dropped.dns);
                 }),
             )?;
             info!(listen = %guard.listen(), "DNS guard listening");
@@ -318,11 +324,11 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     };
     let proxy = match ProxyState::from_policy(&policy) {
         Some(state) => {
-            let tx = tx.clone();
+            let (tx, dropped) = (tx.clone(), Arc::clone(&dropped));
             let proxy = Proxy::start(
                 state,
                 Box::new(move |d| {
-                    let _ = tx.try_send(Input::Proxy(Box::new(d)));
+                    hand_over(&tx, Input::Proxy(Box::new(d)), &dropped.proxy);
                 }),
             )?;
             info!(listen = %proxy.listen(), "proxy listening");
@@ -379,6 +385,8 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         attributor: Attributor::new(),
         accounting,
         stats,
+        dropped,
+        reader_stopped: false,
         epoch,
         out: Output::stdout(feed),
         host,
@@ -413,7 +421,10 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         Ok(Err(e)) => error!("NFLOG reader failed: {e}"),
         Err(_) => error!("NFLOG reader panicked"),
     }
-    // Whatever the reader queued before stopping still counts.
+    // Whatever was queued before stopping still counts. The guard and the
+    // proxy stop first: under a flood they would refill the queue forever.
+    daemon.stop_inputs();
+    daemon.reader_stopped = true;
     while let Ok(p) = rx.try_recv() {
         daemon.handle(p);
     }
@@ -731,6 +742,8 @@ impl Daemon {
             seq_lost: self.stats.seq_lost.load(Ordering::Relaxed),
             enobufs: self.stats.enobufs.load(Ordering::Relaxed),
             drained_at_ms: self.stats.drained_at_ms.load(Ordering::Relaxed),
+            dns_dropped: self.dropped.dns.load(Ordering::Relaxed),
+            proxy_dropped: self.dropped.proxy.load(Ordering::Relaxed),
         }
     }
 
@@ -743,7 +756,11 @@ impl Daemon {
             Ok(Some(rules)) => {
                 let live = crate::kernel::nft::logged_total(&rules);
                 let (now_ms, counts) = (self.now_ms(), self.counts());
-                self.accounting.kernel_reading(live, now_ms, counts);
+                if self.reader_stopped {
+                    self.accounting.final_reading(live, counts);
+                } else {
+                    self.accounting.kernel_reading(live, now_ms, counts);
+                }
                 self.write_books(live);
                 self.last_live = live;
                 if normalized(rules) != self.expected {
@@ -776,7 +793,7 @@ impl Daemon {
             warn!(
                 lost = delta,
                 total = lost,
-                "blocked-packet log messages were lost"
+                "reports were lost (see `egret status`)"
             );
             self.out.line(&doc);
             self.out.flush();
@@ -799,8 +816,10 @@ impl Daemon {
             "loss": figures,
             "open_incidents": self.agg.open_count(),
             "attribution": {"cache_hits": a.cache_hits, "deep_lookups": a.deep_lookups, "rate_limited": a.rate_limited},
-            "dns_guard": self.guard.as_ref().map(|g| g.stats.snapshot()),
-            "proxy": self.proxy.as_ref().map(|p| p.stats.snapshot()),
+            // From the metrics' handles: the final books, written after
+            // the guard and the proxy stopped, still carry their counts.
+            "dns_guard": self.metrics.guard.get().map(|g| g.snapshot()),
+            "proxy": self.metrics.proxy.get().map(|p| p.snapshot()),
         });
         let r = self
             .store
@@ -1111,13 +1130,18 @@ impl Daemon {
         }
     }
 
-    fn finish(&mut self) {
+    /// Stops the DNS guard and the proxy (their reports are inputs).
+    fn stop_inputs(&mut self) {
         if let Some(g) = self.guard.take() {
             g.stop();
         }
         if let Some(p) = self.proxy.take() {
             p.stop();
         }
+    }
+
+    fn finish(&mut self) {
+        self.stop_inputs();
         if let Some(m) = self.metrics_server.take() {
             m.stop();
         }

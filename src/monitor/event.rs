@@ -39,6 +39,9 @@ pub const DEFAULT_RULE: &str = "default";
 /// ECS `event.action`: `blocked` / `would-block` for packets,
 /// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
 pub fn action(inc: &Incident) -> &'static str {
+    if inc.flood.is_some() {
+        return "flood";
+    }
     action_of(
         inc.key.verdict.blocked,
         inc.question.is_some(),
@@ -73,6 +76,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let q = inc.question.as_ref();
     let px = inc.proxy.as_ref();
     let dataset = match (q, px) {
+        _ if inc.flood.is_some() => "egret.flood",
         (Some(_), _) => "egret.dns",
         (_, Some(_)) => "egret.proxy",
         _ => "egret.egress",
@@ -166,6 +170,11 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "icmp": { "type": icmp_type, "code": icmp_code },
             "reason": px.map(|p| p.reason.clone()),
             "truncated": (!a.truncated.is_empty()).then_some(&a.truncated),
+            "flood": inc.flood.as_ref().map(|f| json!({
+                "destinations": f.destinations,
+                "capped": f.capped,
+                "sample": f.sample,
+            })),
             "dns": inc.resolved.as_ref().map(|r| json!({
                 "resolved": r.name,
                 "asked_by": r.asked_by.as_ref().map(asker),
@@ -176,6 +185,16 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
 
 /// One line a human reads in a terminal or a SIEM's message column.
 pub fn summary(inc: &Incident) -> String {
+    if let Some(f) = &inc.flood {
+        return format!(
+            "flood from {}: {} attempts at {}{} new destinations past its rate, folded (e.g. {})",
+            who(inc),
+            inc.count,
+            if f.capped { "at least " } else { "" },
+            f.destinations,
+            f.sample.join(", ")
+        );
+    }
     if let Some(p) = &inc.proxy {
         let what = if inc.key.verdict.blocked {
             "proxy denied"
@@ -243,6 +262,13 @@ pub fn who(inc: &Incident) -> String {
 
 /// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
 pub fn destination(inc: &Incident) -> Option<String> {
+    if let Some(f) = &inc.flood {
+        return Some(format!(
+            "{}{} destinations (flood)",
+            if f.capped { "≥" } else { "" },
+            f.destinations
+        ));
+    }
     if let Some(p) = &inc.proxy {
         return Some(format!("{}:{} (proxy)", p.host, p.port));
     }
@@ -325,10 +351,22 @@ pub struct LossFigures {
     /// Logged while no egret daemon was listening.
     pub while_down: u64,
     pub enobufs: u64,
+    /// Queries the DNS guard refused whose report found the pipeline full.
+    #[serde(default)]
+    pub dns_dropped: u64,
+    /// Requests the proxy denied whose report found the pipeline full.
+    #[serde(default)]
+    pub proxy_dropped: u64,
 }
 
 impl LossFigures {
+    /// Everything that should have been an event and was not.
     pub fn lost(&self) -> u64 {
+        self.packets_lost() + self.dns_dropped + self.proxy_dropped
+    }
+
+    /// Blocked-packet log messages only: `kernel_logged = received + packets_lost`.
+    pub fn packets_lost(&self) -> u64 {
         self.seq_lost + self.unaccounted + self.while_down
     }
 }
@@ -337,7 +375,13 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
     self_event(
         at,
         host,
-        format!("{lost_since_last} blocked-packet log messages were lost ({} in all); see `egret status`", figures.lost()),
+        format!(
+            "{lost_since_last} reports were lost ({} in all: {} blocked-packet log messages, {} refused DNS queries, {} proxy denials); see `egret status`",
+            figures.lost(),
+            figures.packets_lost(),
+            figures.dns_dropped,
+            figures.proxy_dropped
+        ),
         ("event", "network", "info", None, "data-loss"),
         Severity::High,
         json!({ "lost": lost_since_last, "loss": figures }),

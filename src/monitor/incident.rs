@@ -2,11 +2,15 @@
 //! SYN for minutes and a UDP client resends: one incident each, not hundreds
 //! of events. Pure: time is passed in, so tests drive it directly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use crate::monitor::attribution::{Attribution, Identity};
+use crate::monitor::flood::{
+    describe, FloodSummary, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
+};
 use crate::monitor::nflog::Verdict;
 use crate::monitor::packet::Flow;
 
@@ -26,6 +30,8 @@ pub struct IncidentKey {
     pub question: Option<(String, String)>,
     /// For requests the proxy refused: the host asked for.
     pub proxy_host: Option<String>,
+    /// An identity's flood: its new destinations past its rate, folded (no destination).
+    pub flood: bool,
 }
 
 /// A request the egress proxy refused (or, in audit mode, would have).
@@ -91,6 +97,8 @@ pub struct Incident {
     pub proxy: Option<Box<ProxyRequest>>,
     /// The host name behind the destination address, if the guard resolved it.
     pub resolved: Option<Box<ResolvedName>>,
+    /// A flood incident: what it folded.
+    pub flood: Option<Box<FloodSummary>>,
     pub attribution: Attribution,
     emitted_count: u64,
     emitted_at: SystemTime,
@@ -105,9 +113,26 @@ pub enum Emit {
     Update,
 }
 
+/// Index entry: (time, id). Ids are unique, so entries never collide.
+type Aged = (SystemTime, u64);
+
 pub struct Aggregator {
     /// Boxed: an incident is ~1.5 KB inline, and the table keeps spare slots.
-    open: HashMap<IncidentKey, Box<Incident>>,
+    open: HashMap<u64, Box<Incident>>,
+    ids: HashMap<IncidentKey, u64>,
+    /// Open incidents by last packet: eviction and idle closing take the
+    /// oldest in O(log n) instead of scanning the table (a flood keeps it full).
+    by_age: BTreeSet<Aged>,
+    /// Incidents whose count grew since their last emission, by that
+    /// emission's time: `due` takes the front instead of scanning.
+    dirty: BTreeSet<Aged>,
+    /// Closed to make room (or reopened after idling) with an update not yet
+    /// emitted: `due` hands them out, so no count is ever lost.
+    closed_dirty: Vec<Incident>,
+    /// Destinations each open flood incident has seen (hashes), by incident id.
+    flood_seen: HashMap<u64, HashSet<u64>>,
+    flood_tracked: usize,
+    hasher: RandomState,
     next_id: u64,
     /// Repeats are emitted at most this often per incident.
     pub update_every: Duration,
@@ -115,16 +140,26 @@ pub struct Aggregator {
     pub idle_close: Duration,
     /// Bound on open incidents: the oldest idle one is closed to make room.
     pub max_open: usize,
+    /// Per-identity rate of new incidents; past it they fold into a flood incident.
+    pub floods: Limiter,
 }
 
 impl Aggregator {
     pub fn new(first_id: u64) -> Aggregator {
         Aggregator {
             open: HashMap::new(),
+            ids: HashMap::new(),
+            by_age: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            closed_dirty: Vec::new(),
+            flood_seen: HashMap::new(),
+            flood_tracked: 0,
+            hasher: RandomState::new(),
             next_id: first_id.max(1),
             update_every: Duration::from_secs(5),
             idle_close: Duration::from_secs(600),
             max_open: 50_000,
+            floods: Limiter::default(),
         }
     }
 
@@ -148,7 +183,8 @@ impl Aggregator {
         })
     }
 
-    /// Records one observation. Returns the incident when it is new (emit now).
+    /// Records one observation. Returns the incident when it is new (emit
+    /// now): a first attempt, or the start of an identity's flood.
     pub fn record(&mut self, o: Observation<'_>) -> Option<&Incident> {
         let Observation {
             verdict,
@@ -169,75 +205,203 @@ impl Aggregator {
             protocol: flow.map(|f| f.protocol),
             question: question.map(|q| (q.name.clone(), q.qtype.clone())),
             proxy_host: proxy.map(|p| p.host.clone()),
+            flood: false,
         };
-        if let Some(inc) = self.open.get_mut(&key) {
-            if at.duration_since(inc.last_seen).unwrap_or_default() < self.idle_close {
-                inc.count += 1;
-                inc.last_seen = inc.last_seen.max(at);
+        if let Some(&id) = self.ids.get(&key) {
+            let fresh = self.open.get(&id).is_some_and(|inc| {
+                at.duration_since(inc.last_seen).unwrap_or_default() < self.idle_close
+            });
+            if fresh {
+                self.bump(id, at);
                 return None;
             }
+            self.close(id);
         }
-        if self.open.len() >= self.max_open {
-            self.evict_oldest();
+        let who = Who::of(&key);
+        if let Some(flood) = self.floods.flood_of(&who) {
+            let flooding = self.open.get(&flood).is_some_and(|inc| {
+                at.duration_since(inc.last_seen).unwrap_or_default() < self.floods.quiet
+            });
+            if flooding {
+                self.fold(flood, &key, &o);
+                return None;
+            }
+            self.close(flood);
+        }
+        if self.floods.admit(&who, at) {
+            let inc = Incident {
+                flow: flow.copied(),
+                question: question.cloned().map(Box::new),
+                proxy: proxy.cloned().map(Box::new),
+                resolved: resolved.cloned().map(Box::new),
+                ..Incident::first(key, attribution, at)
+            };
+            return self.open(inc);
+        }
+        // Over its rate: this and the identity's next new destinations are one flood incident.
+        let flood_key = IncidentKey {
+            destination: None,
+            port: None,
+            protocol: None,
+            question: None,
+            proxy_host: None,
+            flood: true,
+            ..key.clone()
+        };
+        if let Some(&old) = self.ids.get(&flood_key) {
+            self.close(old);
+        }
+        let mut inc = Incident::first(flood_key, attribution, at);
+        inc.flood = Some(Box::default());
+        let id = self.next_id;
+        self.floods.set_flood(&who, Some(id));
+        self.flood_seen.insert(id, HashSet::new());
+        let opened = self.open(inc).map(|i| i.id);
+        debug_assert_eq!(opened, Some(id));
+        self.track(id, &key, &o);
+        self.open.get(&id).map(|b| &**b)
+    }
+
+    /// Opens an incident under the next id, making room if the table is full.
+    fn open(&mut self, mut inc: Incident) -> Option<&Incident> {
+        while self.open.len() >= self.max_open.max(1) {
+            match self.by_age.first() {
+                Some(&(_, oldest)) => self.close(oldest),
+                None => break,
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
-        let inc = Incident {
-            id,
-            key: key.clone(),
-            first_seen: at,
-            last_seen: at,
-            count: 1,
-            flow: flow.copied(),
-            question: question.cloned().map(Box::new),
-            proxy: proxy.cloned().map(Box::new),
-            resolved: resolved.cloned().map(Box::new),
-            attribution: attribution.clone(),
-            emitted_count: 1,
-            emitted_at: at,
+        inc.id = id;
+        self.ids.insert(inc.key.clone(), id);
+        self.by_age.insert((inc.last_seen, id));
+        self.open.insert(id, Box::new(inc));
+        self.open.get(&id).map(|b| &**b)
+    }
+
+    /// One more packet for an open incident.
+    fn bump(&mut self, id: u64, at: SystemTime) {
+        let Some(inc) = self.open.get_mut(&id) else {
+            return;
         };
-        self.open.insert(key.clone(), Box::new(inc));
-        self.open.get(&key).map(|b| &**b)
+        if inc.count == inc.emitted_count {
+            self.dirty.insert((inc.emitted_at, id));
+        }
+        inc.count += 1;
+        if at > inc.last_seen {
+            self.by_age.remove(&(inc.last_seen, id));
+            inc.last_seen = at;
+            self.by_age.insert((at, id));
+        }
+    }
+
+    /// One more attempt for a flood incident: counted, its destination told apart.
+    fn fold(&mut self, id: u64, key: &IncidentKey, o: &Observation<'_>) {
+        self.bump(id, o.at);
+        self.track(id, key, o);
+    }
+
+    fn track(&mut self, id: u64, key: &IncidentKey, o: &Observation<'_>) {
+        let hash = self.hasher.hash_one(key);
+        let (Some(seen), Some(inc)) = (self.flood_seen.get_mut(&id), self.open.get_mut(&id)) else {
+            return;
+        };
+        let Some(summary) = inc.flood.as_deref_mut() else {
+            return;
+        };
+        if seen.contains(&hash) {
+            return;
+        }
+        if seen.len() >= MAX_TRACKED || self.flood_tracked >= MAX_TRACKED_TOTAL {
+            summary.capped = true;
+            return;
+        }
+        seen.insert(hash);
+        self.flood_tracked += 1;
+        summary.destinations += 1;
+        if summary.sample.len() < SAMPLE {
+            summary.sample.push(describe(o));
+        }
+    }
+
+    /// Closes an open incident; an update it still owes goes out with the next `due`.
+    fn close(&mut self, id: u64) {
+        let Some(inc) = self.open.remove(&id) else {
+            return;
+        };
+        if self.ids.get(&inc.key) == Some(&id) {
+            self.ids.remove(&inc.key);
+        }
+        self.by_age.remove(&(inc.last_seen, id));
+        if let Some(seen) = self.flood_seen.remove(&id) {
+            self.flood_tracked -= seen.len();
+            let who = Who::of(&inc.key);
+            if self.floods.flood_of(&who) == Some(id) {
+                self.floods.set_flood(&who, None);
+            }
+        }
+        if inc.count > inc.emitted_count {
+            self.dirty.remove(&(inc.emitted_at, id));
+            self.closed_dirty.push(*inc);
+        }
     }
 
     /// Incidents whose count grew and whose last emission is `update_every`
-    /// old (or all that grew, with `force`, e.g. at shutdown). Marks them emitted.
+    /// old (or all that grew, with `force`, e.g. at shutdown), and those
+    /// closed since with counts not yet emitted. Marks them emitted.
     pub fn due(&mut self, now: SystemTime, force: bool) -> Vec<Incident> {
-        let every = self.update_every;
-        let mut out: Vec<Incident> = self
-            .open
-            .values_mut()
-            .filter(|i| {
-                i.count > i.emitted_count
-                    && (force || now.duration_since(i.emitted_at).unwrap_or_default() >= every)
-            })
-            .map(|i| {
-                i.emitted_count = i.count;
-                i.emitted_at = now;
-                Incident::clone(i)
-            })
-            .collect();
+        let mut out = std::mem::take(&mut self.closed_dirty);
+        for inc in &mut out {
+            inc.emitted_count = inc.count;
+            inc.emitted_at = now;
+        }
+        while let Some(&(emitted_at, id)) = self.dirty.first() {
+            if !force && now.duration_since(emitted_at).unwrap_or_default() < self.update_every {
+                break;
+            }
+            self.dirty.pop_first();
+            if let Some(inc) = self.open.get_mut(&id) {
+                inc.emitted_count = inc.count;
+                inc.emitted_at = now;
+                out.push(Incident::clone(inc));
+            }
+        }
         out.sort_by_key(|i| i.id);
         out
     }
 
-    /// Closes incidents idle for `idle_close` (their last update was emitted by `due`).
+    /// Closes incidents idle for `idle_close` and floods quiet for the
+    /// limiter's `quiet` (their last update was emitted by `due`).
     pub fn close_idle(&mut self, now: SystemTime) {
-        let idle = self.idle_close;
-        self.open.retain(|_, i| {
-            now.duration_since(i.last_seen).unwrap_or_default() < idle || i.count > i.emitted_count
-        });
-    }
-
-    fn evict_oldest(&mut self) {
-        if let Some(key) = self
-            .open
-            .values()
-            .min_by_key(|i| i.last_seen)
-            .map(|i| i.key.clone())
-        {
-            self.open.remove(&key);
+        let owes = |inc: &Incident| inc.count > inc.emitted_count;
+        let quiet: Vec<u64> = self
+            .flood_seen
+            .keys()
+            .filter(|id| {
+                self.open.get(id).is_some_and(|inc| {
+                    !owes(inc)
+                        && now.duration_since(inc.last_seen).unwrap_or_default()
+                            >= self.floods.quiet
+                })
+            })
+            .copied()
+            .collect();
+        for id in quiet {
+            self.close(id);
         }
+        if let Some(cutoff) = now.checked_sub(self.idle_close) {
+            let idle: Vec<u64> = self
+                .by_age
+                .iter()
+                .take_while(|(t, _)| *t <= cutoff)
+                .filter(|(_, id)| self.open.get(id).is_some_and(|i| !owes(i)))
+                .map(|&(_, id)| id)
+                .collect();
+            for id in idle {
+                self.close(id);
+            }
+        }
+        self.floods.sweep(now);
     }
 
     /// An id for an event that is not an incident (data loss, tamper).
@@ -249,6 +413,27 @@ impl Aggregator {
 
     pub fn open_count(&self) -> usize {
         self.open.len()
+    }
+}
+
+impl Incident {
+    /// A first attempt: count 1, emitted at once; its id is set when it opens.
+    fn first(key: IncidentKey, attribution: &Attribution, at: SystemTime) -> Incident {
+        Incident {
+            id: 0,
+            key,
+            first_seen: at,
+            last_seen: at,
+            count: 1,
+            flow: None,
+            question: None,
+            proxy: None,
+            resolved: None,
+            flood: None,
+            attribution: attribution.clone(),
+            emitted_count: 1,
+            emitted_at: at,
+        }
     }
 }
 
@@ -391,5 +576,208 @@ mod tests {
             );
         }
         assert_eq!(agg.open_count(), 3);
+    }
+
+    fn dns(name: &str) -> DnsQuestion {
+        DnsQuestion {
+            name: name.into(),
+            qtype: "A".into(),
+            client: "127.0.0.1:5353".parse().unwrap(),
+            transport: "udp",
+        }
+    }
+
+    fn ask(agg: &mut Aggregator, q: &DnsQuestion, a: &Attribution, at: SystemTime) -> Option<u64> {
+        agg.record(Observation {
+            verdict: &BLOCKED,
+            flow: None,
+            question: Some(q),
+            proxy: None,
+            attribution: a,
+            resolved: None,
+            at,
+        })
+        .map(|i| i.id)
+    }
+
+    /// Final counts per incident id, as the store ends up with them.
+    fn books(emitted: &[Incident], into: &mut HashMap<u64, (u64, bool)>) {
+        for i in emitted {
+            let e = into.entry(i.id).or_default();
+            assert!(i.count >= e.0, "an incident's count never shrinks");
+            *e = (i.count, i.flood.is_some());
+        }
+    }
+
+    #[test]
+    fn a_flood_folds_into_one_incident_and_others_still_go_out_at_once() {
+        let mut agg = Aggregator::new(1);
+        agg.floods.burst = 10.0;
+        agg.floods.per_second = 1.0;
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let (a, b) = (who(65534), who(1000));
+        let mut first = HashMap::new();
+        let mut emitted = Vec::new();
+        for n in 0..10_000u32 {
+            // 100 a second for 100 s, some names asked twice.
+            let at = t0 + Duration::from_millis(u64::from(n) * 10);
+            let name = format!("n{}.example", n - n % 2 * (n % 3));
+            if let Some(id) = ask(&mut agg, &dns(&name), &a, at) {
+                first.insert(id, at);
+            }
+            if n == 5_000 {
+                let id = ask(&mut agg, &dns("b.example"), &b, at);
+                assert!(
+                    id.is_some(),
+                    "another identity's first attempt goes out at once"
+                );
+                first.extend(id.map(|id| (id, at)));
+            }
+            if n % 25 == 0 {
+                emitted.extend(agg.due(at, false));
+                agg.close_idle(at);
+            }
+        }
+        emitted.extend(agg.due(t0 + Duration::from_secs(101), true));
+        let mut counts = HashMap::new();
+        for id in first.keys() {
+            counts.insert(*id, (1, false));
+        }
+        books(&emitted, &mut counts);
+        let floods: Vec<u64> = counts
+            .iter()
+            .filter(|(_, c)| c.1)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(floods.len(), 1, "one flood incident: {counts:?}");
+        // A's ten incidents within its burst, its flood, and B's.
+        assert_eq!(first.len(), 12);
+        assert_eq!(counts.values().map(|c| c.0).sum::<u64>(), 10_001);
+        let flood = emitted.iter().rev().find(|i| i.flood.is_some()).unwrap();
+        let f = flood.flood.as_deref().unwrap();
+        // 10,000 asks of 6,667 distinct names; the burst's 10 are incidents of their own.
+        let distinct: HashSet<String> = (0..10_000u32)
+            .map(|n| format!("n{}.example", n - n % 2 * (n % 3)))
+            .collect();
+        assert_eq!(f.destinations as usize, distinct.len() - 10);
+        assert_eq!(f.sample.len(), SAMPLE);
+        assert!(!f.capped);
+        assert_eq!(flood.key.identity, Identity::Uid(65534));
+    }
+
+    #[test]
+    fn a_quiet_flood_closes_and_the_identity_is_heard_again() {
+        let mut agg = Aggregator::new(1);
+        agg.floods.burst = 2.0;
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let a = who(7);
+        let opened: Vec<bool> = (0..5)
+            .map(|n| ask(&mut agg, &dns(&format!("{n}.x")), &a, t0).is_some())
+            .collect();
+        // Two within the burst, then the flood opens, then it folds.
+        assert_eq!(opened, [true, true, true, false, false]);
+        assert_eq!(agg.open_count(), 3);
+        let later = t0 + agg.floods.quiet;
+        assert_eq!(agg.due(later, false).len(), 1, "the flood's last update");
+        agg.close_idle(later);
+        assert_eq!(agg.open_count(), 2, "the quiet flood closed");
+        assert!(ask(&mut agg, &dns("new.x"), &a, later).is_some());
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_and_keeps_its_count() {
+        let mut agg = Aggregator::new(1);
+        agg.max_open = 2;
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        agg.observe(&BLOCKED, Some(&flow(1, 1)), &who(1), t(1));
+        agg.observe(&BLOCKED, Some(&flow(1, 2)), &who(1), t(2));
+        // Port 1 is seen again: port 2 is now the oldest.
+        agg.observe(&BLOCKED, Some(&flow(1, 1)), &who(1), t(3));
+        agg.observe(&BLOCKED, Some(&flow(1, 2)), &who(1), t(3));
+        agg.observe(&BLOCKED, Some(&flow(1, 1)), &who(1), t(4));
+        agg.observe(&BLOCKED, Some(&flow(1, 3)), &who(1), t(5));
+        let due = agg.due(t(5), false);
+        assert_eq!(
+            due.iter().map(|i| (i.id, i.count)).collect::<Vec<_>>(),
+            [(2, 2)],
+            "the evicted incident's last count goes out at once"
+        );
+        assert_eq!(agg.open_count(), 2);
+        assert!(agg
+            .observe(&BLOCKED, Some(&flow(1, 1)), &who(1), t(6))
+            .is_none());
+    }
+
+    /// The naive aggregator the indexed one replaced: a scan for the oldest.
+    #[derive(Default)]
+    struct Model {
+        open: HashMap<(u32, u16), (u64, SystemTime, u64)>,
+        next: u64,
+    }
+
+    impl Model {
+        fn observe(&mut self, k: (u32, u16), at: SystemTime, max: usize, idle: Duration) -> bool {
+            if let Some(e) = self.open.get_mut(&k) {
+                if at.duration_since(e.1).unwrap_or_default() < idle {
+                    e.1 = e.1.max(at);
+                    e.2 += 1;
+                    return false;
+                }
+            }
+            if !self.open.contains_key(&k) && self.open.len() >= max {
+                let oldest = *self.open.iter().min_by_key(|(_, v)| (v.1, v.0)).unwrap().0;
+                self.open.remove(&oldest);
+            }
+            self.next += 1;
+            self.open.insert(k, (self.next, at, 1));
+            true
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_index_agrees_with_a_scan_and_the_books_balance(
+            ops in proptest::collection::vec((0u32..3, 0u16..12, 0u64..40, 0u8..8), 1..300),
+            max in 1usize..8,
+        ) {
+            let mut agg = Aggregator::new(1);
+            agg.max_open = max;
+            agg.idle_close = Duration::from_secs(30);
+            agg.update_every = Duration::from_secs(3);
+            // Generous enough that no flood folds: the model does not fold.
+            agg.floods.burst = 1e9;
+            let mut model = Model::default();
+            let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+            let mut clock = 0u64;
+            let mut counts: HashMap<u64, (u64, bool)> = HashMap::new();
+            let n = ops.len();
+            for (uid, port, dt, what) in ops {
+                // Mostly forward, sometimes a little back (timestamps from several sources).
+                clock = (clock + dt).saturating_sub(if what == 7 { 50 } else { 0 });
+                let at = t0 + Duration::from_secs(clock);
+                let new = agg.observe(&BLOCKED, Some(&flow(9, port)), &who(uid), at).map(|i| i.id);
+                let model_new = model.observe((uid, port), at, max, agg.idle_close);
+                proptest::prop_assert_eq!(new.is_some(), model_new);
+                if let Some(id) = new {
+                    counts.insert(id, (1, false));
+                }
+                proptest::prop_assert!(agg.open_count() <= max);
+                proptest::prop_assert_eq!(agg.open_count(), model.open.len());
+                match what {
+                    0 => books(&agg.due(at, false), &mut counts),
+                    1 => {
+                        books(&agg.due(at, true), &mut counts);
+                        agg.close_idle(at);
+                        model.open.retain(|_, v| at.duration_since(v.1).unwrap_or_default() < agg.idle_close);
+                        proptest::prop_assert_eq!(agg.open_count(), model.open.len());
+                    }
+                    _ => {}
+                }
+            }
+            books(&agg.due(t0 + Duration::from_secs(clock), true), &mut counts);
+            // Every observation is in exactly one incident's final count,
+            // evicted and idle-closed ones included.
+            proptest::prop_assert_eq!(counts.values().map(|c| c.0).sum::<u64>(), n as u64);
+        }
     }
 }

@@ -135,7 +135,16 @@ impl Metrics {
             "Packets egret's log rules counted in the kernel.",
             &[(String::new(), l.kernel_logged as f64)],
         );
-        counter(&mut out, "egret_lost_packets_total", "Logged packets that never reached egret (sequence gaps, buffer overruns, while egret was down).", &[(String::new(), l.lost() as f64)]);
+        counter(&mut out, "egret_lost_packets_total", "Logged packets that never reached egret (sequence gaps, buffer overruns, while egret was down).", &[(String::new(), l.packets_lost() as f64)]);
+        counter(
+            &mut out,
+            "egret_dropped_reports_total",
+            "Refusals of the DNS guard and the proxy whose report found egret's pipeline full (counted, never an event).",
+            &[
+                (labels(&[("source", "dns")]), l.dns_dropped as f64),
+                (labels(&[("source", "proxy")]), l.proxy_dropped as f64),
+            ],
+        );
         gauge(
             &mut out,
             "egret_open_incidents",
@@ -395,6 +404,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("egret_lost_packets_total 0"), "{text}");
+        assert!(
+            text.contains("egret_dropped_reports_total{source=\"dns\"} 0"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");

@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod containers;
 pub mod daemon;
 pub mod event;
+pub mod flood;
 pub mod incident;
 pub mod metrics;
 pub mod nflog;

@@ -76,7 +76,10 @@ impl Default for SeverityRules {
             second_stage_ports: DEFAULT_SECOND_STAGE_PORTS.to_vec(),
             new_destination: Severity::High,
             repeat: Severity::Low,
-            actions: BTreeMap::from([("dns-refused".to_string(), Severity::High)]),
+            actions: BTreeMap::from([
+                ("dns-refused".to_string(), Severity::High),
+                ("flood".to_string(), Severity::High),
+            ]),
         }
     }
 }
@@ -88,6 +91,7 @@ pub const ACTIONS: &[&str] = &[
     "dns-refused",
     "dns-would-refuse",
     "proxy-denied",
+    "flood",
     "tamper",
     "data-loss",
     "heartbeat",

@@ -553,6 +553,11 @@ impl Running {
         run_ok(Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]));
     }
 
+    /// The exit status, once it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal("TERM");

@@ -1,0 +1,253 @@
+//! Floods: what one identity does to everybody else's signal.
+//!
+//! Two parts. [`hand_over`] is how the DNS guard and the proxy give their
+//! refusals to the daemon without ever waiting on it: a full pipeline drops
+//! the report, never the answer, and every drop is counted ([`Dropped`]) so it
+//! enters the books. [`Limiter`] is a token bucket per identity on *new*
+//! incidents: past its burst, an identity's new destinations fold into one
+//! `flood` incident with counts, so one process cannot bury the first
+//! attempts of every other one. Pure apart from the atomics; time is passed in.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, SystemTime};
+
+use crate::monitor::attribution::Identity;
+use crate::monitor::incident::{IncidentKey, Observation};
+
+/// Reports the DNS guard and the proxy could not hand to the daemon.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    pub dns: AtomicU64,
+    pub proxy: AtomicU64,
+}
+
+/// Sends without blocking the sender; a full (or closed) pipeline counts the
+/// report in `dropped` instead of losing it silently.
+pub fn hand_over<T>(tx: &SyncSender<T>, item: T, dropped: &AtomicU64) {
+    if tx.try_send(item).is_err() {
+        dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whose new incidents a bucket limits: the identity, and the uid and unit
+/// an incident key carries (the same executable run by two users is two
+/// identities here too, so one user's flood never folds another's attempts).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Who {
+    pub identity: Identity,
+    pub uid: Option<u32>,
+    pub unit: Option<String>,
+}
+
+impl Who {
+    pub fn of(key: &IncidentKey) -> Who {
+        Who {
+            identity: key.identity.clone(),
+            uid: key.uid,
+            unit: key.unit.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: SystemTime,
+    /// The open flood incident of this identity, if it is flooding.
+    flood: Option<u64>,
+}
+
+/// What a flood incident says about what it folded (cheap to clone: the
+/// set of destinations seen stays in the aggregator).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FloodSummary {
+    /// Distinct destinations (exact up to [`MAX_TRACKED`], then a lower bound).
+    pub destinations: u64,
+    /// More destinations were seen than could be told apart: `destinations` is a lower bound.
+    pub capped: bool,
+    /// The first few destinations, as `event::destination` writes them.
+    pub sample: Vec<String>,
+}
+
+/// Destinations one flood incident tells apart; past it they still count as attempts.
+pub const MAX_TRACKED: usize = 65_536;
+/// Destinations all open floods together tell apart (bounds memory when
+/// many identities flood at once: 8 bytes and a hash slot each).
+pub const MAX_TRACKED_TOTAL: usize = 262_144;
+pub const SAMPLE: usize = 5;
+/// A sample entry longer than this is cut (names are bounded already; this
+/// keeps a flood document small whatever a proxy host holds).
+const SAMPLE_CHARS: usize = 300;
+
+/// Per-identity token buckets on new incidents.
+#[derive(Debug)]
+pub struct Limiter {
+    /// New incidents an identity may open at once.
+    pub burst: f64,
+    /// ... and per second after that.
+    pub per_second: f64,
+    /// A flood with no new attempt for this long is over: its incident
+    /// closes and the identity's next new destination is an incident again.
+    pub quiet: Duration,
+    buckets: HashMap<Who, Bucket>,
+    last_sweep: Option<SystemTime>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            burst: 100.0,
+            per_second: 10.0,
+            quiet: Duration::from_secs(10),
+            buckets: HashMap::new(),
+            last_sweep: None,
+        }
+    }
+}
+
+impl Limiter {
+    fn refill(&self, b: &mut Bucket, at: SystemTime) {
+        // A clock going back refills nothing; it never drains either.
+        let dt = at.duration_since(b.at).unwrap_or_default().as_secs_f64();
+        b.tokens = (b.tokens + dt * self.per_second).min(self.burst);
+        b.at = b.at.max(at);
+    }
+
+    /// The identity's open flood incident, if any.
+    pub fn flood_of(&self, who: &Who) -> Option<u64> {
+        self.buckets.get(who).and_then(|b| b.flood)
+    }
+
+    /// Takes a token for a new incident; false: the identity is over its rate.
+    pub fn admit(&mut self, who: &Who, at: SystemTime) -> bool {
+        let burst = self.burst;
+        let mut b = self.buckets.remove(who).unwrap_or(Bucket {
+            tokens: burst,
+            at,
+            flood: None,
+        });
+        self.refill(&mut b, at);
+        let ok = b.tokens >= 1.0;
+        if ok {
+            b.tokens -= 1.0;
+        }
+        self.buckets.insert(who.clone(), b);
+        ok
+    }
+
+    pub fn set_flood(&mut self, who: &Who, id: Option<u64>) {
+        if let Some(b) = self.buckets.get_mut(who) {
+            b.flood = id;
+        }
+    }
+
+    /// Forgets buckets that are full again and not flooding (a full bucket
+    /// is what a missing one means), at most once per `quiet`.
+    pub fn sweep(&mut self, now: SystemTime) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() < self.quiet)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let (burst, rate) = (self.burst, self.per_second);
+        self.buckets.retain(|_, b| {
+            let dt = now.duration_since(b.at).unwrap_or_default().as_secs_f64();
+            b.flood.is_some() || b.tokens + dt * rate < burst
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+/// One folded destination for a flood's sample: `10.0.0.1:80/tcp`,
+/// `x.example A (dns)`, `host:443 (proxy)`.
+pub fn describe(o: &Observation<'_>) -> String {
+    let mut s = if let Some(p) = o.proxy {
+        format!("{}:{} (proxy)", p.host, p.port)
+    } else if let Some(q) = o.question {
+        format!("{} {} (dns)", q.name, q.qtype)
+    } else if let Some(f) = o.flow {
+        let ip = match f.dst {
+            std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
+            other => other.to_string(),
+        };
+        match f.dst_port() {
+            Some(p) => format!("{ip}:{p}/{}", f.transport()),
+            None => format!("{ip}/{}", f.transport()),
+        }
+    } else {
+        "?".into()
+    };
+    if s.chars().count() > SAMPLE_CHARS {
+        s = s.chars().take(SAMPLE_CHARS).collect();
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(uid: u32) -> Who {
+        Who {
+            identity: Identity::Uid(uid),
+            uid: Some(uid),
+            unit: None,
+        }
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let mut l = Limiter {
+            burst: 3.0,
+            per_second: 1.0,
+            ..Limiter::default()
+        };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let a = who(1);
+        assert!((0..3).all(|_| l.admit(&a, t0)));
+        assert!(!l.admit(&a, t0));
+        // Another identity has its own bucket.
+        assert!(l.admit(&who(2), t0));
+        assert!(l.admit(&a, t0 + Duration::from_secs(1)));
+        assert!(!l.admit(&a, t0 + Duration::from_secs(1)));
+        // A clock stepping back neither refills nor panics.
+        assert!(!l.admit(&a, t0));
+    }
+
+    #[test]
+    fn full_idle_buckets_are_forgotten_flooding_ones_kept() {
+        let mut l = Limiter::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        l.admit(&who(1), t0);
+        l.admit(&who(2), t0);
+        l.set_flood(&who(2), Some(7));
+        l.sweep(t0 + Duration::from_secs(60));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l.flood_of(&who(2)), Some(7));
+    }
+
+    #[test]
+    fn a_full_pipeline_counts_what_it_drops() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let dropped = AtomicU64::new(0);
+        for i in 0..5 {
+            hand_over(&tx, i, &dropped);
+        }
+        assert_eq!(dropped.load(Ordering::Relaxed), 3);
+        drop(rx);
+        hand_over(&tx, 9, &dropped);
+        assert_eq!(dropped.load(Ordering::Relaxed), 4);
+    }
+}
