@@ -364,16 +364,37 @@ fn retention_holds_within_a_minute_under_a_flood_of_incidents_and_seen_is_capped
             "50",
         ],
     );
-    // 2,100 blocked datagrams to 2,100 ports: 2,100 incidents, 2,100 new
-    // (identity, destination) pairs.
+    // 2,112 blocked datagrams to 2,112 ports: 2,112 incidents, 2,112 new
+    // (identity, destination) pairs. Spread over 22 uids of 96 each, so that
+    // no sender passes its flood rate (100 new incidents at once) and every
+    // datagram is an incident of its own.
     let flood = "import socket,sys\n\
 s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-for p in range(20000,22100):\n\
+first=int(sys.argv[2])\n\
+for p in range(first,first+96):\n\
 \x20   try: s.sendto(b'x',(sys.argv[1],p))\n\
 \x20   except OSError: pass\n";
-    let out = run_ok(&mut pair.a.as_nobody("/usr/bin/python3", &["-c", flood, B4]));
-    assert!(out.status.success());
-    daemon.wait_event(30, "for the last datagram", |e| new_attempt(e, 22099));
+    for u in 0..22u32 {
+        let (reuid, regid) = (
+            format!("--reuid={}", 60000 + u),
+            format!("--regid={}", 60000 + u),
+        );
+        let first = (20000 + u * 96).to_string();
+        run_ok(&mut pair.a.cmd(
+            "setpriv",
+            &[
+                &reuid,
+                &regid,
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                flood,
+                B4,
+                &first,
+            ],
+        ));
+    }
+    daemon.wait_event(30, "for the last datagram", |e| new_attempt(e, 22111));
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let (events, seen) = (rows(&state, "events"), rows(&state, "seen"));
