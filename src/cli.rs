@@ -371,6 +371,8 @@ fn run(command: Command) -> Result<u8> {
             let Some(p) = load_or_report(&policy) else {
                 return Ok(EXIT_INVALID);
             };
+            crate::kernel::features::require(&p, &crate::kernel::features::running_release())
+                .map_err(anyhow::Error::msg)?;
             let rs = apply::compile_live(&p)?;
             apply::apply(&rs, confirm.map(Duration::from_secs), &state_dir)?;
             let rules = p.rules.len();
