@@ -177,7 +177,7 @@ def cell(k, s):
     failed = re.findall(r"^test (\S+) \.\.\. FAILED", text, re.M)
     if not m:
         done = re.findall(r"^test (\S+) \.\.\. ok", text, re.M)
-        return "timeout/crash (%d ok, %d failed before)" % (len(done), len(failed)), failed
+        return "incomplete (timeout): %d ok, %d failed" % (len(done), len(failed)), failed
     p_, f_ = m[-1]
     return "%s passed, %s failed" % (p_, f_), failed
 def kname(k):

@@ -193,8 +193,10 @@ fn confirm_rolls_back_unless_confirmed() {
     let original = pair.a.nft_rules_only();
 
     let lockout = PolicyFile::new("mode = \"enforce\"\n");
-    // The window must outlast the checks below even on an emulated kernel.
-    let window = (2 * time_scale()).to_string();
+    // The window must outlast the checks below (a blocked connect waits for
+    // its own timeout) on a loaded machine and on an emulated kernel.
+    let secs = 5 * time_scale();
+    let window = secs.to_string();
     let out = pair.a.egret_ok(&[
         "apply",
         lockout.path(),
@@ -204,12 +206,12 @@ fn confirm_rolls_back_unless_confirmed() {
         &state,
     ]);
     assert!(out.contains("egret confirm"), "{out}");
-    assert!(!pair.a.tcp_ok(None, B4, 8080), "the new ruleset is live");
     assert_ne!(pair.a.nft_rules_only(), original);
+    assert!(!pair.a.tcp_ok(None, B4, 8080), "the new ruleset is live");
 
     // The watcher restores the previous ruleset after 2 s. Poll (bounded).
     let mut restored = false;
-    for _ in 0..100 * time_scale() {
+    for _ in 0..200 * time_scale() {
         std::thread::sleep(std::time::Duration::from_millis(100));
         if !std::path::Path::new(&state)
             .join("pending-confirm.json")
@@ -235,7 +237,7 @@ fn confirm_rolls_back_unless_confirmed() {
         &state,
     ]);
     pair.a.egret_ok(&["confirm", "--state-dir", &state]);
-    std::thread::sleep(std::time::Duration::from_millis(2600 * time_scale()));
+    std::thread::sleep(std::time::Duration::from_millis(secs * 1000 + 600));
     assert!(
         !pair.a.tcp_ok(None, B4, 8080),
         "the confirmed ruleset stays"
@@ -247,7 +249,7 @@ fn confirm_rolls_back_to_no_table_when_there_was_none() {
     let ns = Netns::new();
     let p = PolicyFile::new("mode = \"enforce\"\n");
     let state = p.state_dir();
-    let window = time_scale().to_string();
+    let window = (3 * time_scale()).to_string();
     ns.egret_ok(&[
         "apply",
         p.path(),
