@@ -402,6 +402,8 @@ fn run(command: Command) -> Result<u8> {
                 eprintln!("egret: `egret run` (pid {pid}) is running with {} and owns egret's table; nothing was applied. Edit the policy it runs with and use `egret reload --state-dir {}` instead (a policy loaded behind its back would be reported as tampering)", state_dir.display(), state_dir.display());
                 return Ok(EXIT_INVALID);
             }
+            crate::kernel::features::require(&p, &crate::kernel::features::running_release())
+                .map_err(anyhow::Error::msg)?;
             let (rs, preexisting) = apply::compile_live_seeded(&p)?;
             apply::apply(&rs, confirm.map(Duration::from_secs), &state_dir)?;
             for c in &preexisting {

@@ -60,6 +60,7 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
         nflog(group, inputs.state_dir),
         sock_diag(),
         cgroup_v2(),
+        kernel_features(),
         conntrack(),
         clock(),
         state_dir(inputs.state_dir),
@@ -323,6 +324,42 @@ fn cgroup_v2() -> Check {
             "no cgroup v2 hierarchy: `units` rules cannot match and events name no unit",
             "boot with systemd.unified_cgroup_hierarchy=1 (the default since Debian 11 and RHEL 9)",
         ),
+    }
+}
+
+/// What this kernel's nf_tables can do, by version (docs/deployment.md "Kernels").
+fn kernel_features() -> Check {
+    use crate::kernel::features;
+    let release = features::running_release();
+    let (have, lack): (Vec<_>, Vec<_>) = features::ALL
+        .iter()
+        .partition(|f| features::has(**f, &release));
+    let list = |fs: &[&features::Feature]| {
+        fs.iter()
+            .map(|f| format!("{} ({})", f.name, f.used_by))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if lack.is_empty() {
+        check(
+            "kernel features",
+            Status::Ok,
+            format!(
+                "Linux {release} has every feature egret uses: {}",
+                list(&have)
+            ),
+            "",
+        )
+    } else {
+        check(
+            "kernel features",
+            Status::Warn,
+            format!(
+                "Linux {release} lacks {}: `egret apply`/`run` refuse a policy that uses them",
+                list(&lack)
+            ),
+            "boot Linux 5.13 or newer (Debian 12 ships 6.1) to use them",
+        )
     }
 }
 

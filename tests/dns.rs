@@ -66,7 +66,10 @@ fn lab() -> Lab {
 }
 
 fn dig(ns: &Netns, args: &[&str]) -> String {
-    let mut a = vec!["+tries=1", "+time=2", "+noidnin", "+noidnout"];
+    // One try, so a refused or dropped query shows; its wait stretches on
+    // emulated kernels (EGRET_TEST_TIME_SCALE), where 2 s is not enough.
+    let time = format!("+time={}", 2 * time_scale());
+    let mut a = vec!["+tries=1", time.as_str(), "+noidnin", "+noidnout"];
     a.extend_from_slice(args);
     String::from_utf8_lossy(&ns.cmd("dig", &a).output().expect("dig").stdout).into_owned()
 }

@@ -193,21 +193,25 @@ fn confirm_rolls_back_unless_confirmed() {
     let original = pair.a.nft_rules_only();
 
     let lockout = PolicyFile::new("mode = \"enforce\"\n");
+    // The window must outlast the checks below (a blocked connect waits for
+    // its own timeout) on a loaded machine and on an emulated kernel.
+    let secs = 5 * time_scale();
+    let window = secs.to_string();
     let out = pair.a.egret_ok(&[
         "apply",
         lockout.path(),
         "--confirm",
-        "2",
+        &window,
         "--state-dir",
         &state,
     ]);
     assert!(out.contains("egret confirm"), "{out}");
-    assert!(!pair.a.tcp_ok(None, B4, 8080), "the new ruleset is live");
     assert_ne!(pair.a.nft_rules_only(), original);
+    assert!(!pair.a.tcp_ok(None, B4, 8080), "the new ruleset is live");
 
     // The watcher restores the previous ruleset after 2 s. Poll (bounded).
     let mut restored = false;
-    for _ in 0..100 {
+    for _ in 0..200 * time_scale() {
         std::thread::sleep(std::time::Duration::from_millis(100));
         if !std::path::Path::new(&state)
             .join("pending-confirm.json")
@@ -228,12 +232,12 @@ fn confirm_rolls_back_unless_confirmed() {
         "apply",
         lockout.path(),
         "--confirm",
-        "2",
+        &window,
         "--state-dir",
         &state,
     ]);
     pair.a.egret_ok(&["confirm", "--state-dir", &state]);
-    std::thread::sleep(std::time::Duration::from_millis(2600));
+    std::thread::sleep(std::time::Duration::from_millis(secs * 1000 + 600));
     assert!(
         !pair.a.tcp_ok(None, B4, 8080),
         "the confirmed ruleset stays"
@@ -245,10 +249,18 @@ fn confirm_rolls_back_to_no_table_when_there_was_none() {
     let ns = Netns::new();
     let p = PolicyFile::new("mode = \"enforce\"\n");
     let state = p.state_dir();
-    ns.egret_ok(&["apply", p.path(), "--confirm", "1", "--state-dir", &state]);
+    let window = (3 * time_scale()).to_string();
+    ns.egret_ok(&[
+        "apply",
+        p.path(),
+        "--confirm",
+        &window,
+        "--state-dir",
+        &state,
+    ]);
     assert!(ns.nft_ruleset().contains("table inet egret"));
     let mut gone = false;
-    for _ in 0..60 {
+    for _ in 0..60 * time_scale() {
         std::thread::sleep(std::time::Duration::from_millis(100));
         if !ns.nft_ruleset().contains("table inet egret") {
             gone = true;
@@ -312,6 +324,22 @@ fn a_unit_rule_matches_processes_in_that_cgroup_only() {
         "[[allow]]\nname = \"backup\"\ncidrs = [\"{B4}\"]\nports = [443]\nunits = [\"{}\"]\n",
         unit.relative
     ));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if !egret::kernel::features::has(egret::kernel::features::SOCKET_CGROUPV2, release.trim()) {
+        // Below 5.13 (no `socket cgroupv2`): refused by name, nothing loaded.
+        let out = pair.a.egret_out(&["apply", policy.path()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "applied on {release}");
+        assert!(
+            err.contains("socket cgroupv2") && err.contains(release.trim()) && err.contains("Fix:"),
+            "{err}"
+        );
+        assert!(
+            !pair.a.nft_ruleset().contains("table inet egret"),
+            "half loaded"
+        );
+        return;
+    }
     pair.a.egret_ok(&["apply", policy.path()]);
     assert!(
         unit.tcp_ok(&pair.a, B4, 443),

@@ -197,6 +197,8 @@ struct Daemon {
 }
 
 pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
+    crate::kernel::features::require(&policy, &crate::kernel::features::running_release())
+        .map_err(anyhow::Error::msg)?;
     let signals = Signals::register().context("installing signal handlers")?;
     let store = Store::open_for(&opts.state_dir, Some(policy.access_group()))?;
     if let Some(pid) = running_pid(&opts.state_dir) {
@@ -1013,6 +1015,12 @@ impl Daemon {
                 return;
             }
         };
+        if let Err(e) =
+            crate::kernel::features::require(&policy, &crate::kernel::features::running_release())
+        {
+            error!("reload: {e}; the running policy stays");
+            return;
+        }
         if policy.log_group != self.policy.log_group {
             error!(
                 "reload: log_group changed ({} → {}); that needs a restart. The running policy stays",

@@ -9,6 +9,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// How much slower than this machine the kernel under test runs:
+/// EGRET_TEST_TIME_SCALE (scripts/kernel-matrix.sh sets it for its emulated
+/// guests; default 1). Stretches the time windows tests give egret (confirm
+/// deadlines, start-up), never turning a wait into a fixed sleep.
+pub fn time_scale() -> u64 {
+    std::env::var("EGRET_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64)
+        .clamp(1, 50)
+}
+
 pub fn egret_bin() -> &'static str {
     env!("CARGO_BIN_EXE_egret")
 }
@@ -510,7 +522,7 @@ impl Running {
             state_dir: state_dir.to_string(),
         };
         if ready_rx
-            .recv_timeout(std::time::Duration::from_secs(30))
+            .recv_timeout(std::time::Duration::from_secs(30 * time_scale()))
             .is_err()
         {
             panic!("egret run did not start:\n{}", r.stderr_text());
@@ -533,7 +545,8 @@ impl Running {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(secs * time_scale());
         loop {
             if let Some(e) = self.snapshot().into_iter().find(|e| pred(e)) {
                 return e;
