@@ -595,23 +595,10 @@ fn every_document_of_a_real_run_conforms_to_ecs() {
         .output()
         .expect("dig");
     assert!(String::from_utf8_lossy(&odd.stdout).contains("REFUSED"));
-    let denied = a
-        .cmd(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-x",
-                "http://127.0.0.1:3128",
-                "http://nope.test/",
-            ],
-        )
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&denied.stdout), "403");
+    assert_eq!(
+        a.status_via_proxy("http://127.0.0.1:3128", "http://nope.test/"),
+        "403"
+    );
     run_ok(&mut a.cmd("nft", &["delete", "table", "inet", "egret"]));
 
     let wanted = [

@@ -101,23 +101,10 @@ fn metrics_count_incidents_packets_dns_and_proxy_with_bounded_labels() {
         .output()
         .expect("dig");
     assert!(String::from_utf8_lossy(&refused.stdout).contains("REFUSED"));
-    let denied = a
-        .cmd(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-x",
-                "http://127.0.0.1:3128",
-                "http://nope.test/",
-            ],
-        )
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&denied.stdout), "403");
+    assert_eq!(
+        a.status_via_proxy("http://127.0.0.1:3128", "http://nope.test/"),
+        "403"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {

@@ -269,18 +269,23 @@ impl Nftables {
 
     /// The elements of live static set `name`; empty when it does not exist.
     pub fn set_elements(&mut self, name: &str) -> Result<Vec<Element>> {
-        let Some(set) = self.live_sets()?.into_iter().find(|s| s.name == name) else {
-            return Ok(Vec::new());
-        };
+        match self.live_sets()?.into_iter().find(|s| s.name == name) {
+            Some(set) => self.dump_elements(&set),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The elements of live set `set`, as the kernel dumps them.
+    fn dump_elements(&mut self, set: &Set) -> Result<Vec<Element>> {
         let req = self.request(MSG_GETSETELEM, |b| {
             b.attr_str(ELEM_LIST_TABLE, TABLE);
             b.attr_str(ELEM_LIST_SET, &set.name);
         });
         let mut points = Vec::new();
         self.sock.dump(&req, |_, p| {
-            decode_elements(p.get(4..).unwrap_or_default(), &set, &mut points)
+            decode_elements(p.get(4..).unwrap_or_default(), set, &mut points)
         })??;
-        Ok(assemble_elements(&set, points))
+        Ok(assemble_elements(set, points))
     }
 
     /// Deletes egret's table if it exists.
@@ -334,15 +339,7 @@ impl Nftables {
                 sets.push(set);
                 continue;
             }
-            let req = self.request(MSG_GETSETELEM, |b| {
-                b.attr_str(ELEM_LIST_TABLE, TABLE);
-                b.attr_str(ELEM_LIST_SET, &set.name);
-            });
-            let mut points = Vec::new();
-            self.sock.dump(&req, |_, p| {
-                decode_elements(p.get(4..).unwrap_or_default(), &set, &mut points)
-            })??;
-            set.elements = assemble_elements(&set, points);
+            set.elements = self.dump_elements(&set)?;
             sets.push(set);
         }
         sets.sort_by(|a, b| a.name.cmp(&b.name));

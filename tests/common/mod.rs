@@ -247,6 +247,27 @@ impl Netns {
     }
 
     /// `nft list ruleset` in this namespace: an independent view of what is loaded.
+    /// The HTTP status curl got for `url` through the proxy at `proxy`.
+    pub fn status_via_proxy(&self, proxy: &str, url: &str) -> String {
+        let out = self
+            .cmd(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-x",
+                    proxy,
+                    url,
+                ],
+            )
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn nft_ruleset(&self) -> String {
         String::from_utf8_lossy(&run_ok(&mut self.cmd("nft", &["list", "ruleset"])).stdout)
             .into_owned()
