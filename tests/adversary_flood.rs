@@ -19,10 +19,7 @@ const NOBODY: u32 = 65534;
 const OTHER: u32 = 65533;
 
 fn flood_script() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support/flood.py")
-        .to_string_lossy()
-        .into_owned()
+    support_script("flood.py").to_string_lossy().into_owned()
 }
 
 /// tests/support/flood.py as `uid` in `ns`.

@@ -46,10 +46,7 @@ ports = [80]
 }
 
 fn hold_script() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support/hold.py")
-        .to_string_lossy()
-        .into_owned()
+    support_script("hold.py").to_string_lossy().into_owned()
 }
 
 /// `program args` in `ns` as `uid` (its primary group, no others), or as root.

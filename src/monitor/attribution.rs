@@ -666,6 +666,11 @@ pub struct SocketInfo {
 }
 
 /// Exact lookup of the local socket that sent `src:sport → dst:dport`.
+///
+/// A socket no process holds any more (closed with data still queued) has
+/// inode 0, and the kernel reports its owner as root: it is nobody's, so it
+/// is not found. Otherwise a user could close a connection to the proxy or
+/// the API mid-request and be taken for root.
 pub fn lookup_socket(
     diag: &mut NetlinkSocket,
     protocol: u8,
@@ -691,7 +696,7 @@ pub fn lookup_socket(
         diag.dump(&req, |_, payload| info = parse_diag_msg(payload))
             .ok()?
             .ok()?;
-        info
+        info.filter(|i: &SocketInfo| i.inode != 0)
     })
 }
 

@@ -34,13 +34,15 @@ struct SupportDir {
     bin: std::sync::OnceLock<PathBuf>,
 }
 
-const SUPPORT_FILES: [(&str, &str); 3] = [
+const SUPPORT_FILES: [(&str, &str); 5] = [
     ("peer.py", include_str!("../support/peer.py")),
     (
         "alert_receiver.py",
         include_str!("../support/alert_receiver.py"),
     ),
     ("dashboard.py", include_str!("../support/dashboard.py")),
+    ("flood.py", include_str!("../support/flood.py")),
+    ("hold.py", include_str!("../support/hold.py")),
 ];
 
 extern "C" fn remove_support_dir() {
