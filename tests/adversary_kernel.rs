@@ -394,17 +394,7 @@ fn foreign_changes_to_the_table_are_reported_with_their_committer_and_undone() {
     assert!(!pair.a.tcp_ok(Some(65534), B4, 7100));
 
     // A new address in a static allow set.
-    run_ok(&mut pair.a.cmd(
-        "nft",
-        &[
-            "add",
-            "element",
-            "inet",
-            "egret",
-            "a_web_v4",
-            &format!("{{ {B4} }}"),
-        ],
-    ));
+    nft_add_element(&pair.a, "a_web_v4", &format!("{{ {B4} }}"));
     let e = run.wait_event(15, "tamper: element added", |e| {
         at(e, "/event/action") == "tamper" && changes_mention(e, "a_web_v4")
     });
@@ -532,17 +522,7 @@ fn addresses_slipped_into_a_dns_guard_set_are_reported_and_dropped() {
     ));
     let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
     assert!(!pair.a.tcp_ok(Some(65534), B4, 7200));
-    run_ok(&mut pair.a.cmd(
-        "nft",
-        &[
-            "add",
-            "element",
-            "inet",
-            "egret",
-            "h_web_v4",
-            &format!("{{ {B4} timeout 1h }}"),
-        ],
-    ));
+    nft_add_element(&pair.a, "h_web_v4", &format!("{{ {B4} timeout 1h }}"));
     let e = run.wait_event(15, "tamper: host set element", |e| {
         at(e, "/event/action") == "tamper" && changes_mention(e, "h_web_v4")
     });
@@ -578,4 +558,9 @@ fn an_idle_connection_seeded_at_first_load_survives_an_early_reload() {
     assert!(seeded(&pair.a).contains(". 7300"), "{}", seeded(&pair.a));
     assert!(held.round_trip(), "the idle connection stalled");
     drop(run);
+}
+
+/// `nft add element inet egret SET ELEMENTS`: a change made outside egret.
+fn nft_add_element(ns: &Netns, set: &str, elements: &str) {
+    run_ok(&mut ns.cmd("nft", &["add", "element", "inet", "egret", set, elements]));
 }
