@@ -959,9 +959,23 @@ impl Batch {
                 self.payload(PAYLOAD_TRANSPORT, 2, 2, REG32_00 + 2 + 2 * words);
                 self.lookup(set, REG32_00);
             }
+            Match::TcpFlagsZero(mask) => {
+                self.payload(PAYLOAD_TRANSPORT, TCP_FLAGS_OFFSET, 1, REG_1);
+                self.expr("bitwise", |b| {
+                    b.attr_u32(BITWISE_SREG, REG_1);
+                    b.attr_u32(BITWISE_DREG, REG_1);
+                    b.attr_u32(BITWISE_LEN, 1);
+                    data_attr(b, BITWISE_MASK, &[*mask]);
+                    data_attr(b, BITWISE_XOR, &[0]);
+                });
+                self.cmp(CMP_EQ, &[0]);
+            }
         }
     }
 }
+
+/// `tcp flags`: byte 13 of the TCP header.
+const TCP_FLAGS_OFFSET: u32 = 13;
 
 fn daddr(f: Family) -> (u32, u32) {
     match f {
@@ -1473,6 +1487,26 @@ fn decode_rule(payload: &[u8]) -> Result<Rule> {
                         3,
                     ),
                     _ => return Err(foreign("a ct match egret does not write")),
+                }
+            }
+            "payload"
+                if (
+                    e.u32(PAYLOAD_BASE),
+                    e.u32(PAYLOAD_OFFSET),
+                    e.u32(PAYLOAD_LEN),
+                ) == (Some(PAYLOAD_TRANSPORT), Some(TCP_FLAGS_OFFSET), Some(1))
+                    && next.is_some_and(|n| n.is("bitwise")) =>
+            {
+                let bitwise = next.filter(|n| {
+                    n.data(BITWISE_XOR).as_deref() == Some(&[0][..])
+                        && n.u32(BITWISE_LEN) == Some(1)
+                });
+                match (
+                    bitwise.and_then(|n| n.data(BITWISE_MASK)).as_deref(),
+                    cmp_data(at(i + 2), CMP_EQ).as_deref(),
+                ) {
+                    (Some(&[mask]), Some(&[0])) => (Match::TcpFlagsZero(mask), 3),
+                    _ => return Err(foreign("a tcp flags match egret does not write")),
                 }
             }
             "payload" => {

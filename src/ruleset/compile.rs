@@ -434,8 +434,17 @@ impl Compiler {
                 false,
                 elements,
             );
+            // Never a SYN: a session that predates egret needs only the
+            // packets of a connection already open (FIN and RST included). A
+            // new connection on a seeded tuple (the source port bound again
+            // once the seeded one closed) is a new flow, decided by the policy.
             self.rules.push(rule(
-                vec![Match::NfProto(family), Match::Flow(family, set)],
+                vec![
+                    Match::NfProto(family),
+                    Match::L4Proto(IPPROTO_TCP),
+                    Match::TcpFlagsZero(TCP_SYN),
+                    Match::Flow(family, set),
+                ],
                 Verdict::Accept,
                 "baseline: connections open before egret",
             ));
@@ -1262,6 +1271,11 @@ mod tests {
         let set = rs.set(PREEXISTING_V4).unwrap();
         assert_eq!(set.elements.len(), 1);
         assert!(render(&rs).contains("tcp . 10.0.0.1 . 22 . 10.0.0.2 . 50000"));
+        // A seed never lets a SYN through: a new connection on a seeded
+        // tuple is the policy's to decide.
+        assert!(render(&rs).contains(
+            "meta nfproto ipv4 meta l4proto tcp tcp flags & syn == 0 meta l4proto . ip saddr . th sport . ip daddr . th dport @preexisting_v4 counter accept"
+        ), "{}", render(&rs));
     }
 
     #[test]

@@ -300,7 +300,12 @@ pub enum Match {
     Cgroup { level: u32, set: String },
     /// `meta l4proto . ip saddr . th sport . ip daddr . th dport @set`
     Flow(Family, String),
+    /// `tcp flags & MASK == 0` (after `meta l4proto tcp`): none of these flags set.
+    TcpFlagsZero(u8),
 }
+
+/// The SYN bit of `tcp flags`.
+pub const TCP_SYN: u8 = 0x02;
 
 pub const CT_ESTABLISHED: u32 = 2;
 pub const CT_RELATED: u32 = 4;

@@ -226,6 +226,18 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
                 let kw = family_kw(*f);
                 format!("meta l4proto . {kw} saddr . th sport . {kw} daddr . th dport @{set}")
             }
+            Match::TcpFlagsZero(mask) => {
+                let names: Vec<&str> = ["fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"]
+                    .iter()
+                    .enumerate()
+                    .filter(|(bit, _)| mask & (1 << bit) != 0)
+                    .map(|(_, n)| *n)
+                    .collect();
+                match names.as_slice() {
+                    [one] => format!("tcp flags & {one} == 0"),
+                    many => format!("tcp flags & ({}) == 0", many.join(" | ")),
+                }
+            }
         })
         .collect();
     if let Some(c) = &rule.counter {

@@ -255,7 +255,12 @@ fn interpret(rs: &Ruleset, policy: &Policy, flow: &Flow) -> (Outcome, String) {
     for rule in &chain.rules {
         let hit = rule.matches.iter().all(|m| match m {
             Match::OifName(n) => n == "lo" && dst.is_loopback(),
-            Match::IifName(_) | Match::CtState(_) | Match::Mark(_) | Match::Flow(..) => false,
+            // A flow's first packet: a SYN for TCP, never seeded.
+            Match::IifName(_)
+            | Match::CtState(_)
+            | Match::Mark(_)
+            | Match::Flow(..)
+            | Match::TcpFlagsZero(_) => false,
             Match::NfProto(f) => *f == family,
             Match::L4Proto(p) => *p == flow.protocol,
             Match::L4ProtoIn(s) => in_set(set(s), &[flow.protocol as u128]),
