@@ -12,7 +12,7 @@ use crate::audit::evaluate::{evaluate, Decision, Flow, Outcome};
 use crate::kernel::nft::Nftables;
 use crate::kernel::sockets::{self, OpenSocket};
 use crate::policy::{self, Policy, PolicyErrors, SystemAccounts};
-use crate::ruleset::{compile, CompileInput, Ruleset};
+use crate::ruleset::{compile, CompileInput, Element, Ruleset};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/egret";
 const PENDING_FILE: &str = "pending-confirm.json";
@@ -31,12 +31,37 @@ pub fn unsafe_policy_files(path: &Path) -> Vec<policy::UnsafeFile> {
 
 /// Compiles `policy` against the system as it is now (unit cgroups, open connections).
 pub fn compile_live(policy: &Policy) -> Result<Ruleset> {
-    compile_with_units(policy, resolve_units(policy))
+    compile_with_units(policy, resolve_units(policy), Seeds::Kernel)
 }
 
 /// [`compile_live`], with the seeded connections the policy would not allow.
 pub fn compile_live_seeded(policy: &Policy) -> Result<(Ruleset, Vec<Preexisting>)> {
-    compile_seeded(policy, resolve_units(policy))
+    compile_seeded(policy, resolve_units(policy), Seeds::Kernel)
+}
+
+/// Where a compile learns which connections may stay seeded.
+#[derive(Debug, Clone, Copy)]
+pub enum Seeds<'a> {
+    /// From the kernel: without an egret table this is the first load, which
+    /// seeds the TCP connections open now; with one, the live seeds still open.
+    Kernel,
+    /// What egret itself loaded last (`egret run` remembers it), those still
+    /// open; never anything new. A table missing at that moment was deleted
+    /// by someone (a tamper restore): no first load, and whatever opened
+    /// while it was gone is a new flow for the policy to decide.
+    Kept(&'a std::collections::BTreeSet<Element>),
+}
+
+/// The elements of a ruleset's `preexisting_v4/v6` sets: what it seeds.
+pub fn seeds_of(rs: &Ruleset) -> std::collections::BTreeSet<Element> {
+    [
+        crate::ruleset::PREEXISTING_V4,
+        crate::ruleset::PREEXISTING_V6,
+    ]
+    .iter()
+    .filter_map(|name| rs.set(name))
+    .flat_map(|s| s.elements.iter().cloned())
+    .collect()
 }
 
 /// The cgroups of every unit the policy names, as they are now.
@@ -44,8 +69,12 @@ pub fn resolve_units(policy: &Policy) -> crate::ruleset::UnitCgroups {
     crate::cgroup::resolve_units(policy.rules.iter().flat_map(|r| &r.units))
 }
 
-pub fn compile_with_units(policy: &Policy, units: crate::ruleset::UnitCgroups) -> Result<Ruleset> {
-    Ok(compile_seeded(policy, units)?.0)
+pub fn compile_with_units(
+    policy: &Policy,
+    units: crate::ruleset::UnitCgroups,
+    seeds: Seeds<'_>,
+) -> Result<Ruleset> {
+    Ok(compile_seeded(policy, units, seeds)?.0)
 }
 
 /// A TCP connection let through once because it predates egret, which the
@@ -67,7 +96,15 @@ impl std::fmt::Display for Preexisting {
             self.socket.uid,
             self.decision.rule,
             self.decision.outcome.as_str()
-        )
+        )?;
+        if self.socket.listener {
+            write!(
+                f,
+                "; a socket listens on local port {}, but any user may listen on an unprivileged port, so it is not taken for a reply to an inbound connection",
+                self.socket.flow.local.port()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -80,39 +117,51 @@ impl std::fmt::Display for Preexisting {
 /// flow, so a reload, a restart of `egret run` or another `apply` adds
 /// nothing: it keeps only what the first load seeded and is still open. A
 /// socket that merely exists (a connected UDP socket has sent nothing) never
-/// gains anything from it.
+/// gains anything from it, nor does one of egret's own (its mark: the mark
+/// rules say where those may go).
 pub fn compile_seeded(
     policy: &Policy,
     units: crate::ruleset::UnitCgroups,
+    seeds: Seeds<'_>,
 ) -> Result<(Ruleset, Vec<Preexisting>)> {
-    let mut nft = Nftables::open().context("opening nf_tables netlink")?;
-    let loaded = nft
-        .table_comment()
-        .context("reading egret's table")?
-        .is_some();
     let mut open = sockets::open_tcp().context("listing open connections (sock_diag)")?;
-    if loaded {
-        // Only what the first load seeded and is still open: an idle
-        // connection may not have sent the packet that lets conntrack
-        // confirm it yet. Nothing new is ever added.
-        let mut seeded = std::collections::BTreeSet::new();
-        for name in [
-            crate::ruleset::PREEXISTING_V4,
-            crate::ruleset::PREEXISTING_V6,
-        ] {
-            seeded.extend(
-                nft.set_elements(name)
-                    .with_context(|| format!("reading set {name}"))?,
-            );
+    open.retain(|s| s.mark != Some(policy.mark));
+    let first_load = match seeds {
+        Seeds::Kept(seeded) => {
+            open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
+            false
         }
-        open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
-    }
+        Seeds::Kernel => {
+            let mut nft = Nftables::open().context("opening nf_tables netlink")?;
+            let loaded = nft
+                .table_comment()
+                .context("reading egret's table")?
+                .is_some();
+            if loaded {
+                // Only what the first load seeded and is still open: an idle
+                // connection may not have sent the packet that lets conntrack
+                // confirm it yet. Nothing new is ever added.
+                let mut seeded = std::collections::BTreeSet::new();
+                for name in [
+                    crate::ruleset::PREEXISTING_V4,
+                    crate::ruleset::PREEXISTING_V6,
+                ] {
+                    seeded.extend(
+                        nft.set_elements(name)
+                            .with_context(|| format!("reading set {name}"))?,
+                    );
+                }
+                open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
+            }
+            !loaded
+        }
+    };
     let open_flows = open.iter().map(|s| s.flow).collect();
     let rs = compile(policy, &CompileInput { units, open_flows });
     let unallowed = open
         .into_iter()
         // Reported when first seeded, not at every reload.
-        .filter(|s| !s.inbound && !loaded)
+        .filter(|s| !s.inbound && first_load)
         .filter_map(|socket| {
             let gid = nix::unistd::User::from_uid(socket.uid.into())
                 .ok()

@@ -12,18 +12,42 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A socket `nobody` connected (UDP: `connect()` sends nothing) and parked;
-/// each `send()` tries one echo round trip on it.
+/// A socket connected (UDP: `connect()` sends nothing) and parked; each line
+/// on stdin tries one echo round trip on it (`reconnect`: first close it with
+/// a reset, so no TIME_WAIT holds the tuple, and connect the same tuple
+/// again). Options: `sport=N` binds that source port (SO_REUSEADDR and
+/// SO_REUSEPORT), `listen=1` also listens on it (as a server would),
+/// `mark=N` sets the socket's firewall mark (root only).
 const PARKER: &str = r#"
-import socket, sys
+import socket, struct, sys
 proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+opts = dict(a.split("=", 1) for a in sys.argv[4:])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
-s.settimeout(2.0)
-s.connect((host, port))
+sport = int(opts.get("sport", 0))
+if "listen" in opts:
+    l = socket.socket(fam, socket.SOCK_STREAM)
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    l.bind(("", sport))
+    l.listen(1)
+def connect():
+    s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    if "mark" in opts:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(opts["mark"]))
+    if sport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("", sport))
+    s.connect((host, port))
+    return s
+s = connect()
 print("parked", flush=True)
-for _ in sys.stdin:
+for line in sys.stdin:
     try:
+        if line.strip() == "reconnect":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            s = connect()
         s.send(b"ping\n")
         ok = s.recv(16) == b"ping\n"
     except OSError:
@@ -39,12 +63,29 @@ struct Parked {
 }
 
 impl Parked {
+    /// `nobody`'s socket to host:port.
     fn new(ns: &Netns, proto: &str, host: &str, port: u16) -> Parked {
-        let mut child = ns
-            .as_nobody(
-                "/usr/bin/python3",
-                &["-c", PARKER, proto, host, &port.to_string()],
-            )
+        Parked::with(ns, Some(65534), proto, host, port, &[])
+    }
+
+    /// As `uid` (None: root), with PARKER's options.
+    fn with(
+        ns: &Netns,
+        uid: Option<u32>,
+        proto: &str,
+        host: &str,
+        port: u16,
+        opts: &[&str],
+    ) -> Parked {
+        let port_s = port.to_string();
+        let mut args = vec!["-c", PARKER, proto, host, &port_s];
+        args.extend_from_slice(opts);
+        let mut cmd = match uid {
+            Some(65534) => ns.as_nobody("/usr/bin/python3", &args),
+            None => ns.cmd("/usr/bin/python3", &args),
+            Some(other) => panic!("no helper for uid {other}"),
+        };
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -53,18 +94,30 @@ impl Parked {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("parker output");
-        assert_eq!(line.trim(), "parked", "{proto} {host}:{port}");
+        assert_eq!(line.trim(), "parked", "{proto} {host}:{port} {opts:?}");
         Parked {
             child,
             stdin,
             stdout,
-            what: format!("{proto} {host}:{port}"),
+            what: format!("{proto} {host}:{port} {opts:?}"),
         }
     }
 
     /// True when an echo round trip on the parked socket works.
     fn round_trip(&mut self) -> bool {
-        self.stdin.write_all(b"go\n").expect("parker stdin");
+        self.command("go")
+    }
+
+    /// Closes the connection with a reset, opens the same tuple again: true
+    /// when that new connection and an echo round trip on it work.
+    fn reconnect(&mut self) -> bool {
+        self.command("reconnect")
+    }
+
+    fn command(&mut self, what: &str) -> bool {
+        self.stdin
+            .write_all(format!("{what}\n").as_bytes())
+            .expect("parker stdin");
         self.stdin.flush().expect("parker stdin");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("parker answer");
@@ -563,4 +616,166 @@ fn an_idle_connection_seeded_at_first_load_survives_an_early_reload() {
 /// `nft add element inet egret SET ELEMENTS`: a change made outside egret.
 fn nft_add_element(ns: &Netns, set: &str, elements: &str) {
     run_ok(&mut ns.cmd("nft", &["add", "element", "inet", "egret", set, elements]));
+}
+
+fn blocked_to(run: &Running, host: &str, port: u16) -> serde_json::Value {
+    run.wait_event(15, &format!("blocked to {host}:{port}"), |e| {
+        at(e, "/event/action") == "blocked"
+            && at(e, "/destination/ip") == host
+            && at(e, "/destination/port") == port
+    })
+}
+
+// Seeding, SYN: a seeded 5-tuple let any packet through, a fresh SYN
+// included, so whoever binds the source port again after the seeded
+// connection closed got a new connection through the seed. A connection
+// that predates egret only ever needs packets without SYN.
+#[test]
+fn a_seeded_tuple_reused_for_a_new_connection_is_blocked() {
+    let pair = Pair::new();
+    let _servers: Vec<Server> = [B4, B6]
+        .iter()
+        .map(|h| pair.b.server("tcp", h, 7400))
+        .collect();
+    let mut parked: Vec<Parked> = [(B4, "sport=40400"), (B6, "sport=40406")]
+        .iter()
+        .map(|(h, sport)| Parked::with(&pair.a, Some(65534), "tcp", h, 7400, &[sport]))
+        .collect();
+    let policy = PolicyFile::new(ENFORCE);
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    for host in [B4, B6] {
+        run.wait_event(10, "preexisting", |e| {
+            at(e, "/event/action") == "preexisting" && at(e, "/destination/ip") == host
+        });
+    }
+    let s = seeded(&pair.a);
+    assert!(
+        s.contains("40400") && s.contains("40406"),
+        "seeded at first load: {s}"
+    );
+    let live = pair.a.nft_ruleset();
+    assert!(
+        live.contains("tcp flags ! syn meta l4proto . ip saddr"),
+        "the seed rule takes no SYN: {live}"
+    );
+    // What egret reads back is what it wrote.
+    let plan = pair.a.egret_ok(&["plan", policy.path()]);
+    assert!(plan.contains("# no change"), "{plan}");
+    for p in &mut parked {
+        assert!(p.round_trip(), "{}: the seeded connection stalled", p.what);
+    }
+    // The seeded connection closes; nobody opens the same tuple again.
+    for p in &mut parked {
+        assert!(
+            !p.reconnect(),
+            "{}: a new connection went through the seed; seeded: {}",
+            p.what,
+            seeded(&pair.a)
+        );
+    }
+    for host in [B4, B6] {
+        blocked_to(&run, host, 7400);
+    }
+    drop(run);
+}
+
+// Tamper restore, seeding: the restore after root deleted the table used
+// to take the missing table for a first load and seed every open TCP
+// connection, the ones opened while the table was gone included. A restore
+// seeds nothing new.
+#[test]
+fn a_restore_seeds_nothing_opened_while_the_table_was_gone() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7500);
+    let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n"));
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    // Held still so that the window stays open: the table is gone and
+    // nobody opens a connection before egret can put it back.
+    run.signal("STOP");
+    run_ok(&mut pair.a.cmd("nft", &["delete", "table", "inet", "egret"]));
+    let mut during = Parked::new(&pair.a, "tcp", B4, 7500);
+    assert!(during.round_trip(), "no table, nothing blocks");
+    run.signal("CONT");
+    let e = run.wait_event(15, "tamper: deleted", |e| {
+        at(e, "/event/action") == "tamper" && at(e, "/egret/tamper") == "deleted"
+    });
+    assert_eq!(at(&e, "/egret/restored"), true, "{e:#}");
+    let s = seeded(&pair.a);
+    assert!(!s.contains("7500"), "the restore seeded it: {s}");
+    assert!(
+        !during.round_trip(),
+        "a connection opened while the table was gone is allowed after the restore"
+    );
+    blocked_to(&run, B4, 7500);
+    assert!(
+        !run.snapshot()
+            .iter()
+            .any(|e| at(e, "/event/action") == "preexisting"),
+        "a restore is not a first load"
+    );
+    drop(run);
+}
+
+// egret's own sockets (the firewall mark of its DNS guard, proxy and alert
+// sinks) are never seeded: what they may reach the mark rules say.
+#[test]
+fn sockets_with_egrets_mark_are_never_seeded() {
+    let pair = Pair::new();
+    let _servers: Vec<Server> = [7600u16, 7601]
+        .iter()
+        .map(|p| pair.b.server("tcp", B4, *p))
+        .collect();
+    let mark = format!("mark={}", egret::policy::DEFAULT_MARK);
+    let _marked = Parked::with(&pair.a, None, "tcp", B4, 7600, &[&mark]);
+    let _plain = Parked::with(&pair.a, None, "tcp", B4, 7601, &[]);
+    let policy = PolicyFile::new(ENFORCE);
+    let out = pair
+        .a
+        .egret_out(&["apply", policy.path(), "--state-dir", &policy.state_dir()]);
+    assert!(out.status.success());
+    let s = seeded(&pair.a);
+    assert!(
+        s.contains(". 7601"),
+        "an unmarked connection is seeded: {s}"
+    );
+    assert!(!s.contains(". 7600"), "egret's mark was seeded: {s}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains(":7600"), "{stderr}");
+}
+
+// The inbound guess: a connection whose local port has a listener was taken
+// for a reply to an inbound connection and never reported. Any user can
+// listen on a port of 1024 and above (SO_REUSEPORT lets the same user also
+// connect out from it), so only a privileged port's listener counts.
+#[test]
+fn a_listener_on_an_unprivileged_port_does_not_hide_an_outbound_connection() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 7700);
+    let _c2 = Parked::with(
+        &pair.a,
+        Some(65534),
+        "tcp",
+        B4,
+        7700,
+        &["sport=40700", "listen=1"],
+    );
+    // A real inbound connection to a privileged port (an SSH session into
+    // `a`) is still a reply, not reported.
+    let _sshd = pair.a.server("tcp", "0.0.0.0", 22);
+    let _session = Parked::with(&pair.b, None, "tcp", A4, 22, &[]);
+    let policy = PolicyFile::new(ENFORCE);
+    let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let e = run.wait_event(10, "preexisting with a listener", |e| {
+        at(e, "/event/action") == "preexisting" && at(e, "/destination/port") == 7700
+    });
+    assert_eq!(at(&e, "/source/port"), 40700, "{e:#}");
+    assert_eq!(at(&e, "/user/id"), "65534", "{e:#}");
+    assert_eq!(at(&e, "/egret/source_port_listener"), true, "{e:#}");
+    assert!(
+        !run.snapshot()
+            .iter()
+            .any(|e| { at(e, "/event/action") == "preexisting" && at(e, "/source/port") == 22 }),
+        "the reply of an inbound connection to a privileged port was reported"
+    );
+    drop(run);
 }

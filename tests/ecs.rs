@@ -427,6 +427,8 @@ fn preexisting() -> Value {
             },
             uid: 65534,
             inbound: false,
+            listener: true,
+            mark: None,
         },
         decision: Decision {
             outcome: Outcome::Blocked,

@@ -7,7 +7,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
@@ -19,8 +19,13 @@ use crate::ruleset::OpenFlow;
 pub struct OpenSocket {
     pub flow: OpenFlow,
     pub uid: u32,
-    /// Accepted by a local listener: its packets out are replies.
+    /// Taken for a connection a local listener accepted: its packets out are
+    /// replies. Only when the listener's port is privileged (see `open_tcp`).
     pub inbound: bool,
+    /// A socket listens on the local port (whether or not taken for inbound).
+    pub listener: bool,
+    /// The socket's firewall mark (sock_diag gives it to CAP_NET_ADMIN only).
+    pub mark: Option<u32>,
 }
 
 /// Established TCP connections that talk to something other than loopback.
@@ -59,6 +64,12 @@ pub fn open_tcp() -> std::io::Result<Vec<OpenSocket>> {
             &mut listeners,
         )?;
     }
+    // A listener on the local port suggests a server's accepted connection,
+    // but any user may listen on an unprivileged port (and, with
+    // SO_REUSEPORT, connect out from the same port it listens on) to pass
+    // its own outbound connection off as a reply. Only a port below
+    // ip_unprivileged_port_start (CAP_NET_BIND_SERVICE to bind) counts.
+    let privileged = unprivileged_port_start();
     let listening = |local: SocketAddr| {
         listeners.iter().any(|l| {
             l.flow.local.port() == local.port()
@@ -72,14 +83,27 @@ pub fn open_tcp() -> std::io::Result<Vec<OpenSocket>> {
                 && !s.flow.remote.ip().is_loopback()
                 && !s.flow.remote.ip().is_unspecified()
         })
-        .map(|s| OpenSocket {
-            inbound: listening(s.flow.local),
-            ..s
+        .map(|s| {
+            let listener = listening(s.flow.local);
+            OpenSocket {
+                inbound: listener && u32::from(s.flow.local.port()) < privileged,
+                listener,
+                ..s
+            }
         })
         .collect();
     open.sort();
     open.dedup_by(|a, b| a.flow == b.flow);
     Ok(open)
+}
+
+/// Ports below this need CAP_NET_BIND_SERVICE (a per-namespace sysctl;
+/// Linux's default when it cannot be read).
+fn unprivileged_port_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 fn canonical(addr: IpAddr, port: u16) -> SocketAddr {
@@ -140,6 +164,11 @@ fn dump(
                         },
                         uid: r.header.uid,
                         inbound: false,
+                        listener: false,
+                        mark: r.nlas.iter().find_map(|n| match n {
+                            Nla::Mark(m) => Some(*m),
+                            _ => None,
+                        }),
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(()),

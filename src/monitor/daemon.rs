@@ -180,6 +180,9 @@ struct Daemon {
     tamper_reported: bool,
     /// Changes to the table egret did not make (notifications, full comparison).
     watch: super::tamper::TamperWatch,
+    /// The connections egret's table seeds: every later compile (reload,
+    /// restore, units) keeps those still open and adds nothing.
+    seeded: std::collections::BTreeSet<crate::ruleset::Element>,
     /// The last reading of the log rules' counters.
     last_live: u64,
     /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
@@ -341,7 +344,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     };
 
     let units = apply::resolve_units(&policy);
-    let (rs, preexisting) = apply::compile_seeded(&policy, units.clone())?;
+    let (rs, preexisting) = apply::compile_seeded(&policy, units.clone(), apply::Seeds::Kernel)?;
     nft.apply(&rs).context("loading the ruleset")?;
     record_settings(&mut store, &policy);
     info!(
@@ -403,6 +406,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         sets: set_sizes(&rs),
         expected: expected_rules(&rs),
         watch: super::tamper::TamperWatch::new(&rs),
+        seeded: apply::seeds_of(&rs),
         tamper_reported: false,
         last_live: 0,
         reported_lost: 0,
@@ -946,7 +950,13 @@ impl Daemon {
     }
 
     fn restore(&mut self, carry: bool) -> Result<()> {
-        let (rs, preexisting) = apply::compile_seeded(&self.policy, self.units.clone())?;
+        // Never a first load, though the table may be gone: only what egret
+        // seeded before and is still open.
+        let (rs, preexisting) = apply::compile_seeded(
+            &self.policy,
+            self.units.clone(),
+            apply::Seeds::Kept(&self.seeded),
+        )?;
         let nft = &mut self.nft;
         let mut swap = || {
             nft.apply_carrying(&rs, carry)
@@ -962,6 +972,7 @@ impl Daemon {
         self.expected = expected_rules(&rs);
         self.watch.expect(&rs);
         self.sets = set_sizes(&rs);
+        self.seeded = apply::seeds_of(&rs);
         info!("egret's table restored from the policy");
         self.report_preexisting(&preexisting);
         Ok(())
@@ -985,6 +996,7 @@ impl Daemon {
         self.sets = set_sizes(rs);
         self.expected = expected_rules(rs);
         self.watch.expect(rs);
+        self.seeded = apply::seeds_of(rs);
         Ok(())
     }
 
@@ -1048,8 +1060,9 @@ impl Daemon {
         }
         let units = apply::resolve_units(&policy);
         let guard_config = GuardConfig::from_policy(&policy);
-        let applied = apply::compile_with_units(&policy, units.clone())
-            .and_then(|rs| self.swap_ruleset(&rs, guard_config));
+        let applied =
+            apply::compile_with_units(&policy, units.clone(), apply::Seeds::Kept(&self.seeded))
+                .and_then(|rs| self.swap_ruleset(&rs, guard_config));
         match applied {
             Ok(()) => {
                 if let (Some(p), Some(state)) = (&self.proxy, ProxyState::from_policy(&policy)) {
@@ -1104,7 +1117,8 @@ impl Daemon {
         if units == self.units {
             return;
         }
-        let rs = match apply::compile_with_units(&self.policy, units.clone()) {
+        let seeds = apply::Seeds::Kept(&self.seeded);
+        let rs = match apply::compile_with_units(&self.policy, units.clone(), seeds) {
             Ok(rs) => rs,
             Err(e) => return warn!("recompiling for changed unit cgroups: {e:#}"),
         };
@@ -1115,15 +1129,25 @@ impl Daemon {
                 .map(|s| s.name.clone())
                 .collect()
         };
-        let live = apply::compile_with_units(&self.policy, self.units.clone()).ok();
+        let live = apply::compile_with_units(&self.policy, self.units.clone(), seeds).ok();
         let same_shape = live.as_ref().is_some_and(|l| cg_sets(l) == cg_sets(&rs));
         let result = if same_shape {
             // Same sets, new members: swap elements only (counters survive).
-            rs.sets
+            let swapped: Vec<&crate::ruleset::Set> =
+                rs.sets.iter().filter(|s| is_cgroup_set(&s.name)).collect();
+            swapped
                 .iter()
-                .filter(|s| is_cgroup_set(&s.name))
-                .try_for_each(|s| self.nft.replace_elements(s, &s.elements))
-                .map_err(anyhow::Error::from)
+                .try_for_each(|s| {
+                    self.nft.replace_elements(s, &s.elements)?;
+                    // Only this set changed: the rest of the table (the
+                    // seeds loaded before, some closed since) is as it was.
+                    self.watch.expect_elements(&[s]);
+                    if let Some((_, n)) = self.sets.iter_mut().find(|(x, _)| x.name == s.name) {
+                        *n = s.elements.len() as u64;
+                    }
+                    Ok(())
+                })
+                .map_err(|e: crate::kernel::nft::NftError| anyhow::Error::from(e))
         } else {
             self.swap_ruleset(&rs, None)
         };
@@ -1131,8 +1155,6 @@ impl Daemon {
             Ok(()) => {
                 info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
                 self.units = units;
-                self.sets = set_sizes(&rs);
-                self.watch.expect(&rs);
             }
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }

@@ -44,6 +44,13 @@ pub fn document(at: SystemTime, c: &Preexisting, host: &str) -> Value {
             }),
         );
         o.insert("user".into(), json!({ "id": c.socket.uid.to_string() }));
+        // A listener on an unprivileged local port proves nothing (any user
+        // may open one); the operator judges.
+        if c.socket.listener {
+            if let Some(e) = o.get_mut("egret").and_then(|e| e.as_object_mut()) {
+                e.insert("source_port_listener".into(), json!(true));
+            }
+        }
     }
     doc
 }

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use crate::kernel::nft::{NftError, Nftables};
 use crate::kernel::notify::{ChangeListener, ForeignCommit};
-use crate::ruleset::Ruleset;
+use crate::ruleset::{Ruleset, Set};
 
 /// How often the whole table is compared (reads every static set's elements).
 const FULL_CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -95,6 +95,17 @@ impl TamperWatch {
     /// What egret just loaded (after each of its own transactions).
     pub fn expect(&mut self, loaded: &Ruleset) {
         self.expected = normalized(loaded.clone());
+        self.standing = false;
+    }
+
+    /// egret replaced the elements of these static sets, and nothing else.
+    pub fn expect_elements(&mut self, sets: &[&Set]) {
+        for set in sets {
+            if let Some(e) = self.expected.sets.iter_mut().find(|e| e.name == set.name) {
+                e.elements = set.elements.clone();
+                e.elements.sort();
+            }
+        }
         self.standing = false;
     }
 
@@ -272,7 +283,7 @@ pub fn annotate(doc: &mut Value, found: &Found) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ruleset::{Element, Field, Set};
+    use crate::ruleset::{Element, Field};
 
     fn set(name: &str, elements: Vec<u128>) -> Set {
         Set {
