@@ -45,11 +45,30 @@ pub enum Seeds<'a> {
     /// From the kernel: without an egret table this is the first load, which
     /// seeds the TCP connections open now; with one, the live seeds still open.
     Kernel,
-    /// What egret itself loaded last (`egret run` remembers it), those still
-    /// open; never anything new. A table missing at that moment was deleted
-    /// by someone (a tamper restore): no first load, and whatever opened
-    /// while it was gone is a new flow for the policy to decide.
-    Kept(&'a std::collections::BTreeSet<Element>),
+    /// The sockets egret itself seeded last (`egret run` remembers them, see
+    /// [`seeded_sockets`]), those still open; never anything new. A table
+    /// missing at that moment was deleted by someone (a tamper restore): no
+    /// first load, and whatever opened while it was gone, on a seeded tuple
+    /// or not, is a new flow for the policy to decide.
+    Kept(&'a std::collections::BTreeSet<SeededSocket>),
+}
+
+/// A seeded connection as `egret run` remembers it: its set element and the
+/// socket's cookie, so a new socket on a closed seed's tuple is not it.
+pub type SeededSocket = (Element, u64);
+
+/// The open sockets `rs` seeds, right after it was loaded.
+pub fn seeded_sockets(rs: &Ruleset) -> Result<std::collections::BTreeSet<SeededSocket>> {
+    let seeds = seeds_of(rs);
+    if seeds.is_empty() {
+        return Ok(Default::default());
+    }
+    Ok(sockets::open_tcp()
+        .context("listing open connections (sock_diag)")?
+        .into_iter()
+        .map(|s| (crate::ruleset::preexisting_element(&s.flow), s.cookie))
+        .filter(|(e, _)| seeds.contains(e))
+        .collect())
 }
 
 /// The elements of a ruleset's `preexisting_v4/v6` sets: what it seeds.
@@ -128,7 +147,9 @@ pub fn compile_seeded(
     open.retain(|s| s.mark != Some(policy.mark));
     let first_load = match seeds {
         Seeds::Kept(seeded) => {
-            open.retain(|s| seeded.contains(&crate::ruleset::preexisting_element(&s.flow)));
+            open.retain(|s| {
+                seeded.contains(&(crate::ruleset::preexisting_element(&s.flow), s.cookie))
+            });
             false
         }
         Seeds::Kernel => {

@@ -682,19 +682,24 @@ fn a_seeded_tuple_reused_for_a_new_connection_is_blocked() {
 // Tamper restore, seeding: the restore after root deleted the table used
 // to take the missing table for a first load and seed every open TCP
 // connection, the ones opened while the table was gone included. A restore
-// seeds nothing new.
+// seeds nothing new, not even a new socket on a seeded tuple.
 #[test]
 fn a_restore_seeds_nothing_opened_while_the_table_was_gone() {
     let pair = Pair::new();
     let _server = pair.b.server("tcp", B4, 7500);
+    // Seeded at the first load (and reported).
+    let mut reused = Parked::with(&pair.a, Some(65534), "tcp", B4, 7500, &["sport=40500"]);
     let policy = PolicyFile::new(&format!("{ENFORCE}restore_table = true\n"));
     let run = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(seeded(&pair.a).contains("40500"), "{}", seeded(&pair.a));
     // Held still so that the window stays open: the table is gone and
-    // nobody opens a connection before egret can put it back.
+    // nobody opens connections before egret can put it back, one of them
+    // on the seeded tuple.
     run.signal("STOP");
     run_ok(&mut pair.a.cmd("nft", &["delete", "table", "inet", "egret"]));
     let mut during = Parked::new(&pair.a, "tcp", B4, 7500);
     assert!(during.round_trip(), "no table, nothing blocks");
+    assert!(reused.reconnect(), "no table, nothing blocks");
     run.signal("CONT");
     let e = run.wait_event(15, "tamper: deleted", |e| {
         at(e, "/event/action") == "tamper" && at(e, "/egret/tamper") == "deleted"
@@ -706,13 +711,17 @@ fn a_restore_seeds_nothing_opened_while_the_table_was_gone() {
         !during.round_trip(),
         "a connection opened while the table was gone is allowed after the restore"
     );
-    blocked_to(&run, B4, 7500);
     assert!(
-        !run.snapshot()
-            .iter()
-            .any(|e| at(e, "/event/action") == "preexisting"),
-        "a restore is not a first load"
+        !reused.round_trip(),
+        "a new socket on a seeded tuple is allowed after the restore"
     );
+    blocked_to(&run, B4, 7500);
+    let reported = run
+        .snapshot()
+        .iter()
+        .filter(|e| at(e, "/event/action") == "preexisting")
+        .count();
+    assert_eq!(reported, 1, "a restore is not a first load");
     drop(run);
 }
 

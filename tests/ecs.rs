@@ -429,6 +429,7 @@ fn preexisting() -> Value {
             inbound: false,
             listener: true,
             mark: None,
+            cookie: 1,
         },
         decision: Decision {
             outcome: Outcome::Blocked,

@@ -26,6 +26,9 @@ pub struct OpenSocket {
     pub listener: bool,
     /// The socket's firewall mark (sock_diag gives it to CAP_NET_ADMIN only).
     pub mark: Option<u32>,
+    /// The kernel's socket cookie: tells this socket from a later one on the
+    /// same 5-tuple.
+    pub cookie: u64,
 }
 
 /// Established TCP connections that talk to something other than loopback.
@@ -165,6 +168,7 @@ fn dump(
                         uid: r.header.uid,
                         inbound: false,
                         listener: false,
+                        cookie: u64::from_ne_bytes(id.cookie),
                         mark: r.nlas.iter().find_map(|n| match n {
                             Nla::Mark(m) => Some(*m),
                             _ => None,

@@ -180,9 +180,9 @@ struct Daemon {
     tamper_reported: bool,
     /// Changes to the table egret did not make (notifications, full comparison).
     watch: super::tamper::TamperWatch,
-    /// The connections egret's table seeds: every later compile (reload,
+    /// The sockets egret's table seeds: every later compile (reload,
     /// restore, units) keeps those still open and adds nothing.
-    seeded: std::collections::BTreeSet<crate::ruleset::Element>,
+    seeded: std::collections::BTreeSet<apply::SeededSocket>,
     /// The last reading of the log rules' counters.
     last_live: u64,
     /// The loaded ruleset's sets: name, element count (0 for timeout sets, read live).
@@ -406,7 +406,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         sets: set_sizes(&rs),
         expected: expected_rules(&rs),
         watch: super::tamper::TamperWatch::new(&rs),
-        seeded: apply::seeds_of(&rs),
+        seeded: seeded_sockets(&rs),
         tamper_reported: false,
         last_live: 0,
         reported_lost: 0,
@@ -972,7 +972,7 @@ impl Daemon {
         self.expected = expected_rules(&rs);
         self.watch.expect(&rs);
         self.sets = set_sizes(&rs);
-        self.seeded = apply::seeds_of(&rs);
+        self.seeded = seeded_sockets(&rs);
         info!("egret's table restored from the policy");
         self.report_preexisting(&preexisting);
         Ok(())
@@ -996,7 +996,7 @@ impl Daemon {
         self.sets = set_sizes(rs);
         self.expected = expected_rules(rs);
         self.watch.expect(rs);
-        self.seeded = apply::seeds_of(rs);
+        self.seeded = seeded_sockets(rs);
         Ok(())
     }
 
@@ -1245,6 +1245,15 @@ fn set_sizes(rs: &Ruleset) -> Vec<(crate::ruleset::Set, u64)> {
             (shape, s.elements.len() as u64)
         })
         .collect()
+}
+
+/// What `rs` seeds, to keep across later loads. Unknown (sock_diag failed):
+/// nothing, so a later load seeds nothing rather than anything new.
+fn seeded_sockets(rs: &Ruleset) -> std::collections::BTreeSet<apply::SeededSocket> {
+    apply::seeded_sockets(rs).unwrap_or_else(|e| {
+        warn!("remembering the seeded connections: {e:#}; later loads seed none");
+        Default::default()
+    })
 }
 
 fn is_cgroup_set(name: &str) -> bool {
