@@ -385,6 +385,54 @@ fn a_client_outside_the_rules_users_is_refused() {
     drop(run);
 }
 
+/// A `groups` rule matches through the proxy as it does in the kernel: by
+/// the client socket's group (the process's gid), not only by its user.
+/// (Before, the proxy never knew a client's group: nothing a `groups` rule
+/// allowed got through.)
+#[test]
+fn a_groups_rule_admits_its_group_through_the_proxy_and_no_one_else() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(&format!(
+        "{POLICY}\n[[allow]]\nname = \"staff\"\nhosts = [\"unlisted.test\"]\n\
+         via = \"proxy\"\ngroups = [65533]\nports = [80]\n"
+    ));
+    let run = start(&lab, &policy);
+    let as_ids = |uid: u32, gid: u32| {
+        let (u, g) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+        let out = a
+            .cmd(
+                "setpriv",
+                &[
+                    &u,
+                    &g,
+                    "--clear-groups",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "5",
+                    "-w",
+                    "%{http_code}",
+                    "-x",
+                    PROXY,
+                    "http://unlisted.test/",
+                ],
+            )
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(as_ids(65534, 65533), "200", "nobody in group 65533");
+    assert_eq!(as_ids(65534, 65534), "403", "nobody in its own group");
+    let e = run.wait_event(10, "the other group refused", |e| {
+        at(e, "/event/action") == "proxy-denied" && at(e, "/destination/domain") == "unlisted.test"
+    });
+    assert_eq!(at(&e, "/rule/name"), "staff", "{e:#}");
+    drop(run);
+}
+
 #[test]
 fn reload_keeps_open_tunnels_and_decides_new_requests_by_the_new_policy() {
     let lab = lab();

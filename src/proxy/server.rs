@@ -326,7 +326,11 @@ impl Shared {
     async fn attribute(self: &Arc<Self>, client: SocketAddr, local: SocketAddr) -> Attribution {
         let s = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            lock(&s.attributor).attribute_socket_now(IPPROTO_TCP, client, local)
+            let mut who = lock(&s.attributor).attribute_socket_now(IPPROTO_TCP, client, local);
+            if who.gid.is_none() {
+                who.gid = socket_gid(&who);
+            }
+            who
         })
         .await
         .unwrap_or_else(|_| Attribution::unknown())
@@ -636,6 +640,36 @@ impl Ask<'_> {
             None => self.shared.attribute(self.peer, self.local).await,
         }
     }
+}
+
+/// The group a `groups` rule compares, as the kernel's `meta skgid` would:
+/// the filesystem gid of the process holding the socket (sock_diag gives
+/// only the uid), else the owner's primary group. Supplementary groups are
+/// not consulted: the kernel's rule for the same policy does not match them,
+/// and the proxy must not allow more than the firewall would.
+fn socket_gid(who: &Attribution) -> Option<u32> {
+    let uid = who.uid?;
+    let from_proc = who.process.as_ref().and_then(|p| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
+        let fields = |key: &str| -> Option<Vec<u32>> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line[key.len()..]
+                .split_whitespace()
+                .map(|f| f.parse().ok())
+                .collect()
+        };
+        // The pid may have been reused since the lookup: only trust a
+        // process still running as the socket's owner.
+        let uids = fields("Uid:")?;
+        let gids = fields("Gid:")?;
+        (uids.get(1) == Some(&uid)).then(|| gids.get(3).copied())?
+    });
+    from_proc.or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.gid.as_raw())
+    })
 }
 
 enum Decided {
