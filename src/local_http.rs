@@ -268,7 +268,14 @@ impl PeerUids {
             // Maybe a broken socket: the next connection opens a fresh one.
             *diag = None;
         }
-        found.map(|s| s.uid)
+        let found = found?;
+        // egret's own sockets (the proxy's upstream connections, made for
+        // whoever asked the proxy) belong to root, but speak for someone
+        // else: they are nobody's here.
+        if found.uid == nix::unistd::geteuid().as_raw() && held_by_this_process(found.inode) {
+            return None;
+        }
+        Some(found.uid)
     }
 
     /// The peer's uid, and whom its connection is charged to (its uid, else its address).
@@ -280,6 +287,17 @@ impl PeerUids {
         };
         (uid, client)
     }
+}
+
+/// Does this process hold the socket with inode `inode`?
+fn held_by_this_process(inode: u64) -> bool {
+    let wanted = format!("socket:[{inode}]");
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        // Cannot tell: assume it is ours (refusing root is the safe side).
+        return true;
+    };
+    fds.filter_map(Result::ok)
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -582,6 +600,39 @@ mod tests {
         assert!(!authorized(65534, "daemon"));
         assert!(!authorized(65534, "no-such-group-here"));
         assert!(!authorized(65534, ""));
+    }
+
+    /// A connection from one of egret's own sockets (the proxy connecting
+    /// for a client) is nobody's; the same connection from another process
+    /// of the same user is that user's.
+    #[test]
+    fn egrets_own_sockets_are_nobodys() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = listener.local_addr().unwrap();
+        let uids = PeerUids::default();
+        let me = nix::unistd::geteuid().as_raw();
+
+        let own = std::net::TcpStream::connect(local).unwrap();
+        let (_accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer, own.local_addr().unwrap());
+        assert_eq!(uids.uid(peer, local), None, "egret's own socket");
+
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys,time\n\
+                 s=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+                 sys.stdin.read()",
+                &local.port().to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (_accepted, peer) = listener.accept().unwrap();
+        let found = uids.uid(peer, local);
+        drop(other.stdin.take());
+        other.wait().unwrap();
+        assert_eq!(found, Some(me), "another process of the same user");
     }
 
     #[test]

@@ -315,6 +315,70 @@ fn the_hosts_own_addresses_are_refused_like_loopback() {
     }
 }
 
+/// The proxy's upstream sockets belong to root. With a `cidrs` rule covering
+/// loopback, nobody asked the proxy for egret's own API and was served as
+/// root (the API checks the uid of the connecting socket). The proxy now
+/// refuses egret's own listeners whatever the policy, and reports it.
+#[test]
+fn the_proxy_never_reaches_egrets_own_listeners() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(&format!(
+        "{POLICY}\n[api]\nlisten = \"127.0.0.1:9465\"\n\
+         [metrics]\nlisten = \"127.0.0.1:9464\"\n\
+         [[allow]]\nname = \"loopback\"\ncidrs = [\"127.0.0.0/8\"]\n"
+    ));
+    let run = start(&lab, &policy);
+    // The API is up, and refuses nobody when asked directly.
+    let direct = output(as_user(
+        a,
+        NOBODY,
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "10",
+            "http://127.0.0.1:9465/api/v1/events",
+        ],
+    ));
+    assert_eq!(direct, "403", "nobody asking the API directly");
+    let url = "http://127.0.0.1:9465/api/v1/events";
+    let (code, body) = curl(a, NOBODY, &[url]);
+    assert_eq!(code, 403, "absolute-form through the proxy: {body}");
+    assert!(!body.contains("\"events\""), "{body}");
+    // A CONNECT tunnel to the API, to the guard and to the proxy itself.
+    for target in [
+        "127.0.0.1:9465",
+        "127.0.0.1:53",
+        "127.0.0.1:3128",
+        "127.0.0.1:9464",
+    ] {
+        let t = Tunnel::open(a, Some(NOBODY), target);
+        assert!(t.1.contains("403"), "CONNECT {target}: {}", t.1);
+    }
+    let (code, body) = curl(a, NOBODY, &["-p", url]);
+    assert_ne!(code, 200, "tunnelled: {body}");
+    let e = run.wait_event(10, "the refusal reported", |e| {
+        at(e, "/event/action") == "proxy-denied" && at(e, "/destination/port") == 9465
+    });
+    assert!(
+        at(&e, "/egret/reason")
+            .as_str()
+            .unwrap_or("")
+            .contains("egret itself listens"),
+        "{e:#}"
+    );
+    assert_eq!(at(&e, "/user/id"), "65534", "{e:#}");
+    // The rule still works for anything else on loopback.
+    let _echo = a.server("tcp", "127.0.0.1", 7000);
+    let t = Tunnel::open(a, Some(NOBODY), "127.0.0.1:7000");
+    assert_eq!(t.1, "connected");
+}
+
 /// Finding 12: `max_per_client` counts local users by uid (root's full quota
 /// leaves nobody's untouched), and a connection over the limit is answered at
 /// once, without waiting for a request it may never send.

@@ -71,6 +71,10 @@ pub struct ProxyState {
     pub mark: u32,
     /// The DNS guard's upstream resolvers, when `[dns]` is set.
     pub resolvers: Option<Vec<SocketAddr>>,
+    /// egret's own listeners (proxy, DNS guard, API, metrics). The proxy's
+    /// upstream sockets belong to root: through them a local user would be
+    /// taken for root by the API's access check, so no policy opens these.
+    pub own: Vec<SocketAddr>,
 }
 
 impl ProxyState {
@@ -80,8 +84,30 @@ impl ProxyState {
             rules: ProxyRules::from_policy(p),
             mark: p.mark,
             resolvers: p.dns.as_ref().map(|d| d.upstream.clone()),
+            own: own_listeners(p),
         })
     }
+
+    /// Is `ip:port` one of egret's own listeners? `local`: `ip` is one of
+    /// this host's addresses (a listener on the unspecified address takes
+    /// those and loopback).
+    fn own_listener(&self, ip: IpAddr, port: u16, local: bool) -> bool {
+        let ip = ip.to_canonical();
+        self.own.iter().any(|l| {
+            l.port() == port
+                && (l.ip().to_canonical() == ip
+                    || (l.ip().is_unspecified() && (ip.is_loopback() || local)))
+        })
+    }
+}
+
+fn own_listeners(p: &Policy) -> Vec<SocketAddr> {
+    let mut own = Vec::new();
+    own.extend(p.proxy.as_ref().map(|c| c.listen));
+    own.extend(p.dns.as_ref().map(|c| c.listen));
+    own.extend(p.api.as_ref().map(|c| c.listen));
+    own.extend(p.metrics);
+    own
 }
 
 /// A request the proxy refused (or, in audit mode, would have).
@@ -725,7 +751,7 @@ async fn decide(ask: &Ask<'_>) -> Decided {
                     .upstream_failures
                     .fetch_add(1, Ordering::Relaxed);
                 if let Some(p) = problem {
-                    report(ask, who, p).await;
+                    report(ask, who, p, !ask.st.rules.audit).await;
                     if !st.rules.audit {
                         return denied(target);
                     }
@@ -750,6 +776,15 @@ async fn decide(ask: &Ask<'_>) -> Decided {
         }
         for &ip in &ips {
             let local = lock(&shared.local).contains(ip);
+            if st.own_listener(ip, target.port, local) {
+                let reason = format!(
+                    "{} resolves to {ip}, where egret itself listens on port {}: the proxy never connects to egret's own servers",
+                    target.host, target.port
+                );
+                // Whatever the policy or its mode: refused and reported.
+                report(ask, who, (None, reason, Some(ip)), true).await;
+                return denied(target);
+            }
             match st.rules.address_ok(ip, target.port, who.as_ref(), local) {
                 Ok(()) => addrs.push(SocketAddr::new(ip, target.port)),
                 Err(why) => {
@@ -770,7 +805,7 @@ async fn decide(ask: &Ask<'_>) -> Decided {
     match problem {
         None => Decided::Allow { addrs, rule },
         Some(p) => {
-            report(ask, who, p).await;
+            report(ask, who, p, !ask.st.rules.audit).await;
             if st.rules.audit {
                 let addrs = ips
                     .iter()
@@ -795,10 +830,10 @@ async fn report(
     ask: &Ask<'_>,
     who: Option<Attribution>,
     (rule, reason, ip): (Option<String>, String, Option<IpAddr>),
+    blocked: bool,
 ) {
     let Ask {
         shared,
-        st,
         target,
         method,
         peer,
@@ -818,7 +853,7 @@ async fn report(
         rule,
         reason,
         ip,
-        blocked: !st.rules.audit,
+        blocked,
         at: SystemTime::now(),
     });
 }
@@ -1015,7 +1050,7 @@ async fn tunnel(
                 peer,
                 local,
             };
-            report(&ask, None, (None, reason, None)).await;
+            report(&ask, None, (None, reason, None), !st.rules.audit).await;
             if !st.rules.audit {
                 return Ok(());
             }
