@@ -467,14 +467,14 @@ fn forbidden() -> Response<Body> {
 }
 
 /// When a connection last moved a byte, and how many requests it is answering.
-struct Activity {
+pub(crate) struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    pub(crate) fn new() -> Activity {
         Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -487,7 +487,7 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn quiet_for(&self) -> Duration {
+    pub(crate) fn quiet_for(&self) -> Duration {
         let now = self.epoch.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -515,9 +515,9 @@ impl Drop for Busy {
 }
 
 /// The connection's stream, noting every byte that moves.
-struct Tracked {
-    inner: tokio::net::TcpStream,
-    activity: Arc<Activity>,
+pub(crate) struct Tracked {
+    pub(crate) inner: tokio::net::TcpStream,
+    pub(crate) activity: Arc<Activity>,
 }
 
 impl AsyncRead for Tracked {

@@ -518,6 +518,133 @@ fn connection_limits_and_the_idle_timeout_apply() {
     drop(run);
 }
 
+/// An upstream that answers `/stall` with a head and 10 of 1,000 body bytes,
+/// then nothing, and reads `/upload`'s body without ever answering. Prints
+/// "listening", then one line per connection when the proxy closed it.
+const STALLING_UPSTREAM: &str = r#"
+import socket, sys, threading
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+def serve(c):
+    c.settimeout(120)
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head:
+            d = c.recv(1)
+            if not d:
+                return
+            head += d
+        if head.startswith(b"GET /stall"):
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        while c.recv(4096):
+            pass
+        print("upstream closed", flush=True)
+    except OSError as e:
+        print("upstream error %s" % e, flush=True)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A client through the proxy: `upload` sends a POST head announcing 1,000
+/// bytes, trickles 5 of them 0.3 s apart (under the idle timeout), then
+/// stalls; `stall` GETs a body the upstream stops sending. Prints what it
+/// got and whether the proxy closed the connection (within 60 s).
+const TRICKLING_CLIENT: &str = r#"
+import socket, sys, time
+mode, target = sys.argv[1], sys.argv[2]
+s = socket.create_connection(("127.0.0.1", 3128), timeout=60)
+if mode == "upload":
+    s.sendall(("POST http://%s/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" % target).encode())
+    sent = 0
+    for _ in range(5):
+        time.sleep(0.3)
+        s.sendall(b"y")
+        sent += 1
+else:
+    s.sendall(("GET http://%s/stall HTTP/1.1\r\nHost: x\r\n\r\n" % target).encode())
+    sent = 0
+got = b""
+try:
+    while True:
+        d = s.recv(4096)
+        if not d:
+            print("closed sent %d got %d" % (sent, len(got)), flush=True)
+            break
+        got += d
+except socket.timeout:
+    print("still open after 60 s", flush=True)
+except OSError as e:
+    print("closed (%s) sent %d got %d" % (e.errno, sent, len(got)), flush=True)
+"#;
+
+/// Bodies relayed by the proxy hold a connection only while bytes move: a
+/// client that trickles an upload and then stalls, and an upstream that stalls
+/// its answer's body, are cut after `idle_timeout` (before: held forever,
+/// with the client's connection slot).
+#[test]
+fn stalled_bodies_are_cut_after_the_idle_timeout() {
+    let pair = Pair::new();
+    let a = &pair.a;
+    let mut upstream = Spawned(
+        pair.b
+            .cmd("/usr/bin/python3", &["-c", STALLING_UPSTREAM, B4, "7001"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("stalling upstream"),
+    );
+    let mut lines = BufReader::new(upstream.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("listening")
+    );
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[proxy]\nlisten = \"127.0.0.1:3128\"\nidle_timeout = \"1s\"\n\
+         [[allow]]\nname = \"internal\"\ncidrs = [\"{B4}\"]\nports = [7001]\nvia = \"proxy\"\n"
+    ));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    let target = format!("{B4}:7001");
+    let client = |mode: &str| {
+        let out = a
+            .cmd(
+                "setpriv",
+                &[
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    "-c",
+                    TRICKLING_CLIENT,
+                    mode,
+                    &target,
+                ],
+            )
+            .output()
+            .expect("client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let upload = client("upload");
+    assert!(
+        upload.starts_with("closed") && upload.contains("sent 5"),
+        "a trickle under the timeout goes on, a stall is cut: {upload}"
+    );
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("upstream closed"),
+        "the upstream side of the upload is closed too"
+    );
+    let stall = client("stall");
+    assert!(
+        stall.starts_with("closed") && stall.contains("got ") && !stall.ends_with("got 0"),
+        "the head and 10 bytes arrived, then the stalled answer was cut: {stall}"
+    );
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("upstream closed")
+    );
+    drop(run);
+}
+
 /// `via = "proxy"` on `cidrs`: an internal service (a private address in
 /// another namespace) that the proxy may reach and nothing else may.
 #[test]

@@ -36,6 +36,7 @@ use super::relay;
 use super::sni::{self, Sni};
 use crate::dns::upstream;
 use crate::kernel::netlink::NetlinkSocket;
+use crate::local_http::{Activity, Tracked};
 use crate::monitor::attribution::{lookup_socket, Attribution, Attributor};
 use crate::policy::{Policy, ProxyConfig};
 
@@ -510,10 +511,11 @@ fn refuse(shared: &Arc<Shared>, stream: TcpStream, msg: &'static str) {
 /// and the client's identity once looked up (the socket cannot change owner
 /// for another's while this end of it is open, so one lookup serves every
 /// request on it).
-#[derive(Default)]
 struct Conn {
     upstream: tokio::sync::Mutex<Option<(Target, SendRequest<Incoming>)>>,
     who: tokio::sync::OnceCell<Attribution>,
+    /// When a byte last moved on the client connection or its upstream.
+    activity: Arc<Activity>,
 }
 
 async fn serve_client(
@@ -525,19 +527,46 @@ async fn serve_client(
 ) -> Result<()> {
     let idle = shared.state().config.idle_timeout;
     let admission = Arc::new(admission);
-    let conn = Arc::new(Conn::default());
+    let activity = Arc::new(Activity::new());
+    let conn = Arc::new(Conn {
+        upstream: tokio::sync::Mutex::new(None),
+        who: tokio::sync::OnceCell::new(),
+        activity: Arc::clone(&activity),
+    });
     let svc = service_fn(move |req| {
         let (shared, conn, admission) = (Arc::clone(&shared), Arc::clone(&conn), admission.clone());
         async move { Ok::<_, Infallible>(handle(&shared, &conn, admission, req, peer, local).await) }
     });
-    hyper::server::conn::http1::Builder::new()
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: Arc::clone(&activity),
+    });
+    let served = hyper::server::conn::http1::Builder::new()
         .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(idle.min(HEADER_TIMEOUT))
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades()
-        .await?;
-    Ok(())
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(served);
+    // Bodies relayed either way (a client trickling its upload, an upstream
+    // stalling its answer) hold the connection and its slot only while
+    // bytes move: after `idle` with none on the client connection or its
+    // upstream, both are closed. (A tunnel has its own timer, in `relay`.)
+    loop {
+        let wait = idle.saturating_sub(activity.quiet_for());
+        tokio::select! {
+            r = &mut served => {
+                r?;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {
+                if activity.quiet_for() >= idle {
+                    debug!(%peer, "proxy: closing a connection idle for {idle:?}");
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// 502, counted: the upstream could not be reached or broke off.
@@ -989,7 +1018,11 @@ async fn forward(
                     );
                 }
             };
-            match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+            let upstream = TokioIo::new(Tracked {
+                inner: upstream,
+                activity: Arc::clone(&conn.activity),
+            });
+            match hyper::client::conn::http1::handshake(upstream).await {
                 Ok((s, c)) => {
                     tokio::spawn(async move {
                         let _ = c.await;
@@ -1031,9 +1064,9 @@ async fn tunnel(
     local: SocketAddr,
 ) -> io::Result<()> {
     let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
+        .downcast::<TokioIo<Tracked>>()
         .map_err(|_| io::Error::other("unexpected upgraded connection type"))?;
-    let client = parts.io.into_inner();
+    let client = parts.io.into_inner().inner;
     // hyper's read buffer (kilobytes) would otherwise live as long as the tunnel.
     let mut first = parts.read_buf.to_vec();
     drop(parts.read_buf);
