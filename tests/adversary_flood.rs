@@ -256,6 +256,113 @@ fn one_identitys_flood_is_folded_and_another_identity_is_still_heard() {
     assert_eq!(sum(&rows, "blocked", Some(OTHER)), (1, 1), "{rows:?}");
 }
 
+/// One account (nobody) under 40 program names (hard links of python3, each
+/// its own identity, each within its own 100-incident burst) sends to 50
+/// blocked destinations per name. The account as a whole gets its own burst
+/// and rate (300, then 30/s) and the rest folds into a flood incident of the
+/// uid, not one per name; another account's first attempt still goes out at
+/// once. (Before: every copy had a fresh bucket, so 2,000 incidents.)
+#[test]
+fn renamed_copies_of_one_program_share_their_accounts_budget() {
+    let pair = Pair::new();
+    let a = &pair.a;
+    let policy = PolicyFile::new("mode = \"enforce\"\n");
+    let state = policy.state_dir();
+    let run = Running::start(a, &state, &["--policy", policy.path()]);
+
+    const COPIES: usize = 40;
+    const PER_COPY: usize = 50;
+    // Hard links (copies across file systems): /proc/PID/exe names the
+    // file a process was started from, so each is an identity of its own.
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let script = flood_script();
+    let started = Instant::now();
+    let mut copies = Vec::new();
+    for i in 0..COPIES {
+        let copy = dir.path().join(format!("copy{i}"));
+        if std::fs::hard_link(&python, &copy).is_err() {
+            std::fs::copy(&python, &copy).expect("a copy of python3");
+        }
+        let first = (1000 + i * PER_COPY).to_string();
+        let mut child = Spawned(
+            a.cmd(
+                "setpriv",
+                &[
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    copy.to_str().expect("path"),
+                    &script,
+                    "udp-hold",
+                    B4,
+                    &first,
+                    &PER_COPY.to_string(),
+                ],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("a copy"),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("sent");
+        assert_eq!(
+            line.trim(),
+            format!("sent {PER_COPY}"),
+            "every send refused"
+        );
+        copies.push(child);
+    }
+    run.wait_event(60, "the account's flood incident", |e| {
+        at(e, "/event/action") == "flood" && at(e, "/user/id") == "65534"
+    });
+    let b = flood(a, OTHER, &["udp-one", B4, "40000"])
+        .output()
+        .expect("flood.py udp-one");
+    assert_eq!(String::from_utf8_lossy(&b.stdout).trim(), "refused");
+    let seen_b = run.wait_event(60, "the other account's first attempt", |e| {
+        at(e, "/event/action") == "blocked" && at(e, "/user/id") == "65533"
+    });
+    assert_eq!(at(&seen_b, "/egret/update"), false);
+    drop(copies);
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(run.stop().success());
+
+    let rows = stored(&state);
+    let (a_counts, a_incidents) = sum(&rows, "blocked", Some(NOBODY));
+    let (flood_counts, floods) = sum(&rows, "flood", Some(NOBODY));
+    // The account's burst plus its rate over the whole run, and no more.
+    let budget = 300 + (30.0 * elapsed).ceil() as u64;
+    eprintln!("{a_incidents} incidents, {floods} floods in {elapsed:.1} s");
+    assert!(
+        a_incidents <= budget,
+        "{a_incidents} incidents one by one from one account in {elapsed:.1} s (budget {budget}): {rows:?}"
+    );
+    assert!(
+        (1..=3).contains(&floods),
+        "one flood incident for the account, not one per program name: {rows:?}"
+    );
+    let n = (COPIES * PER_COPY) as u64;
+    let m = monitor(a, &state);
+    let lost = ["/loss/seq_lost", "/loss/unaccounted", "/loss/while_down"]
+        .iter()
+        .map(|p| m.pointer(p).and_then(Value::as_u64).unwrap_or(0))
+        .sum::<u64>();
+    assert!(
+        a_counts + flood_counts <= n && a_counts + flood_counts + lost >= n,
+        "the account's counts add up: {a_counts} + {flood_counts} (+ {lost} lost) of {n}: {m:#}"
+    );
+    assert_eq!(sum(&rows, "blocked", Some(OTHER)), (1, 1), "{rows:?}");
+}
+
 /// SIGTERM while nobody floods the guard with refused names: egret ends
 /// (bounded wait, generous for slow kernels; bench/flood.sh measures the
 /// time) and its books still balance: every refusal the guard made is in an

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::monitor::attribution::{Attribution, Identity};
 use crate::monitor::flood::{
-    describe, FloodSummary, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
+    describe, Admit, FloodSummary, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
 };
 use crate::monitor::nflog::Verdict;
 use crate::monitor::packet::Flow;
@@ -228,7 +228,8 @@ impl Aggregator {
             }
             self.close(flood);
         }
-        if self.floods.admit(&who, at) {
+        let level = self.floods.admit(&who, at);
+        if level == Admit::Open {
             let inc = Incident {
                 flow: flow.copied(),
                 question: question.cloned().map(Box::new),
@@ -238,8 +239,10 @@ impl Aggregator {
             };
             return self.open(inc);
         }
-        // Over its rate: this and the identity's next new destinations are one flood incident.
-        let flood_key = IncidentKey {
+        // Over its rate: this and the identity's next new destinations are
+        // one flood incident; over its account's, the account's flood (keyed
+        // on the uid alone, whatever program name each attempt came under).
+        let mut flood_key = IncidentKey {
             destination: None,
             port: None,
             protocol: None,
@@ -248,13 +251,17 @@ impl Aggregator {
             flood: true,
             ..key.clone()
         };
+        if level == Admit::User {
+            flood_key.identity = key.uid.map_or(Identity::Unknown, Identity::Uid);
+            flood_key.unit = None;
+        }
         if let Some(&old) = self.ids.get(&flood_key) {
             self.close(old);
         }
         let mut inc = Incident::first(flood_key, attribution, at);
         inc.flood = Some(Box::default());
         let id = self.next_id;
-        self.floods.set_flood(&who, Some(id));
+        self.floods.set_flood(&who, level, Some(id));
         self.flood_seen.insert(id, HashSet::new());
         let opened = self.open(inc).map(|i| i.id);
         debug_assert_eq!(opened, Some(id));
@@ -335,10 +342,7 @@ impl Aggregator {
         self.by_age.remove(&(inc.last_seen, id));
         if let Some(seen) = self.flood_seen.remove(&id) {
             self.flood_tracked -= seen.len();
-            let who = Who::of(&inc.key);
-            if self.floods.flood_of(&who) == Some(id) {
-                self.floods.set_flood(&who, None);
-            }
+            self.floods.end_flood(&Who::of(&inc.key), id);
         }
         if inc.count > inc.emitted_count {
             self.dirty.remove(&(inc.emitted_at, id));

@@ -17,6 +17,12 @@ loopback or the test namespace's own addresses only.
       (as root) for each of UIDS uids from FIRST_UID, a child that drops to
       that uid and sends one datagram to each of PER_UID ports of HOST: that
       many distinct identities, each within its own rate. Prints the sends.
+  udp-hold HOST FIRST_PORT N
+      one datagram to each of ports FIRST_PORT.. FIRST_PORT+N-1 of HOST from
+      one socket; prints "sent R" (R refused by the firewall), then keeps the
+      socket (so the process can be found) until stdin closes, at most 120 s.
+      Run under many program names (hard links of python3), it is one account
+      posing as many identities.
 """
 import errno
 import os
@@ -135,6 +141,20 @@ def udp_uids(host, first, uids, per_uid):
     print(uids * per_uid, flush=True)
 
 
+def udp_hold(host, first, n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    refused = 0
+    for port in range(first, first + n):
+        try:
+            s.sendto(b"x", (host, port))
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            refused += 1
+    print(f"sent {refused}", flush=True)
+    select.select([sys.stdin], [], [], 120)
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "dns":
@@ -145,6 +165,8 @@ def main():
         udp(args[0], int(args[1]))
     elif cmd == "udp-uids":
         udp_uids(args[0], int(args[1]), int(args[2]), int(args[3]))
+    elif cmd == "udp-hold":
+        udp_hold(args[0], int(args[1]), int(args[2]))
     elif cmd == "udp-one":
         udp_one(args[0], int(args[1]))
     else:
