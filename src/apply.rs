@@ -29,6 +29,12 @@ pub fn unsafe_policy_files(path: &Path) -> Vec<policy::UnsafeFile> {
     policy::unsafe_files(path, nix::unistd::geteuid().as_raw())
 }
 
+/// Loads a policy only if no one but root or the invoking user could have
+/// changed it (every file read from the descriptor that was checked).
+pub fn load_policy_strict(path: &Path) -> std::result::Result<Policy, policy::LoadError> {
+    policy::load_strict(path, nix::unistd::geteuid().as_raw(), &SystemAccounts)
+}
+
 /// Compiles `policy` against the system as it is now (unit cgroups, open connections).
 pub fn compile_live(policy: &Policy) -> Result<Ruleset> {
     compile_with_units(policy, resolve_units(policy), Seeds::Kernel)

@@ -281,17 +281,23 @@ fn load_or_report(path: &Path) -> Option<crate::policy::Policy> {
 /// For commands that load a policy into the kernel: refuses a policy others
 /// could have written (see `apply::unsafe_policy_files`).
 fn load_strict(path: &Path) -> Option<crate::policy::Policy> {
-    let unsafe_files = apply::unsafe_policy_files(path);
-    if !unsafe_files.is_empty() {
-        for f in &unsafe_files {
-            eprintln!("egret: refusing an unsafe policy file: {f}");
+    match apply::load_policy_strict(path) {
+        Ok(p) => Some(p),
+        Err(crate::policy::LoadError::Unsafe(unsafe_files)) => {
+            for f in &unsafe_files {
+                eprintln!("egret: refusing an unsafe policy file: {f}");
+            }
+            eprintln!(
+                "egret: someone other than root could change what egret allows; nothing was applied"
+            );
+            None
         }
-        eprintln!(
-            "egret: someone other than root could change what egret allows; nothing was applied"
-        );
-        return None;
+        Err(crate::policy::LoadError::Invalid(errors)) => {
+            eprintln!("{errors}");
+            eprintln!("egret: {} error(s); nothing was applied", errors.0.len());
+            None
+        }
     }
-    load_or_report(path)
 }
 
 fn run(command: Command) -> Result<u8> {

@@ -135,3 +135,62 @@ fn the_packaged_policy_leads_down_the_audit_path_with_working_references() {
     }
     assert!(named >= 3, "{text}");
 }
+
+/// StrictModes over the whole path: a world-writable grandparent of the
+/// policy, and a drop-in that is a symlink into a directory nobody owns, are
+/// named by `check` (which warns; `run`, `apply` and `reload` refuse: the same
+/// function, `adversary_kernel::policy_files_others_may_write_are_refused`).
+/// Before, only the file and its immediate directory were looked at, through
+/// the symlink.
+#[test]
+fn check_names_writable_ancestors_and_symlinks_into_others_directories() {
+    use std::os::unix::fs::{chown, symlink, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let top = tempfile::tempdir().expect("tempdir");
+    chmod(top.path(), 0o755);
+    let gp = top.path().join("gp");
+    let etc = gp.join("etc");
+    let d = etc.join("policy.d");
+    std::fs::create_dir_all(&d).expect("mkdir");
+    for dir in [&gp, &etc, &d] {
+        chmod(dir, 0o755);
+    }
+    chmod(&gp, 0o777);
+    let main = etc.join("policy.toml");
+    std::fs::write(
+        &main,
+        "mode = \"enforce\"\ninclude = [\"policy.d/*.toml\"]\n",
+    )
+    .expect("write");
+    chmod(&main, 0o644);
+    let evil = top.path().join("evil");
+    std::fs::create_dir(&evil).expect("mkdir");
+    chmod(&evil, 0o755);
+    let target = evil.join("x.toml");
+    std::fs::write(
+        &target,
+        "[[allow]]\nname = \"all\"\ncidrs = [\"0.0.0.0/0\"]\n",
+    )
+    .expect("write");
+    chmod(&target, 0o644);
+    chown(&evil, Some(65534), None).expect("chown");
+    chown(&target, Some(65534), None).expect("chown");
+    symlink(&target, d.join("a.toml")).expect("symlink");
+
+    let out = egret(&["check", main.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(0), "check only warns");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("chmod go-w {}", gp.display())),
+        "the writable grandparent: {err}"
+    );
+    assert!(
+        err.contains(&format!("chown root {}", evil.display())),
+        "the directory the symlink leads into: {err}"
+    );
+}

@@ -1005,17 +1005,16 @@ impl Daemon {
             info!("reload: running on the embedded default policy; nothing to re-read");
             return;
         };
-        let unsafe_files = apply::unsafe_policy_files(&path);
-        if !unsafe_files.is_empty() {
-            for f in &unsafe_files {
-                error!("reload: refusing an unsafe policy file: {f}");
-            }
-            error!("reload: someone other than root could change what egret allows; the running policy stays");
-            return;
-        }
-        let policy = match apply::load_policy(&path) {
+        let policy = match apply::load_policy_strict(&path) {
             Ok(p) => p,
-            Err(errors) => {
+            Err(crate::policy::LoadError::Unsafe(unsafe_files)) => {
+                for f in &unsafe_files {
+                    error!("reload: refusing an unsafe policy file: {f}");
+                }
+                error!("reload: someone other than root could change what egret allows; the running policy stays");
+                return;
+            }
+            Err(crate::policy::LoadError::Invalid(errors)) => {
                 for d in &errors.0 {
                     error!("{d}");
                 }

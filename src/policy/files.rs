@@ -1,9 +1,22 @@
 //! Who may write the policy (sshd's StrictModes for egret): a policy file, a
 //! drop-in or a directory they sit in that someone other than root (or the
 //! invoking user) can change is a way around the firewall for that someone.
+//! So is every directory above them up to `/` (whoever can rename one can
+//! put another tree in its place) and every symlink on the way (whoever
+//! owns it can point it elsewhere). Files are opened component by component
+//! and read from the descriptor that was checked.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{fstat, openat, readlinkat, FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::{Accounts, Diagnostic, Policy, PolicyErrors};
 
 /// A policy file or directory others could change, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,95 +63,324 @@ fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// Every policy file (`main` and its drop-ins) and directory that someone
-/// other than root and `uid` could change. Unreadable files are left to the
-/// loader, which reports them.
+/// Why a policy was not loaded: files others could change, or errors in it.
+#[derive(Debug)]
+pub enum LoadError {
+    Unsafe(Vec<UnsafeFile>),
+    Invalid(PolicyErrors),
+}
+
+/// Loads the policy at `main` like [`super::load`], reading every file
+/// (main and drop-ins) through [`Checked`]: each is opened once, checked by
+/// its open descriptor along with every directory and symlink on the way
+/// to it, and read from that descriptor, so what was checked is what is
+/// loaded (no window to swap a file between the check and the read).
+pub fn load_strict(main: &Path, uid: u32, accounts: &dyn Accounts) -> Result<Policy, LoadError> {
+    let mut c = Checked::new(uid);
+    let source = match c.read(main) {
+        Ok(s) => s,
+        Err(e) => {
+            if !c.problems.is_empty() {
+                return Err(LoadError::Unsafe(c.into_problems()));
+            }
+            return Err(LoadError::Invalid(PolicyErrors(vec![Diagnostic::at(
+                main,
+                "",
+                None,
+                format!("cannot read policy file: {e}"),
+            )
+            .with_hint(
+                "pass the path of an existing policy file, e.g. /etc/egret/policy.toml",
+            )])));
+        }
+    };
+    for dir in glob_dirs(main, &source) {
+        c.check_glob_dir(&dir);
+    }
+    let parsed = super::parse::parse_with(&source, main, accounts, &mut |p| c.read(p));
+    if !c.problems.is_empty() {
+        return Err(LoadError::Unsafe(c.into_problems()));
+    }
+    parsed.map_err(LoadError::Invalid)
+}
+
+/// Every policy file (`main` and its drop-ins), directory on the way to them
+/// (up to `/`, through symlinks) and symlink that someone other than root
+/// and `uid` could change. Unreadable files are left to the loader, which
+/// reports them.
 pub fn unsafe_files(main: &Path, uid: u32) -> Vec<UnsafeFile> {
-    let mut files = vec![main.to_path_buf()];
-    // Directories a glob reads: anyone who can create a file there adds rules,
-    // sticky bit or not.
-    let mut glob_dirs = Vec::new();
-    if let Some(patterns) = std::fs::read_to_string(main)
-        .ok()
-        .and_then(|text| text.parse::<toml::Table>().ok())
-        .and_then(|t| t.get("include").and_then(|i| i.as_array()).cloned())
-    {
-        for pattern in patterns.iter().filter_map(|p| p.as_str()) {
-            files.extend(include_matches(main, pattern).unwrap_or_default());
-            if is_glob(pattern) {
-                let joined = main.parent().unwrap_or(Path::new(".")).join(pattern);
-                if let Some(dir) = joined.parent().filter(|d| !is_glob(&d.to_string_lossy())) {
-                    glob_dirs.push(dir.to_path_buf());
-                }
+    let mut c = Checked::new(uid);
+    if let Ok(source) = c.read(main) {
+        for dir in glob_dirs(main, &source) {
+            c.check_glob_dir(&dir);
+        }
+        for pattern in include_patterns(&source) {
+            for f in include_matches(main, &pattern).unwrap_or_default() {
+                let _ = c.read(&f);
             }
         }
     }
-    let mut dirs: Vec<PathBuf> = files
+    c.into_problems()
+}
+
+fn include_patterns(source: &str) -> Vec<String> {
+    source
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|t| t.get("include").and_then(|i| i.as_array()).cloned())
+        .unwrap_or_default()
         .iter()
-        .filter_map(|f| f.parent())
-        .map(|d| {
-            if d.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                d.to_path_buf()
-            }
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Directories an include glob reads: anyone who can create a file there
+/// adds rules, sticky bit or not.
+fn glob_dirs(main: &Path, source: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = include_patterns(source)
+        .iter()
+        .filter(|p| is_glob(p))
+        .filter_map(|pattern| {
+            let joined = main.parent().unwrap_or(Path::new(".")).join(pattern);
+            joined
+                .parent()
+                .filter(|d| !is_glob(&d.to_string_lossy()))
+                .map(Path::to_path_buf)
         })
         .collect();
     dirs.sort();
     dirs.dedup();
-    glob_dirs.sort();
-    glob_dirs.dedup();
-
-    let mut problems = Vec::new();
-    for f in &files {
-        if let Ok(meta) = std::fs::metadata(f) {
-            problems.extend(check(f, &meta, uid, false));
-        }
-    }
-    for d in &dirs {
-        if let Ok(meta) = std::fs::metadata(d) {
-            problems.extend(check(d, &meta, uid, glob_dirs.contains(d)));
-        }
-    }
-    for d in glob_dirs.iter().filter(|d| !dirs.contains(d)) {
-        if let Ok(meta) = std::fs::metadata(d) {
-            problems.extend(check(d, &meta, uid, true));
-        }
-    }
-    problems
+    dirs
 }
 
-fn check(path: &Path, meta: &std::fs::Metadata, uid: u32, globbed: bool) -> Vec<UnsafeFile> {
-    let mut out = Vec::new();
-    let shown = path.display();
-    let owner = meta.uid();
-    if owner != 0 && owner != uid {
-        out.push(UnsafeFile {
-            path: path.to_path_buf(),
-            problem: format!("owned by uid {owner}, who is neither root nor the invoking user"),
-            fix: format!("chown root {shown}"),
-        });
+/// Symlinks followed while opening one path before giving up (the kernel's own limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// Opens policy files the way the kernel resolves a path, one component at
+/// a time from `/` without following anything implicitly, and notes every
+/// directory, symlink and file on the way that someone other than root and
+/// `uid` could change: each directory is checked by the descriptor the next
+/// step is opened from, so no component can be swapped after its check.
+struct Checked {
+    uid: u32,
+    problems: Vec<UnsafeFile>,
+}
+
+enum Want {
+    File,
+    /// A directory an include glob reads (not even sticky is enough).
+    GlobDir,
+}
+
+impl Checked {
+    fn new(uid: u32) -> Checked {
+        Checked {
+            uid,
+            problems: Vec::new(),
+        }
     }
-    let mode = meta.mode();
-    let writable = mode & 0o022 != 0;
-    let sticky = mode & 0o1000 != 0;
-    let kind = if meta.is_dir() { "directory" } else { "file" };
-    if writable && (!meta.is_dir() || !sticky || globbed) {
-        let problem = if meta.is_dir() && sticky {
-            format!("{kind} writable by group or others (mode {:04o}) that an include glob reads: anyone may add a drop-in", mode & 0o7777)
+
+    fn into_problems(mut self) -> Vec<UnsafeFile> {
+        let mut seen = std::collections::HashSet::new();
+        self.problems
+            .retain(|p| seen.insert((p.path.clone(), p.fix.clone())));
+        self.problems
+    }
+
+    /// The text of the file at `path`, read from the descriptor that was checked.
+    fn read(&mut self, path: &Path) -> io::Result<String> {
+        let fd = self.open(path, Want::File)?;
+        let mut text = String::new();
+        std::fs::File::from(fd).read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    fn check_glob_dir(&mut self, dir: &Path) {
+        let _ = self.open(dir, Want::GlobDir);
+    }
+
+    fn open(&mut self, given: &Path, want: Want) -> io::Result<OwnedFd> {
+        let absolute = if given.is_absolute() {
+            given.to_path_buf()
         } else {
-            format!(
-                "{kind} writable by group or others (mode {:04o})",
-                mode & 0o7777
-            )
+            // getcwd(3) gives the physical path: its ancestors are walked too.
+            std::env::current_dir()?.join(given)
         };
-        out.push(UnsafeFile {
-            path: path.to_path_buf(),
-            problem,
-            fix: format!("chmod go-w {shown}"),
-        });
+        let root = Path::new("/");
+        let mut stack: Vec<(OwnedFd, PathBuf)> = vec![(self.open_root()?, root.to_path_buf())];
+        let mut todo: VecDeque<OsString> = components(&absolute);
+        let mut links = 0;
+        while let Some(name) = todo.pop_front() {
+            if name == ".." {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            let last = todo.is_empty();
+            let Some((dir, dir_path)) = stack.last() else {
+                return Err(io::Error::other("path walk lost its root"));
+            };
+            let path = dir_path.join(&name);
+            // The file itself is opened for reading right away (the descriptor
+            // checked is the one read); anything else as a path only.
+            let flags = if last && matches!(want, Want::File) {
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC
+            } else {
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC
+            };
+            let fd = match openat(dir, name.as_os_str(), flags, Mode::empty()) {
+                Ok(fd) => fd,
+                // O_NOFOLLOW on a symlink: open it as a path to read it.
+                Err(Errno::LOOP) if flags.contains(OFlags::RDONLY) => openat(
+                    dir,
+                    name.as_os_str(),
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?,
+                Err(e) => return Err(e.into()),
+            };
+            let st = fstat(&fd)?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Symlink => {
+                    self.note(&path, st.st_uid, None, "symlink", given);
+                    links += 1;
+                    if links > MAX_SYMLINKS {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!(
+                                "more than {MAX_SYMLINKS} symlinks on the way to {}",
+                                given.display()
+                            ),
+                        ));
+                    }
+                    let target = readlinkat(&fd, "", Vec::new())?;
+                    let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+                    let mut next = components(&target);
+                    next.extend(todo);
+                    todo = next;
+                    if target.is_absolute() {
+                        stack.truncate(1);
+                    }
+                }
+                FileType::Directory => {
+                    let globbed = last && matches!(want, Want::GlobDir);
+                    self.note(
+                        &path,
+                        st.st_uid,
+                        Some((st.st_mode, globbed)),
+                        "directory",
+                        given,
+                    );
+                    if last && matches!(want, Want::File) {
+                        return Err(io::Error::from(Errno::ISDIR));
+                    }
+                    stack.push((fd, path));
+                }
+                FileType::RegularFile if last => {
+                    self.note(&path, st.st_uid, Some((st.st_mode, false)), "file", given);
+                    return Ok(fd);
+                }
+                _ if !last => return Err(io::Error::from(Errno::NOTDIR)),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} is not a regular file", path.display()),
+                    ))
+                }
+            }
+        }
+        // The path ended in a directory (or was `/`).
+        match want {
+            Want::GlobDir => stack
+                .pop()
+                .map(|(fd, _)| fd)
+                .ok_or_else(|| io::Error::other("path walk lost its root")),
+            Want::File => Err(io::Error::from(Errno::ISDIR)),
+        }
     }
-    out
+
+    fn open_root(&mut self) -> io::Result<OwnedFd> {
+        let fd = openat(
+            rustix::fs::CWD,
+            "/",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = fstat(&fd)?;
+        self.note(
+            Path::new("/"),
+            st.st_uid,
+            Some((st.st_mode, false)),
+            "directory",
+            Path::new("/"),
+        );
+        Ok(fd)
+    }
+
+    /// Notes what is wrong with `path` (owner `owner`; `mode` and whether an
+    /// include glob reads it, except for symlinks, whose mode means nothing).
+    fn note(
+        &mut self,
+        path: &Path,
+        owner: u32,
+        mode: Option<(u32, bool)>,
+        kind: &str,
+        given: &Path,
+    ) {
+        let reached = if path == given {
+            String::new()
+        } else {
+            format!(" (on the way to {})", given.display())
+        };
+        let shown = path.display();
+        if owner != 0 && owner != self.uid {
+            self.problems.push(UnsafeFile {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "{kind} owned by uid {owner}, who is neither root nor the invoking user{reached}"
+                ),
+                fix: if kind == "symlink" {
+                    format!("replace the symlink with one owned by root (ln -sfn TARGET {shown} as root), or name the real path")
+                } else {
+                    format!("chown root {shown}")
+                },
+            });
+        }
+        let Some((mode, globbed)) = mode else {
+            return;
+        };
+        let writable = mode & 0o022 != 0;
+        let is_dir = kind == "directory";
+        let sticky = mode & 0o1000 != 0;
+        if writable && (!is_dir || !sticky || globbed) {
+            let problem = if is_dir && sticky {
+                format!("{kind} writable by group or others (mode {:04o}) that an include glob reads: anyone may add a drop-in{reached}", mode & 0o7777)
+            } else {
+                format!(
+                    "{kind} writable by group or others (mode {:04o}){reached}",
+                    mode & 0o7777
+                )
+            };
+            self.problems.push(UnsafeFile {
+                path: path.to_path_buf(),
+                problem,
+                fix: format!("chmod go-w {shown}"),
+            });
+        }
+    }
+}
+
+/// The names of a path's components, `..` kept (resolved against the
+/// directories actually walked, like the kernel does), `.` and `/` dropped.
+fn components(p: &Path) -> VecDeque<OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,6 +390,107 @@ mod tests {
 
     fn chmod(p: &Path, mode: u32) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    const MAIN: &str = "mode = \"enforce\"\ninclude = [\"policy.d/*.toml\"]\n";
+    const DROP_IN: &str = "[[allow]]\nname = \"x\"\ncidrs = [\"192.0.2.1\"]\n";
+
+    fn strict(main: &Path) -> Result<Policy, LoadError> {
+        load_strict(main, 0, &super::super::SystemAccounts)
+    }
+
+    /// sshd's StrictModes checks every directory up to `/`; so must egret, and
+    /// a symlink must not lead it into a place someone else controls. (Needs
+    /// root: files are given away to nobody.)
+    #[test]
+    fn every_ancestor_and_every_symlink_on_the_way_is_checked() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        chmod(top.path(), 0o755);
+        // top/gp/etc/policy.toml, top/gp/etc/policy.d/a.toml
+        let gp = top.path().join("gp");
+        let etc = gp.join("etc");
+        let d = etc.join("policy.d");
+        std::fs::create_dir_all(&d).unwrap();
+        for dir in [&gp, &etc, &d] {
+            chmod(dir, 0o755);
+        }
+        let main = etc.join("policy.toml");
+        std::fs::write(&main, MAIN).unwrap();
+        let drop_in = d.join("a.toml");
+        std::fs::write(&drop_in, DROP_IN).unwrap();
+        for f in [&main, &drop_in] {
+            chmod(f, 0o644);
+        }
+        assert_eq!(unsafe_files(&main, 0), vec![]);
+        assert_eq!(strict(&main).unwrap().rules.len(), 1);
+
+        // A world-writable grandparent: anyone may rename etc/ away and put
+        // a tree of their own in its place.
+        chmod(&gp, 0o777);
+        let found = unsafe_files(&main, 0);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, gp);
+        assert!(found[0].fix.starts_with("chmod go-w"), "{found:?}");
+        assert!(matches!(strict(&main), Err(LoadError::Unsafe(_))));
+        chmod(&gp, 0o755);
+
+        // A drop-in that is a symlink into a directory nobody owns (in /tmp,
+        // sticky and world-writable: fine by itself).
+        let evil = top.path().join("evil");
+        std::fs::create_dir(&evil).unwrap();
+        chmod(&evil, 0o755);
+        let target = evil.join("x.toml");
+        std::fs::write(&target, DROP_IN.replace("192.0.2.1", "0.0.0.0/0")).unwrap();
+        chmod(&target, 0o644);
+        std::os::unix::fs::chown(&evil, Some(65534), None).unwrap();
+        std::os::unix::fs::chown(&target, Some(65534), None).unwrap();
+        std::fs::remove_file(&drop_in).unwrap();
+        std::os::unix::fs::symlink(&target, &drop_in).unwrap();
+        let found = unsafe_files(&main, 0);
+        let paths: Vec<_> = found.iter().map(|f| f.path.clone()).collect();
+        assert_eq!(paths, vec![evil.clone(), target.clone()], "{found:?}");
+        assert!(found[0].problem.contains("on the way to"), "{found:?}");
+        assert!(matches!(strict(&main), Err(LoadError::Unsafe(_))));
+
+        // The same, relative and through `..`: still the real tree.
+        std::fs::remove_file(&drop_in).unwrap();
+        std::os::unix::fs::symlink("../../../evil/x.toml", &drop_in).unwrap();
+        let found = unsafe_files(&main, 0);
+        assert_eq!(found.len(), 2, "{found:?}");
+
+        // A root-owned target reached through a symlink nobody owns: whoever
+        // owns the link can point it elsewhere.
+        let good = etc.join("good.toml");
+        std::fs::write(&good, DROP_IN).unwrap();
+        chmod(&good, 0o644);
+        std::fs::remove_file(&drop_in).unwrap();
+        std::os::unix::fs::symlink(&good, &drop_in).unwrap();
+        assert_eq!(unsafe_files(&main, 0), vec![]);
+        assert_eq!(strict(&main).unwrap().rules.len(), 1);
+        std::os::unix::fs::lchown(&drop_in, Some(65534), None).unwrap();
+        let found = unsafe_files(&main, 0);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, drop_in);
+        assert!(
+            found[0].problem.starts_with("symlink owned by uid 65534"),
+            "{found:?}"
+        );
+
+        // The main file itself a symlink into nobody's directory.
+        std::fs::remove_file(&drop_in).unwrap();
+        std::fs::write(&drop_in, DROP_IN).unwrap();
+        chmod(&drop_in, 0o644);
+        let evil_main = evil.join("policy.toml");
+        std::fs::write(&evil_main, "mode = \"audit\"\n").unwrap();
+        chmod(&evil_main, 0o644);
+        let linked = etc.join("linked.toml");
+        std::os::unix::fs::symlink(&evil_main, &linked).unwrap();
+        let found = unsafe_files(&linked, 0);
+        assert!(found.iter().any(|f| f.path == evil), "{found:?}");
+        assert!(matches!(strict(&linked), Err(LoadError::Unsafe(_))));
     }
 
     #[test]

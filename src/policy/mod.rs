@@ -23,7 +23,7 @@ pub use alerts::{
     WebhookConfig, WebhookFormat, ACTIONS,
 };
 pub use diagnostic::{Diagnostic, PolicyErrors};
-pub use files::{unsafe_files, UnsafeFile};
+pub use files::{load_strict, unsafe_files, LoadError, UnsafeFile};
 pub use host::HostPattern;
 pub use parse::{load, parse_str, Accounts, SystemAccounts};
 

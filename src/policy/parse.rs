@@ -158,6 +158,16 @@ pub fn parse_str(
     path: &Path,
     accounts: &dyn Accounts,
 ) -> Result<Policy, PolicyErrors> {
+    parse_with(source, path, accounts, &mut |p| std::fs::read_to_string(p))
+}
+
+/// [`parse_str`], reading drop-ins with `read` (the strict loader's checked reads).
+pub(super) fn parse_with(
+    source: &str,
+    path: &Path,
+    accounts: &dyn Accounts,
+    read: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let raw: RawMain = match toml::from_str(source) {
         Ok(raw) => raw,
@@ -323,6 +333,7 @@ pub fn parse_str(
 
     let mut checker = RuleChecker {
         accounts,
+        read,
         names: HashMap::new(),
         rules: Vec::new(),
         errors,
@@ -399,6 +410,7 @@ fn toml_error(path: &Path, source: &str, e: &toml::de::Error, drop_in: bool) -> 
 
 struct RuleChecker<'a> {
     accounts: &'a dyn Accounts,
+    read: &'a mut dyn FnMut(&Path) -> std::io::Result<String>,
     /// Rule name → where it was first defined.
     names: HashMap<String, (PathBuf, usize)>,
     rules: Vec<AllowRule>,
@@ -458,7 +470,7 @@ impl RuleChecker<'_> {
     }
 
     fn drop_in(&mut self, file: &Path) {
-        let source = match std::fs::read_to_string(file) {
+        let source = match (self.read)(file) {
             Ok(s) => s,
             Err(e) => {
                 self.errors.push(Diagnostic::at(
