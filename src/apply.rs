@@ -247,7 +247,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// The pid of an `egret run` using `state_dir` in this network namespace
 /// (the one whose table `apply` and `remove` would change behind its back).
 pub fn daemon_here(state_dir: &Path) -> Option<i32> {
-    let pid = crate::monitor::daemon::running_pid(state_dir)?;
+    let pid = crate::pidfile::running_pid(state_dir)?;
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
     match (ns(&pid.to_string()), ns("self")) {
         (Some(theirs), Some(ours)) if theirs != ours => None,

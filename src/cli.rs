@@ -471,7 +471,7 @@ fn run(command: Command) -> Result<u8> {
                 },
                 None => crate::policy::Policy::audit_default(),
             };
-            let opts = crate::monitor::daemon::RunOptions {
+            let opts = crate::run::RunOptions {
                 policy_path: policy,
                 state_dir,
                 nflog_rcvbuf,
@@ -483,11 +483,11 @@ fn run(command: Command) -> Result<u8> {
                     max_seen,
                 },
             };
-            crate::monitor::daemon::run(opts, p)?;
+            crate::run::run(opts, p)?;
             Ok(EXIT_OK)
         }
         Command::Reload { state_dir } => {
-            let Some(pid) = crate::monitor::daemon::running_pid(&state_dir) else {
+            let Some(pid) = crate::pidfile::running_pid(&state_dir) else {
                 eprintln!(
                     "egret: no `egret run` is running for {}",
                     state_dir.display()

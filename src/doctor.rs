@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::kernel::nft::Nftables;
-use crate::monitor::daemon::running_pid;
+use crate::pidfile::running_pid;
 use crate::policy::{Policy, DEFAULT_LOG_GROUP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use serde::Serialize;
 
-use crate::monitor::daemon::running_pid;
 use crate::monitor::store::{EventFilter, Store, TopBy};
+use crate::pidfile::running_pid;
 use crate::ruleset::{Rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
 use crate::text::printable;
 
@@ -40,7 +40,7 @@ fn clip(s: &str, width: usize) -> String {
 
 pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: bool) -> Result<u8> {
     let Some(store) = open(state_dir)? else {
-        return Ok(crate::cli::EXIT_OK);
+        return Ok(crate::exit::OK);
     };
     let mut rows = store.events(filter)?;
     if follow {
@@ -52,13 +52,13 @@ pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: boo
                 Err(_) => println!("{}", r.doc),
             }
         }
-        return Ok(crate::cli::EXIT_OK);
+        return Ok(crate::exit::OK);
     }
     if as_json {
         for r in &rows {
             println!("{}", r.doc);
         }
-        return Ok(crate::cli::EXIT_OK);
+        return Ok(crate::exit::OK);
     }
     println!(
         "{:<20} {:<12} {:>7}  {:<44} {:<28} rule",
@@ -79,7 +79,7 @@ pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: boo
     if rows.is_empty() {
         println!("(no events in this window: nothing was blocked)");
     }
-    Ok(crate::cli::EXIT_OK)
+    Ok(crate::exit::OK)
 }
 
 fn table_time(at: SystemTime) -> String {
@@ -119,7 +119,7 @@ pub fn print_event_line(doc: &Value, as_json: bool) {
 
 pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
     let Some(store) = open(state_dir)? else {
-        return Ok(crate::cli::EXIT_OK);
+        return Ok(crate::exit::OK);
     };
     for (title, by) in [
         ("by process", TopBy::Process),
@@ -136,7 +136,7 @@ pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
         }
         println!();
     }
-    Ok(crate::cli::EXIT_OK)
+    Ok(crate::exit::OK)
 }
 
 #[derive(Serialize)]

@@ -11,7 +11,7 @@ use anyhow::Result;
 use super::evaluate::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use super::explain::{self, Target};
 use super::{lint, recorded, simulate, suggest};
-use crate::cli::{EXIT_NOT_ALLOWED, EXIT_OK};
+use crate::exit;
 use crate::policy::{Accounts, Policy, SystemAccounts};
 
 fn window(state_dir: &Path, since: Duration) -> String {
@@ -47,7 +47,7 @@ pub fn suggest(state_dir: &Path, since: Duration, base: Option<&Policy>) -> Resu
             source: &source,
         })
     );
-    Ok(EXIT_OK)
+    Ok(exit::OK)
 }
 
 /// The settings (`[dns]`, `[proxy]`...) the last audit ran with, as the
@@ -93,9 +93,9 @@ pub fn simulate(policy: &Policy, state_dir: &Path, since: Duration, json: bool) 
         print!("{}", simulate::render(&report));
     }
     Ok(if report.anything_not_allowed() {
-        EXIT_NOT_ALLOWED
+        exit::NOT_ALLOWED
     } else {
-        EXIT_OK
+        exit::OK
     })
 }
 
@@ -143,7 +143,7 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         Ok(t) => t,
         Err(e) => {
             eprintln!("egret: {}: {e}", a.dest);
-            return Ok(crate::cli::EXIT_USAGE);
+            return Ok(exit::USAGE);
         }
     };
     let uid = match a.user {
@@ -152,7 +152,7 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
             Some(uid) => Some(uid),
             None => {
                 eprintln!("egret: unknown user {u:?}");
-                return Ok(crate::cli::EXIT_USAGE);
+                return Ok(exit::USAGE);
             }
         },
     };
@@ -164,7 +164,7 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         "icmp" => IPPROTO_ICMP,
         other => {
             eprintln!("egret: protocol {other:?}: tcp, udp or icmp");
-            return Ok(crate::cli::EXIT_USAGE);
+            return Ok(exit::USAGE);
         }
     };
     let base = Flow {
@@ -187,9 +187,9 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         print!("{}", crate::text::printable_lines(&explain::render(&e)));
     }
     Ok(if e.allowed() {
-        EXIT_OK
+        exit::OK
     } else {
-        EXIT_NOT_ALLOWED
+        exit::NOT_ALLOWED
     })
 }
 
@@ -208,5 +208,5 @@ pub fn lint(policy: &Policy) -> u8 {
         println!("note: unused rules not checked: egret's table could not be read here (not loaded, or no CAP_NET_ADMIN)");
     }
     println!("lint: {} warning(s)", warnings.len());
-    EXIT_OK
+    exit::OK
 }

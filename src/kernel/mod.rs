@@ -3,6 +3,7 @@
 //! `crate::ruleset`; no netlink detail leaks out.
 
 pub mod features;
+pub mod link;
 pub mod netlink;
 pub mod nft;
 pub mod notify;

@@ -2,18 +2,17 @@
 //! decoded packets → attribution → incidents → stdout (ECS JSON), SQLite,
 //! with loss accounting against the kernel's own counters.
 //!
-//! Data flow: `nflog` (reader thread) → channel → `daemon` loop:
+//! Data flow: `nflog` (reader thread) → channel → the loop of `crate::run`:
 //! `attribution` → `incident` → `event` → stdout + `store`; `accounting`
-//! reconciles `nflog`'s counters with the ruleset's log counters.
+//! reconciles `nflog`'s counters with the ruleset's log counters. The loop,
+//! and the services `egret run` starts beside it, live in `crate::run`.
 
 pub mod accounting;
 pub mod attribution;
 pub mod containers;
-pub mod daemon;
 pub mod event;
 pub mod flood;
 pub mod incident;
-pub mod metrics;
 pub mod nflog;
 pub mod packet;
 pub mod preexisting;

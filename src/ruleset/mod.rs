@@ -198,6 +198,29 @@ impl Ruleset {
     pub fn set_mut(&mut self, name: &str) -> Option<&mut Set> {
         self.sets.iter_mut().find(|s| s.name == name)
     }
+    /// This ruleset's rules as the kernel lists them (see `uncounted`): what
+    /// a live table loaded from it must show.
+    pub fn listed_rules(&self) -> Vec<(String, Rule)> {
+        uncounted(
+            self.chains
+                .iter()
+                .flat_map(|c| c.rules.iter().map(move |r| (c.name.clone(), r.clone())))
+                .collect(),
+        )
+    }
+}
+
+/// (chain, rule) pairs with their counters zeroed, sorted by chain (the
+/// kernel lists chains in its own order; within a chain the order is the
+/// rules' order), so rules read back compare equal to rules compiled.
+pub fn uncounted(mut rules: Vec<(String, Rule)>) -> Vec<(String, Rule)> {
+    for (_, r) in &mut rules {
+        if r.counter.is_some() {
+            r.counter = Some(Counter::default());
+        }
+    }
+    rules.sort_by(|a, b| a.0.cmp(&b.0));
+    rules
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

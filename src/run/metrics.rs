@@ -54,6 +54,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The alert sinks' counts (at start, and when a reload replaces the sinks).
+    pub fn set_alerts(&self, stats: Vec<(String, Arc<SinkStats>)>) {
+        *self.alerts.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
