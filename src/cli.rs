@@ -1,5 +1,6 @@
-//! The command line: argument parsing and the text users read. Exit codes are
-//! part of the contract (see `egret --help` and README.md).
+//! The command line: argument parsing, one function per command, and the
+//! text users read. Exit codes (`crate::exit`) are part of the contract (see
+//! `egret --help` and README.md).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,21 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::apply;
+use crate::exit;
 use crate::kernel::nft::Nftables;
 use crate::ruleset::{render, render_rule};
-
-/// Exit codes.
-pub const EXIT_OK: u8 = 0;
-/// The policy is invalid (check, plan, apply), or nothing was pending (confirm).
-pub const EXIT_INVALID: u8 = 1;
-/// Kernel or system error: netlink refused, missing privileges, I/O.
-pub const EXIT_SYSTEM: u8 = 3;
-/// `status`: egret's table is not loaded.
-pub const EXIT_NOT_LOADED: u8 = 4;
-/// `simulate`, `explain`: a flow would not be allowed (blocked, or logged as would-block).
-pub const EXIT_NOT_ALLOWED: u8 = 5;
-/// Usage error (clap uses it too).
-pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "egret", version, about = "Default-deny egress firewall: every blocked outbound attempt becomes an intrusion signal", after_help = EXIT_CODES)]
@@ -234,11 +223,11 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring a signal's default disposition at startup.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let code = match run(cli.command) {
+    let code = match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("egret: error: {e:#}");
-            EXIT_SYSTEM
+            exit::SYSTEM
         }
     };
     ExitCode::from(code)
@@ -300,154 +289,23 @@ fn load_strict(path: &Path) -> Option<crate::policy::Policy> {
     }
 }
 
-fn run(command: Command) -> Result<u8> {
+/// One function per command (below, in the order of `Command`).
+fn dispatch(command: Command) -> Result<u8> {
     match command {
-        Command::Check { policy, lint } => {
-            let Some(p) = load_or_report(&policy) else {
-                return Ok(EXIT_INVALID);
-            };
-            for f in apply::unsafe_policy_files(&policy) {
-                eprintln!("egret: warning: `run`, `apply` and `reload` refuse this policy: {f}");
-            }
-            println!(
-                "{}: ok ({} rule(s), mode {})",
-                policy.display(),
-                p.rules.len(),
-                p.mode
-            );
-            if lint {
-                return Ok(crate::audit::commands::lint(&p));
-            }
-            Ok(EXIT_OK)
-        }
-        Command::Suggest {
-            since,
-            state_dir,
-            policy,
-        } => {
-            let base = match &policy {
-                Some(path) => match load_or_report(path) {
-                    Some(p) => Some(p),
-                    None => return Ok(EXIT_INVALID),
-                },
-                None => None,
-            };
-            crate::audit::commands::suggest(&state_dir, since, base.as_ref())
-        }
-        Command::Simulate {
-            policy,
-            since,
-            state_dir,
-            json,
-        } => {
-            let Some(p) = load_or_report(&policy) else {
-                return Ok(EXIT_INVALID);
-            };
-            crate::audit::commands::simulate(&p, &state_dir, since, json)
-        }
-        Command::Explain {
-            dest,
-            protocol,
-            user,
-            unit,
-            policy,
-            json,
-        } => {
-            let Some(p) = load_or_report(&policy) else {
-                return Ok(EXIT_INVALID);
-            };
-            crate::audit::commands::explain(
-                &p,
-                &crate::audit::commands::ExplainArgs {
-                    dest: &dest,
-                    protocol: &protocol,
-                    user: user.as_deref(),
-                    unit: unit.as_deref(),
-                    json,
-                },
-            )
-        }
-        Command::Plan { policy } => {
-            let Some(p) = load_or_report(&policy) else {
-                return Ok(EXIT_INVALID);
-            };
-            let desired = apply::compile_live(&p)?;
-            let text = render(&desired);
-            print!("{text}");
-            let live = Nftables::open()
-                .context("opening nf_tables netlink")?
-                .read()
-                .context("reading the live table")?;
-            match live {
-                None => println!("\n# egret's table is not loaded: applying creates it."),
-                Some(live) => {
-                    let before = render(&live);
-                    if before == text {
-                        println!("\n# no change: this is what is live.");
-                    } else {
-                        println!("\n# difference from what is live (- live, + this policy):");
-                        let diff = similar::TextDiff::from_lines(&before, &text);
-                        print!(
-                            "{}",
-                            diff.unified_diff().context_radius(2).header("live", "plan")
-                        );
-                    }
-                }
-            }
-            Ok(EXIT_OK)
-        }
+        Command::Check { policy, lint } => check(&policy, lint),
+        Command::Plan { policy } => plan(&policy),
         Command::Apply {
             policy,
             confirm,
             state_dir,
-        } => {
-            let Some(p) = load_strict(&policy) else {
-                return Ok(EXIT_INVALID);
-            };
-            if let Some(pid) = apply::daemon_here(&state_dir) {
-                eprintln!("egret: `egret run` (pid {pid}) is running with {} and owns egret's table; nothing was applied. Edit the policy it runs with and use `egret reload --state-dir {}` instead (a policy loaded behind its back would be reported as tampering)", state_dir.display(), state_dir.display());
-                return Ok(EXIT_INVALID);
-            }
-            crate::kernel::features::require(&p, &crate::kernel::features::running_release())
-                .map_err(anyhow::Error::msg)?;
-            let (rs, preexisting) = apply::compile_live_seeded(&p)?;
-            apply::apply(&rs, confirm.map(Duration::from_secs), &state_dir)?;
-            for c in &preexisting {
-                eprintln!("egret: warning: {c}");
-            }
-            let rules = p.rules.len();
-            match confirm {
-                Some(s) => println!("applied {} ({rules} rule(s), mode {}); run `egret confirm` within {s} s or it is rolled back", policy.display(), p.mode),
-                None => println!("applied {} ({rules} rule(s), mode {})", policy.display(), p.mode),
-            }
-            Ok(EXIT_OK)
-        }
-        Command::Confirm { state_dir } => {
-            if apply::confirm(&state_dir)? {
-                println!("confirmed: the applied ruleset stays");
-                Ok(EXIT_OK)
-            } else {
-                eprintln!("egret: nothing to confirm (no pending `apply --confirm`, or it was already rolled back)");
-                Ok(EXIT_INVALID)
-            }
-        }
+        } => apply(&policy, confirm, &state_dir),
+        Command::Confirm { state_dir } => confirm(&state_dir),
         Command::Status {
             json,
             rules,
             state_dir,
         } => status(json, rules, &state_dir),
-        Command::Remove { state_dir } => {
-            if let Some(pid) = apply::daemon_here(&state_dir) {
-                eprintln!("egret: `egret run` (pid {pid}) is running with {} and would report the removal as tampering (and, with restore_table, load its table again); stop it first (systemctl stop egret, or kill -TERM {pid}), then remove", state_dir.display());
-                return Ok(EXIT_INVALID);
-            }
-            Nftables::open()
-                .context("opening nf_tables netlink")?
-                .remove()
-                .context("deleting egret's table")?;
-            println!("removed egret's table: egress is no longer filtered by egret");
-            Ok(EXIT_OK)
-        }
+        Command::Remove { state_dir } => remove(&state_dir),
         Command::Run {
             policy,
             state_dir,
@@ -459,18 +317,6 @@ fn run(command: Command) -> Result<u8> {
             nflog_qthresh,
             log_level,
         } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_max_level(log_level)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-            let p = match &policy {
-                Some(path) => match load_strict(path) {
-                    Some(p) => p,
-                    None => return Ok(EXIT_INVALID),
-                },
-                None => crate::policy::Policy::audit_default(),
-            };
             let opts = crate::run::RunOptions {
                 policy_path: policy,
                 state_dir,
@@ -483,22 +329,9 @@ fn run(command: Command) -> Result<u8> {
                     max_seen,
                 },
             };
-            crate::run::run(opts, p)?;
-            Ok(EXIT_OK)
+            run(opts, log_level)
         }
-        Command::Reload { state_dir } => {
-            let Some(pid) = crate::pidfile::running_pid(&state_dir) else {
-                eprintln!(
-                    "egret: no `egret run` is running for {}",
-                    state_dir.display()
-                );
-                return Ok(EXIT_NOT_LOADED);
-            };
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP)
-                .with_context(|| format!("signalling egret run (pid {pid})"))?;
-            println!("asked egret run (pid {pid}) to reload its policy; its log says how it went");
-            Ok(EXIT_OK)
-        }
+        Command::Reload { state_dir } => reload(&state_dir),
         Command::Events {
             since,
             json,
@@ -519,73 +352,266 @@ fn run(command: Command) -> Result<u8> {
                 rule,
                 text: grep,
             };
-            if follow {
-                let stored = || crate::report::events(&state_dir, &filter, json, true);
-                return crate::api::follow::follow(api, &filter, stored, json);
-            }
-            crate::report::events(&state_dir, &filter, json, false)
+            events(&filter, json, follow.then_some(api), &state_dir)
         }
         Command::Top {
             since,
             limit,
             state_dir,
         } => crate::report::top(&state_dir, since, limit),
+        Command::Suggest {
+            since,
+            state_dir,
+            policy,
+        } => suggest(since, &state_dir, policy.as_deref()),
+        Command::Simulate {
+            policy,
+            since,
+            state_dir,
+            json,
+        } => simulate(&policy, since, &state_dir, json),
+        Command::Explain {
+            dest,
+            protocol,
+            user,
+            unit,
+            policy,
+            json,
+        } => explain(
+            &policy,
+            &crate::audit::commands::ExplainArgs {
+                dest: &dest,
+                protocol: &protocol,
+                user: user.as_deref(),
+                unit: unit.as_deref(),
+                json,
+            },
+        ),
         Command::Doctor {
             policy,
             state_dir,
             json,
             resolv_conf,
-        } => {
-            let loaded = match &policy {
-                Some(path) => match load_or_report(path) {
-                    Some(p) => Some(p),
-                    None => return Ok(EXIT_SYSTEM),
-                },
-                None => None,
-            };
-            let checks = crate::doctor::run(&crate::doctor::Inputs {
-                policy: loaded.as_ref(),
-                state_dir: &state_dir,
-                resolv_conf,
-            });
-            if json {
-                println!("{}", serde_json::to_string_pretty(&checks)?);
-            } else {
-                for c in &checks {
-                    let mark = match c.status {
-                        crate::doctor::Status::Ok => "ok  ",
-                        crate::doctor::Status::Warn => "WARN",
-                        crate::doctor::Status::Fail => "FAIL",
-                    };
-                    println!(
-                        "{mark}  {:<11} {}",
-                        c.name,
-                        crate::text::printable(&c.detail)
-                    );
-                    if !c.fix.is_empty() {
-                        println!("      {:<11} fix: {}", "", crate::text::printable(&c.fix));
-                    }
-                }
-            }
-            let failed = checks
-                .iter()
-                .any(|c| c.status == crate::doctor::Status::Fail);
-            Ok(if failed { EXIT_SYSTEM } else { EXIT_OK })
-        }
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "egret", &mut std::io::stdout());
-            Ok(EXIT_OK)
-        }
+        } => doctor(policy.as_deref(), &state_dir, json, resolv_conf),
+        Command::Completions { shell } => completions(shell),
         Command::Man { dir } => {
             write_man_pages(&dir)?;
-            Ok(EXIT_OK)
+            Ok(exit::OK)
         }
         Command::RollbackWatch { state_dir, token } => {
             apply::watch_and_roll_back(&state_dir, token)?;
-            Ok(EXIT_OK)
+            Ok(exit::OK)
         }
     }
+}
+
+fn check(policy: &Path, lint: bool) -> Result<u8> {
+    let Some(p) = load_or_report(policy) else {
+        return Ok(exit::INVALID);
+    };
+    for f in apply::unsafe_policy_files(policy) {
+        eprintln!("egret: warning: `run`, `apply` and `reload` refuse this policy: {f}");
+    }
+    println!(
+        "{}: ok ({} rule(s), mode {})",
+        policy.display(),
+        p.rules.len(),
+        p.mode
+    );
+    if lint {
+        return Ok(crate::audit::commands::lint(&p));
+    }
+    Ok(exit::OK)
+}
+
+fn plan(policy: &Path) -> Result<u8> {
+    let Some(p) = load_or_report(policy) else {
+        return Ok(exit::INVALID);
+    };
+    let desired = apply::compile_live(&p)?;
+    let text = render(&desired);
+    print!("{text}");
+    let live = Nftables::open()
+        .context("opening nf_tables netlink")?
+        .read()
+        .context("reading the live table")?;
+    match live {
+        None => println!("\n# egret's table is not loaded: applying creates it."),
+        Some(live) => {
+            let before = render(&live);
+            if before == text {
+                println!("\n# no change: this is what is live.");
+            } else {
+                println!("\n# difference from what is live (- live, + this policy):");
+                let diff = similar::TextDiff::from_lines(&before, &text);
+                print!(
+                    "{}",
+                    diff.unified_diff().context_radius(2).header("live", "plan")
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn apply(policy: &Path, confirm: Option<u64>, state_dir: &Path) -> Result<u8> {
+    let Some(p) = load_strict(policy) else {
+        return Ok(exit::INVALID);
+    };
+    if let Some(pid) = apply::daemon_here(state_dir) {
+        eprintln!("egret: `egret run` (pid {pid}) is running with {} and owns egret's table; nothing was applied. Edit the policy it runs with and use `egret reload --state-dir {}` instead (a policy loaded behind its back would be reported as tampering)", state_dir.display(), state_dir.display());
+        return Ok(exit::INVALID);
+    }
+    crate::kernel::features::require(&p, &crate::kernel::features::running_release())
+        .map_err(anyhow::Error::msg)?;
+    let (rs, preexisting) = apply::compile_live_seeded(&p)?;
+    apply::apply(&rs, confirm.map(Duration::from_secs), state_dir)?;
+    for c in &preexisting {
+        eprintln!("egret: warning: {c}");
+    }
+    let rules = p.rules.len();
+    match confirm {
+        Some(s) => println!("applied {} ({rules} rule(s), mode {}); run `egret confirm` within {s} s or it is rolled back", policy.display(), p.mode),
+        None => println!("applied {} ({rules} rule(s), mode {})", policy.display(), p.mode),
+    }
+    Ok(exit::OK)
+}
+
+fn confirm(state_dir: &Path) -> Result<u8> {
+    if apply::confirm(state_dir)? {
+        println!("confirmed: the applied ruleset stays");
+        Ok(exit::OK)
+    } else {
+        eprintln!("egret: nothing to confirm (no pending `apply --confirm`, or it was already rolled back)");
+        Ok(exit::INVALID)
+    }
+}
+
+fn remove(state_dir: &Path) -> Result<u8> {
+    if let Some(pid) = apply::daemon_here(state_dir) {
+        eprintln!("egret: `egret run` (pid {pid}) is running with {} and would report the removal as tampering (and, with restore_table, load its table again); stop it first (systemctl stop egret, or kill -TERM {pid}), then remove", state_dir.display());
+        return Ok(exit::INVALID);
+    }
+    Nftables::open()
+        .context("opening nf_tables netlink")?
+        .remove()
+        .context("deleting egret's table")?;
+    println!("removed egret's table: egress is no longer filtered by egret");
+    Ok(exit::OK)
+}
+
+fn run(opts: crate::run::RunOptions, log_level: tracing::Level) -> Result<u8> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(log_level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let p = match &opts.policy_path {
+        Some(path) => match load_strict(path) {
+            Some(p) => p,
+            None => return Ok(exit::INVALID),
+        },
+        None => crate::policy::Policy::audit_default(),
+    };
+    crate::run::run(opts, p)?;
+    Ok(exit::OK)
+}
+
+fn reload(state_dir: &Path) -> Result<u8> {
+    let Some(pid) = crate::pidfile::running_pid(state_dir) else {
+        eprintln!(
+            "egret: no `egret run` is running for {}",
+            state_dir.display()
+        );
+        return Ok(exit::NOT_LOADED);
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP)
+        .with_context(|| format!("signalling egret run (pid {pid})"))?;
+    println!("asked egret run (pid {pid}) to reload its policy; its log says how it went");
+    Ok(exit::OK)
+}
+
+/// With `follow`: the stored events, then the live feed of the API at that address.
+fn events(
+    filter: &crate::monitor::store::EventFilter,
+    json: bool,
+    follow: Option<std::net::SocketAddr>,
+    state_dir: &Path,
+) -> Result<u8> {
+    if let Some(api) = follow {
+        let stored = || crate::report::events(state_dir, filter, json, true);
+        return crate::api::follow::follow(api, filter, stored, json);
+    }
+    crate::report::events(state_dir, filter, json, false)
+}
+
+fn suggest(since: Duration, state_dir: &Path, policy: Option<&Path>) -> Result<u8> {
+    let base = match policy {
+        Some(path) => match load_or_report(path) {
+            Some(p) => Some(p),
+            None => return Ok(exit::INVALID),
+        },
+        None => None,
+    };
+    crate::audit::commands::suggest(state_dir, since, base.as_ref())
+}
+
+fn simulate(policy: &Path, since: Duration, state_dir: &Path, json: bool) -> Result<u8> {
+    let Some(p) = load_or_report(policy) else {
+        return Ok(exit::INVALID);
+    };
+    crate::audit::commands::simulate(&p, state_dir, since, json)
+}
+
+fn explain(policy: &Path, args: &crate::audit::commands::ExplainArgs<'_>) -> Result<u8> {
+    let Some(p) = load_or_report(policy) else {
+        return Ok(exit::INVALID);
+    };
+    crate::audit::commands::explain(&p, args)
+}
+
+fn doctor(policy: Option<&Path>, state_dir: &Path, json: bool, resolv_conf: PathBuf) -> Result<u8> {
+    let loaded = match policy {
+        Some(path) => match load_or_report(path) {
+            Some(p) => Some(p),
+            None => return Ok(exit::SYSTEM),
+        },
+        None => None,
+    };
+    let checks = crate::doctor::run(&crate::doctor::Inputs {
+        policy: loaded.as_ref(),
+        state_dir,
+        resolv_conf,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            let mark = match c.status {
+                crate::doctor::Status::Ok => "ok  ",
+                crate::doctor::Status::Warn => "WARN",
+                crate::doctor::Status::Fail => "FAIL",
+            };
+            println!(
+                "{mark}  {:<11} {}",
+                c.name,
+                crate::text::printable(&c.detail)
+            );
+            if !c.fix.is_empty() {
+                println!("      {:<11} fix: {}", "", crate::text::printable(&c.fix));
+            }
+        }
+    }
+    let failed = checks
+        .iter()
+        .any(|c| c.status == crate::doctor::Status::Fail);
+    Ok(if failed { exit::SYSTEM } else { exit::OK })
+}
+
+fn completions(shell: clap_complete::Shell) -> Result<u8> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "egret", &mut std::io::stdout());
+    Ok(exit::OK)
 }
 
 fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
@@ -638,5 +664,5 @@ fn status(json: bool, show_rules: bool, state_dir: &Path) -> Result<u8> {
             }
         }
     }
-    Ok(if s.loaded { EXIT_OK } else { EXIT_NOT_LOADED })
+    Ok(if s.loaded { exit::OK } else { exit::NOT_LOADED })
 }
