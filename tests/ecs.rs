@@ -439,7 +439,7 @@ fn preexisting() -> Value {
             why: "no rule allows it".into(),
         },
     };
-    egret::monitor::preexisting::document(when(), &c, "web1")
+    egret::run::preexisting::document(when(), &c, "web1")
 }
 
 #[test]

@@ -15,7 +15,6 @@ pub mod flood;
 pub mod incident;
 pub mod nflog;
 pub mod packet;
-pub mod preexisting;
 pub mod store;
 pub mod systemd;
 pub mod tamper;

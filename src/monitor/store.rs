@@ -452,11 +452,18 @@ impl Store {
     /// alert targets) `egret run` runs with, so `egret suggest` and `egret
     /// doctor` know them from the state dir alone. An audit-mode run is also
     /// kept apart: a later enforce run does not hide what the audit saw.
-    pub fn record_run_settings(&mut self, policy: &Policy, at: SystemTime) -> Result<()> {
+    /// `settings` is the policy's text without rules
+    /// (`audit::policy_text::settings`).
+    pub fn record_run_settings(
+        &mut self,
+        policy: &Policy,
+        settings: &str,
+        at: SystemTime,
+    ) -> Result<()> {
         let record = serde_json::json!({
             "at": event::timestamp(at),
             "mode": policy.mode.as_str(),
-            "settings": crate::audit::policy_text::settings(policy, policy.mode),
+            "settings": settings,
         })
         .to_string();
         self.put_counter(RAN_WITH, &record)?;

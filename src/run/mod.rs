@@ -20,6 +20,7 @@
 mod books;
 mod main_loop;
 pub mod metrics;
+pub mod preexisting;
 mod publish;
 mod reload;
 mod services;
@@ -104,7 +105,8 @@ pub fn run(opts: RunOptions, policy: Policy) -> Result<()> {
 
 /// For `egret suggest` and `egret doctor` from the state dir alone.
 fn record_settings(store: &mut Store, policy: &Policy) {
-    if let Err(e) = store.record_run_settings(policy, SystemTime::now()) {
+    let settings = crate::audit::policy_text::settings(policy, policy.mode);
+    if let Err(e) = store.record_run_settings(policy, &settings, SystemTime::now()) {
         warn!("recording the policy's settings in the store: {e:#}");
     }
 }

@@ -181,15 +181,10 @@ impl Daemon {
         for c in list {
             warn!("{c}");
             let now = SystemTime::now();
-            let doc = crate::monitor::preexisting::document(now, c, &self.host);
+            let doc = super::preexisting::document(now, c, &self.host);
             let route = Route {
                 flush: false,
-                ..Route::event(
-                    self.agg.reserve_id(),
-                    crate::monitor::preexisting::ACTION,
-                    now,
-                    1,
-                )
+                ..Route::event(self.agg.reserve_id(), super::preexisting::ACTION, now, 1)
             };
             self.outlet.publish(&mut self.store, doc, route);
         }
