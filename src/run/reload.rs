@@ -13,7 +13,7 @@ use crate::apply;
 use crate::dns::GuardConfig;
 use crate::policy::Policy;
 use crate::proxy::ProxyState;
-use crate::ruleset::Ruleset;
+use crate::ruleset::{Field, Ruleset, Set};
 
 /// What a reload cannot change (the listening sockets, the NFLOG group), or
 /// None when `new` may replace `old`.
@@ -164,7 +164,7 @@ impl Daemon {
         let cg_sets = |rs: &Ruleset| -> Vec<String> {
             rs.sets
                 .iter()
-                .filter(|s| is_cgroup_set(&s.name))
+                .filter(|s| is_cgroup_set(s))
                 .map(|s| s.name.clone())
                 .collect()
         };
@@ -173,7 +173,7 @@ impl Daemon {
         let result = if same_shape {
             // Same sets, new members: swap elements only (counters survive).
             let swapped: Vec<&crate::ruleset::Set> =
-                rs.sets.iter().filter(|s| is_cgroup_set(&s.name)).collect();
+                rs.sets.iter().filter(|s| is_cgroup_set(s)).collect();
             swapped
                 .iter()
                 .try_for_each(|s| {
@@ -201,7 +201,8 @@ impl Daemon {
     }
 }
 
-fn is_cgroup_set(name: &str) -> bool {
-    name.rsplit_once("_cg")
-        .is_some_and(|(_, level)| !level.is_empty() && level.bytes().all(|b| b.is_ascii_digit()))
+/// The sets of unit rules (`a_<rule>_cg<level>`), known by their key as the
+/// compiler makes them.
+fn is_cgroup_set(set: &Set) -> bool {
+    set.key == [Field::CgroupId]
 }
