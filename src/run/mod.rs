@@ -28,8 +28,9 @@ mod table;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -114,36 +115,17 @@ fn record_settings(store: &mut Store, policy: &Policy) {
 fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signals) -> Result<()> {
     let epoch = Instant::now();
     let mut nft = Nftables::open().context("opening nf_tables netlink")?;
-
-    // Packets logged while no daemon listened never reached anyone: book them.
-    let live_before = nft
-        .logged_packets()
-        .context("reading egret's log counters")?;
-    let seen_at_exit: Option<u64> = store
-        .counter("live_logged_at_exit")?
-        .and_then(|s| s.parse().ok());
-    let while_down = match (live_before, seen_at_exit) {
-        (Some(now), Some(then)) if now >= then => now - then,
-        (Some(now), _) => now,
-        (None, _) => 0,
-    };
-
-    let mut cfg = NflogConfig::new(policy.log_group);
-    if let Some(b) = opts.nflog_rcvbuf {
-        cfg.rcvbuf = b;
-    }
-    if let Some(q) = opts.nflog_qthresh {
-        cfg.qthresh = q;
-    }
+    let while_down = logged_while_down(&mut nft, &store)?;
+    let cfg = nflog_config(&policy, &opts);
     let (tx, rx) = sync_channel::<Input>(CHANNEL_DEPTH);
-    let mut early = Vec::new();
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
     // Started first, so that even a failed start can be reported.
     let alerts = Dispatcher::start(&policy, &host)?;
-    let mut reader = match NflogReader::bind(cfg, epoch, &mut |p| early.push(p)) {
+    let mut early = Vec::new();
+    let reader = match NflogReader::bind(cfg, epoch, &mut |p| early.push(p)) {
         Ok(r) => r,
         Err(e) => {
             let mut outlet = Outlet::new(Output::stdout(Default::default()), alerts);
@@ -175,25 +157,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         "policy applied; watching blocked egress"
     );
     crate::monitor::systemd::notify("READY=1\nSTATUS=watching blocked egress");
-
-    let stop = Arc::clone(&signals.stop);
-    let reader_thread = std::thread::Builder::new()
-        .name("nflog".into())
-        .spawn(move || -> std::io::Result<()> {
-            for p in early {
-                if tx.send(Input::Packet(p)).is_err() {
-                    return Ok(());
-                }
-            }
-            let mut gone = false;
-            while !stop.load(Ordering::Relaxed) && !gone {
-                reader.drain(Duration::from_millis(100), &mut |p| {
-                    gone |= tx.send(Input::Packet(p)).is_err();
-                })?;
-            }
-            Ok(())
-        })
-        .context("starting the NFLOG reader")?;
+    let reader_thread = spawn_reader(reader, early, tx, Arc::clone(&signals.stop))?;
 
     let mut accounting = Accounting::new(cfg.flush);
     accounting.add_while_down(while_down);
@@ -239,6 +203,60 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
     }
     daemon.finish();
     result
+}
+
+/// Packets logged while no daemon listened never reached anyone: they are
+/// booked as lost.
+fn logged_while_down(nft: &mut Nftables, store: &Store) -> Result<u64> {
+    let live_before = nft
+        .logged_packets()
+        .context("reading egret's log counters")?;
+    let seen_at_exit: Option<u64> = store
+        .counter("live_logged_at_exit")?
+        .and_then(|s| s.parse().ok());
+    Ok(match (live_before, seen_at_exit) {
+        (Some(now), Some(then)) if now >= then => now - then,
+        (Some(now), _) => now,
+        (None, _) => 0,
+    })
+}
+
+fn nflog_config(policy: &Policy, opts: &RunOptions) -> NflogConfig {
+    let mut cfg = NflogConfig::new(policy.log_group);
+    if let Some(b) = opts.nflog_rcvbuf {
+        cfg.rcvbuf = b;
+    }
+    if let Some(q) = opts.nflog_qthresh {
+        cfg.qthresh = q;
+    }
+    cfg
+}
+
+/// The NFLOG reader's thread: what arrived while binding, then the socket
+/// until `stop` (or until the loop is gone).
+fn spawn_reader(
+    mut reader: NflogReader,
+    early: Vec<LoggedPacket>,
+    tx: SyncSender<Input>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<std::io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("nflog".into())
+        .spawn(move || -> std::io::Result<()> {
+            for p in early {
+                if tx.send(Input::Packet(p)).is_err() {
+                    return Ok(());
+                }
+            }
+            let mut gone = false;
+            while !stop.load(Ordering::Relaxed) && !gone {
+                reader.drain(Duration::from_millis(100), &mut |p| {
+                    gone |= tx.send(Input::Packet(p)).is_err();
+                })?;
+            }
+            Ok(())
+        })
+        .context("starting the NFLOG reader")
 }
 
 /// With scope = "host+containers": the runtime's names for container addresses.
