@@ -440,3 +440,44 @@ impl Daemon {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn periods(t: Timer) -> Option<Duration> {
+        match t {
+            Timer::Flush => Some(TICK),
+            Timer::Table => Some(Duration::ZERO),
+            Timer::Account => Some(ACCOUNT_EVERY),
+            Timer::Units => Some(UNITS_EVERY),
+            Timer::SetSizes => None,
+            _ => Some(Duration::from_secs(3600)),
+        }
+    }
+
+    #[test]
+    fn timers_fire_by_their_period_in_a_fixed_order() {
+        let start = Instant::now();
+        let mut timers = Timers::new(start);
+        // First turn: the per-turn comparison, and the books read at once;
+        // the set sizes are off.
+        assert_eq!(timers.due(start, periods), [Timer::Table, Timer::Account]);
+        let t = start + Duration::from_millis(300);
+        assert_eq!(timers.due(t, periods), [Timer::Flush, Timer::Table]);
+        let t = start + Duration::from_millis(1100);
+        assert_eq!(
+            timers.due(t, periods),
+            [Timer::Flush, Timer::Table, Timer::Account]
+        );
+        let t = start + Duration::from_secs(2);
+        assert_eq!(
+            timers.due(t, periods),
+            [Timer::Flush, Timer::Table, Timer::Units]
+        );
+        // The set sizes, off until now and never read, are read at once.
+        let on = |t: Timer| (t == Timer::SetSizes).then_some(Duration::from_secs(1));
+        assert_eq!(timers.due(t, on), [Timer::SetSizes]);
+        assert_eq!(timers.due(t, on), []);
+    }
+}
