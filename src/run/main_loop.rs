@@ -162,8 +162,8 @@ impl Daemon {
             };
             // Take what is queued before looking at the clock again.
             let inputs = first.into_iter().chain(rx.try_iter().take(BATCH));
-            let mut events: Vec<Event> = Vec::new();
             for input in inputs {
+                // An input never ends the loop.
                 let _ = self.on(Event::Input(input));
             }
             // The guard holds a sender too, so a dead reader does not disconnect the channel.
@@ -171,6 +171,8 @@ impl Daemon {
             if reader.is_finished() && !stop {
                 bail!("the NFLOG reader stopped");
             }
+            // Then, in this order: stop, reload, the timers that are due.
+            let mut events = Vec::new();
             if stop {
                 events.push(Event::Stop);
             }
