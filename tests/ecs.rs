@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use egret::monitor::attribution::{Attribution, Method, Process};
 use egret::monitor::event::{self, LossFigures, ECS_VERSION};
-use egret::monitor::incident::{Aggregator, DnsQuestion, Observation, ProxyRequest, ResolvedName};
+use egret::monitor::event::{Action, DnsQuestion, ProxyRequest, ResolvedName, Subject};
+use egret::monitor::incident::{Aggregator, Observation};
 use egret::monitor::nflog::Verdict;
 use egret::monitor::packet::{Flow, L4};
 use egret::policy::Severity;
@@ -291,18 +292,16 @@ fn observed(
         blocked,
         rule: rule.map(String::from),
     };
-    let (flow, question, proxy) = match seen {
-        Packet(f) => (Some(f), None, None),
-        Question(q) => (None, Some(q), None),
-        Proxy(p) => (None, None, Some(p)),
+    let subject = match seen {
+        Packet(f) => Subject::Packet(Some(f)),
+        Question(q) => Subject::DnsQuery(Box::new(q)),
+        Proxy(p) => Subject::ProxyRequest(Box::new(p)),
     };
     let mut agg = Aggregator::new(7);
     let inc = agg
         .record(Observation {
             verdict: &verdict,
-            flow: flow.as_ref(),
-            question: question.as_ref(),
-            proxy: proxy.as_ref(),
+            subject,
             attribution: &who,
             resolved: resolved.as_ref(),
             at: when(),
@@ -397,14 +396,12 @@ fn flood() -> Value {
         let f = ports("10.1.0.1", "192.0.2.7", 6, port);
         let o = Observation {
             verdict: &verdict,
-            flow: Some(&f),
-            question: None,
-            proxy: None,
+            subject: Subject::Packet(Some(f)),
             attribution: &who,
             resolved: None,
             at: when(),
         };
-        if let Some(inc) = agg.record(o).filter(|i| i.flood.is_some()) {
+        if let Some(inc) = agg.record(o).filter(|i| i.action() == Action::Flood) {
             let mut doc = event::incident(inc, false, "web1");
             event::set_severity(&mut doc, Severity::High);
             return doc;

@@ -125,7 +125,8 @@ mod tests {
     use super::*;
     use crate::monitor::attribution::{Attribution, Method, Process};
     use crate::monitor::event;
-    use crate::monitor::incident::{Aggregator, ResolvedName};
+    use crate::monitor::event::{ResolvedName, Subject};
+    use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
     use crate::monitor::packet::{Flow as Packet, L4};
 
@@ -170,9 +171,7 @@ mod tests {
         let inc = agg
             .record(crate::monitor::incident::Observation {
                 verdict: &verdict,
-                flow: Some(&packet),
-                question: None,
-                proxy: None,
+                subject: Subject::Packet(Some(packet)),
                 attribution: &who,
                 resolved: Some(&resolved),
                 at,

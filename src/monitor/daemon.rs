@@ -25,9 +25,9 @@ use crate::kernel::nft::Nftables;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::{Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
-use crate::monitor::event;
+use crate::monitor::event::{self, Action, ProxyRequest, Subject};
 use crate::monitor::flood::{hand_over, Dropped};
-use crate::monitor::incident::{Aggregator, Incident, Observation, ProxyRequest};
+use crate::monitor::incident::{Aggregator, Incident, Observation};
 use crate::monitor::metrics::{Metrics, MetricsServer};
 use crate::monitor::nflog::{LoggedPacket, NflogConfig, NflogReader, NflogStats, Verdict};
 use crate::monitor::store::{Retention, Store};
@@ -271,7 +271,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
                 out.line(&doc);
                 out.flush();
                 let id = store.next_incident_id()?;
-                if let Err(e) = store.insert_event(id, "nflog-taken", now, 1, &doc) {
+                if let Err(e) = store.insert_event(id, Action::NflogTaken, now, 1, &doc) {
                     warn!("storing an nflog-taken event: {e:#}");
                 }
                 alerts.send(&doc);
@@ -590,9 +590,7 @@ impl Daemon {
         };
         self.record(Observation {
             verdict: &verdict,
-            flow: None,
-            question: None,
-            proxy: Some(&request),
+            subject: Subject::ProxyRequest(Box::new(request)),
             attribution: &d.attribution,
             resolved: None,
             at: d.at,
@@ -629,9 +627,7 @@ impl Daemon {
         });
         self.record(Observation {
             verdict: &p.verdict,
-            flow,
-            question: None,
-            proxy: None,
+            subject: Subject::Packet(flow.copied()),
             attribution: &who,
             resolved: resolved.as_ref(),
             at: p.received,
@@ -649,9 +645,7 @@ impl Daemon {
         };
         self.record(Observation {
             verdict: &verdict,
-            flow: None,
-            question: Some(&q.question),
-            proxy: None,
+            subject: Subject::DnsQuery(Box::new(q.question)),
             attribution: &q.attribution,
             resolved: None,
             at: q.at,
@@ -659,7 +653,7 @@ impl Daemon {
     }
 
     fn record(&mut self, o: Observation<'_>) {
-        let action = event::action_of(o.verdict.blocked, o.question.is_some(), o.proxy.is_some());
+        let action = o.action().as_str();
         let minute =
             o.at.duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64 / 60)
@@ -667,7 +661,7 @@ impl Daemon {
         *self.timeline.entry((minute, action)).or_default() += 1;
         if let Some(inc) = self.agg.record(o) {
             self.metrics.incident(
-                event::action(inc),
+                inc.action().as_str(),
                 inc.key
                     .verdict
                     .rule
@@ -699,7 +693,10 @@ impl Daemon {
         for doc in self.alerts.failure_events(&self.host) {
             self.out.line(&doc);
             let id = self.agg.reserve_id();
-            if let Err(e) = self.store.insert_event(id, "alert-failed", now, 1, &doc) {
+            if let Err(e) = self
+                .store
+                .insert_event(id, Action::AlertFailed, now, 1, &doc)
+            {
                 warn!("storing an alert-failed event: {e:#}");
             }
         }
@@ -805,7 +802,10 @@ impl Daemon {
             self.out.flush();
             self.alerts.send(&doc);
             let id = self.agg.reserve_id();
-            if let Err(e) = self.store.insert_event(id, "data-loss", now, delta, &doc) {
+            if let Err(e) = self
+                .store
+                .insert_event(id, Action::DataLoss, now, delta, &doc)
+            {
                 warn!("storing a data-loss event: {e:#}");
             }
             self.reported_lost = lost;
@@ -904,7 +904,7 @@ impl Daemon {
         self.out.flush();
         self.alerts.send(&doc);
         let id = self.agg.reserve_id();
-        if let Err(e) = self.store.insert_event(id, "tamper", now, 1, &doc) {
+        if let Err(e) = self.store.insert_event(id, Action::Tamper, now, 1, &doc) {
             warn!("storing a tamper event: {e:#}");
         }
         // Once restored, a new change is a new occurrence.

@@ -7,10 +7,10 @@ use std::time::SystemTime;
 use serde_json::{json, Value};
 
 use crate::apply::Preexisting;
-use crate::monitor::event;
+use crate::monitor::event::{self, Action};
 use crate::policy::Severity;
 
-pub const ACTION: &str = "preexisting";
+pub const ACTION: Action = Action::Preexisting;
 
 pub fn document(at: SystemTime, c: &Preexisting, host: &str) -> Value {
     let flow = &c.socket.flow;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
-use crate::monitor::event::{self, LossFigures};
+use crate::monitor::event::{self, Action, LossFigures};
 use crate::monitor::incident::Incident;
 use crate::policy::Policy;
 
@@ -311,7 +311,7 @@ impl Store {
             for (inc, doc) in batch {
                 stmt.execute(params![
                     inc.id as i64,
-                    event::action(inc),
+                    inc.action().as_str(),
                     unix_ms(inc.first_seen),
                     unix_ms(inc.last_seen),
                     inc.count as i64,
@@ -335,7 +335,7 @@ impl Store {
     pub fn insert_event(
         &mut self,
         id: u64,
-        action: &str,
+        action: Action,
         at: SystemTime,
         count: u64,
         doc: &Value,
@@ -343,7 +343,7 @@ impl Store {
         self.conn.execute(
             "INSERT INTO events (id, action, first_seen, last_seen, count, who, destination, rule, doc)
              VALUES (?1, ?2, ?3, ?3, ?4, 'egret', '', '', ?5)",
-            params![id as i64, action, unix_ms(at), count as i64, doc.to_string()],
+            params![id as i64, action.as_str(), unix_ms(at), count as i64, doc.to_string()],
         )?;
         Ok(())
     }
@@ -690,7 +690,7 @@ mod tests {
                 .unwrap();
         }
         store
-            .insert_event(b.id + 1, "data-loss", now, 1, &serde_json::json!({}))
+            .insert_event(b.id + 1, Action::DataLoss, now, 1, &serde_json::json!({}))
             .unwrap();
         let docs = store
             .incident_docs(now - Duration::from_secs(3600))
@@ -710,10 +710,13 @@ mod tests {
         store
             .upsert(&[(&a, &event::incident(&a, false, "h"))])
             .unwrap();
-        for (i, action) in ["tamper", "heartbeat", "data-loss", "alert-dropped"]
-            .iter()
-            .enumerate()
-        {
+        let own = [
+            Action::Tamper,
+            Action::Heartbeat,
+            Action::DataLoss,
+            Action::AlertDigest,
+        ];
+        for (i, &action) in own.iter().enumerate() {
             store
                 .insert_event(
                     a.id + 1 + i as u64,

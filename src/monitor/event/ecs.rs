@@ -1,10 +1,14 @@
-//! Incidents and loss reports as Elastic Common Schema documents: one JSON
-//! object per line on stdout, the same document stored in SQLite.
+//! The event model in Elastic Common Schema: incidents and egret's own
+//! events encoded as documents (one JSON object per line on stdout, the same
+//! document stored in SQLite), and those documents decoded back. Every ECS
+//! field path egret knows is in this file.
 
 use std::time::SystemTime;
 
 use serde_json::{json, Map, Value};
 
+use super::describe::{presentation_name, summary};
+use super::{Action, Subject, DEFAULT_RULE};
 use crate::monitor::incident::Incident;
 use crate::monitor::packet::L4;
 use crate::policy::{Mode, Severity};
@@ -33,34 +37,6 @@ fn compact(v: Value) -> Value {
     }
 }
 
-/// The rule name reported for packets caught by the final default rule.
-pub const DEFAULT_RULE: &str = "default";
-
-/// ECS `event.action`: `blocked` / `would-block` for packets,
-/// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
-pub fn action(inc: &Incident) -> &'static str {
-    if inc.flood.is_some() {
-        return "flood";
-    }
-    action_of(
-        inc.key.verdict.blocked,
-        inc.question.is_some(),
-        inc.proxy.is_some(),
-    )
-}
-
-/// The action of one observation: a blocked (or, in audit mode, passed)
-/// packet, DNS question or proxy request.
-pub fn action_of(blocked: bool, dns_question: bool, proxy_request: bool) -> &'static str {
-    match (blocked, dns_question, proxy_request) {
-        (true, true, _) => "dns-refused",
-        (false, true, _) => "dns-would-refuse",
-        (true, false, true) => "proxy-denied",
-        (true, false, false) => "blocked",
-        (false, false, _) => "would-block",
-    }
-}
-
 /// A short ECS-shaped description of a process, for `egret.dns.asked_by`.
 fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
     let p = a.process.as_ref();
@@ -73,17 +49,27 @@ fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
 
 pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let blocked = inc.key.verdict.blocked;
-    let q = inc.question.as_ref();
-    let px = inc.proxy.as_ref();
-    let dataset = match (q, px) {
-        _ if inc.flood.is_some() => "egret.flood",
-        (Some(_), _) => "egret.dns",
-        (_, Some(_)) => "egret.proxy",
-        _ => "egret.egress",
+    let (mut flow, mut q, mut px, mut flood) = (None, None, None, None);
+    let dataset = match &inc.subject {
+        Subject::Packet(f) => {
+            flow = f.as_ref();
+            "egret.egress"
+        }
+        Subject::DnsQuery(d) => {
+            q = Some(&**d);
+            "egret.dns"
+        }
+        Subject::ProxyRequest(p) => {
+            px = Some(&**p);
+            "egret.proxy"
+        }
+        Subject::Flood(f) => {
+            flood = Some(&**f);
+            "egret.flood"
+        }
     };
     let a = &inc.attribution;
     let p = a.process.as_ref();
-    let flow = inc.flow.as_ref();
     let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {
         Some(L4::Icmp { kind, code }) => (Some(kind), Some(code)),
         _ => (None, None),
@@ -101,7 +87,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "kind": if blocked { "alert" } else { "event" },
             "category": ["network"],
             "type": [if flow.is_some() { "connection" } else { "protocol" }, if blocked { "denied" } else { "allowed" }],
-            "action": action(inc),
+            "action": inc.action().as_str(),
             // The firewall did what its policy says (ECS's own "firewall
             // blocking a network connection" example): denied or allowed is
             // in event.type, so the outcome is a success either way.
@@ -170,7 +156,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "icmp": { "type": icmp_type, "code": icmp_code },
             "reason": px.map(|p| p.reason.clone()),
             "truncated": (!a.truncated.is_empty()).then_some(&a.truncated),
-            "flood": inc.flood.as_ref().map(|f| json!({
+            "flood": flood.map(|f| json!({
                 "destinations": f.destinations,
                 "capped": f.capped,
                 "sample": f.sample,
@@ -181,160 +167,6 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             })),
         },
     }))
-}
-
-/// One line a human reads in a terminal or a SIEM's message column.
-pub fn summary(inc: &Incident) -> String {
-    if let Some(f) = &inc.flood {
-        return format!(
-            "flood from {}: {} attempts at {}{} new destinations past its rate, folded (e.g. {})",
-            who(inc),
-            inc.count,
-            if f.capped { "at least " } else { "" },
-            f.destinations,
-            f.sample.join(", ")
-        );
-    }
-    if let Some(p) = &inc.proxy {
-        let what = if inc.key.verdict.blocked {
-            "proxy denied"
-        } else {
-            "proxy would deny"
-        };
-        return format!(
-            "{what} {} {}:{} for {}: {}",
-            p.method,
-            p.host,
-            p.port,
-            who(inc),
-            p.reason
-        );
-    }
-    if let Some(q) = &inc.question {
-        let what = if inc.key.verdict.blocked {
-            "refused"
-        } else {
-            "would refuse"
-        };
-        return format!(
-            "{what} DNS query {} {} from {}",
-            q.qtype,
-            presentation_name(&q.name),
-            who(inc)
-        );
-    }
-    let what = if inc.key.verdict.blocked {
-        "blocked"
-    } else {
-        "would block"
-    };
-    format!(
-        "{what} {} → {}",
-        who(inc),
-        destination(inc).unwrap_or_else(|| "?".into())
-    )
-}
-
-/// "java (pid 4242, user app)" / "unit foo.service" / "uid 1000".
-pub fn who(inc: &Incident) -> String {
-    let a = &inc.attribution;
-    let user = a.user_name.clone().or_else(|| a.uid.map(|u| u.to_string()));
-    let user = user.map(|u| format!("user {u}")).unwrap_or_default();
-    if let (None, None, None, Some((iface, src))) = (&a.process, &a.unit, a.uid, &a.ingress) {
-        return match &a.container_name {
-            Some(name) => format!("container {name} ({src} via {iface})"),
-            None => format!("forwarded from {src} via {iface}"),
-        };
-    }
-    match (&a.process, &a.unit) {
-        (Some(p), _) => format!(
-            "{} (pid {}{}{})",
-            p.executable.as_deref().or(p.name.as_deref()).unwrap_or("?"),
-            p.pid,
-            if user.is_empty() { "" } else { ", " },
-            user
-        ),
-        (None, Some(unit)) => format!("unit {unit} ({user})"),
-        (None, None) if !user.is_empty() => user,
-        (None, None) => "unknown sender".into(),
-    }
-}
-
-/// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
-pub fn destination(inc: &Incident) -> Option<String> {
-    if let Some(f) = &inc.flood {
-        return Some(format!(
-            "{}{} destinations (flood)",
-            if f.capped { "≥" } else { "" },
-            f.destinations
-        ));
-    }
-    if let Some(p) = &inc.proxy {
-        return Some(format!("{}:{} (proxy)", p.host, p.port));
-    }
-    if let Some(q) = &inc.question {
-        return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype));
-    }
-    let f = inc.flow.as_ref()?;
-    let ip = match f.dst {
-        std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
-        other => other.to_string(),
-    };
-    let name = inc
-        .resolved
-        .as_ref()
-        .map(|r| format!(" ({})", r.name))
-        .unwrap_or_default();
-    Some(match f.dst_port() {
-        Some(p) => format!("{ip}:{p}/{}{name}", f.transport()),
-        None => format!("{ip}/{}{name}", f.transport()),
-    })
-}
-
-/// A DNS name in RFC 1035 §5.1 presentation form, as ECS's `dns.question.name`
-/// wants it: printable ASCII as is, `.` inside a label and `\\` escaped with a
-/// backslash, every other byte (space, controls, non-ASCII) as decimal
-/// `\\DDD`. `wire` is the guard's name (hickory's text form: `\\ooo` octal
-/// and `\\c` escapes), which every reader of ECS would misread.
-pub fn presentation_name(wire: &str) -> String {
-    let mut labels: Vec<Vec<u8>> = vec![Vec::new()];
-    let mut bytes = wire.bytes().peekable();
-    while let Some(b) = bytes.next() {
-        let label = labels.last_mut().expect("never empty");
-        match b {
-            b'\\' => {
-                let mut octal = Vec::with_capacity(3);
-                while octal.len() < 3 && bytes.peek().is_some_and(|d| (b'0'..=b'7').contains(d)) {
-                    octal.extend(bytes.next());
-                }
-                if octal.is_empty() {
-                    label.extend(bytes.next());
-                } else {
-                    let v = octal.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
-                    label.push(u8::try_from(v).unwrap_or(u8::MAX));
-                }
-            }
-            b'.' => labels.push(Vec::new()),
-            b => label.push(b),
-        }
-    }
-    let mut out = String::with_capacity(wire.len());
-    for (i, label) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        for &b in label {
-            match b {
-                b'.' | b'\\' => {
-                    out.push('\\');
-                    out.push(char::from(b));
-                }
-                0x21..=0x7e => out.push(char::from(b)),
-                _ => out.push_str(&format!("\\{b:03}")),
-            }
-        }
-    }
-    out
 }
 
 /// Packets the kernel logged that egret did not receive.
@@ -382,7 +214,7 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
             figures.dns_dropped,
             figures.proxy_dropped
         ),
-        ("event", "network", "info", None, "data-loss"),
+        ("event", "network", "info", None, Action::DataLoss),
         Severity::High,
         json!({ "lost": lost_since_last, "loss": figures }),
     )
@@ -403,7 +235,7 @@ pub fn heartbeat(
             figures.received,
             figures.lost()
         ),
-        ("state", "host", "info", None, "heartbeat"),
+        ("state", "host", "info", None, Action::Heartbeat),
         Severity::Info,
         json!({ "loss": figures, "open_incidents": open_incidents }),
     )
@@ -420,7 +252,7 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
         at,
         host,
         format!("egret's table was {what} outside egret{outcome}"),
-        ("alert", "configuration", "change", None, "tamper"),
+        ("alert", "configuration", "change", None, Action::Tamper),
         Severity::Critical,
         json!({ "tamper": what, "restored": restored }),
     )
@@ -433,7 +265,7 @@ pub fn nflog_taken(at: SystemTime, group: u16, host: &str) -> Value {
         at,
         host,
         format!("NFLOG group {group} is taken by another program: egret run cannot start and blocked packets are not reported"),
-        ("alert", "process", "start", Some("failure"), "nflog-taken"),
+        ("alert", "process", "start", Some("failure"), Action::NflogTaken),
         Severity::Critical,
         json!({ "log_group": group }),
     );
@@ -450,7 +282,13 @@ pub fn alert_failed(at: SystemTime, sink: &str, failed: u64, error: &str, host: 
         at,
         host,
         format!("alert sink {sink} failed to deliver {failed} alert(s): {error}"),
-        ("event", "host", "info", Some("failure"), "alert-failed"),
+        (
+            "event",
+            "host",
+            "info",
+            Some("failure"),
+            Action::AlertFailed,
+        ),
         Severity::Medium,
         json!({ "alert": { "sink": sink, "failed": failed, "error": error } }),
     );
@@ -486,7 +324,7 @@ pub fn alert_digest(
             humantime::format_duration(window),
             parts.join(", ")
         ),
-        ("event", "host", "info", None, "alert-digest"),
+        ("event", "host", "info", None, Action::AlertDigest),
         top,
         json!({ "alert": {
             "sink": sink,
@@ -537,7 +375,7 @@ pub(crate) fn self_event(
     at: SystemTime,
     host: &str,
     message: String,
-    (kind, category, kind_type, outcome, action): (&str, &str, &str, Option<&str>, &str),
+    (kind, category, kind_type, outcome, action): (&str, &str, &str, Option<&str>, Action),
     severity: Severity,
     egret: Value,
 ) -> Value {
@@ -549,7 +387,7 @@ pub(crate) fn self_event(
             "kind": kind,
             "category": [category],
             "type": [kind_type],
-            "action": action,
+            "action": action.as_str(),
             "module": "egret",
             "dataset": "egret.egress",
         },
