@@ -25,7 +25,7 @@ use crate::kernel::nft::Nftables;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
 use crate::monitor::attribution::{Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
-use crate::monitor::event::{self, Action, ProxyRequest, Subject};
+use crate::monitor::event::{self, ProxyRequest, Subject};
 use crate::monitor::flood::{hand_over, Dropped};
 use crate::monitor::incident::{Aggregator, Incident, Observation};
 use crate::monitor::metrics::{Metrics, MetricsServer};
@@ -271,7 +271,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
                 out.line(&doc);
                 out.flush();
                 let id = store.next_incident_id()?;
-                if let Err(e) = store.insert_event(id, Action::NflogTaken, now, 1, &doc) {
+                if let Err(e) = store.insert_event(id, "nflog-taken", now, 1, &doc) {
                     warn!("storing an nflog-taken event: {e:#}");
                 }
                 alerts.send(&doc);
@@ -693,10 +693,7 @@ impl Daemon {
         for doc in self.alerts.failure_events(&self.host) {
             self.out.line(&doc);
             let id = self.agg.reserve_id();
-            if let Err(e) = self
-                .store
-                .insert_event(id, Action::AlertFailed, now, 1, &doc)
-            {
+            if let Err(e) = self.store.insert_event(id, "alert-failed", now, 1, &doc) {
                 warn!("storing an alert-failed event: {e:#}");
             }
         }
@@ -802,10 +799,7 @@ impl Daemon {
             self.out.flush();
             self.alerts.send(&doc);
             let id = self.agg.reserve_id();
-            if let Err(e) = self
-                .store
-                .insert_event(id, Action::DataLoss, now, delta, &doc)
-            {
+            if let Err(e) = self.store.insert_event(id, "data-loss", now, delta, &doc) {
                 warn!("storing a data-loss event: {e:#}");
             }
             self.reported_lost = lost;
@@ -904,7 +898,7 @@ impl Daemon {
         self.out.flush();
         self.alerts.send(&doc);
         let id = self.agg.reserve_id();
-        if let Err(e) = self.store.insert_event(id, Action::Tamper, now, 1, &doc) {
+        if let Err(e) = self.store.insert_event(id, "tamper", now, 1, &doc) {
             warn!("storing a tamper event: {e:#}");
         }
         // Once restored, a new change is a new occurrence.

@@ -10,7 +10,7 @@ use crate::apply::Preexisting;
 use crate::monitor::event::{self, Action};
 use crate::policy::Severity;
 
-pub const ACTION: Action = Action::Preexisting;
+pub const ACTION: &str = Action::Preexisting.as_str();
 
 pub fn document(at: SystemTime, c: &Preexisting, host: &str) -> Value {
     let flow = &c.socket.flow;
@@ -18,7 +18,13 @@ pub fn document(at: SystemTime, c: &Preexisting, host: &str) -> Value {
         at,
         host,
         format!("{c}"),
-        ("alert", "network", "connection", Some("success"), ACTION),
+        (
+            "alert",
+            "network",
+            "connection",
+            Some("success"),
+            Action::Preexisting,
+        ),
         Severity::High,
         json!({
             "rule": c.decision.rule,

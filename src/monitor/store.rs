@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
-use crate::monitor::event::{self, Action, LossFigures};
+use crate::monitor::event::{self, LossFigures};
 use crate::monitor::incident::Incident;
 use crate::policy::Policy;
 
@@ -335,7 +335,7 @@ impl Store {
     pub fn insert_event(
         &mut self,
         id: u64,
-        action: Action,
+        action: &str,
         at: SystemTime,
         count: u64,
         doc: &Value,
@@ -343,7 +343,7 @@ impl Store {
         self.conn.execute(
             "INSERT INTO events (id, action, first_seen, last_seen, count, who, destination, rule, doc)
              VALUES (?1, ?2, ?3, ?3, ?4, 'egret', '', '', ?5)",
-            params![id as i64, action.as_str(), unix_ms(at), count as i64, doc.to_string()],
+            params![id as i64, action, unix_ms(at), count as i64, doc.to_string()],
         )?;
         Ok(())
     }
@@ -571,6 +571,7 @@ pub enum TopBy {
 mod tests {
     use super::*;
     use crate::monitor::attribution::{Attribution, Method};
+    use crate::monitor::event::Action;
     use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
     use crate::monitor::packet::{Flow, L4};
@@ -690,7 +691,13 @@ mod tests {
                 .unwrap();
         }
         store
-            .insert_event(b.id + 1, Action::DataLoss, now, 1, &serde_json::json!({}))
+            .insert_event(
+                b.id + 1,
+                Action::DataLoss.as_str(),
+                now,
+                1,
+                &serde_json::json!({}),
+            )
             .unwrap();
         let docs = store
             .incident_docs(now - Duration::from_secs(3600))
@@ -720,7 +727,7 @@ mod tests {
             store
                 .insert_event(
                     a.id + 1 + i as u64,
-                    action,
+                    action.as_str(),
                     now,
                     100,
                     &serde_json::json!({}),

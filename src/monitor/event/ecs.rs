@@ -3,6 +3,7 @@
 //! document stored in SQLite), and those documents decoded back. Every ECS
 //! field path egret knows is in this file.
 
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use serde_json::{json, Map, Value};
@@ -401,6 +402,196 @@ pub(crate) fn self_event(
     doc
 }
 
+// ---- Decoding: documents read back (stored, streamed, or handed to a sink) ----
+
+/// What any document says about itself, egret's own events included: what
+/// the sinks filter and format on, and what `egret events --follow` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// `event.action`; `None` for an action this build does not know.
+    pub action: Option<Action>,
+    /// `egret.severity`.
+    pub severity: Option<Severity>,
+    pub message: String,
+    /// `rule.name` (incidents only).
+    pub rule: String,
+    /// `host.hostname`.
+    pub host: Option<String>,
+    /// `@timestamp`, as written.
+    pub timestamp: Option<String>,
+    /// `egret.last_seen`, as written (incidents only).
+    pub last_seen: Option<String>,
+    /// `egret.count` (incidents and data-loss reports).
+    pub count: Option<u64>,
+}
+
+impl Envelope {
+    pub fn of(doc: &Value) -> Envelope {
+        let s = |p: &str| doc.pointer(p).and_then(Value::as_str);
+        Envelope {
+            action: s("/event/action").and_then(Action::from_name),
+            severity: severity_of(doc),
+            message: s("/message").unwrap_or_default().to_string(),
+            rule: s("/rule/name").unwrap_or_default().to_string(),
+            host: s("/host/hostname").map(str::to_string),
+            timestamp: s("/@timestamp").map(str::to_string),
+            last_seen: s("/egret/last_seen").map(str::to_string),
+            count: doc.pointer("/egret/count").and_then(Value::as_u64),
+        }
+    }
+
+    pub fn action_name(&self) -> &'static str {
+        self.action.map_or("", Action::as_str)
+    }
+}
+
+/// What a sink carries beside the message (syslog's structured data and
+/// CEE fields), by its short name.
+const SINK_FIELDS: &[(&str, &str)] = &[
+    ("/event/action", "action"),
+    ("/egret/severity", "severity"),
+    ("/event/id", "id"),
+    ("/rule/name", "rule"),
+    ("/process/pid", "pid"),
+    ("/process/executable", "executable"),
+    ("/user/name", "user"),
+    ("/egret/unit", "unit"),
+    ("/container/id", "container"),
+    ("/source/ip", "src"),
+    ("/destination/ip", "dst"),
+    ("/destination/port", "dport"),
+    ("/network/transport", "transport"),
+    ("/destination/domain", "domain"),
+    ("/dns/question/name", "query"),
+    ("/egret/count", "count"),
+    ("/egret/alert/sink", "sink"),
+    ("/egret/alert/suppressed", "suppressed"),
+];
+
+/// The sink fields `doc` has (not null), as (short name, value), always in
+/// the same order.
+pub fn sink_fields(doc: &Value) -> impl Iterator<Item = (&'static str, &Value)> {
+    SINK_FIELDS.iter().filter_map(move |(pointer, name)| {
+        let v = doc.pointer(pointer).filter(|v| !v.is_null())?;
+        Some((*name, v))
+    })
+}
+
+/// What a recorded incident was about, as far as its document tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordedSubject {
+    Packet,
+    /// The name asked, in presentation form.
+    DnsQuery {
+        name: String,
+    },
+    /// The host asked for (a name, else the address) and port.
+    ProxyRequest {
+        host: String,
+        port: u16,
+    },
+}
+
+/// An incident document read back into typed values (`egret suggest`,
+/// `simulate`, `explain`): what it was about, who sent it, how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedIncident {
+    pub action: Action,
+    pub subject: RecordedSubject,
+    /// `rule.name`: the rule that logged it ([`DEFAULT_RULE`] if none).
+    pub rule: String,
+    pub destination: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// IANA protocol number (0 when the document names none).
+    pub protocol: u8,
+    pub icmp_type: Option<u8>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    /// `destination.domain`, as written.
+    pub domain: Option<String>,
+    pub executable: Option<String>,
+    pub user_name: Option<String>,
+    pub count: u64,
+    /// RFC 3339, as stored.
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+impl RecordedIncident {
+    /// `None` for documents that are not incidents about one subject
+    /// (egret's own events; floods, which fold many destinations).
+    pub fn decode(doc: &Value) -> Option<RecordedIncident> {
+        let text = |pointer: &str| -> Option<String> {
+            match doc.pointer(pointer)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }
+        };
+        fn parse<T: std::str::FromStr>(v: Option<String>) -> Option<T> {
+            v?.parse().ok()
+        }
+        let action = Action::from_name(&text("/event/action")?)?;
+        if !matches!(
+            action,
+            Action::Blocked
+                | Action::WouldBlock
+                | Action::DnsRefused
+                | Action::DnsWouldRefuse
+                | Action::ProxyDenied
+        ) {
+            return None;
+        }
+        let subject = if let Some(name) = text("/dns/question/name") {
+            RecordedSubject::DnsQuery { name }
+        } else if doc.pointer("/http").is_some() {
+            RecordedSubject::ProxyRequest {
+                host: text("/destination/domain").or_else(|| text("/destination/ip"))?,
+                port: parse(text("/destination/port"))?,
+            }
+        } else {
+            RecordedSubject::Packet
+        };
+        let protocol = parse(text("/network/iana_number"))
+            .or_else(|| protocol_number(&text("/network/transport")?))
+            .unwrap_or(0);
+        Some(RecordedIncident {
+            action,
+            subject,
+            rule: text("/rule/name").unwrap_or_else(|| DEFAULT_RULE.into()),
+            destination: parse(text("/destination/ip")),
+            port: parse(text("/destination/port")),
+            protocol,
+            icmp_type: parse(text("/egret/icmp/type")),
+            uid: parse(text("/user/id")),
+            gid: parse(text("/user/group/id")),
+            cgroup: text("/egret/cgroup"),
+            unit: text("/egret/unit"),
+            domain: text("/destination/domain"),
+            executable: text("/process/executable"),
+            user_name: text("/user/name"),
+            count: parse(text("/egret/count")).unwrap_or(1),
+            first_seen: text("/egret/first_seen").unwrap_or_default(),
+            last_seen: text("/egret/last_seen").unwrap_or_default(),
+        })
+    }
+}
+
+/// `network.transport` back to its IANA number (the encoder writes
+/// [`crate::monitor::packet::transport_name`]).
+fn protocol_number(transport: &str) -> Option<u8> {
+    use crate::monitor::packet::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+    Some(match transport {
+        "tcp" => IPPROTO_TCP,
+        "udp" => IPPROTO_UDP,
+        "icmp" => IPPROTO_ICMP,
+        "ipv6-icmp" => IPPROTO_ICMPV6,
+        other => other.parse().ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,5 +690,106 @@ mod tests {
             get("/message"),
             "blocked /usr/bin/java (pid 4242, user app) → 10.1.0.2:1389/tcp"
         );
+    }
+
+    fn first(subject: Subject, blocked: bool) -> Incident {
+        let mut agg = Aggregator::new(9);
+        let verdict = Verdict {
+            blocked,
+            rule: Some("r".into()),
+        };
+        let who = Attribution {
+            uid: Some(65534),
+            ..Attribution::unknown()
+        };
+        agg.record(crate::monitor::incident::Observation {
+            verdict: &verdict,
+            subject,
+            attribution: &who,
+            resolved: None,
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+        })
+        .unwrap()
+        .clone()
+    }
+
+    #[test]
+    fn what_is_encoded_decodes_back_for_each_subject() {
+        let query = Subject::DnsQuery(Box::new(super::super::DnsQuestion {
+            name: "x.example".into(),
+            qtype: "TXT".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            transport: "tcp",
+        }));
+        let inc = first(query, false);
+        let doc = incident(&inc, true, "h");
+        let r = RecordedIncident::decode(&doc).unwrap();
+        assert_eq!(r.action, Action::DnsWouldRefuse);
+        assert_eq!(
+            r.subject,
+            RecordedSubject::DnsQuery {
+                name: "x.example".into()
+            }
+        );
+        assert_eq!((r.rule.as_str(), r.uid, r.protocol), ("r", Some(65534), 6));
+        let e = Envelope::of(&doc);
+        assert_eq!(e.action, Some(Action::DnsWouldRefuse));
+        assert_eq!(e.host.as_deref(), Some("h"));
+        assert_eq!((e.count, e.rule.as_str()), (Some(1), "r"));
+        assert_eq!(e.message, summary(&inc));
+
+        let request = Subject::ProxyRequest(Box::new(super::super::ProxyRequest {
+            host: "198.51.100.4".into(),
+            port: 8443,
+            method: "CONNECT".into(),
+            client: "127.0.0.1:5001".parse().unwrap(),
+            reason: "no rule".into(),
+            ip: Some("198.51.100.4".parse().unwrap()),
+        }));
+        let doc = incident(&first(request, true), false, "h");
+        let r = RecordedIncident::decode(&doc).unwrap();
+        assert_eq!(r.action, Action::ProxyDenied);
+        assert_eq!(
+            r.subject,
+            RecordedSubject::ProxyRequest {
+                host: "198.51.100.4".into(),
+                port: 8443
+            }
+        );
+        let fields: Vec<&str> = sink_fields(&doc).map(|(n, _)| n).collect();
+        assert_eq!(
+            fields,
+            [
+                "action",
+                "id",
+                "rule",
+                "src",
+                "dst",
+                "dport",
+                "transport",
+                "count"
+            ]
+        );
+
+        let flood = incident(&first(Subject::Flood(Box::default()), true), false, "h");
+        assert_eq!(Envelope::of(&flood).action, Some(Action::Flood));
+        assert!(
+            RecordedIncident::decode(&flood).is_none(),
+            "a flood has no one flow"
+        );
+    }
+
+    #[test]
+    fn egrets_own_events_decode_as_envelopes_not_incidents() {
+        let at = SystemTime::UNIX_EPOCH;
+        let doc = tamper(at, "deleted", true, "h");
+        let e = Envelope::of(&doc);
+        assert_eq!(e.action, Some(Action::Tamper));
+        assert_eq!(e.severity, Some(Severity::Critical));
+        assert_eq!(e.timestamp.as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!((e.count, e.last_seen), (None, None));
+        assert!(RecordedIncident::decode(&doc).is_none());
+        let e = Envelope::of(&alert_failed(at, "hook", 2, "refused", "h"));
+        assert_eq!(e.action_name(), "alert-failed");
     }
 }
