@@ -18,7 +18,7 @@ use egret::monitor::event::{self, LossFigures, ECS_VERSION};
 use egret::monitor::event::{Action, DnsQuestion, ProxyRequest, ResolvedName, Subject};
 use egret::monitor::incident::{Aggregator, Observation};
 use egret::monitor::nflog::Verdict;
-use egret::monitor::packet::{Flow, L4};
+use egret::monitor::packet::{Flow, L4Header};
 use egret::policy::Severity;
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -254,7 +254,7 @@ fn ports(src: &str, dst: &str, protocol: u8, port: u16) -> Flow {
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         protocol,
-        l4: L4::Ports {
+        l4: L4Header::Ports {
             src: 40000,
             dst: port,
         },
@@ -266,7 +266,7 @@ fn icmp(src: &str, dst: &str, protocol: u8, kind: u8) -> Flow {
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         protocol,
-        l4: L4::Icmp { kind, code: 0 },
+        l4: L4Header::Icmp { kind, code: 0 },
     }
 }
 
@@ -359,7 +359,7 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("blocked udp v6", packet(true, ports(v6, dst6, 17, 5353))),
         ("blocked icmp v4", packet(true, icmp(v4, dst4, 1, 8))),
         ("blocked icmp v6", packet(true, icmp(v6, dst6, 58, 128))),
-        ("blocked other protocol", packet(true, Flow { l4: L4::None, ..ports(v4, dst4, 47, 0) })),
+        ("blocked other protocol", packet(true, Flow { l4: L4Header::None, ..ports(v4, dst4, 47, 0) })),
         ("would-block", packet(false, ports(v4, dst4, 6, 1389))),
         ("an update", observed(true, None, Packet(ports(v4, dst4, 6, 22)), process_who(), None, true)),
         ("dns-bypass", observed(true, Some("dns-bypass"), Packet(ports(v4, "192.0.2.53", 17, 53)), process_who(), None, false)),

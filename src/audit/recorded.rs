@@ -96,7 +96,7 @@ mod tests {
     use crate::monitor::event::{ResolvedName, Subject};
     use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
-    use crate::monitor::packet::{Flow as Packet, L4};
+    use crate::monitor::packet::{Flow as Packet, L4Header};
 
     #[test]
     fn an_incident_document_reads_back_into_the_flow_it_was() {
@@ -105,7 +105,7 @@ mod tests {
             src: "2001:db8::2".parse().unwrap(),
             dst: "2001:db8::7".parse().unwrap(),
             protocol: 17,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: 5000,
                 dst: 123,
             },

@@ -382,14 +382,14 @@ mod tests {
     use super::*;
     use crate::monitor::attribution::Method;
     use crate::monitor::event::DnsQuestion;
-    use crate::monitor::packet::L4;
+    use crate::monitor::packet::L4Header;
 
     fn flow(sport: u16, dport: u16) -> Flow {
         Flow {
             src: "10.1.0.1".parse().unwrap(),
             dst: "10.1.0.2".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: sport,
                 dst: dport,
             },

@@ -574,14 +574,14 @@ mod tests {
     use crate::monitor::event::Action;
     use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
-    use crate::monitor::packet::{Flow, L4};
+    use crate::monitor::packet::{Flow, L4Header};
 
     fn sample(agg: &mut Aggregator, port: u16, uid: u32, at: SystemTime) -> Incident {
         let flow = Flow {
             src: "10.1.0.1".parse().unwrap(),
             dst: "192.0.2.7".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports { src: 1, dst: port },
+            l4: L4Header::Ports { src: 1, dst: port },
         };
         let who = Attribution {
             method: Method::UidOnly,

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::describe::{presentation_name, summary};
 use super::{Action, Subject, DEFAULT_RULE};
 use crate::monitor::incident::Incident;
-use crate::monitor::packet::L4;
+use crate::monitor::packet::L4Header;
 use crate::policy::{Mode, Severity};
 
 /// The ECS version egret's documents follow (`ecs.version`), checked by
@@ -72,7 +72,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let a = &inc.attribution;
     let p = a.process.as_ref();
     let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {
-        Some(L4::Icmp { kind, code }) => (Some(kind), Some(code)),
+        Some(L4Header::Icmp { kind, code }) => (Some(kind), Some(code)),
         _ => (None, None),
     };
     let at = if update {
@@ -336,6 +336,91 @@ pub fn alert_digest(
     )
 }
 
+/// Adds who committed the change (ECS `process.*`) and what changed to a
+/// tamper document.
+pub fn annotate_tamper(
+    doc: &mut Value,
+    by: Option<&(Option<u32>, Option<String>)>,
+    changes: &[String],
+) {
+    if let Some((pid, name)) = by {
+        let mut process = serde_json::Map::new();
+        if let Some(pid) = pid {
+            process.insert("pid".into(), json!(pid));
+        }
+        if let Some(name) = name {
+            process.insert("name".into(), json!(name));
+        }
+        if !process.is_empty() {
+            if let Some(m) = doc.as_object_mut() {
+                m.insert("process".into(), Value::Object(process));
+            }
+            if let (Some(msg), Some(name)) = (doc.get("message").and_then(|m| m.as_str()), name) {
+                let by = match pid {
+                    Some(pid) => format!(" (committed by {name}, pid {pid})"),
+                    None => format!(" (committed by {name})"),
+                };
+                doc["message"] = json!(format!("{msg}{by}"));
+            }
+        }
+    }
+    if !changes.is_empty() {
+        if let Some(egret) = doc.get_mut("egret").and_then(|e| e.as_object_mut()) {
+            egret.insert("changes".into(), json!(changes));
+        }
+    }
+}
+
+/// A TCP connection older than egret's table that the policy would not allow.
+pub fn preexisting(at: SystemTime, c: &crate::apply::Preexisting, host: &str) -> Value {
+    let flow = &c.socket.flow;
+    let mut doc = self_event(
+        at,
+        host,
+        format!("{c}"),
+        (
+            "alert",
+            "network",
+            "connection",
+            Some("success"),
+            Action::Preexisting,
+        ),
+        Severity::High,
+        json!({
+            "rule": c.decision.rule,
+            "outcome": c.decision.outcome.as_str(),
+            "why": c.decision.why,
+        }),
+    );
+    if let Some(o) = doc.as_object_mut() {
+        o.insert(
+            "source".into(),
+            json!({ "ip": flow.local.ip().to_string(), "port": flow.local.port() }),
+        );
+        o.insert(
+            "destination".into(),
+            json!({ "ip": flow.remote.ip().to_string(), "port": flow.remote.port() }),
+        );
+        o.insert(
+            "network".into(),
+            json!({
+                "transport": "tcp",
+                "type": if flow.remote.is_ipv4() { "ipv4" } else { "ipv6" },
+                "direction": "egress",
+            }),
+        );
+        o.insert("user".into(), json!({ "id": c.socket.uid.to_string() }));
+        // A listener on an unprivileged local port proves nothing (any user
+        // may open one); the operator judges.
+        if c.socket.listener {
+            if let Some(e) = o.get_mut("egret").and_then(|e| e.as_object_mut()) {
+                e.insert("source_port_listener".into(), json!(true));
+            }
+        }
+    }
+    doc
+}
+
 /// Writes a severity into a document: ECS `event.severity` (a number, higher
 /// is more urgent) and `egret.severity` (its name).
 pub fn set_severity(doc: &mut Value, severity: Severity) {
@@ -372,7 +457,7 @@ fn set_error(doc: &mut Value, message: &str) {
 /// outcome, action); docs/monitoring.md says why each is what it is.
 /// A document about something other than an incident (egret's own events,
 /// pre-existing connections): the ECS skeleton every event shares.
-pub(crate) fn self_event(
+fn self_event(
     at: SystemTime,
     host: &str,
     message: String,
@@ -629,7 +714,7 @@ mod tests {
             src: "10.1.0.1".parse().unwrap(),
             dst: "10.1.0.2".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: 40000,
                 dst: 1389,
             },

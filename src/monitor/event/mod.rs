@@ -15,7 +15,6 @@ pub mod ecs;
 use std::net::{IpAddr, SocketAddr};
 
 pub use describe::{destination, presentation_name, summary, who};
-pub(crate) use ecs::self_event;
 pub use ecs::{
     alert_digest, alert_failed, data_loss, heartbeat, incident, nflog_taken, set_severity,
     severity_of, tamper, timestamp, LossFigures, ECS_VERSION,
@@ -26,7 +25,7 @@ use crate::monitor::flood::FloodSummary;
 use crate::monitor::packet::Flow;
 
 /// The rule name reported for packets caught by the final default rule.
-pub const DEFAULT_RULE: &str = "default";
+pub use crate::policy::DEFAULT_RULE;
 
 /// What an incident is about: exactly one of these.
 #[derive(Debug, Clone, PartialEq, Eq)]
