@@ -77,7 +77,7 @@ pub fn who(inc: &Incident) -> String {
     }
 }
 
-/// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
+/// `192.0.2.7:1389/tcp`, `[2001:db8::1]:53/udp`, `192.0.2.7/icmp`.
 pub fn destination(inc: &Incident) -> Option<String> {
     let f = match &inc.subject {
         Subject::Flood(f) => {
