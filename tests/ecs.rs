@@ -679,3 +679,49 @@ fn every_document_of_a_real_run_conforms_to_ecs() {
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
     println!("checked actions: {checked:?}");
 }
+
+/// Every kind of document, and what the sinks and `egret suggest` make of
+/// it, byte for byte as the golden file has them: a refactor of the event
+/// model changes none of it. `EGRET_BLESS=1` rewrites the file after an
+/// intended change (review its diff).
+#[test]
+fn documents_and_their_readings_match_the_golden_file() {
+    let mut docs = documents();
+    let mut annotated = event::tamper(when(), "changed", false, "web1");
+    egret::monitor::tamper::annotate(
+        &mut annotated,
+        &egret::monitor::tamper::Found {
+            by: Some((Some(42), Some("nft".into()))),
+            changes: vec!["rule added to chain output".into()],
+            ..Default::default()
+        },
+    );
+    docs.push(("tamper annotated", annotated));
+    let pid = format!(" {} ", std::process::id());
+    let mut out = String::new();
+    for (what, doc) in &docs {
+        let rfc5424 = egret::alert::syslog::format(doc, 1, "egret").replacen(&pid, " PID ", 1);
+        out.push_str(&format!("== {what}\n{doc}\n"));
+        out.push_str(&format!(
+            "chat: {}\n",
+            egret::alert::webhook::chat_text(doc)
+        ));
+        out.push_str(&format!("5424: {rfc5424}\n"));
+        out.push_str(&format!(
+            "recorded: {:?}\n",
+            egret::audit::recorded::from_doc(doc)
+        ));
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ecs/documents.golden"
+    );
+    if std::env::var_os("EGRET_BLESS").is_some() {
+        std::fs::write(path, &out).unwrap();
+    }
+    let golden = std::fs::read_to_string(path).unwrap();
+    for (n, (want, got)) in golden.lines().zip(out.lines()).enumerate() {
+        assert_eq!(got, want, "line {} of {path}", n + 1);
+    }
+    assert_eq!(out.lines().count(), golden.lines().count(), "{path}");
+}
