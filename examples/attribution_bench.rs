@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use egret::monitor::attribution::{Attributor, Method};
-use egret::monitor::packet::{Flow, L4};
+use egret::monitor::packet::{Flow, L4Header};
 
 const TARGET: &str = "10.77.0.2:9";
 const ROUNDS: usize = 40;
@@ -180,7 +180,7 @@ fn time(
         src: "10.77.0.1".parse::<IpAddr>()?,
         dst: "10.77.0.2".parse::<IpAddr>()?,
         protocol: 6,
-        l4: L4::Ports { src: sport, dst: 9 },
+        l4: L4Header::Ports { src: sport, dst: 9 },
     };
     let start = Instant::now();
     let who = a.attribute(Some(&flow), Some(0), Some(0));

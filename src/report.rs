@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use serde::Serialize;
 
+use crate::monitor::event::ecs::Envelope;
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::pidfile::running_pid;
 use crate::ruleset::{Rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
@@ -98,22 +99,19 @@ pub fn print_event_line(doc: &Value, as_json: bool) {
     }
     // The document is the daemon's, but its strings are the attacker's
     // (executable names, command lines, host names).
-    let s = |p: &str| printable(doc.pointer(p).and_then(Value::as_str).unwrap_or(""));
-    let at = humantime::parse_rfc3339_weak(&s("/egret/last_seen"))
-        .or_else(|_| humantime::parse_rfc3339_weak(&s("/@timestamp")))
+    let e = Envelope::of(doc);
+    let at = [e.last_seen.as_deref(), e.timestamp.as_deref()]
+        .into_iter()
+        .find_map(|t| humantime::parse_rfc3339_weak(&printable(t.unwrap_or(""))).ok())
         .map(table_time)
         .unwrap_or_default();
-    let count = doc
-        .pointer("/egret/count")
-        .and_then(Value::as_u64)
-        .unwrap_or(1);
     println!(
         "{:<20} {:<12} {:>7}  {}  [{}]",
         at,
-        s("/event/action"),
-        count,
-        s("/message"),
-        s("/rule/name")
+        e.action_name(),
+        e.count.unwrap_or(1),
+        printable(&e.message),
+        printable(&e.rule)
     );
 }
 

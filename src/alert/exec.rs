@@ -17,7 +17,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use super::Deliver;
-use crate::policy::ExecConfig;
+use crate::monitor::event::ecs::Envelope;
+use crate::policy::{ExecConfig, Severity};
 
 pub struct Exec {
     config: ExecConfig,
@@ -36,12 +37,15 @@ impl Exec {
 impl Deliver for Exec {
     fn deliver(&mut self, doc: &Value) -> Result<()> {
         let (program, args) = self.config.command.split_first().context("empty command")?;
-        let text = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
+        let envelope = Envelope::of(doc);
         // Its own process group, so a timeout ends whatever the hook started.
         let mut child = Command::new(program)
             .args(args)
-            .env("EGRET_ACTION", text("/event/action"))
-            .env("EGRET_SEVERITY", text("/egret/severity"))
+            .env("EGRET_ACTION", envelope.action_name())
+            .env(
+                "EGRET_SEVERITY",
+                envelope.severity.map_or("", Severity::as_str),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0)

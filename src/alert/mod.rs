@@ -6,7 +6,7 @@
 //! sink has its own worker thread: rate limit and digest ([`limiter`]),
 //! delivery with retries ([`Deliver`]). Invariant: nothing here blocks or
 //! fails the pipeline; a slow or dead sink costs alerts, never stored events.
-//! A sink's failures come back through [`Dispatcher::failures`] and are
+//! A sink's failures come back through [`Dispatcher::failure_events`] and are
 //! reported by the daemon as `alert-failed` events, which go to the *other*
 //! sinks only, and whose own failures are counted but not reported again.
 
@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use tracing::warn;
 
-use crate::monitor::event;
+use crate::monitor::event::{self, ecs::Envelope, Action};
 use crate::policy::{AlertSink, Policy, Severity, SinkKind};
 use limiter::Limiter;
 
@@ -40,7 +40,6 @@ pub trait Deliver: Send {
 const QUEUE: usize = 1024;
 /// `alert-failed` events: at most one per sink per this interval.
 const FAILURE_EVENT_EVERY: Duration = Duration::from_secs(60);
-const ALERT_FAILED: &str = "alert-failed";
 
 /// A sink's counts, for the metrics.
 #[derive(Default)]
@@ -146,11 +145,9 @@ impl Dispatcher {
         if self.sinks.is_empty() {
             return;
         }
-        let action = doc
-            .pointer("/event/action")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let severity = event::severity_of(doc).unwrap_or(Severity::Info);
+        let envelope = Envelope::of(doc);
+        let action = envelope.action_name();
+        let severity = envelope.severity.unwrap_or(Severity::Info);
         let mut shared: Option<Arc<Value>> = None;
         for s in &self.sinks {
             let wanted = severity >= s.config.min_severity
@@ -248,12 +245,12 @@ impl Worker {
             let closed = match rx.recv_timeout(wait) {
                 Ok(doc) => {
                     self.digest_if_due();
-                    let action = doc
-                        .pointer("/event/action")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let severity = event::severity_of(&doc).unwrap_or(Severity::Info);
-                    if self.limiter.admit(Instant::now(), action, severity) {
+                    let envelope = Envelope::of(&doc);
+                    let severity = envelope.severity.unwrap_or(Severity::Info);
+                    if self
+                        .limiter
+                        .admit(Instant::now(), envelope.action_name(), severity)
+                    {
                         self.send(&doc);
                     } else {
                         self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -302,8 +299,7 @@ impl Worker {
                 }
                 Err(e) if attempt >= self.config.retries => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    let about_a_failure =
-                        doc.pointer("/event/action").and_then(Value::as_str) == Some(ALERT_FAILED);
+                    let about_a_failure = Envelope::of(doc).action == Some(Action::AlertFailed);
                     // A failure to report a failure stays in the metrics: no loop.
                     if !about_a_failure {
                         let _ = self.failures.try_send(Failure {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tracing::warn;
 
 use crate::monitor::attribution::Identity;
-use crate::monitor::event;
+use crate::monitor::event::SubjectKey;
 use crate::monitor::incident::Incident;
 use crate::monitor::store::Store;
 use crate::policy::{Severity, SeverityRules};
@@ -50,23 +50,23 @@ impl SeenKey {
             Identity::Forwarded(iface, src) => format!("forwarded:{iface}:{src}"),
             Identity::Unknown => "unknown".into(),
         };
-        let (destination, protocol) = if let Some((name, qtype)) = &inc.key.question {
-            (name.clone(), format!("dns:{qtype}"))
-        } else if let Some(host) = &inc.key.proxy_host {
-            (host.clone(), "proxy".into())
-        } else {
-            (
-                inc.key
-                    .destination
-                    .map(|d| d.to_string())
-                    .unwrap_or_default(),
-                inc.key.protocol.map(|p| p.to_string()).unwrap_or_default(),
-            )
+        let (destination, protocol) = match &inc.key.subject {
+            SubjectKey::DnsQuery { name, qtype } => (name.clone(), format!("dns:{qtype}")),
+            SubjectKey::ProxyRequest { host, .. } => (host.clone(), "proxy".into()),
+            SubjectKey::Packet {
+                destination,
+                protocol,
+                ..
+            } => (
+                destination.map(|d| d.to_string()).unwrap_or_default(),
+                protocol.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            SubjectKey::Flood => (String::new(), String::new()),
         };
         SeenKey {
             identity,
             destination,
-            port: inc.key.port.unwrap_or(0),
+            port: inc.key.subject.port().unwrap_or(0),
             protocol,
         }
     }
@@ -131,7 +131,12 @@ impl Classifier {
             self.known.insert(hash, inc.first_seen);
             new
         };
-        let s = grade(&self.rules, event::action(inc), inc.key.port, new);
+        let s = grade(
+            &self.rules,
+            inc.action().as_str(),
+            inc.key.subject.port(),
+            new,
+        );
         if self.graded.len() >= MAX_GRADED {
             let oldest_kept = inc.id.saturating_sub(MAX_GRADED as u64 / 2);
             self.graded.retain(|id, _| *id >= oldest_kept);
@@ -142,10 +147,14 @@ impl Classifier {
 
     /// The grade an incident got when it opened (updates keep it).
     pub fn of(&self, inc: &Incident) -> Severity {
-        self.graded
-            .get(&inc.id)
-            .copied()
-            .unwrap_or_else(|| grade(&self.rules, event::action(inc), inc.key.port, false))
+        self.graded.get(&inc.id).copied().unwrap_or_else(|| {
+            grade(
+                &self.rules,
+                inc.action().as_str(),
+                inc.key.subject.port(),
+                false,
+            )
+        })
     }
 }
 

@@ -21,33 +21,12 @@ use serde_json::Value;
 
 use super::Deliver;
 use crate::dns::upstream::set_mark;
+use crate::monitor::event::ecs::{sink_fields, Envelope};
 use crate::policy::{Severity, SyslogConfig, SyslogTarget};
 
 /// The private enterprise number RFC 5612 reserves for documentation: the
 /// SD-ID `egret@32473` is not registered, as RFC 5424 7.2.2 allows.
 pub const SD_ID: &str = "egret@32473";
-
-/// ECS field → SD-PARAM name.
-const PARAMS: &[(&str, &str)] = &[
-    ("/event/action", "action"),
-    ("/egret/severity", "severity"),
-    ("/event/id", "id"),
-    ("/rule/name", "rule"),
-    ("/process/pid", "pid"),
-    ("/process/executable", "executable"),
-    ("/user/name", "user"),
-    ("/egret/unit", "unit"),
-    ("/container/id", "container"),
-    ("/source/ip", "src"),
-    ("/destination/ip", "dst"),
-    ("/destination/port", "dport"),
-    ("/network/transport", "transport"),
-    ("/destination/domain", "domain"),
-    ("/dns/question/name", "query"),
-    ("/egret/count", "count"),
-    ("/egret/alert/sink", "sink"),
-    ("/egret/alert/suppressed", "suppressed"),
-];
 
 /// RFC 5424 severity (0 emergency ... 7 debug) for an egret severity.
 fn syslog_severity(s: Severity) -> u8 {
@@ -131,16 +110,16 @@ fn header_field(v: &str, max: usize) -> String {
     }
 }
 
-fn pri(doc: &Value, facility: u8) -> u16 {
-    let severity = crate::monitor::event::severity_of(doc).unwrap_or(Severity::Info);
+fn pri(doc: &Envelope, facility: u8) -> u16 {
+    let severity = doc.severity.unwrap_or(Severity::Info);
     u16::from(facility) * 8 + u16::from(syslog_severity(severity))
 }
 
-fn text(doc: &Value, p: &str) -> Option<String> {
-    match doc.pointer(p) {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(Value::Bool(b)) => Some(b.to_string()),
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
 }
@@ -163,17 +142,14 @@ pub fn format_local(doc: &Value, facility: u8, app_name: &str, now: SystemTime) 
         .filter(|c| !matches!(c, '[' | ']' | ':'))
         .collect();
     let tag = if tag.is_empty() { "egret".into() } else { tag };
-    let mut fields = serde_json::Map::new();
-    for (pointer, name) in PARAMS {
-        if let Some(v) = doc.pointer(pointer).filter(|v| !v.is_null()) {
-            fields.insert((*name).to_string(), v.clone());
-        }
-    }
-    let message = escape_controls(&text(doc, "/message").unwrap_or_default())
-        .replace(CEE_COOKIE.trim_end(), "@cee\\x3a");
+    let fields: serde_json::Map<String, Value> = sink_fields(doc)
+        .map(|(name, v)| (name.to_string(), v.clone()))
+        .collect();
+    let envelope = Envelope::of(doc);
+    let message = escape_controls(&envelope.message).replace(CEE_COOKIE.trim_end(), "@cee\\x3a");
     std::format!(
         "<{}>{} {tag}[{}]: {message} {CEE_COOKIE}{}",
-        pri(doc, facility),
+        pri(&envelope, facility),
         bsd_timestamp(now),
         std::process::id(),
         cee_json(fields)
@@ -208,21 +184,21 @@ fn bsd_timestamp(t: SystemTime) -> String {
 
 /// An RFC 5424 record, for collectors over the network.
 pub fn format(doc: &Value, facility: u8, app_name: &str) -> String {
-    let text = |p: &str| text(doc, p);
-    let timestamp = text("/@timestamp").unwrap_or_else(|| "-".into());
-    let host = header_field(&text("/host/hostname").unwrap_or_default(), 255);
-    let msgid = header_field(&text("/event/action").unwrap_or_default(), 32);
+    let envelope = Envelope::of(doc);
+    let timestamp = envelope.timestamp.as_deref().unwrap_or("-");
+    let host = header_field(envelope.host.as_deref().unwrap_or_default(), 255);
+    let msgid = header_field(envelope.action_name(), 32);
     let mut sd = format!("[{SD_ID}");
-    for (pointer, name) in PARAMS {
-        if let Some(v) = text(pointer) {
+    for (name, v) in sink_fields(doc) {
+        if let Some(v) = text(v) {
             sd.push_str(&std::format!(" {name}=\"{}\"", escape(&v)));
         }
     }
     sd.push(']');
-    let message = escape_controls(&text("/message").unwrap_or_default());
+    let message = escape_controls(&envelope.message);
     std::format!(
         "<{}>1 {timestamp} {host} {} {} {msgid} {sd} \u{feff}{message}",
-        pri(doc, facility),
+        pri(&envelope, facility),
         header_field(app_name, 48),
         std::process::id()
     )

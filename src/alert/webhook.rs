@@ -17,7 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 
 use super::Deliver;
-use crate::policy::{WebhookConfig, WebhookFormat};
+use crate::monitor::event::ecs::Envelope;
+use crate::policy::{Severity, WebhookConfig, WebhookFormat};
 
 pub struct Webhook {
     config: WebhookConfig,
@@ -164,17 +165,13 @@ impl WebhookConfig {
 
 /// `[egret HIGH] web1: blocked /usr/bin/java (pid 4242, user app) → 192.0.2.7:1389/tcp`
 pub fn chat_text(doc: &Value) -> String {
-    let severity = doc
-        .pointer("/egret/severity")
-        .and_then(Value::as_str)
-        .unwrap_or("info")
+    let e = Envelope::of(doc);
+    let severity = e
+        .severity
+        .map_or("info", Severity::as_str)
         .to_ascii_uppercase();
-    let host = doc
-        .pointer("/host/hostname")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
-    let message = doc.get("message").and_then(Value::as_str).unwrap_or("");
-    format!("[egret {severity}] {host}: {message}")
+    let host = e.host.as_deref().unwrap_or("?");
+    format!("[egret {severity}] {host}: {}", e.message)
 }
 
 impl Deliver for Webhook {

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
 
+use crate::monitor::event::ecs::Envelope;
 use crate::monitor::store::EventFilter;
 
 /// Follows the feed until the daemon goes away (an error) or stdout closes.
@@ -72,16 +73,13 @@ fn resp_status_text(body: &[u8]) -> String {
 
 /// The filter's action, rule and text (in the message) applied to a pushed event.
 fn selected(doc: &Value, filter: &EventFilter) -> bool {
-    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let e = Envelope::of(doc);
     filter
         .action
         .as_deref()
-        .map_or(true, |a| a == s("/event/action"))
-        && filter
-            .rule
-            .as_deref()
-            .map_or(true, |r| r == s("/rule/name"))
+        .map_or(true, |a| a == e.action_name())
+        && filter.rule.as_deref().map_or(true, |r| r == e.rule)
         && filter.text.as_deref().map_or(true, |t| {
-            s("/message").to_lowercase().contains(&t.to_lowercase())
+            e.message.to_lowercase().contains(&t.to_lowercase())
         })
 }

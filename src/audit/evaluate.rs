@@ -26,7 +26,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 /// The rule name reported for the baseline and the DNS guard's interception.
 pub const BASELINE_RULE: &str = "baseline";
 pub const DNS_GUARD_RULE: &str = crate::ruleset::DNS_GUARD_RULE;
-pub const DEFAULT_RULE: &str = crate::monitor::event::DEFAULT_RULE;
+pub const DEFAULT_RULE: &str = crate::policy::DEFAULT_RULE;
 
 /// The first packet of an outbound flow, and who sends it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

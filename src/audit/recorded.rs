@@ -1,5 +1,5 @@
-//! The recorded flows: incidents from the store, read back from their ECS
-//! documents into what `suggest` and `simulate` need.
+//! The recorded flows: incidents from the store, decoded from their ECS
+//! documents by the event model, as the flows `suggest` and `simulate` need.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde_json::Value;
 
-use super::evaluate::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use super::evaluate::Flow;
+use crate::monitor::event::ecs::{RecordedIncident, RecordedSubject};
 use crate::monitor::store::Store;
 
 /// What an incident was about.
@@ -39,69 +40,36 @@ pub struct Recorded {
     pub last_seen: String,
 }
 
-fn text(doc: &Value, pointer: &str) -> Option<String> {
-    match doc.pointer(pointer)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn number<T: std::str::FromStr>(doc: &Value, pointer: &str) -> Option<T> {
-    text(doc, pointer)?.parse().ok()
-}
-
-fn protocol_number(transport: &str) -> Option<u8> {
-    Some(match transport {
-        "tcp" => IPPROTO_TCP,
-        "udp" => IPPROTO_UDP,
-        "icmp" => IPPROTO_ICMP,
-        "ipv6-icmp" => IPPROTO_ICMPV6,
-        other => other.parse().ok()?,
-    })
-}
-
-/// Reads one stored document; `None` for documents that are not incidents.
+/// Reads one stored document; `None` for documents that are not incidents
+/// about one flow, query or request.
 pub fn from_doc(doc: &Value) -> Option<Recorded> {
-    let action = text(doc, "/event/action")?;
-    // A flood folds many destinations: no one flow to learn from.
-    if action == "flood" {
-        return None;
-    }
-    let kind = if let Some(name) = text(doc, "/dns/question/name") {
-        Kind::DnsQuery { name }
-    } else if doc.pointer("/http").is_some() {
-        Kind::Proxy {
-            host: text(doc, "/destination/domain").or_else(|| text(doc, "/destination/ip"))?,
-            port: number(doc, "/destination/port")?,
-        }
-    } else {
-        Kind::Packet
+    let r = RecordedIncident::decode(doc)?;
+    let kind = match r.subject {
+        RecordedSubject::Packet => Kind::Packet,
+        RecordedSubject::DnsQuery { name } => Kind::DnsQuery { name },
+        RecordedSubject::ProxyRequest { host, port } => Kind::Proxy { host, port },
     };
-    let protocol = number(doc, "/network/iana_number")
-        .or_else(|| protocol_number(&text(doc, "/network/transport")?))
-        .unwrap_or(0);
     let flow = Flow {
-        dst: number(doc, "/destination/ip"),
-        protocol,
-        port: number(doc, "/destination/port"),
-        icmp_type: number(doc, "/egret/icmp/type"),
-        uid: number(doc, "/user/id"),
-        gid: number(doc, "/user/group/id"),
-        cgroup: text(doc, "/egret/cgroup"),
-        unit: text(doc, "/egret/unit"),
-        domain: text(doc, "/destination/domain").map(|d| d.to_ascii_lowercase()),
+        dst: r.destination,
+        protocol: r.protocol,
+        port: r.port,
+        icmp_type: r.icmp_type,
+        uid: r.uid,
+        gid: r.gid,
+        cgroup: r.cgroup,
+        unit: r.unit,
+        domain: r.domain.map(|d| d.to_ascii_lowercase()),
     };
     Some(Recorded {
         kind,
-        action,
-        rule: text(doc, "/rule/name").unwrap_or_else(|| "default".into()),
+        action: r.action.as_str().to_string(),
+        rule: r.rule,
         flow,
-        executable: text(doc, "/process/executable"),
-        user_name: text(doc, "/user/name"),
-        count: number(doc, "/egret/count").unwrap_or(1),
-        first_seen: text(doc, "/egret/first_seen").unwrap_or_default(),
-        last_seen: text(doc, "/egret/last_seen").unwrap_or_default(),
+        executable: r.executable,
+        user_name: r.user_name,
+        count: r.count,
+        first_seen: r.first_seen,
+        last_seen: r.last_seen,
     })
 }
 
@@ -125,9 +93,10 @@ mod tests {
     use super::*;
     use crate::monitor::attribution::{Attribution, Method, Process};
     use crate::monitor::event;
-    use crate::monitor::incident::{Aggregator, ResolvedName};
+    use crate::monitor::event::{ResolvedName, Subject};
+    use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
-    use crate::monitor::packet::{Flow as Packet, L4};
+    use crate::monitor::packet::{Flow as Packet, L4Header};
 
     #[test]
     fn an_incident_document_reads_back_into_the_flow_it_was() {
@@ -136,7 +105,7 @@ mod tests {
             src: "2001:db8::2".parse().unwrap(),
             dst: "2001:db8::7".parse().unwrap(),
             protocol: 17,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: 5000,
                 dst: 123,
             },
@@ -170,9 +139,7 @@ mod tests {
         let inc = agg
             .record(crate::monitor::incident::Observation {
                 verdict: &verdict,
-                flow: Some(&packet),
-                question: None,
-                proxy: None,
+                subject: Subject::Packet(Some(packet)),
                 attribution: &who,
                 resolved: Some(&resolved),
                 at,

@@ -23,7 +23,7 @@ use super::message::{self, Incoming, Query};
 use super::sets::{HostSets, RecentNames};
 use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
-use crate::monitor::incident::{DnsQuestion, ResolvedName};
+use crate::monitor::event::{DnsQuestion, ResolvedName};
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
 
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::kernel::nft::{Nftables, Result};
-use crate::monitor::incident::ResolvedName;
+use crate::monitor::event::ResolvedName;
 use crate::ruleset::{host_set_name, ip_to_u128, Element, Family, Field, Set};
 
 /// Refresh an element only when that extends its life by more than this:

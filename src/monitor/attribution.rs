@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::kernel::netlink::{attrs, NetlinkSocket};
-use crate::monitor::packet::{Flow, IPPROTO_TCP, IPPROTO_UDP, L4};
+use crate::monitor::packet::{Flow, L4Header, IPPROTO_TCP, IPPROTO_UDP};
 use crate::text;
 
 const NETLINK_SOCK_DIAG: isize = 4;
@@ -198,7 +198,7 @@ impl Attributor {
         };
         let Some(flow) = flow else { return base };
         let (
-            L4::Ports {
+            L4Header::Ports {
                 src: sport,
                 dst: dport,
             },

@@ -15,7 +15,8 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, SystemTime};
 
 use crate::monitor::attribution::Identity;
-use crate::monitor::incident::{IncidentKey, Observation};
+use crate::monitor::event::Subject;
+use crate::monitor::incident::IncidentKey;
 
 /// Reports the DNS guard and the proxy could not hand to the daemon.
 #[derive(Debug, Default)]
@@ -235,22 +236,21 @@ impl Limiter {
 
 /// One folded destination for a flood's sample: `10.0.0.1:80/tcp`,
 /// `x.example A (dns)`, `host:443 (proxy)`.
-pub fn describe(o: &Observation<'_>) -> String {
-    let mut s = if let Some(p) = o.proxy {
-        format!("{}:{} (proxy)", p.host, p.port)
-    } else if let Some(q) = o.question {
-        format!("{} {} (dns)", q.name, q.qtype)
-    } else if let Some(f) = o.flow {
-        let ip = match f.dst {
-            std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
-            other => other.to_string(),
-        };
-        match f.dst_port() {
-            Some(p) => format!("{ip}:{p}/{}", f.transport()),
-            None => format!("{ip}/{}", f.transport()),
+pub fn describe(subject: &Subject) -> String {
+    let mut s = match subject {
+        Subject::ProxyRequest(p) => format!("{}:{} (proxy)", p.host, p.port),
+        Subject::DnsQuery(q) => format!("{} {} (dns)", q.name, q.qtype),
+        Subject::Packet(Some(f)) => {
+            let ip = match f.dst {
+                std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
+                other => other.to_string(),
+            };
+            match f.dst_port() {
+                Some(p) => format!("{ip}:{p}/{}", f.transport()),
+                None => format!("{ip}/{}", f.transport()),
+            }
         }
-    } else {
-        "?".into()
+        Subject::Packet(None) | Subject::Flood(_) => "?".into(),
     };
     if s.chars().count() > SAMPLE_CHARS {
         s = s.chars().take(SAMPLE_CHARS).collect();

@@ -4,14 +4,15 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use crate::monitor::attribution::{Attribution, Identity};
+use crate::monitor::event::{Action, ResolvedName, Subject, SubjectKey};
 use crate::monitor::flood::{
-    describe, Admit, FloodSummary, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
+    describe, Admit, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
 };
 use crate::monitor::nflog::Verdict;
+#[cfg(test)]
 use crate::monitor::packet::Flow;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -23,62 +24,25 @@ pub struct IncidentKey {
     /// `egret suggest` sees both.
     pub uid: Option<u32>,
     pub unit: Option<String>,
-    pub destination: Option<IpAddr>,
-    pub port: Option<u16>,
-    pub protocol: Option<u8>,
-    /// For queries the DNS guard refused: (name, type).
-    pub question: Option<(String, String)>,
-    /// For requests the proxy refused: the host asked for.
-    pub proxy_host: Option<String>,
-    /// An identity's flood: its new destinations past its rate, folded (no destination).
-    pub flood: bool,
+    /// Destination, port and protocol; the (name, type) of a query; the host
+    /// of a proxy request; nothing for a flood (it folds destinations).
+    pub subject: SubjectKey,
 }
 
-/// A request the egress proxy refused (or, in audit mode, would have).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyRequest {
-    /// The host as asked: a name (wire form) or an address.
-    pub host: String,
-    pub port: u16,
-    /// `CONNECT`, `GET`, ...
-    pub method: String,
-    pub client: SocketAddr,
-    /// Why it was refused.
-    pub reason: String,
-    /// The address the host resolved to, when that was the problem, or the literal.
-    pub ip: Option<IpAddr>,
-}
-
-/// A DNS query the guard refused (or, in audit mode, would have refused).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsQuestion {
-    /// Wire form: ASCII, lower case, no trailing dot.
-    pub name: String,
-    /// "A", "AAAA", "TXT", ...
-    pub qtype: String,
-    /// The asking socket.
-    pub client: SocketAddr,
-    /// "udp" or "tcp".
-    pub transport: &'static str,
-}
-
-/// The name the DNS guard recently resolved to a packet's destination, and who asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedName {
-    pub name: String,
-    pub asked_by: Option<Attribution>,
-}
-
-/// One thing the monitor saw: a logged packet or a refused query.
-#[derive(Debug, Clone, Copy)]
+/// One thing the monitor saw: a logged packet, a refused query or proxy request.
+#[derive(Debug, Clone)]
 pub struct Observation<'a> {
     pub verdict: &'a Verdict,
-    pub flow: Option<&'a Flow>,
-    pub question: Option<&'a DnsQuestion>,
-    pub proxy: Option<&'a ProxyRequest>,
+    pub subject: Subject,
     pub attribution: &'a Attribution,
     pub resolved: Option<&'a ResolvedName>,
     pub at: SystemTime,
+}
+
+impl Observation<'_> {
+    pub fn action(&self) -> Action {
+        self.subject.action(self.verdict.blocked)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,29 +52,23 @@ pub struct Incident {
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub count: u64,
-    /// The first packet's flow and attribution (later ones differ only in
-    /// source port and timing).
-    pub flow: Option<Flow>,
-    /// Boxed, like `proxy` and `resolved`: most incidents have none, and an
-    /// open incident's size is what a port scan multiplies.
-    pub question: Option<Box<DnsQuestion>>,
-    pub proxy: Option<Box<ProxyRequest>>,
-    /// The host name behind the destination address, if the guard resolved it.
+    /// The first observation's subject (later ones differ only in source
+    /// port and timing); a flood's summary of what it folded.
+    pub subject: Subject,
+    /// The host name behind the destination address, if the guard resolved
+    /// it. Boxed: most incidents have none, and an open incident's size is
+    /// what a port scan multiplies.
     pub resolved: Option<Box<ResolvedName>>,
-    /// A flood incident: what it folded.
-    pub flood: Option<Box<FloodSummary>>,
     pub attribution: Attribution,
     emitted_count: u64,
     emitted_at: SystemTime,
 }
 
-/// What to tell the outside world about an incident.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Emit {
-    /// First packet: at once.
-    New,
-    /// The count grew since the last emission.
-    Update,
+impl Incident {
+    /// ECS `event.action`.
+    pub fn action(&self) -> Action {
+        self.subject.action(self.key.verdict.blocked)
+    }
 }
 
 /// Index entry: (time, id). Ids are unique, so entries never collide.
@@ -174,9 +132,7 @@ impl Aggregator {
     ) -> Option<&Incident> {
         self.record(Observation {
             verdict,
-            flow,
-            question: None,
-            proxy: None,
+            subject: Subject::Packet(flow.copied()),
             attribution,
             resolved: None,
             at,
@@ -186,26 +142,13 @@ impl Aggregator {
     /// Records one observation. Returns the incident when it is new (emit
     /// now): a first attempt, or the start of an identity's flood.
     pub fn record(&mut self, o: Observation<'_>) -> Option<&Incident> {
-        let Observation {
-            verdict,
-            flow,
-            question,
-            proxy,
-            attribution,
-            resolved,
-            at,
-        } = o;
+        let at = o.at;
         let key = IncidentKey {
-            verdict: verdict.clone(),
-            identity: attribution.identity(),
-            uid: attribution.uid,
-            unit: attribution.unit.clone(),
-            destination: flow.map(|f| f.dst).or(proxy.and_then(|p| p.ip)),
-            port: flow.and_then(|f| f.dst_port()).or(proxy.map(|p| p.port)),
-            protocol: flow.map(|f| f.protocol),
-            question: question.map(|q| (q.name.clone(), q.qtype.clone())),
-            proxy_host: proxy.map(|p| p.host.clone()),
-            flood: false,
+            verdict: o.verdict.clone(),
+            identity: o.attribution.identity(),
+            uid: o.attribution.uid,
+            unit: o.attribution.unit.clone(),
+            subject: o.subject.key(),
         };
         if let Some(&id) = self.ids.get(&key) {
             let fresh = self.open.get(&id).is_some_and(|inc| {
@@ -231,11 +174,8 @@ impl Aggregator {
         let level = self.floods.admit(&who, at);
         if level == Admit::Open {
             let inc = Incident {
-                flow: flow.copied(),
-                question: question.cloned().map(Box::new),
-                proxy: proxy.cloned().map(Box::new),
-                resolved: resolved.cloned().map(Box::new),
-                ..Incident::first(key, attribution, at)
+                resolved: o.resolved.cloned().map(Box::new),
+                ..Incident::first(key, o.subject, o.attribution, at)
             };
             return self.open(inc);
         }
@@ -243,12 +183,7 @@ impl Aggregator {
         // one flood incident; over its account's, the account's flood (keyed
         // on the uid alone, whatever program name each attempt came under).
         let mut flood_key = IncidentKey {
-            destination: None,
-            port: None,
-            protocol: None,
-            question: None,
-            proxy_host: None,
-            flood: true,
+            subject: SubjectKey::Flood,
             ..key.clone()
         };
         if level == Admit::User {
@@ -258,8 +193,7 @@ impl Aggregator {
         if let Some(&old) = self.ids.get(&flood_key) {
             self.close(old);
         }
-        let mut inc = Incident::first(flood_key, attribution, at);
-        inc.flood = Some(Box::default());
+        let inc = Incident::first(flood_key, Subject::Flood(Box::default()), o.attribution, at);
         let id = self.next_id;
         self.floods.set_flood(&who, level, Some(id));
         self.flood_seen.insert(id, HashSet::new());
@@ -313,7 +247,7 @@ impl Aggregator {
         let (Some(seen), Some(inc)) = (self.flood_seen.get_mut(&id), self.open.get_mut(&id)) else {
             return;
         };
-        let Some(summary) = inc.flood.as_deref_mut() else {
+        let Subject::Flood(summary) = &mut inc.subject else {
             return;
         };
         if seen.contains(&hash) {
@@ -327,7 +261,7 @@ impl Aggregator {
         self.flood_tracked += 1;
         summary.destinations += 1;
         if summary.sample.len() < SAMPLE {
-            summary.sample.push(describe(o));
+            summary.sample.push(describe(&o.subject));
         }
     }
 
@@ -422,18 +356,20 @@ impl Aggregator {
 
 impl Incident {
     /// A first attempt: count 1, emitted at once; its id is set when it opens.
-    fn first(key: IncidentKey, attribution: &Attribution, at: SystemTime) -> Incident {
+    fn first(
+        key: IncidentKey,
+        subject: Subject,
+        attribution: &Attribution,
+        at: SystemTime,
+    ) -> Incident {
         Incident {
             id: 0,
             key,
             first_seen: at,
             last_seen: at,
             count: 1,
-            flow: None,
-            question: None,
-            proxy: None,
+            subject,
             resolved: None,
-            flood: None,
             attribution: attribution.clone(),
             emitted_count: 1,
             emitted_at: at,
@@ -445,14 +381,15 @@ impl Incident {
 mod tests {
     use super::*;
     use crate::monitor::attribution::Method;
-    use crate::monitor::packet::L4;
+    use crate::monitor::event::DnsQuestion;
+    use crate::monitor::packet::L4Header;
 
     fn flow(sport: u16, dport: u16) -> Flow {
         Flow {
             src: "10.1.0.1".parse().unwrap(),
             dst: "10.1.0.2".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: sport,
                 dst: dport,
             },
@@ -594,9 +531,7 @@ mod tests {
     fn ask(agg: &mut Aggregator, q: &DnsQuestion, a: &Attribution, at: SystemTime) -> Option<u64> {
         agg.record(Observation {
             verdict: &BLOCKED,
-            flow: None,
-            question: Some(q),
-            proxy: None,
+            subject: Subject::DnsQuery(Box::new(q.clone())),
             attribution: a,
             resolved: None,
             at,
@@ -609,7 +544,7 @@ mod tests {
         for i in emitted {
             let e = into.entry(i.id).or_default();
             assert!(i.count >= e.0, "an incident's count never shrinks");
-            *e = (i.count, i.flood.is_some());
+            *e = (i.count, matches!(i.subject, Subject::Flood(_)));
         }
     }
 
@@ -657,8 +592,14 @@ mod tests {
         // A's ten incidents within its burst, its flood, and B's.
         assert_eq!(first.len(), 12);
         assert_eq!(counts.values().map(|c| c.0).sum::<u64>(), 10_001);
-        let flood = emitted.iter().rev().find(|i| i.flood.is_some()).unwrap();
-        let f = flood.flood.as_deref().unwrap();
+        let flood = emitted
+            .iter()
+            .rev()
+            .find(|i| i.action() == Action::Flood)
+            .unwrap();
+        let Subject::Flood(f) = &flood.subject else {
+            panic!("{flood:?}")
+        };
         // 10,000 asks of 6,667 distinct names; the burst's 10 are incidents of their own.
         let distinct: HashSet<String> = (0..10_000u32)
             .map(|n| format!("n{}.example", n - n % 2 * (n % 3)))

@@ -17,11 +17,12 @@ pub struct Flow {
     /// IANA protocol number of the transport header (after IPv6 extension headers).
     pub protocol: u8,
     /// Ports for TCP/UDP, (type, code) for ICMP/ICMPv6, none otherwise or when truncated.
-    pub l4: L4,
+    pub l4: L4Header,
 }
 
+/// What the transport header says (not the protocol a policy rule names: that is `policy::L4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum L4 {
+pub enum L4Header {
     Ports { src: u16, dst: u16 },
     Icmp { kind: u8, code: u8 },
     None,
@@ -30,13 +31,13 @@ pub enum L4 {
 impl Flow {
     pub fn src_port(&self) -> Option<u16> {
         match self.l4 {
-            L4::Ports { src, .. } => Some(src),
+            L4Header::Ports { src, .. } => Some(src),
             _ => None,
         }
     }
     pub fn dst_port(&self) -> Option<u16> {
         match self.l4 {
-            L4::Ports { dst, .. } => Some(dst),
+            L4Header::Ports { dst, .. } => Some(dst),
             _ => None,
         }
     }
@@ -93,7 +94,7 @@ fn decode_v4(d: &[u8]) -> Result<Flow, DecodeError> {
     // Only the first fragment carries the transport header.
     let fragment_offset = u16::from_be_bytes([d[6], d[7]]) & 0x1fff;
     let l4 = if ihl < 20 || fragment_offset != 0 {
-        L4::None
+        L4Header::None
     } else {
         transport(protocol, d.get(ihl..).unwrap_or(&[]))
     };
@@ -118,7 +119,7 @@ fn decode_v6(d: &[u8]) -> Result<Flow, DecodeError> {
     let mut next = d[6];
     let mut at = 40;
     // Walk extension headers (bounded: each one advances at least 8 bytes).
-    let mut l4 = L4::None;
+    let mut l4 = L4Header::None;
     loop {
         match next {
             // hop-by-hop, routing, destination options
@@ -155,17 +156,17 @@ fn decode_v6(d: &[u8]) -> Result<Flow, DecodeError> {
     })
 }
 
-fn transport(protocol: u8, h: &[u8]) -> L4 {
+fn transport(protocol: u8, h: &[u8]) -> L4Header {
     match protocol {
-        IPPROTO_TCP | IPPROTO_UDP | 132 | 136 if h.len() >= 4 => L4::Ports {
+        IPPROTO_TCP | IPPROTO_UDP | 132 | 136 if h.len() >= 4 => L4Header::Ports {
             src: u16::from_be_bytes([h[0], h[1]]),
             dst: u16::from_be_bytes([h[2], h[3]]),
         },
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if h.len() >= 2 => L4::Icmp {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if h.len() >= 2 => L4Header::Icmp {
             kind: h[0],
             code: h[1],
         },
-        _ => L4::None,
+        _ => L4Header::None,
     }
 }
 
@@ -198,7 +199,7 @@ pub(crate) mod tests {
         assert_eq!(f.dst, "192.0.2.9".parse::<IpAddr>().unwrap());
         assert_eq!(
             f.l4,
-            L4::Ports {
+            L4Header::Ports {
                 src: 40000,
                 dst: 53
             }
@@ -211,7 +212,7 @@ pub(crate) mod tests {
     fn ipv4_later_fragment_has_no_ports() {
         let mut p = ipv4_udp([10, 0, 0, 1], [192, 0, 2, 9], 1, 2);
         p[7] = 10;
-        assert_eq!(decode(&p).unwrap().l4, L4::None);
+        assert_eq!(decode(&p).unwrap().l4, L4Header::None);
     }
 
     #[test]
@@ -228,7 +229,7 @@ pub(crate) mod tests {
     #[test]
     fn icmpv6_type_and_code() {
         let f = decode(&ipv6(IPPROTO_ICMPV6, &[128, 0, 0, 0])).unwrap();
-        assert_eq!(f.l4, L4::Icmp { kind: 128, code: 0 });
+        assert_eq!(f.l4, L4Header::Icmp { kind: 128, code: 0 });
         assert_eq!(f.transport(), "ipv6-icmp");
     }
 
@@ -239,7 +240,7 @@ pub(crate) mod tests {
         let f = decode(&gre).unwrap();
         assert_eq!(
             (f.protocol, f.l4, f.transport()),
-            (47, L4::None, "47".to_string())
+            (47, L4Header::None, "47".to_string())
         );
         assert_eq!(decode(&[]), Err(DecodeError::Truncated));
         assert_eq!(decode(&[0x45, 0]), Err(DecodeError::Truncated));

@@ -311,7 +311,7 @@ impl Store {
             for (inc, doc) in batch {
                 stmt.execute(params![
                     inc.id as i64,
-                    event::action(inc),
+                    inc.action().as_str(),
                     unix_ms(inc.first_seen),
                     unix_ms(inc.last_seen),
                     inc.count as i64,
@@ -578,16 +578,17 @@ pub enum TopBy {
 mod tests {
     use super::*;
     use crate::monitor::attribution::{Attribution, Method};
+    use crate::monitor::event::Action;
     use crate::monitor::incident::Aggregator;
     use crate::monitor::nflog::Verdict;
-    use crate::monitor::packet::{Flow, L4};
+    use crate::monitor::packet::{Flow, L4Header};
 
     fn sample(agg: &mut Aggregator, port: u16, uid: u32, at: SystemTime) -> Incident {
         let flow = Flow {
             src: "10.1.0.1".parse().unwrap(),
             dst: "192.0.2.7".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports { src: 1, dst: port },
+            l4: L4Header::Ports { src: 1, dst: port },
         };
         let who = Attribution {
             method: Method::UidOnly,
@@ -697,7 +698,13 @@ mod tests {
                 .unwrap();
         }
         store
-            .insert_event(b.id + 1, "data-loss", now, 1, &serde_json::json!({}))
+            .insert_event(
+                b.id + 1,
+                Action::DataLoss.as_str(),
+                now,
+                1,
+                &serde_json::json!({}),
+            )
             .unwrap();
         let docs = store
             .incident_docs(now - Duration::from_secs(3600))
@@ -717,14 +724,17 @@ mod tests {
         store
             .upsert(&[(&a, &event::incident(&a, false, "h"))])
             .unwrap();
-        for (i, action) in ["tamper", "heartbeat", "data-loss", "alert-dropped"]
-            .iter()
-            .enumerate()
-        {
+        let own = [
+            Action::Tamper,
+            Action::Heartbeat,
+            Action::DataLoss,
+            Action::AlertDigest,
+        ];
+        for (i, &action) in own.iter().enumerate() {
             store
                 .insert_event(
                     a.id + 1 + i as u64,
-                    action,
+                    action.as_str(),
                     now,
                     100,
                     &serde_json::json!({}),

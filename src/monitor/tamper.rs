@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tracing::warn;
 
 use crate::kernel::nft::{NftError, Nftables};
@@ -249,35 +249,9 @@ fn differences(expected: &Ruleset, live: &Ruleset) -> Vec<String> {
     out
 }
 
-/// Adds who committed the change (ECS `process.*`) and what changed to a
-/// tamper document.
+/// Adds who committed the change and what changed to a tamper document.
 pub fn annotate(doc: &mut Value, found: &Found) {
-    if let Some((pid, name)) = &found.by {
-        let mut process = serde_json::Map::new();
-        if let Some(pid) = pid {
-            process.insert("pid".into(), json!(pid));
-        }
-        if let Some(name) = name {
-            process.insert("name".into(), json!(name));
-        }
-        if !process.is_empty() {
-            if let Some(m) = doc.as_object_mut() {
-                m.insert("process".into(), Value::Object(process));
-            }
-            if let (Some(msg), Some(name)) = (doc.get("message").and_then(|m| m.as_str()), name) {
-                let by = match pid {
-                    Some(pid) => format!(" (committed by {name}, pid {pid})"),
-                    None => format!(" (committed by {name})"),
-                };
-                doc["message"] = json!(format!("{msg}{by}"));
-            }
-        }
-    }
-    if !found.changes.is_empty() {
-        if let Some(egret) = doc.get_mut("egret").and_then(|e| e.as_object_mut()) {
-            egret.insert("changes".into(), json!(found.changes));
-        }
-    }
+    crate::monitor::event::ecs::annotate_tamper(doc, found.by.as_ref(), &found.changes);
 }
 
 #[cfg(test)]
@@ -322,7 +296,8 @@ mod tests {
 
     #[test]
     fn the_committer_is_named() {
-        let mut doc = json!({"message": "egret's table was changed outside egret", "egret": {}});
+        let mut doc =
+            serde_json::json!({"message": "egret's table was changed outside egret", "egret": {}});
         annotate(
             &mut doc,
             &Found {

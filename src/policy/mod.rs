@@ -33,8 +33,10 @@ pub const DEFAULT_LOG_GROUP: u16 = 5;
 /// the policy says otherwise: "egrt" in ASCII. Setting a mark needs
 /// CAP_NET_ADMIN, so ordinary processes cannot borrow the guard's exemption.
 pub const DEFAULT_MARK: u32 = 0x6567_7274;
+/// The rule name events carry for packets caught by the final rule (the one no policy rule is).
+pub const DEFAULT_RULE: &str = "default";
 /// Rule names egret uses for its own log rules; a policy rule may not take them.
-pub const RESERVED_RULE_NAMES: &[&str] = &["default", "dns-bypass", "dns-guard", "containers"];
+pub const RESERVED_RULE_NAMES: &[&str] = &[DEFAULT_RULE, "dns-bypass", "dns-guard", "containers"];
 
 /// A whole, validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -46,10 +46,10 @@ async fn pump(
     loop {
         from.readable().await?;
         let state = match copy_small(from, to, activity, start).await? {
-            Flow::Bulk => splice_burst(from, to, activity, start).await?,
+            Moved::Bulk => splice_burst(from, to, activity, start).await?,
             other => other,
         };
-        if state == Flow::End {
+        if state == Moved::End {
             shutdown_write(to);
             return Ok(());
         }
@@ -58,7 +58,7 @@ async fn pump(
 
 /// Where a direction stands after moving what was there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flow {
+enum Moved {
     /// The socket ran dry: wait for it to become readable.
     Dry,
     /// A read filled the small buffer: more is coming, splice it.
@@ -73,20 +73,20 @@ async fn copy_small(
     to: &TcpStream,
     activity: &AtomicU64,
     start: Instant,
-) -> io::Result<Flow> {
+) -> io::Result<Moved> {
     let mut buf = Vec::with_capacity(SMALL);
     loop {
         buf.clear();
         let n = match from.try_read_buf(&mut buf) {
-            Ok(0) => return Ok(Flow::End),
+            Ok(0) => return Ok(Moved::End),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Dry),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Dry),
             Err(e) => return Err(e),
         };
         write_all(to, &buf[..n]).await?;
         activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         if n == SMALL {
-            return Ok(Flow::Bulk);
+            return Ok(Moved::Bulk);
         }
     }
 }
@@ -109,17 +109,17 @@ async fn splice_burst(
     to: &TcpStream,
     activity: &AtomicU64,
     start: Instant,
-) -> io::Result<Flow> {
+) -> io::Result<Moved> {
     let pipe = Pipe::new()?;
     loop {
         let moved = from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
         });
         let n = match moved {
-            Ok(0) => return Ok(Flow::End),
+            Ok(0) => return Ok(Moved::End),
             Ok(n) => n,
             // Dry: wait for more without holding the pipe.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Dry),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Dry),
             Err(e) => return Err(e),
         };
         let mut left = n;

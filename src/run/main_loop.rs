@@ -22,7 +22,8 @@ use crate::kernel::nft::Nftables;
 use crate::monitor::attribution::{Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
-use crate::monitor::incident::{Aggregator, Observation, ProxyRequest};
+use crate::monitor::event::{ProxyRequest, Subject};
+use crate::monitor::incident::{Aggregator, Observation};
 use crate::monitor::nflog::{LoggedPacket, Verdict};
 use crate::monitor::store::Store;
 use crate::policy::Policy;
@@ -287,9 +288,7 @@ impl Daemon {
         };
         self.record(Observation {
             verdict: &verdict,
-            flow: None,
-            question: None,
-            proxy: Some(&request),
+            subject: Subject::ProxyRequest(Box::new(request)),
             attribution: &d.attribution,
             resolved: None,
             at: d.at,
@@ -327,9 +326,7 @@ impl Daemon {
         });
         self.record(Observation {
             verdict: &p.verdict,
-            flow,
-            question: None,
-            proxy: None,
+            subject: Subject::Packet(flow.copied()),
             attribution: &who,
             resolved: resolved.as_ref(),
             at: p.received,
@@ -347,9 +344,7 @@ impl Daemon {
         };
         self.record(Observation {
             verdict: &verdict,
-            flow: None,
-            question: Some(&q.question),
-            proxy: None,
+            subject: Subject::DnsQuery(Box::new(q.question)),
             attribution: &q.attribution,
             resolved: None,
             at: q.at,
@@ -357,7 +352,7 @@ impl Daemon {
     }
 
     fn record(&mut self, o: Observation<'_>) {
-        let action = event::action_of(o.verdict.blocked, o.question.is_some(), o.proxy.is_some());
+        let action = o.action().as_str();
         let minute =
             o.at.duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64 / 60)
@@ -365,7 +360,7 @@ impl Daemon {
         *self.timeline.entry((minute, action)).or_default() += 1;
         if let Some(inc) = self.agg.record(o) {
             self.services.metrics.incident(
-                event::action(inc),
+                inc.action().as_str(),
                 inc.key
                     .verdict
                     .rule

@@ -1,12 +1,17 @@
-//! Incidents and loss reports as Elastic Common Schema documents: one JSON
-//! object per line on stdout, the same document stored in SQLite.
+//! The event model in Elastic Common Schema: incidents and egret's own
+//! events encoded as documents (one JSON object per line on stdout, the same
+//! document stored in SQLite), and those documents decoded back. Every ECS
+//! field path egret knows is in this file.
 
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use serde_json::{json, Map, Value};
 
+use super::describe::{presentation_name, summary};
+use super::{Action, Subject, DEFAULT_RULE};
 use crate::monitor::incident::Incident;
-use crate::monitor::packet::L4;
+use crate::monitor::packet::L4Header;
 use crate::policy::{Mode, Severity};
 
 /// The ECS version egret's documents follow (`ecs.version`), checked by
@@ -33,34 +38,6 @@ fn compact(v: Value) -> Value {
     }
 }
 
-/// The rule name reported for packets caught by the final default rule.
-pub const DEFAULT_RULE: &str = "default";
-
-/// ECS `event.action`: `blocked` / `would-block` for packets,
-/// `dns-refused` / `dns-would-refuse` for queries the DNS guard turned away.
-pub fn action(inc: &Incident) -> &'static str {
-    if inc.flood.is_some() {
-        return "flood";
-    }
-    action_of(
-        inc.key.verdict.blocked,
-        inc.question.is_some(),
-        inc.proxy.is_some(),
-    )
-}
-
-/// The action of one observation: a blocked (or, in audit mode, passed)
-/// packet, DNS question or proxy request.
-pub fn action_of(blocked: bool, dns_question: bool, proxy_request: bool) -> &'static str {
-    match (blocked, dns_question, proxy_request) {
-        (true, true, _) => "dns-refused",
-        (false, true, _) => "dns-would-refuse",
-        (true, false, true) => "proxy-denied",
-        (true, false, false) => "blocked",
-        (false, false, _) => "would-block",
-    }
-}
-
 /// A short ECS-shaped description of a process, for `egret.dns.asked_by`.
 fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
     let p = a.process.as_ref();
@@ -73,19 +50,29 @@ fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
 
 pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let blocked = inc.key.verdict.blocked;
-    let q = inc.question.as_ref();
-    let px = inc.proxy.as_ref();
-    let dataset = match (q, px) {
-        _ if inc.flood.is_some() => "egret.flood",
-        (Some(_), _) => "egret.dns",
-        (_, Some(_)) => "egret.proxy",
-        _ => "egret.egress",
+    let (mut flow, mut q, mut px, mut flood) = (None, None, None, None);
+    let dataset = match &inc.subject {
+        Subject::Packet(f) => {
+            flow = f.as_ref();
+            "egret.egress"
+        }
+        Subject::DnsQuery(d) => {
+            q = Some(&**d);
+            "egret.dns"
+        }
+        Subject::ProxyRequest(p) => {
+            px = Some(&**p);
+            "egret.proxy"
+        }
+        Subject::Flood(f) => {
+            flood = Some(&**f);
+            "egret.flood"
+        }
     };
     let a = &inc.attribution;
     let p = a.process.as_ref();
-    let flow = inc.flow.as_ref();
     let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {
-        Some(L4::Icmp { kind, code }) => (Some(kind), Some(code)),
+        Some(L4Header::Icmp { kind, code }) => (Some(kind), Some(code)),
         _ => (None, None),
     };
     let at = if update {
@@ -101,7 +88,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "kind": if blocked { "alert" } else { "event" },
             "category": ["network"],
             "type": [if flow.is_some() { "connection" } else { "protocol" }, if blocked { "denied" } else { "allowed" }],
-            "action": action(inc),
+            "action": inc.action().as_str(),
             // The firewall did what its policy says (ECS's own "firewall
             // blocking a network connection" example): denied or allowed is
             // in event.type, so the outcome is a success either way.
@@ -170,7 +157,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "icmp": { "type": icmp_type, "code": icmp_code },
             "reason": px.map(|p| p.reason.clone()),
             "truncated": (!a.truncated.is_empty()).then_some(&a.truncated),
-            "flood": inc.flood.as_ref().map(|f| json!({
+            "flood": flood.map(|f| json!({
                 "destinations": f.destinations,
                 "capped": f.capped,
                 "sample": f.sample,
@@ -181,160 +168,6 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             })),
         },
     }))
-}
-
-/// One line a human reads in a terminal or a SIEM's message column.
-pub fn summary(inc: &Incident) -> String {
-    if let Some(f) = &inc.flood {
-        return format!(
-            "flood from {}: {} attempts at {}{} new destinations past its rate, folded (e.g. {})",
-            who(inc),
-            inc.count,
-            if f.capped { "at least " } else { "" },
-            f.destinations,
-            f.sample.join(", ")
-        );
-    }
-    if let Some(p) = &inc.proxy {
-        let what = if inc.key.verdict.blocked {
-            "proxy denied"
-        } else {
-            "proxy would deny"
-        };
-        return format!(
-            "{what} {} {}:{} for {}: {}",
-            p.method,
-            p.host,
-            p.port,
-            who(inc),
-            p.reason
-        );
-    }
-    if let Some(q) = &inc.question {
-        let what = if inc.key.verdict.blocked {
-            "refused"
-        } else {
-            "would refuse"
-        };
-        return format!(
-            "{what} DNS query {} {} from {}",
-            q.qtype,
-            presentation_name(&q.name),
-            who(inc)
-        );
-    }
-    let what = if inc.key.verdict.blocked {
-        "blocked"
-    } else {
-        "would block"
-    };
-    format!(
-        "{what} {} → {}",
-        who(inc),
-        destination(inc).unwrap_or_else(|| "?".into())
-    )
-}
-
-/// "java (pid 4242, user app)" / "unit foo.service" / "uid 1000".
-pub fn who(inc: &Incident) -> String {
-    let a = &inc.attribution;
-    let user = a.user_name.clone().or_else(|| a.uid.map(|u| u.to_string()));
-    let user = user.map(|u| format!("user {u}")).unwrap_or_default();
-    if let (None, None, None, Some((iface, src))) = (&a.process, &a.unit, a.uid, &a.ingress) {
-        return match &a.container_name {
-            Some(name) => format!("container {name} ({src} via {iface})"),
-            None => format!("forwarded from {src} via {iface}"),
-        };
-    }
-    match (&a.process, &a.unit) {
-        (Some(p), _) => format!(
-            "{} (pid {}{}{})",
-            p.executable.as_deref().or(p.name.as_deref()).unwrap_or("?"),
-            p.pid,
-            if user.is_empty() { "" } else { ", " },
-            user
-        ),
-        (None, Some(unit)) => format!("unit {unit} ({user})"),
-        (None, None) if !user.is_empty() => user,
-        (None, None) => "unknown sender".into(),
-    }
-}
-
-/// "192.0.2.7:1389/tcp", "[2001:db8::1]:53/udp", "192.0.2.7/icmp".
-pub fn destination(inc: &Incident) -> Option<String> {
-    if let Some(f) = &inc.flood {
-        return Some(format!(
-            "{}{} destinations (flood)",
-            if f.capped { "≥" } else { "" },
-            f.destinations
-        ));
-    }
-    if let Some(p) = &inc.proxy {
-        return Some(format!("{}:{} (proxy)", p.host, p.port));
-    }
-    if let Some(q) = &inc.question {
-        return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype));
-    }
-    let f = inc.flow.as_ref()?;
-    let ip = match f.dst {
-        std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
-        other => other.to_string(),
-    };
-    let name = inc
-        .resolved
-        .as_ref()
-        .map(|r| format!(" ({})", r.name))
-        .unwrap_or_default();
-    Some(match f.dst_port() {
-        Some(p) => format!("{ip}:{p}/{}{name}", f.transport()),
-        None => format!("{ip}/{}{name}", f.transport()),
-    })
-}
-
-/// A DNS name in RFC 1035 §5.1 presentation form, as ECS's `dns.question.name`
-/// wants it: printable ASCII as is, `.` inside a label and `\\` escaped with a
-/// backslash, every other byte (space, controls, non-ASCII) as decimal
-/// `\\DDD`. `wire` is the guard's name (hickory's text form: `\\ooo` octal
-/// and `\\c` escapes), which every reader of ECS would misread.
-pub fn presentation_name(wire: &str) -> String {
-    let mut labels: Vec<Vec<u8>> = vec![Vec::new()];
-    let mut bytes = wire.bytes().peekable();
-    while let Some(b) = bytes.next() {
-        let label = labels.last_mut().expect("never empty");
-        match b {
-            b'\\' => {
-                let mut octal = Vec::with_capacity(3);
-                while octal.len() < 3 && bytes.peek().is_some_and(|d| (b'0'..=b'7').contains(d)) {
-                    octal.extend(bytes.next());
-                }
-                if octal.is_empty() {
-                    label.extend(bytes.next());
-                } else {
-                    let v = octal.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
-                    label.push(u8::try_from(v).unwrap_or(u8::MAX));
-                }
-            }
-            b'.' => labels.push(Vec::new()),
-            b => label.push(b),
-        }
-    }
-    let mut out = String::with_capacity(wire.len());
-    for (i, label) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        for &b in label {
-            match b {
-                b'.' | b'\\' => {
-                    out.push('\\');
-                    out.push(char::from(b));
-                }
-                0x21..=0x7e => out.push(char::from(b)),
-                _ => out.push_str(&format!("\\{b:03}")),
-            }
-        }
-    }
-    out
 }
 
 /// Packets the kernel logged that egret did not receive.
@@ -382,7 +215,7 @@ pub fn data_loss(at: SystemTime, lost_since_last: u64, figures: &LossFigures, ho
             figures.dns_dropped,
             figures.proxy_dropped
         ),
-        ("event", "network", "info", None, "data-loss"),
+        ("event", "network", "info", None, Action::DataLoss),
         Severity::High,
         json!({ "lost": lost_since_last, "loss": figures }),
     )
@@ -403,7 +236,7 @@ pub fn heartbeat(
             figures.received,
             figures.lost()
         ),
-        ("state", "host", "info", None, "heartbeat"),
+        ("state", "host", "info", None, Action::Heartbeat),
         Severity::Info,
         json!({ "loss": figures, "open_incidents": open_incidents }),
     )
@@ -420,7 +253,7 @@ pub fn tamper(at: SystemTime, what: &str, restored: bool, host: &str) -> Value {
         at,
         host,
         format!("egret's table was {what} outside egret{outcome}"),
-        ("alert", "configuration", "change", None, "tamper"),
+        ("alert", "configuration", "change", None, Action::Tamper),
         Severity::Critical,
         json!({ "tamper": what, "restored": restored }),
     )
@@ -433,7 +266,7 @@ pub fn nflog_taken(at: SystemTime, group: u16, host: &str) -> Value {
         at,
         host,
         format!("NFLOG group {group} is taken by another program: egret run cannot start and blocked packets are not reported"),
-        ("alert", "process", "start", Some("failure"), "nflog-taken"),
+        ("alert", "process", "start", Some("failure"), Action::NflogTaken),
         Severity::Critical,
         json!({ "log_group": group }),
     );
@@ -450,7 +283,13 @@ pub fn alert_failed(at: SystemTime, sink: &str, failed: u64, error: &str, host: 
         at,
         host,
         format!("alert sink {sink} failed to deliver {failed} alert(s): {error}"),
-        ("event", "host", "info", Some("failure"), "alert-failed"),
+        (
+            "event",
+            "host",
+            "info",
+            Some("failure"),
+            Action::AlertFailed,
+        ),
         Severity::Medium,
         json!({ "alert": { "sink": sink, "failed": failed, "error": error } }),
     );
@@ -486,7 +325,7 @@ pub fn alert_digest(
             humantime::format_duration(window),
             parts.join(", ")
         ),
-        ("event", "host", "info", None, "alert-digest"),
+        ("event", "host", "info", None, Action::AlertDigest),
         top,
         json!({ "alert": {
             "sink": sink,
@@ -495,6 +334,105 @@ pub fn alert_digest(
             "by": suppressed.iter().map(|(a, s, n)| json!({"action": a, "severity": s.as_str(), "count": n})).collect::<Vec<_>>(),
         }}),
     )
+}
+
+/// Adds who committed the change (ECS `process.*`) and what changed to a
+/// tamper document.
+pub fn annotate_tamper(
+    doc: &mut Value,
+    by: Option<&(Option<u32>, Option<String>)>,
+    changes: &[String],
+) {
+    if let Some((pid, name)) = by {
+        let mut process = serde_json::Map::new();
+        if let Some(pid) = pid {
+            process.insert("pid".into(), json!(pid));
+        }
+        if let Some(name) = name {
+            process.insert("name".into(), json!(name));
+        }
+        if !process.is_empty() {
+            if let Some(m) = doc.as_object_mut() {
+                m.insert("process".into(), Value::Object(process));
+            }
+            if let (Some(msg), Some(name)) = (doc.get("message").and_then(|m| m.as_str()), name) {
+                let by = match pid {
+                    Some(pid) => format!(" (committed by {name}, pid {pid})"),
+                    None => format!(" (committed by {name})"),
+                };
+                doc["message"] = json!(format!("{msg}{by}"));
+            }
+        }
+    }
+    if !changes.is_empty() {
+        if let Some(egret) = doc.get_mut("egret").and_then(|e| e.as_object_mut()) {
+            egret.insert("changes".into(), json!(changes));
+        }
+    }
+}
+
+/// A TCP connection older than egret's table that the policy would not
+/// allow, as the event needs it (built by `run::preexisting` from what
+/// `apply` found, so the model does not depend on `apply`).
+pub struct PreexistingConnection<'a> {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub uid: u32,
+    /// A socket listens on the local (unprivileged) port.
+    pub listener: bool,
+    pub rule: &'a str,
+    pub outcome: &'a str,
+    pub why: &'a str,
+    pub message: String,
+}
+
+/// A TCP connection older than egret's table that the policy would not allow.
+pub fn preexisting(at: SystemTime, c: PreexistingConnection<'_>, host: &str) -> Value {
+    let mut doc = self_event(
+        at,
+        host,
+        c.message,
+        (
+            "alert",
+            "network",
+            "connection",
+            Some("success"),
+            Action::Preexisting,
+        ),
+        Severity::High,
+        json!({
+            "rule": c.rule,
+            "outcome": c.outcome,
+            "why": c.why,
+        }),
+    );
+    if let Some(o) = doc.as_object_mut() {
+        o.insert(
+            "source".into(),
+            json!({ "ip": c.local.ip().to_string(), "port": c.local.port() }),
+        );
+        o.insert(
+            "destination".into(),
+            json!({ "ip": c.remote.ip().to_string(), "port": c.remote.port() }),
+        );
+        o.insert(
+            "network".into(),
+            json!({
+                "transport": "tcp",
+                "type": if c.remote.is_ipv4() { "ipv4" } else { "ipv6" },
+                "direction": "egress",
+            }),
+        );
+        o.insert("user".into(), json!({ "id": c.uid.to_string() }));
+        // A listener on an unprivileged local port proves nothing (any user
+        // may open one); the operator judges.
+        if c.listener {
+            if let Some(e) = o.get_mut("egret").and_then(|e| e.as_object_mut()) {
+                e.insert("source_port_listener".into(), json!(true));
+            }
+        }
+    }
+    doc
 }
 
 /// Writes a severity into a document: ECS `event.severity` (a number, higher
@@ -533,11 +471,11 @@ fn set_error(doc: &mut Value, message: &str) {
 /// outcome, action); docs/monitoring.md says why each is what it is.
 /// A document about something other than an incident (egret's own events,
 /// pre-existing connections): the ECS skeleton every event shares.
-pub(crate) fn self_event(
+fn self_event(
     at: SystemTime,
     host: &str,
     message: String,
-    (kind, category, kind_type, outcome, action): (&str, &str, &str, Option<&str>, &str),
+    (kind, category, kind_type, outcome, action): (&str, &str, &str, Option<&str>, Action),
     severity: Severity,
     egret: Value,
 ) -> Value {
@@ -549,7 +487,7 @@ pub(crate) fn self_event(
             "kind": kind,
             "category": [category],
             "type": [kind_type],
-            "action": action,
+            "action": action.as_str(),
             "module": "egret",
             "dataset": "egret.egress",
         },
@@ -561,6 +499,196 @@ pub(crate) fn self_event(
     }
     set_severity(&mut doc, severity);
     doc
+}
+
+// ---- Decoding: documents read back (stored, streamed, or handed to a sink) ----
+
+/// What any document says about itself, egret's own events included: what
+/// the sinks filter and format on, and what `egret events --follow` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// `event.action`; `None` for an action this build does not know.
+    pub action: Option<Action>,
+    /// `egret.severity`.
+    pub severity: Option<Severity>,
+    pub message: String,
+    /// `rule.name` (incidents only).
+    pub rule: String,
+    /// `host.hostname`.
+    pub host: Option<String>,
+    /// `@timestamp`, as written.
+    pub timestamp: Option<String>,
+    /// `egret.last_seen`, as written (incidents only).
+    pub last_seen: Option<String>,
+    /// `egret.count` (incidents and data-loss reports).
+    pub count: Option<u64>,
+}
+
+impl Envelope {
+    pub fn of(doc: &Value) -> Envelope {
+        let s = |p: &str| doc.pointer(p).and_then(Value::as_str);
+        Envelope {
+            action: s("/event/action").and_then(Action::from_name),
+            severity: severity_of(doc),
+            message: s("/message").unwrap_or_default().to_string(),
+            rule: s("/rule/name").unwrap_or_default().to_string(),
+            host: s("/host/hostname").map(str::to_string),
+            timestamp: s("/@timestamp").map(str::to_string),
+            last_seen: s("/egret/last_seen").map(str::to_string),
+            count: doc.pointer("/egret/count").and_then(Value::as_u64),
+        }
+    }
+
+    pub fn action_name(&self) -> &'static str {
+        self.action.map_or("", Action::as_str)
+    }
+}
+
+/// What a sink carries beside the message (syslog's structured data and
+/// CEE fields), by its short name.
+const SINK_FIELDS: &[(&str, &str)] = &[
+    ("/event/action", "action"),
+    ("/egret/severity", "severity"),
+    ("/event/id", "id"),
+    ("/rule/name", "rule"),
+    ("/process/pid", "pid"),
+    ("/process/executable", "executable"),
+    ("/user/name", "user"),
+    ("/egret/unit", "unit"),
+    ("/container/id", "container"),
+    ("/source/ip", "src"),
+    ("/destination/ip", "dst"),
+    ("/destination/port", "dport"),
+    ("/network/transport", "transport"),
+    ("/destination/domain", "domain"),
+    ("/dns/question/name", "query"),
+    ("/egret/count", "count"),
+    ("/egret/alert/sink", "sink"),
+    ("/egret/alert/suppressed", "suppressed"),
+];
+
+/// The sink fields `doc` has (not null), as (short name, value), always in
+/// the same order.
+pub fn sink_fields(doc: &Value) -> impl Iterator<Item = (&'static str, &Value)> {
+    SINK_FIELDS.iter().filter_map(move |(pointer, name)| {
+        let v = doc.pointer(pointer).filter(|v| !v.is_null())?;
+        Some((*name, v))
+    })
+}
+
+/// What a recorded incident was about, as far as its document tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordedSubject {
+    Packet,
+    /// The name asked, in presentation form.
+    DnsQuery {
+        name: String,
+    },
+    /// The host asked for (a name, else the address) and port.
+    ProxyRequest {
+        host: String,
+        port: u16,
+    },
+}
+
+/// An incident document read back into typed values (`egret suggest`,
+/// `simulate`, `explain`): what it was about, who sent it, how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedIncident {
+    pub action: Action,
+    pub subject: RecordedSubject,
+    /// `rule.name`: the rule that logged it ([`DEFAULT_RULE`] if none).
+    pub rule: String,
+    pub destination: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// IANA protocol number (0 when the document names none).
+    pub protocol: u8,
+    pub icmp_type: Option<u8>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    /// `destination.domain`, as written.
+    pub domain: Option<String>,
+    pub executable: Option<String>,
+    pub user_name: Option<String>,
+    pub count: u64,
+    /// RFC 3339, as stored.
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+impl RecordedIncident {
+    /// `None` for documents that are not incidents about one subject
+    /// (egret's own events; floods, which fold many destinations).
+    pub fn decode(doc: &Value) -> Option<RecordedIncident> {
+        let text = |pointer: &str| -> Option<String> {
+            match doc.pointer(pointer)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }
+        };
+        fn parse<T: std::str::FromStr>(v: Option<String>) -> Option<T> {
+            v?.parse().ok()
+        }
+        let action = Action::from_name(&text("/event/action")?)?;
+        if !matches!(
+            action,
+            Action::Blocked
+                | Action::WouldBlock
+                | Action::DnsRefused
+                | Action::DnsWouldRefuse
+                | Action::ProxyDenied
+        ) {
+            return None;
+        }
+        let subject = if let Some(name) = text("/dns/question/name") {
+            RecordedSubject::DnsQuery { name }
+        } else if doc.pointer("/http").is_some() {
+            RecordedSubject::ProxyRequest {
+                host: text("/destination/domain").or_else(|| text("/destination/ip"))?,
+                port: parse(text("/destination/port"))?,
+            }
+        } else {
+            RecordedSubject::Packet
+        };
+        let protocol = parse(text("/network/iana_number"))
+            .or_else(|| protocol_number(&text("/network/transport")?))
+            .unwrap_or(0);
+        Some(RecordedIncident {
+            action,
+            subject,
+            rule: text("/rule/name").unwrap_or_else(|| DEFAULT_RULE.into()),
+            destination: parse(text("/destination/ip")),
+            port: parse(text("/destination/port")),
+            protocol,
+            icmp_type: parse(text("/egret/icmp/type")),
+            uid: parse(text("/user/id")),
+            gid: parse(text("/user/group/id")),
+            cgroup: text("/egret/cgroup"),
+            unit: text("/egret/unit"),
+            domain: text("/destination/domain"),
+            executable: text("/process/executable"),
+            user_name: text("/user/name"),
+            count: parse(text("/egret/count")).unwrap_or(1),
+            first_seen: text("/egret/first_seen").unwrap_or_default(),
+            last_seen: text("/egret/last_seen").unwrap_or_default(),
+        })
+    }
+}
+
+/// `network.transport` back to its IANA number (the encoder writes
+/// [`crate::monitor::packet::transport_name`]).
+fn protocol_number(transport: &str) -> Option<u8> {
+    use crate::monitor::packet::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+    Some(match transport {
+        "tcp" => IPPROTO_TCP,
+        "udp" => IPPROTO_UDP,
+        "icmp" => IPPROTO_ICMP,
+        "ipv6-icmp" => IPPROTO_ICMPV6,
+        other => other.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -600,7 +728,7 @@ mod tests {
             src: "10.1.0.1".parse().unwrap(),
             dst: "10.1.0.2".parse().unwrap(),
             protocol: 6,
-            l4: L4::Ports {
+            l4: L4Header::Ports {
                 src: 40000,
                 dst: 1389,
             },
@@ -661,5 +789,106 @@ mod tests {
             get("/message"),
             "blocked /usr/bin/java (pid 4242, user app) → 10.1.0.2:1389/tcp"
         );
+    }
+
+    fn first(subject: Subject, blocked: bool) -> Incident {
+        let mut agg = Aggregator::new(9);
+        let verdict = Verdict {
+            blocked,
+            rule: Some("r".into()),
+        };
+        let who = Attribution {
+            uid: Some(65534),
+            ..Attribution::unknown()
+        };
+        agg.record(crate::monitor::incident::Observation {
+            verdict: &verdict,
+            subject,
+            attribution: &who,
+            resolved: None,
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+        })
+        .unwrap()
+        .clone()
+    }
+
+    #[test]
+    fn what_is_encoded_decodes_back_for_each_subject() {
+        let query = Subject::DnsQuery(Box::new(super::super::DnsQuestion {
+            name: "x.example".into(),
+            qtype: "TXT".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            transport: "tcp",
+        }));
+        let inc = first(query, false);
+        let doc = incident(&inc, true, "h");
+        let r = RecordedIncident::decode(&doc).unwrap();
+        assert_eq!(r.action, Action::DnsWouldRefuse);
+        assert_eq!(
+            r.subject,
+            RecordedSubject::DnsQuery {
+                name: "x.example".into()
+            }
+        );
+        assert_eq!((r.rule.as_str(), r.uid, r.protocol), ("r", Some(65534), 6));
+        let e = Envelope::of(&doc);
+        assert_eq!(e.action, Some(Action::DnsWouldRefuse));
+        assert_eq!(e.host.as_deref(), Some("h"));
+        assert_eq!((e.count, e.rule.as_str()), (Some(1), "r"));
+        assert_eq!(e.message, summary(&inc));
+
+        let request = Subject::ProxyRequest(Box::new(super::super::ProxyRequest {
+            host: "198.51.100.4".into(),
+            port: 8443,
+            method: "CONNECT".into(),
+            client: "127.0.0.1:5001".parse().unwrap(),
+            reason: "no rule".into(),
+            ip: Some("198.51.100.4".parse().unwrap()),
+        }));
+        let doc = incident(&first(request, true), false, "h");
+        let r = RecordedIncident::decode(&doc).unwrap();
+        assert_eq!(r.action, Action::ProxyDenied);
+        assert_eq!(
+            r.subject,
+            RecordedSubject::ProxyRequest {
+                host: "198.51.100.4".into(),
+                port: 8443
+            }
+        );
+        let fields: Vec<&str> = sink_fields(&doc).map(|(n, _)| n).collect();
+        assert_eq!(
+            fields,
+            [
+                "action",
+                "id",
+                "rule",
+                "src",
+                "dst",
+                "dport",
+                "transport",
+                "count"
+            ]
+        );
+
+        let flood = incident(&first(Subject::Flood(Box::default()), true), false, "h");
+        assert_eq!(Envelope::of(&flood).action, Some(Action::Flood));
+        assert!(
+            RecordedIncident::decode(&flood).is_none(),
+            "a flood has no one flow"
+        );
+    }
+
+    #[test]
+    fn egrets_own_events_decode_as_envelopes_not_incidents() {
+        let at = SystemTime::UNIX_EPOCH;
+        let doc = tamper(at, "deleted", true, "h");
+        let e = Envelope::of(&doc);
+        assert_eq!(e.action, Some(Action::Tamper));
+        assert_eq!(e.severity, Some(Severity::Critical));
+        assert_eq!(e.timestamp.as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!((e.count, e.last_seen), (None, None));
+        assert!(RecordedIncident::decode(&doc).is_none());
+        let e = Envelope::of(&alert_failed(at, "hook", 2, "refused", "h"));
+        assert_eq!(e.action_name(), "alert-failed");
     }
 }
