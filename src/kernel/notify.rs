@@ -11,23 +11,15 @@ use std::sync::Mutex;
 
 use super::netlink::*;
 
-const NETLINK_NETFILTER: isize = 12;
+use super::nft::{
+    MSG_DELCHAIN, MSG_DELRULE, MSG_DELSET, MSG_DELSETELEM, MSG_DELTABLE, MSG_NEWCHAIN, MSG_NEWGEN,
+    MSG_NEWRULE, MSG_NEWSET, MSG_NEWSETELEM, MSG_NEWTABLE, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+};
+
 const NFNLGRP_NFTABLES: u32 = 7;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFPROTO_INET: u8 = 1;
 const TABLE: &str = crate::ruleset::TABLE;
 
-const MSG_NEWTABLE: u16 = 0;
-const MSG_DELTABLE: u16 = 2;
-const MSG_NEWCHAIN: u16 = 3;
-const MSG_DELCHAIN: u16 = 5;
-const MSG_NEWRULE: u16 = 6;
-const MSG_DELRULE: u16 = 8;
-const MSG_NEWSET: u16 = 9;
-const MSG_DELSET: u16 = 11;
-const MSG_NEWSETELEM: u16 = 12;
-const MSG_DELSETELEM: u16 = 14;
-const MSG_NEWGEN: u16 = 15;
 const GEN_PROC_PID: u16 = 2;
 const GEN_PROC_NAME: u16 = 3;
 /// Attribute 1 of every table-scoped message (table, chain, rule, set,
