@@ -18,7 +18,7 @@ use super::nft::{
 };
 
 const NFNLGRP_NFTABLES: u32 = 7;
-const TABLE: &str = crate::ruleset::TABLE;
+use crate::ruleset::{HOST_SET_PREFIX, TABLE};
 
 const GEN_PROC_PID: u16 = 2;
 const GEN_PROC_NAME: u16 = 3;
@@ -216,14 +216,14 @@ impl ChangeListener {
             MSG_DELSET => (format!("set {} deleted", attr(ATTR_SET_NAME)), None),
             MSG_NEWSETELEM => {
                 let set = attr(ATTR_SET_OF_ELEMENTS);
-                host_set = set.starts_with("h_");
+                host_set = set.starts_with(HOST_SET_PREFIX);
                 (format!("elements added to set {set}"), None)
             }
             MSG_DELSETELEM => {
                 let set = attr(ATTR_SET_OF_ELEMENTS);
                 // Expired addresses of the DNS guard's sets are run-time
                 // state; deleting one only takes an allowance away.
-                if set.starts_with("h_") {
+                if set.starts_with(HOST_SET_PREFIX) {
                     return;
                 }
                 (format!("elements deleted from set {set}"), None)
