@@ -84,6 +84,8 @@ impl Nftables {
     }
 }
 
+// The set: flags, key type and length, description, key byte order.
+
 impl Batch {
     pub(super) fn new_set(&mut self, set: &Set, id: u32) {
         self.label(format!("set {}", set.name));
@@ -131,7 +133,72 @@ impl Batch {
         }
         self.b.end();
     }
+}
 
+pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
+    let mut name = String::new();
+    let (mut flags, mut key_type) = (0u32, 0u32);
+    let mut field_lens = Vec::new();
+    let mut size = None;
+    for (k, v) in attrs(payload) {
+        match k {
+            SET_NAME => name = c_str(v),
+            SET_FLAGS => flags = be_u32(v).unwrap_or(0),
+            SET_KEY_TYPE => key_type = be_u32(v).unwrap_or(0),
+            SET_DESC => {
+                for (dk, dv) in attrs(v) {
+                    if dk == SET_DESC_SIZE {
+                        size = be_u32(dv);
+                    }
+                    if dk == SET_DESC_CONCAT {
+                        for (_, elem) in attrs(dv) {
+                            field_lens.extend(
+                                attrs(elem)
+                                    .filter(|(k, _)| *k == SET_FIELD_LEN)
+                                    .filter_map(|(_, v)| be_u32(v)),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // Concatenated types pack one 6-bit datatype per field.
+    let mut key = Vec::new();
+    let mut t = key_type;
+    loop {
+        let field = Field::from_nft_type(t & 0x3f).ok_or_else(|| {
+            NftError::Foreign(format!(
+                "set {name} has a key type egret does not write ({key_type})"
+            ))
+        })?;
+        key.push(field);
+        t >>= 6;
+        if t == 0 {
+            break;
+        }
+    }
+    key.reverse();
+    if !field_lens.is_empty() && field_lens.len() != key.len() {
+        return Err(NftError::Foreign(format!(
+            "set {name} has an inconsistent key description"
+        )));
+    }
+    Ok(Set {
+        name,
+        key,
+        interval: flags & SET_F_INTERVAL != 0,
+        timeout: flags & SET_F_TIMEOUT != 0,
+        size,
+        elements: Vec::new(),
+    })
+}
+
+// Elements: split across messages whose element list fits a 16-bit length;
+// single-field interval sets as start elements and end markers (rbtree).
+
+impl Batch {
     pub(super) fn flush_set(&mut self, name: &str) {
         self.msg(MSG_DELSETELEM, 0);
         self.b.attr_str(ELEM_LIST_TABLE, TABLE);
@@ -236,129 +303,6 @@ impl Batch {
     }
 }
 
-/// Key length: single fields are their own length; concatenations pad each
-/// field to a 32-bit register.
-fn key_len(key: &[Field]) -> usize {
-    match key {
-        [one] => one.byte_len(),
-        many => many.iter().map(|f| (f.byte_len() + 3) & !3).sum(),
-    }
-}
-
-fn encode_value(out: &mut Vec<u8>, f: Field, v: u128) {
-    let n = f.byte_len();
-    if f.big_endian() {
-        out.extend_from_slice(&v.to_be_bytes()[16 - n..]);
-    } else {
-        out.extend_from_slice(&v.to_le_bytes()[..n]);
-        if cfg!(target_endian = "big") {
-            let at = out.len() - n;
-            out[at..].reverse();
-        }
-    }
-}
-
-fn decode_value(f: Field, bytes: &[u8]) -> u128 {
-    let n = f.byte_len().min(bytes.len());
-    let mut v = [0u8; 16];
-    if f.big_endian() {
-        v[16 - n..].copy_from_slice(&bytes[..n]);
-        u128::from_be_bytes(v)
-    } else {
-        v[..n].copy_from_slice(&bytes[..n]);
-        if cfg!(target_endian = "big") {
-            v[..n].reverse();
-        }
-        u128::from_le_bytes(v)
-    }
-}
-
-fn encode_key(key: &[Field], values: &[u128]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(key_len(key));
-    for (f, v) in key.iter().zip(values) {
-        encode_value(&mut out, *f, *v);
-        if key.len() > 1 {
-            out.resize((out.len() + 3) & !3, 0);
-        }
-    }
-    out
-}
-
-fn decode_key(key: &[Field], bytes: &[u8]) -> Vec<u128> {
-    let mut at = 0;
-    key.iter()
-        .map(|f| {
-            let v = decode_value(*f, bytes.get(at..).unwrap_or_default());
-            at += if key.len() > 1 {
-                (f.byte_len() + 3) & !3
-            } else {
-                f.byte_len()
-            };
-            v
-        })
-        .collect()
-}
-
-pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
-    let mut name = String::new();
-    let (mut flags, mut key_type) = (0u32, 0u32);
-    let mut field_lens = Vec::new();
-    let mut size = None;
-    for (k, v) in attrs(payload) {
-        match k {
-            SET_NAME => name = c_str(v),
-            SET_FLAGS => flags = be_u32(v).unwrap_or(0),
-            SET_KEY_TYPE => key_type = be_u32(v).unwrap_or(0),
-            SET_DESC => {
-                for (dk, dv) in attrs(v) {
-                    if dk == SET_DESC_SIZE {
-                        size = be_u32(dv);
-                    }
-                    if dk == SET_DESC_CONCAT {
-                        for (_, elem) in attrs(dv) {
-                            field_lens.extend(
-                                attrs(elem)
-                                    .filter(|(k, _)| *k == SET_FIELD_LEN)
-                                    .filter_map(|(_, v)| be_u32(v)),
-                            );
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    // Concatenated types pack one 6-bit datatype per field.
-    let mut key = Vec::new();
-    let mut t = key_type;
-    loop {
-        let field = Field::from_nft_type(t & 0x3f).ok_or_else(|| {
-            NftError::Foreign(format!(
-                "set {name} has a key type egret does not write ({key_type})"
-            ))
-        })?;
-        key.push(field);
-        t >>= 6;
-        if t == 0 {
-            break;
-        }
-    }
-    key.reverse();
-    if !field_lens.is_empty() && field_lens.len() != key.len() {
-        return Err(NftError::Foreign(format!(
-            "set {name} has an inconsistent key description"
-        )));
-    }
-    Ok(Set {
-        name,
-        key,
-        interval: flags & SET_F_INTERVAL != 0,
-        timeout: flags & SET_F_TIMEOUT != 0,
-        size,
-        elements: Vec::new(),
-    })
-}
-
 /// Elements of a timeout set with the milliseconds they have left.
 fn decode_timed_elements(payload: &[u8], set: &Set, out: &mut Vec<(Element, u64)>) {
     for (k, v) in attrs(payload) {
@@ -459,4 +403,69 @@ pub(super) fn assemble_elements(set: &Set, mut points: Vec<Point>) -> Vec<Elemen
         });
     }
     out
+}
+
+// Keys as the kernel's registers hold them.
+
+/// Key length: single fields are their own length; concatenations pad each
+/// field to a 32-bit register.
+fn key_len(key: &[Field]) -> usize {
+    match key {
+        [one] => one.byte_len(),
+        many => many.iter().map(|f| (f.byte_len() + 3) & !3).sum(),
+    }
+}
+
+fn encode_value(out: &mut Vec<u8>, f: Field, v: u128) {
+    let n = f.byte_len();
+    if f.big_endian() {
+        out.extend_from_slice(&v.to_be_bytes()[16 - n..]);
+    } else {
+        out.extend_from_slice(&v.to_le_bytes()[..n]);
+        if cfg!(target_endian = "big") {
+            let at = out.len() - n;
+            out[at..].reverse();
+        }
+    }
+}
+
+fn decode_value(f: Field, bytes: &[u8]) -> u128 {
+    let n = f.byte_len().min(bytes.len());
+    let mut v = [0u8; 16];
+    if f.big_endian() {
+        v[16 - n..].copy_from_slice(&bytes[..n]);
+        u128::from_be_bytes(v)
+    } else {
+        v[..n].copy_from_slice(&bytes[..n]);
+        if cfg!(target_endian = "big") {
+            v[..n].reverse();
+        }
+        u128::from_le_bytes(v)
+    }
+}
+
+fn encode_key(key: &[Field], values: &[u128]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key_len(key));
+    for (f, v) in key.iter().zip(values) {
+        encode_value(&mut out, *f, *v);
+        if key.len() > 1 {
+            out.resize((out.len() + 3) & !3, 0);
+        }
+    }
+    out
+}
+
+fn decode_key(key: &[Field], bytes: &[u8]) -> Vec<u128> {
+    let mut at = 0;
+    key.iter()
+        .map(|f| {
+            let v = decode_value(*f, bytes.get(at..).unwrap_or_default());
+            at += if key.len() > 1 {
+                (f.byte_len() + 3) & !3
+            } else {
+                f.byte_len()
+            };
+            v
+        })
+        .collect()
 }
