@@ -215,11 +215,10 @@ fn nf_tables() -> Check {
     }
 }
 
-/// `/proc/net/netfilter/nfnetlink_log`: one line per bound group
-/// (group, netlink port id, ...). The port id of a process's first netlink
-/// socket is its pid.
+/// Who holds the NFLOG group (`kernel::nflog::group_holder`): free, egret
+/// run, or another program.
 fn nflog(group: u16, state_dir: &Path) -> Check {
-    let Ok(text) = std::fs::read_to_string("/proc/net/netfilter/nfnetlink_log") else {
+    let Ok(holder) = crate::kernel::nflog::group_holder(group) else {
         return check(
             "nflog",
             Status::Ok,
@@ -227,12 +226,6 @@ fn nflog(group: u16, state_dir: &Path) -> Check {
             "",
         );
     };
-    let holder = text.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let g: u16 = f.next()?.parse().ok()?;
-        let port: u32 = f.next()?.parse().ok()?;
-        (g == group).then_some(port)
-    });
     let ours = running_pid(state_dir);
     let Some(port) = holder else {
         return check(
@@ -242,7 +235,7 @@ fn nflog(group: u16, state_dir: &Path) -> Check {
             "",
         );
     };
-    let pid = netlink_owner(port);
+    let pid = crate::kernel::nflog::port_owner(port);
     if let Some(pid) = pid.filter(|p| ours.is_some_and(|o| o as u32 == *p)) {
         return check(
             "nflog",
@@ -265,33 +258,8 @@ fn nflog(group: u16, state_dir: &Path) -> Check {
     )
 }
 
-/// The process holding the netfilter netlink socket with this port id:
-/// `/proc/net/netlink` gives the socket's inode, `/proc/*/fd` its owner.
-fn netlink_owner(port: u32) -> Option<u32> {
-    const NETLINK_NETFILTER: u32 = 12;
-    let table = std::fs::read_to_string("/proc/net/netlink").ok()?;
-    let inode = table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let (proto, pid, inode) = (
-            f.get(1)?.parse::<u32>().ok()?,
-            f.get(2)?.parse::<u32>().ok()?,
-            f.get(9)?,
-        );
-        (proto == NETLINK_NETFILTER && pid == port).then(|| inode.to_string())
-    })?;
-    let link = format!("socket:[{inode}]");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
-            .then_some(pid)
-    })
-}
-
 fn sock_diag() -> Check {
-    const NETLINK_SOCK_DIAG: isize = 4;
-    match crate::kernel::netlink::NetlinkSocket::open(NETLINK_SOCK_DIAG) {
+    match crate::kernel::sockets::probe() {
         Ok(_) => check(
             "sock_diag",
             Status::Ok,

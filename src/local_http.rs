@@ -25,8 +25,7 @@ use nix::unistd::{getgrouplist, Group, Uid, User};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, warn};
 
-use crate::kernel::netlink::NetlinkSocket;
-use crate::monitor::attribution::lookup_socket;
+use crate::kernel::sockets::SockDiag;
 use crate::monitor::packet::IPPROTO_TCP;
 
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -246,18 +245,17 @@ impl Drop for Slot {
 
 /// Who holds the other end of a TCP connection on this host (sock_diag).
 #[derive(Default)]
-pub struct PeerUids(Mutex<Option<NetlinkSocket>>);
+pub struct PeerUids(Mutex<Option<SockDiag>>);
 
 impl PeerUids {
     /// The uid holding the peer's socket, when the peer is on this host.
     pub fn uid(&self, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
         let mut diag = lock(&self.0);
         if diag.is_none() {
-            *diag = NetlinkSocket::open(libc::NETLINK_SOCK_DIAG as isize).ok();
+            *diag = SockDiag::open().ok();
         }
         let sock = diag.as_mut()?;
-        let found = lookup_socket(
-            sock,
+        let found = sock.lookup(
             IPPROTO_TCP,
             peer.ip(),
             peer.port(),

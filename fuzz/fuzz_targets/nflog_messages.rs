@@ -4,7 +4,8 @@
 #![no_main]
 
 use egret::kernel::netlink::messages;
-use egret::monitor::nflog::{parse_record, Verdict};
+use egret::kernel::nflog::parse_record;
+use egret::monitor::nflog::Verdict;
 use egret::monitor::packet;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -15,5 +16,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = packet::decode(data);
-    let _ = egret::monitor::attribution::parse_diag_msg(data);
+    let _ = egret::kernel::sockets::parse_diag_msg(data);
 });

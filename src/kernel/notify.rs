@@ -11,23 +11,15 @@ use std::sync::Mutex;
 
 use super::netlink::*;
 
-const NETLINK_NETFILTER: isize = 12;
-const NFNLGRP_NFTABLES: u32 = 7;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFPROTO_INET: u8 = 1;
-const TABLE: &str = crate::ruleset::TABLE;
+use super::nft::{
+    MSG_DELCHAIN, MSG_DELRULE, MSG_DELSET, MSG_DELSETELEM, MSG_DELTABLE, MSG_NEWCHAIN, MSG_NEWGEN,
+    MSG_NEWRULE, MSG_NEWSET, MSG_NEWSETELEM, MSG_NEWTABLE, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+};
 
-const MSG_NEWTABLE: u16 = 0;
-const MSG_DELTABLE: u16 = 2;
-const MSG_NEWCHAIN: u16 = 3;
-const MSG_DELCHAIN: u16 = 5;
-const MSG_NEWRULE: u16 = 6;
-const MSG_DELRULE: u16 = 8;
-const MSG_NEWSET: u16 = 9;
-const MSG_DELSET: u16 = 11;
-const MSG_NEWSETELEM: u16 = 12;
-const MSG_DELSETELEM: u16 = 14;
-const MSG_NEWGEN: u16 = 15;
+const NFNLGRP_NFTABLES: u32 = 7;
+use crate::ruleset::{HOST_SET_PREFIX, TABLE};
+
 const GEN_PROC_PID: u16 = 2;
 const GEN_PROC_NAME: u16 = 3;
 /// Attribute 1 of every table-scoped message (table, chain, rule, set,
@@ -224,14 +216,14 @@ impl ChangeListener {
             MSG_DELSET => (format!("set {} deleted", attr(ATTR_SET_NAME)), None),
             MSG_NEWSETELEM => {
                 let set = attr(ATTR_SET_OF_ELEMENTS);
-                host_set = set.starts_with("h_");
+                host_set = set.starts_with(HOST_SET_PREFIX);
                 (format!("elements added to set {set}"), None)
             }
             MSG_DELSETELEM => {
                 let set = attr(ATTR_SET_OF_ELEMENTS);
                 // Expired addresses of the DNS guard's sets are run-time
                 // state; deleting one only takes an allowance away.
-                if set.starts_with("h_") {
+                if set.starts_with(HOST_SET_PREFIX) {
                     return;
                 }
                 (format!("elements deleted from set {set}"), None)

@@ -14,13 +14,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::kernel::netlink::{attrs, NetlinkSocket};
+use crate::kernel::sockets::SockDiag;
 use crate::monitor::packet::{Flow, L4Header, IPPROTO_TCP, IPPROTO_UDP};
 use crate::text;
 
-const NETLINK_SOCK_DIAG: isize = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const INET_DIAG_CGROUP_ID: u16 = 21;
 const SOCKET_CACHE_TTL: Duration = Duration::from_secs(10);
 const SOCKET_CACHE_MAX: usize = 65_536;
 const INODE_CACHE_MAX: usize = 262_144;
@@ -143,7 +140,7 @@ impl Attribution {
 type SocketKey = (u8, IpAddr, u16, IpAddr, u16, Option<u32>);
 
 pub struct Attributor {
-    diag: Option<NetlinkSocket>,
+    diag: Option<SockDiag>,
     proc_root: PathBuf,
     sockets: HashMap<SocketKey, (Instant, Attribution)>,
     inodes: HashMap<u64, (u32, u32)>,
@@ -165,7 +162,7 @@ pub struct AttributionStats {
 impl Attributor {
     pub fn new() -> Attributor {
         Attributor {
-            diag: NetlinkSocket::open(NETLINK_SOCK_DIAG).ok(),
+            diag: SockDiag::open().ok(),
             proc_root: PathBuf::from("/proc"),
             sockets: HashMap::new(),
             inodes: HashMap::new(),
@@ -314,7 +311,7 @@ impl Attributor {
         let Some(diag) = self.diag.as_mut() else {
             return a;
         };
-        let Some(sock) = lookup_socket(diag, protocol, src, sport, dst, dport) else {
+        let Some(sock) = diag.lookup(protocol, src, sport, dst, dport) else {
             return a;
         };
         a.method = Method::SockDiag;
@@ -657,100 +654,6 @@ impl Names {
     }
 }
 
-/// What sock_diag knows about one socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketInfo {
-    pub inode: u64,
-    pub uid: u32,
-    pub cgroup_id: Option<u64>,
-}
-
-/// Exact lookup of the local socket that sent `src:sport → dst:dport`.
-///
-/// A socket no process holds any more (closed with data still queued) has
-/// inode 0, and the kernel reports its owner as root: it is nobody's, so it
-/// is not found. Otherwise a user could close a connection to the proxy or
-/// the API mid-request and be taken for root.
-pub fn lookup_socket(
-    diag: &mut NetlinkSocket,
-    protocol: u8,
-    src: IpAddr,
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-) -> Option<SocketInfo> {
-    // udp_diag looks sockets up with source and destination swapped (a
-    // historical quirk of the kernel), so UDP tries both orientations.
-    let orientations: &[bool] = if protocol == IPPROTO_UDP {
-        &[true, false]
-    } else {
-        &[false]
-    };
-    orientations.iter().find_map(|&swap| {
-        let req = if swap {
-            diag_request(protocol, dst, dport, src, sport)
-        } else {
-            diag_request(protocol, src, sport, dst, dport)
-        };
-        let mut info = None;
-        diag.dump(&req, |_, payload| info = parse_diag_msg(payload))
-            .ok()?
-            .ok()?;
-        info.filter(|i: &SocketInfo| i.inode != 0)
-    })
-}
-
-fn diag_request(protocol: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
-    let family = match src {
-        IpAddr::V4(_) => libc::AF_INET,
-        IpAddr::V6(_) => libc::AF_INET6,
-    } as u8;
-    let mut b = Vec::with_capacity(72);
-    b.extend_from_slice(&72u32.to_ne_bytes());
-    b.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    b.extend_from_slice(&(crate::kernel::netlink::NLM_F_REQUEST).to_ne_bytes());
-    // Sequence numbers only need to differ from the previous request's.
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    b.extend_from_slice(&seq.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    b.extend_from_slice(&[family, protocol, 0, 0]);
-    b.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
-    b.extend_from_slice(&sport.to_be_bytes());
-    b.extend_from_slice(&dport.to_be_bytes());
-    for addr in [src, dst] {
-        let mut a = [0u8; 16];
-        match addr {
-            IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => a.copy_from_slice(&v6.octets()),
-        }
-        b.extend_from_slice(&a);
-    }
-    b.extend_from_slice(&0u32.to_ne_bytes()); // interface
-    b.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    b
-}
-
-/// Parses an inet_diag_msg: 4 bytes of family/state/timer/retrans, a
-/// 48-byte socket id, then expires, rqueue, wqueue, uid, inode; then attributes.
-pub fn parse_diag_msg(payload: &[u8]) -> Option<SocketInfo> {
-    let word = |at: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(
-            payload.get(at..at + 4)?.try_into().ok()?,
-        ))
-    };
-    let uid = word(64)?;
-    let inode = u64::from(word(68)?);
-    let cgroup_id = attrs(payload.get(72..).unwrap_or(&[]))
-        .find(|(k, _)| *k == INET_DIAG_CGROUP_ID)
-        .and_then(|(_, v)| Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?)));
-    Some(SocketInfo {
-        inode,
-        uid,
-        cgroup_id,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,27 +698,6 @@ mod tests {
             ..Process::default()
         });
         assert_eq!(a.identity(), Identity::Executable("/usr/bin/java".into()));
-    }
-
-    #[test]
-    fn diag_messages_parse_and_truncations_do_not_panic() {
-        let mut m = vec![0u8; 72];
-        m[64..68].copy_from_slice(&1000u32.to_ne_bytes());
-        m[68..72].copy_from_slice(&4242u32.to_ne_bytes());
-        m.extend_from_slice(&12u16.to_ne_bytes());
-        m.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
-        m.extend_from_slice(&99u64.to_ne_bytes());
-        assert_eq!(
-            parse_diag_msg(&m),
-            Some(SocketInfo {
-                inode: 4242,
-                uid: 1000,
-                cgroup_id: Some(99)
-            })
-        );
-        for cut in 0..m.len() {
-            let _ = parse_diag_msg(&m[..cut]);
-        }
     }
 
     #[test]

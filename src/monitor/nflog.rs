@@ -1,70 +1,18 @@
-//! nfnetlink_log: binds egret's NFLOG group and turns kernel messages into
-//! [`LoggedPacket`]s. Keeps the books that loss accounting needs: messages
-//! received, sequence gaps and receive-buffer overruns (ENOBUFS).
-//!
-//! Protocol facts this relies on (measured, see docs/architecture.md): one
-//! consumer per group; `NFULA_SEQ` counts every message of the instance from
-//! 0; the output hook carries no timestamp, so packets are stamped on receipt;
-//! UID/GID are present for packets from local full sockets.
+//! What the monitor does with egret's NFLOG packets: reads the action and
+//! rule from the log prefix, decodes the packet, and keeps the books that loss
+//! accounting needs: messages received, sequence gaps and receive-buffer
+//! overruns (ENOBUFS). The socket and the NFULNL protocol are
+//! `kernel::nflog`'s.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::kernel::netlink::{
-    attrs, be_u32, messages, MsgBuilder, NetlinkSocket, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST,
-};
+pub use crate::kernel::nflog::{BindError, NflogConfig, COPY_BYTES};
+use crate::kernel::nflog::{NflogSocket, Received};
 use crate::monitor::packet::{self, Flow};
 use crate::ruleset::{PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
-
-const NETLINK_NETFILTER: isize = 12;
-const NFNL_SUBSYS_ULOG: u16 = 4;
-const NFULNL_MSG_PACKET: u16 = 0;
-const NFULNL_MSG_CONFIG: u16 = 1;
-
-const NFULA_CFG_CMD: u16 = 1;
-const NFULA_CFG_MODE: u16 = 2;
-const NFULA_CFG_NLBUFSIZ: u16 = 3;
-const NFULA_CFG_TIMEOUT: u16 = 4;
-const NFULA_CFG_QTHRESH: u16 = 5;
-const NFULA_CFG_FLAGS: u16 = 6;
-const NFULNL_CFG_CMD_BIND: u8 = 1;
-const NFULNL_COPY_PACKET: u8 = 2;
-const NFULNL_CFG_F_SEQ: u16 = 1;
-
-const NFULA_IFINDEX_INDEV: u16 = 4;
-const NFULA_PAYLOAD: u16 = 9;
-const NFULA_PREFIX: u16 = 10;
-const NFULA_UID: u16 = 11;
-const NFULA_SEQ: u16 = 12;
-const NFULA_GID: u16 = 14;
-
-/// Enough for IPv6 + a few extension headers + the transport ports.
-pub const COPY_BYTES: u32 = 128;
-
-/// Tuning for the NFLOG instance and our socket.
-#[derive(Debug, Clone, Copy)]
-pub struct NflogConfig {
-    pub group: u16,
-    /// Socket receive buffer; raised past rmem_max with SO_RCVBUFFORCE.
-    pub rcvbuf: usize,
-    /// Packets the kernel batches into one message burst.
-    pub qthresh: u32,
-    /// Longest a batch waits before the kernel flushes it.
-    pub flush: Duration,
-}
-
-impl NflogConfig {
-    pub fn new(group: u16) -> NflogConfig {
-        NflogConfig {
-            group,
-            rcvbuf: 32 << 20,
-            qthresh: 32,
-            flush: Duration::from_millis(100),
-        }
-    }
-}
 
 /// Which egret rule logged the packet, read from the log prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -109,37 +57,6 @@ pub struct LoggedPacket {
     pub indev: Option<u32>,
 }
 
-/// The fields of one NFULNL_MSG_PACKET, borrowed from the receive buffer.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RawRecord<'a> {
-    pub prefix: &'a [u8],
-    pub payload: &'a [u8],
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub seq: Option<u32>,
-    /// Input interface: set for forwarded packets (the forward hook).
-    pub indev: Option<u32>,
-}
-
-/// Parses the payload of a packet message (after nlmsghdr). Never panics;
-/// missing attributes stay `None`/empty.
-pub fn parse_record(payload: &[u8]) -> Option<RawRecord<'_>> {
-    let body = payload.get(4..)?; // nfgenmsg
-    let mut rec = RawRecord::default();
-    for (kind, value) in attrs(body) {
-        match kind {
-            NFULA_PREFIX => rec.prefix = value,
-            NFULA_PAYLOAD => rec.payload = value,
-            NFULA_UID => rec.uid = be_u32(value),
-            NFULA_GID => rec.gid = be_u32(value),
-            NFULA_SEQ => rec.seq = be_u32(value),
-            NFULA_IFINDEX_INDEV => rec.indev = be_u32(value),
-            _ => {}
-        }
-    }
-    Some(rec)
-}
-
 /// Counters the reader keeps; shared with the daemon for accounting.
 #[derive(Debug, Default)]
 pub struct NflogStats {
@@ -158,19 +75,9 @@ pub struct NflogStats {
 }
 
 pub struct NflogReader {
-    sock: NetlinkSocket,
-    buf: Vec<u8>,
-    next_seq: Option<u32>,
+    socket: NflogSocket,
     pub stats: Arc<NflogStats>,
     epoch: Instant,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    #[error("NFLOG group {0} is already in use by another program (ulogd2 or another egret?); pick another `log_group` in the policy or stop that program")]
-    Busy(u16),
-    #[error("binding NFLOG group {group}: {source}")]
-    Io { group: u16, source: io::Error },
 }
 
 impl NflogReader {
@@ -181,57 +88,13 @@ impl NflogReader {
         epoch: Instant,
         sink: &mut dyn FnMut(LoggedPacket),
     ) -> Result<NflogReader, BindError> {
-        let io_err = |source| BindError::Io {
-            group: cfg.group,
-            source,
-        };
-        let sock = NetlinkSocket::open(NETLINK_NETFILTER).map_err(io_err)?;
-        sock.force_buffer(false, cfg.rcvbuf);
-        let mut reader = NflogReader {
-            sock,
-            buf: vec![0; 256 * 1024],
-            next_seq: None,
-            stats: Arc::default(),
+        let stats = Arc::<NflogStats>::default();
+        let socket = NflogSocket::bind(cfg, &mut |r| take(&stats, r, sink))?;
+        Ok(NflogReader {
+            socket,
+            stats,
             epoch,
-        };
-        let seq = 1;
-        let mut b = MsgBuilder::default();
-        b.begin(
-            (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            libc::AF_UNSPEC as u8,
-            cfg.group,
-        );
-        b.attr(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-        let mut mode = COPY_BYTES.to_be_bytes().to_vec();
-        mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-        b.attr(NFULA_CFG_MODE, &mode);
-        b.attr_u32(NFULA_CFG_NLBUFSIZ, 128 * 1024);
-        b.attr_u32(
-            NFULA_CFG_TIMEOUT,
-            (cfg.flush.as_millis() / 10).max(1) as u32,
-        );
-        b.attr_u32(NFULA_CFG_QTHRESH, cfg.qthresh.max(1));
-        b.attr(NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
-        b.end();
-        reader.sock.send(&b.buf).map_err(io_err)?;
-        loop {
-            reader
-                .sock
-                .wait_readable(Duration::from_secs(5))
-                .map_err(io_err)?;
-            match reader.read_once(sink, Some(seq)) {
-                Ok(Some(0)) => return Ok(reader),
-                Ok(Some(errno)) if errno == libc::EBUSY || errno == libc::EPERM => {
-                    return Err(BindError::Busy(cfg.group))
-                }
-                Ok(Some(errno)) => return Err(io_err(io::Error::from_raw_os_error(errno))),
-                Ok(None) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err(e)),
-            }
-        }
+        })
     }
 
     /// Receives and decodes everything queued, waiting up to `wait` for the
@@ -241,72 +104,29 @@ impl NflogReader {
         wait: Duration,
         sink: &mut dyn FnMut(LoggedPacket),
     ) -> io::Result<usize> {
-        if !self.sock.wait_readable(wait)? {
-            self.mark_drained();
-            return Ok(0);
-        }
         let before = self.stats.received.load(Ordering::Relaxed);
-        loop {
-            match self.read_once(sink, None) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.mark_drained();
-                    break;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    self.stats.enobufs.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok((self.stats.received.load(Ordering::Relaxed) - before) as usize)
-    }
-
-    fn mark_drained(&self) {
+        let stats = &self.stats;
+        self.socket.drain(wait, &mut |r| take(stats, r, sink))?;
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.stats.drained_at_ms.store(ms, Ordering::Relaxed);
+        Ok((self.stats.received.load(Ordering::Relaxed) - before) as usize)
     }
+}
 
-    /// One recv. Returns the errno of an ack for `ack_seq` if one arrived.
-    fn read_once(
-        &mut self,
-        sink: &mut dyn FnMut(LoggedPacket),
-        ack_seq: Option<u32>,
-    ) -> io::Result<Option<i32>> {
-        let n = self.sock.try_recv(&mut self.buf)?;
-        let received = SystemTime::now();
-        let mut ack = None;
-        // Moved out for the loop so that seq tracking can borrow self.
-        let buf = std::mem::take(&mut self.buf);
-        for msg in messages(&buf[..n]) {
-            if msg.msg_type == NLMSG_ERROR {
-                if Some(msg.seq) == ack_seq {
-                    let code = msg
-                        .payload
-                        .get(..4)
-                        .and_then(|b| b.try_into().ok())
-                        .map(i32::from_ne_bytes)
-                        .unwrap_or(-libc::EIO);
-                    ack = Some(-code);
-                }
-                continue;
-            }
-            if msg.msg_type != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
-                continue;
-            }
-            let Some(rec) = parse_record(msg.payload) else {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if let Some(seq) = rec.seq {
-                self.track_seq(seq);
-            }
+/// Books what the socket received; egret's packets go on to `sink`.
+fn take(stats: &NflogStats, r: Received<'_>, sink: &mut dyn FnMut(LoggedPacket)) {
+    let count = |c: &AtomicU64, n: u64| {
+        c.fetch_add(n, Ordering::Relaxed);
+    };
+    match r {
+        Received::Lost(n) => count(&stats.seq_lost, n),
+        Received::Overrun => count(&stats.enobufs, 1),
+        Received::Malformed => count(&stats.malformed, 1),
+        Received::Packet(received, rec) => {
             let Some(verdict) = Verdict::parse(rec.prefix) else {
-                self.stats.foreign.fetch_add(1, Ordering::Relaxed);
-                continue;
+                return count(&stats.foreign, 1);
             };
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            count(&stats.received, 1);
             sink(LoggedPacket {
                 received,
                 verdict,
@@ -316,41 +136,16 @@ impl NflogReader {
                 indev: rec.indev,
             });
         }
-        self.buf = buf;
-        Ok(ack)
-    }
-
-    fn track_seq(&mut self, seq: u32) {
-        if let Some(expected) = self.next_seq {
-            let gap = seq.wrapping_sub(expected);
-            // A huge "gap" is a reordering or restart, not billions of losses.
-            if gap != 0 && gap < u32::MAX / 2 {
-                self.stats
-                    .seq_lost
-                    .fetch_add(u64::from(gap), Ordering::Relaxed);
-            }
-        }
-        self.next_seq = Some(seq.wrapping_add(1));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::netlink::messages;
+    use crate::kernel::nflog::parse_record;
+    use crate::kernel::nflog::tests::packet_msg;
     use proptest::prelude::*;
-
-    fn packet_msg(prefix: &str, uid: u32, seq: u32, payload: &[u8]) -> Vec<u8> {
-        let mut b = MsgBuilder::default();
-        b.begin(NFNL_SUBSYS_ULOG << 8, 0, 0, libc::AF_INET as u8, 5);
-        b.attr(1, &[8, 0, 3, 0]);
-        b.attr_str(NFULA_PREFIX, prefix);
-        b.attr(NFULA_PAYLOAD, payload);
-        b.attr_u32(NFULA_UID, uid);
-        b.attr_u32(NFULA_GID, uid + 1);
-        b.attr_u32(NFULA_SEQ, seq);
-        b.end();
-        b.buf
-    }
 
     #[test]
     fn a_packet_message_decodes() {
@@ -359,17 +154,20 @@ mod tests {
         let m = messages(&msg).next().unwrap();
         let rec = parse_record(m.payload).unwrap();
         assert_eq!(
-            (rec.uid, rec.gid, rec.seq),
-            (Some(1000), Some(1001), Some(7))
-        );
-        assert_eq!(rec.payload, &pkt[..]);
-        assert_eq!(
             Verdict::parse(rec.prefix),
             Some(Verdict {
                 blocked: true,
                 rule: None
             })
         );
+        let stats = NflogStats::default();
+        let mut got = Vec::new();
+        take(&stats, Received::Packet(SystemTime::now(), rec), &mut |p| {
+            got.push(p)
+        });
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].uid, got[0].gid), (Some(1000), Some(1001)));
+        assert!(got[0].flow.is_ok());
     }
 
     #[test]
@@ -389,19 +187,32 @@ mod tests {
     }
 
     #[test]
-    fn sequence_gaps_are_counted_and_restarts_are_not() {
-        let sock = NetlinkSocket::open(NETLINK_NETFILTER).unwrap();
-        let mut r = NflogReader {
-            sock,
-            buf: vec![],
-            next_seq: None,
-            stats: Arc::default(),
-            epoch: Instant::now(),
-        };
-        for s in [0, 1, 2, 5, 6, 10, 3] {
-            r.track_seq(s);
-        }
-        assert_eq!(r.stats.seq_lost.load(Ordering::Relaxed), 2 + 3);
+    fn the_books_count_what_the_socket_reports() {
+        let stats = NflogStats::default();
+        let mut sink = |_: LoggedPacket| panic!("not egret's");
+        let msg = packet_msg("ufw-block", 1, 2, &[]);
+        let m = messages(&msg).next().unwrap();
+        let foreign = parse_record(m.payload).unwrap();
+        take(
+            &stats,
+            Received::Packet(SystemTime::now(), foreign),
+            &mut sink,
+        );
+        take(&stats, Received::Lost(3), &mut sink);
+        take(&stats, Received::Lost(2), &mut sink);
+        take(&stats, Received::Overrun, &mut sink);
+        take(&stats, Received::Malformed, &mut sink);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(
+            (
+                n(&stats.received),
+                n(&stats.foreign),
+                n(&stats.seq_lost),
+                n(&stats.enobufs),
+                n(&stats.malformed)
+            ),
+            (0, 1, 5, 1, 1)
+        );
     }
 
     proptest! {

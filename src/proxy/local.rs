@@ -7,26 +7,22 @@
 //! blocking, so an address added before a request is known to that request.
 
 use std::collections::HashSet;
-use std::io;
 use std::net::IpAddr;
 
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tracing::warn;
 
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+use crate::kernel::route::AddressChanges;
 
 pub struct LocalAddrs {
     addrs: HashSet<IpAddr>,
     /// Address change notifications; `None` if it could not be opened, then
     /// the list is re-read on every check instead.
-    changes: Option<Socket>,
-    buf: Vec<u8>,
+    changes: Option<AddressChanges>,
 }
 
 impl LocalAddrs {
     pub fn new() -> LocalAddrs {
-        let changes = match subscribe() {
+        let changes = match AddressChanges::subscribe() {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("proxy: cannot follow address changes ({e}); re-reading them per request");
@@ -36,7 +32,6 @@ impl LocalAddrs {
         let mut l = LocalAddrs {
             addrs: HashSet::new(),
             changes,
-            buf: vec![0; 8192],
         };
         l.reread();
         l
@@ -55,23 +50,10 @@ impl LocalAddrs {
 
     /// Re-reads the list if the kernel announced a change since the last look.
     fn refresh(&mut self) {
-        let Some(sock) = &self.changes else {
+        let Some(changes) = &mut self.changes else {
             return self.reread();
         };
-        let mut changed = false;
-        loop {
-            match sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
-                Ok(0) => break,
-                Ok(_) => changed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // ENOBUFS: notifications were lost; the list is stale.
-                Err(_) => {
-                    changed = true;
-                    break;
-                }
-            }
-        }
-        if changed {
+        if changes.changed() {
             self.reread();
         }
     }
@@ -100,13 +82,6 @@ impl Default for LocalAddrs {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn subscribe() -> io::Result<Socket> {
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
-    sock.bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))?;
-    sock.set_non_blocking(true)?;
-    Ok(sock)
 }
 
 #[cfg(test)]

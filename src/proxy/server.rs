@@ -35,9 +35,9 @@ use super::local::LocalAddrs;
 use super::relay;
 use super::sni::{self, Sni};
 use crate::dns::upstream;
-use crate::kernel::netlink::NetlinkSocket;
+use crate::kernel::sockets::SockDiag;
 use crate::local_http::{Activity, Tracked};
-use crate::monitor::attribution::{lookup_socket, Attribution, Attributor};
+use crate::monitor::attribution::{Attribution, Attributor};
 use crate::policy::{Policy, ProxyConfig};
 
 const IPPROTO_TCP: u8 = 6;
@@ -59,7 +59,6 @@ const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(60);
 const REFUSING_MAX: usize = 256;
 /// How long a refused connection may take to read its answer.
 const REFUSE_LINGER: Duration = Duration::from_secs(1);
-const NETLINK_SOCK_DIAG: isize = 4;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -190,7 +189,7 @@ struct Shared {
     /// clients from them are local users, limited per uid.
     local: Mutex<LocalAddrs>,
     /// sock_diag, for the uid of a local client's socket at accept.
-    diag: Mutex<Option<NetlinkSocket>>,
+    diag: Mutex<Option<SockDiag>>,
     on_denied: OnDenied,
     stats: Arc<ProxyStats>,
 }
@@ -238,7 +237,7 @@ impl Proxy {
             names: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             local: Mutex::new(LocalAddrs::new()),
-            diag: Mutex::new(NetlinkSocket::open(NETLINK_SOCK_DIAG).ok()),
+            diag: Mutex::new(SockDiag::open().ok()),
             on_denied,
             stats: Arc::clone(&stats),
         });
@@ -315,7 +314,7 @@ impl Shared {
         let mut diag = lock(&self.diag);
         match diag
             .as_mut()
-            .and_then(|d| lookup_socket(d, IPPROTO_TCP, ip, peer.port(), local.ip(), local.port()))
+            .and_then(|d| d.lookup(IPPROTO_TCP, ip, peer.port(), local.ip(), local.port()))
         {
             Some(sock) => ClientKey::Uid(sock.uid),
             // Gone already (closed right after connecting): its address.

@@ -16,11 +16,6 @@ pub struct CompileInput {
     pub open_flows: Vec<OpenFlow>,
 }
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMPV6: u8 = 58;
-
 /// ICMP types a host must be able to send whatever the policy: errors.
 const BASELINE_ICMP: &[u8] = &[3, 11, 12]; // destination-unreachable, time-exceeded, parameter-problem
 /// ICMPv6 errors, and neighbour discovery and MLD without which IPv6 does not work.
@@ -420,7 +415,7 @@ impl Compiler {
             // has sent nothing, so seeding it would let anyone pick a destination.
             let mut elements: Vec<Element> = open_flows
                 .iter()
-                .filter(|f| f.protocol == 6)
+                .filter(|f| f.protocol == IPPROTO_TCP)
                 .filter(|f| {
                     Family::of(&f.local.ip()) == family && Family::of(&f.remote.ip()) == family
                 })
@@ -514,7 +509,7 @@ impl Compiler {
                     .map(|id| Element::single(vec![id as u128]))
                     .collect();
                 let set = self.add_set(
-                    format!("a_{}_cg{}", r.name, level),
+                    cgroup_set_name(&r.name, level),
                     vec![Field::CgroupId],
                     false,
                     elements,
@@ -1209,6 +1204,14 @@ mod tests {
             vec![Element::single(vec![1234])]
         );
         assert_eq!(rs.set("a_borg_cg3").unwrap().elements.len(), 1);
+        // The sets `egret run` swaps when a unit restarts, and only those.
+        let cgroup_sets: Vec<&str> = rs
+            .sets
+            .iter()
+            .filter(|s| s.is_cgroup())
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(cgroup_sets, ["a_borg_cg2", "a_borg_cg3"]);
         let t = render(&rs);
         assert!(
             t.contains("socket cgroupv2 level 2 @a_borg_cg2 counter accept"),

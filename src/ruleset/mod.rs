@@ -40,13 +40,27 @@ pub const DNS_INTERCEPT_CHAIN: &str = "dns_intercept";
 /// The rule name on events about queries the DNS guard refused.
 pub const DNS_GUARD_RULE: &str = "dns-guard";
 
+/// IP protocol numbers the compiler writes and `render` names.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// The set of a rule's unit cgroup ids at one level of the hierarchy.
+pub fn cgroup_set_name(rule: &str, level: u32) -> String {
+    format!("a_{rule}_cg{level}")
+}
+
 /// The sets the DNS guard fills for a rule with `hosts`.
 pub fn host_set_name(rule: &str, family: Family) -> String {
     match family {
-        Family::V4 => format!("h_{rule}_v4"),
-        Family::V6 => format!("h_{rule}_v6"),
+        Family::V4 => format!("{HOST_SET_PREFIX}{rule}_v4"),
+        Family::V6 => format!("{HOST_SET_PREFIX}{rule}_v6"),
     }
 }
+
+/// What the names of [`host_set_name`]'s sets begin with; no other set's does.
+pub const HOST_SET_PREFIX: &str = "h_";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Family {
@@ -167,6 +181,15 @@ pub struct Set {
     #[serde(default)]
     pub size: Option<u32>,
     pub elements: Vec<Element>,
+}
+
+impl Set {
+    /// A set of unit cgroup ids (see [`cgroup_set_name`]): what `egret run`
+    /// swaps when a unit restarts. Known by its key, the one thing every
+    /// such set has and no other set has.
+    pub fn is_cgroup(&self) -> bool {
+        self.key == [Field::CgroupId]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -160,10 +160,10 @@ fn value(field: Field, v: u128) -> String {
 
 pub fn proto_name(p: u8) -> String {
     match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "ipv6-icmp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMPV6 => "ipv6-icmp".into(),
         other => other.to_string(),
     }
 }

@@ -13,7 +13,7 @@ use crate::apply;
 use crate::dns::GuardConfig;
 use crate::policy::Policy;
 use crate::proxy::ProxyState;
-use crate::ruleset::{Field, Ruleset, Set};
+use crate::ruleset::Ruleset;
 
 /// What a reload cannot change (the listening sockets, the NFLOG group), or
 /// None when `new` may replace `old`.
@@ -164,7 +164,7 @@ impl Daemon {
         let cg_sets = |rs: &Ruleset| -> Vec<String> {
             rs.sets
                 .iter()
-                .filter(|s| is_cgroup_set(s))
+                .filter(|s| s.is_cgroup())
                 .map(|s| s.name.clone())
                 .collect()
         };
@@ -173,7 +173,7 @@ impl Daemon {
         let result = if same_shape {
             // Same sets, new members: swap elements only (counters survive).
             let swapped: Vec<&crate::ruleset::Set> =
-                rs.sets.iter().filter(|s| is_cgroup_set(s)).collect();
+                rs.sets.iter().filter(|s| s.is_cgroup()).collect();
             swapped
                 .iter()
                 .try_for_each(|s| {
@@ -199,10 +199,4 @@ impl Daemon {
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }
     }
-}
-
-/// The sets of unit rules (`a_<rule>_cg<level>`), known by their key as the
-/// compiler makes them.
-fn is_cgroup_set(set: &Set) -> bool {
-    set.key == [Field::CgroupId]
 }
