@@ -5,10 +5,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use serde::Serialize;
 
+use crate::monitor::books::DaemonBooks;
 use crate::monitor::event::ecs::Envelope;
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::pidfile::running_pid;
@@ -155,7 +156,7 @@ pub struct Status {
     pub blocked_packets: u64,
     pub pending_confirm_seconds: Option<u64>,
     /// The daemon's books: what the kernel logged versus what egret received.
-    pub monitor: Option<serde_json::Value>,
+    pub monitor: Option<MonitorStatus>,
 }
 
 fn comment_field(comment: &str, key: &str) -> Option<String> {
@@ -240,72 +241,60 @@ pub fn status_from<'a>(
     }
 }
 
-/// The daemon's latest books, if a store exists.
-pub fn monitor_status(state_dir: &Path) -> Option<Value> {
-    let store = Store::open_read_only(state_dir).ok()??;
-    let books: Value = serde_json::from_str(&store.counter("books").ok()??).ok()?;
-    let lost = store.loss().ok().flatten().map(|f| f.lost()).unwrap_or(0);
-    let mut m = json!({
-        "running": running_pid(state_dir).is_some(),
-        "lost": lost,
-    });
-    if let (Some(obj), Some(books)) = (m.as_object_mut(), books.as_object()) {
-        for (k, v) in books {
-            obj.insert(k.clone(), v.clone());
-        }
-    }
-    Some(m)
+/// `status`'s `monitor`: the daemon's last books and whether it still runs.
+#[derive(Serialize)]
+pub struct MonitorStatus {
+    pub running: bool,
+    /// Everything that should have been an event and was not (`loss.lost()`
+    /// as last stored).
+    pub lost: u64,
+    #[serde(flatten)]
+    pub books: DaemonBooks,
 }
 
-pub fn print_monitor(m: &Value) {
-    let n = |p: &str| m.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+/// The daemon's latest books, if a store exists.
+pub fn monitor_status(state_dir: &Path) -> Option<MonitorStatus> {
+    let store = Store::open_read_only(state_dir).ok()??;
+    let books = store.books().ok()??;
+    let lost = store.loss().ok().flatten().map(|f| f.lost()).unwrap_or(0);
+    Some(MonitorStatus {
+        running: running_pid(state_dir).is_some(),
+        lost,
+        books,
+    })
+}
+
+pub fn print_monitor(m: &MonitorStatus) {
+    let (b, l) = (&m.books, &m.books.loss);
     println!(
         "monitor: {} (books updated {})",
-        if m["running"].as_bool() == Some(true) {
+        if m.running {
             "egret run is running"
         } else {
             "egret run is NOT running: blocked packets are not being reported"
         },
-        printable(m["updated_at"].as_str().unwrap_or("?"))
+        printable(&b.updated_at)
     );
     println!(
         "  kernel logged {}, received {}, lost {} (sequence gaps {}, unaccounted {}, while down {}; buffer overruns {})",
-        n("/loss/kernel_logged"),
-        n("/loss/received"),
-        n("/lost"),
-        n("/loss/seq_lost"),
-        n("/loss/unaccounted"),
-        n("/loss/while_down"),
-        n("/loss/enobufs"),
+        l.kernel_logged, l.received, m.lost, l.seq_lost, l.unaccounted, l.while_down, l.enobufs,
     );
-    if n("/loss/dns_dropped") + n("/loss/proxy_dropped") > 0 {
+    if l.dns_dropped + l.proxy_dropped > 0 {
         println!(
             "  reports dropped on a full pipeline (counted in lost): {} refused DNS queries, {} proxy denials",
-            n("/loss/dns_dropped"),
-            n("/loss/proxy_dropped"),
+            l.dns_dropped, l.proxy_dropped,
         );
     }
-    if m.pointer("/dns_guard").is_some_and(|g| !g.is_null()) {
+    if let Some(g) = &b.dns_guard {
         println!(
             "  dns guard: {} queries, {} from cache, {} forwarded, {} refused; upstream failures {}, kernel set failures {}",
-            n("/dns_guard/queries"),
-            n("/dns_guard/cache_hits"),
-            n("/dns_guard/forwarded"),
-            n("/dns_guard/refused"),
-            n("/dns_guard/upstream_failures"),
-            n("/dns_guard/set_failures"),
+            g.queries, g.cache_hits, g.forwarded, g.refused, g.upstream_failures, g.set_failures,
         );
     }
-    if m.pointer("/proxy").is_some_and(|g| !g.is_null()) {
+    if let Some(p) = &b.proxy {
         println!(
             "  proxy: {} connections ({} open), {} requests, {} tunnels, {} denied; upstream failures {}, over limits {}",
-            n("/proxy/connections"),
-            n("/proxy/open"),
-            n("/proxy/requests"),
-            n("/proxy/tunnels"),
-            n("/proxy/denied"),
-            n("/proxy/upstream_failures"),
-            n("/proxy/over_limit"),
+            p.connections, p.open, p.requests, p.tunnels, p.denied, p.upstream_failures, p.over_limit,
         );
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod accounting;
 pub mod attribution;
+pub mod books;
 pub mod containers;
 pub mod event;
 pub mod flood;

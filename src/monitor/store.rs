@@ -486,6 +486,18 @@ impl Store {
         Ok(serde_json::from_str(&text).ok())
     }
 
+    /// The daemon's books, as the last `put_books` wrote them; a record
+    /// this egret cannot read is reported as none.
+    pub fn books(&self) -> Result<Option<super::books::DaemonBooks>> {
+        Ok(self
+            .counter("books")?
+            .and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    pub fn put_books(&mut self, books: &super::books::DaemonBooks) -> Result<()> {
+        self.put_counter("books", &serde_json::to_string(books)?)
+    }
+
     pub fn loss(&self) -> Result<Option<LossFigures>> {
         Ok(self
             .counter("loss")?

@@ -142,22 +142,6 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    pub fn snapshot(&self) -> serde_json::Value {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let allowed = self.allowed.lock().map(|m| m.clone()).unwrap_or_default();
-        serde_json::json!({
-            "connections": g(&self.connections),
-            "open": self.open.load(Ordering::Relaxed),
-            "requests": g(&self.requests),
-            "tunnels": g(&self.tunnels),
-            "denied": g(&self.denied),
-            "upstream_failures": g(&self.upstream_failures),
-            "over_limit": g(&self.over_limit),
-            "accept_errors": g(&self.accept_errors),
-            "allowed_by_rule": allowed,
-        })
-    }
-
     /// Requests allowed so far, per rule.
     pub fn allowed_by_rule(&self) -> Vec<(String, u64)> {
         self.allowed

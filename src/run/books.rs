@@ -2,7 +2,7 @@
 //! received, data-loss events, the books in the store (`egret status`), the
 //! heartbeat and the metrics' set sizes.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,10 +10,13 @@ use tracing::warn;
 
 use super::main_loop::Daemon;
 use super::publish::Route;
+use crate::dns::GuardStats;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
+use crate::monitor::books::{AttributionCounts, DaemonBooks, GuardCounts, ProxyCounts};
 use crate::monitor::event::{self, LossFigures};
 use crate::monitor::flood::Dropped;
 use crate::monitor::nflog::NflogStats;
+use crate::proxy::ProxyStats;
 
 /// data-loss events are rate-limited to one per this interval.
 const LOSS_EVENT_EVERY: Duration = Duration::from_secs(60);
@@ -31,6 +34,10 @@ pub(super) struct Books {
     pub last_live: u64,
     reported_lost: u64,
     last_loss_event: Option<Instant>,
+    /// Reloads that replaced the policy, for the stored books.
+    pub reloads: u64,
+    /// Unit-cgroup swaps, for the stored books.
+    pub unit_changes: u64,
 }
 
 impl Books {
@@ -49,6 +56,8 @@ impl Books {
             last_live: 0,
             reported_lost: 0,
             last_loss_event: None,
+            reloads: 0,
+            unit_changes: 0,
         }
     }
 
@@ -85,8 +94,8 @@ impl Daemon {
                 } else {
                     self.books.accounting.kernel_reading(live, now_ms, counts);
                 }
-                self.write_books(live);
                 self.books.last_live = live;
+                self.write_books();
                 self.check_rules(rules);
             }
             Ok(None) => self.tampered("deleted", None),
@@ -123,32 +132,38 @@ impl Daemon {
         }
     }
 
-    fn write_books(&mut self, live: u64) {
+    /// Stores the books for `egret status`, with the last reading of the
+    /// log counters.
+    pub fn write_books(&mut self) {
         let figures = self.books.figures();
         let a = self.attributor.stats;
         let metrics = &self.services.metrics;
-        let books = serde_json::json!({
-            "pid": std::process::id(),
-            "updated_at": event::timestamp(SystemTime::now()),
-            "loss": figures,
-            "open_incidents": self.agg.open_count(),
-            "attribution": {"cache_hits": a.cache_hits, "deep_lookups": a.deep_lookups, "rate_limited": a.rate_limited},
+        let books = DaemonBooks {
+            pid: std::process::id(),
+            updated_at: event::timestamp(SystemTime::now()),
+            loss: figures,
+            open_incidents: self.agg.open_count(),
+            attribution: AttributionCounts {
+                cache_hits: a.cache_hits,
+                deep_lookups: a.deep_lookups,
+                rate_limited: a.rate_limited,
+            },
             // From the metrics' handles: the final books, written after
             // the guard and the proxy stopped, still carry their counts.
-            "dns_guard": metrics.guard.get().map(|g| g.snapshot()),
-            "proxy": metrics.proxy.get().map(|p| p.snapshot()),
+            dns_guard: metrics.guard.get().map(|g| guard_counts(g)),
+            proxy: metrics.proxy.get().map(|p| proxy_counts(p)),
+            reloads: self.books.reloads,
+            unit_changes: self.books.unit_changes,
+        };
+        let live = self.books.last_live;
+        let r = self.store.put_books(&books).and_then(|()| {
+            self.store
+                .put_counter("loss", &serde_json::to_string(&figures)?)
         });
-        let r = self
-            .store
-            .put_counter("books", &books.to_string())
-            .and_then(|()| {
-                self.store
-                    .put_counter("loss", &serde_json::to_string(&figures)?)
-            })
-            .and_then(|()| {
-                self.store
-                    .put_counter("live_logged_at_exit", &live.to_string())
-            });
+        let r = r.and_then(|()| {
+            self.store
+                .put_counter("live_logged_at_exit", &live.to_string())
+        });
         if let Err(e) = r {
             warn!("writing counters to the store: {e:#}");
         }
@@ -189,5 +204,34 @@ impl Daemon {
             sizes.insert(set.name.clone(), n);
         }
         self.services.metrics.set_elements(sizes);
+    }
+}
+
+fn guard_counts(g: &GuardStats) -> GuardCounts {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    GuardCounts {
+        queries: n(&g.queries),
+        cache_hits: n(&g.cache_hits),
+        forwarded: n(&g.forwarded),
+        refused: n(&g.refused),
+        upstream_failures: n(&g.upstream_failures),
+        set_failures: n(&g.set_failures),
+        tcp_accept_errors: n(&g.tcp_accept_errors),
+        tcp_refused: n(&g.tcp_refused),
+    }
+}
+
+fn proxy_counts(p: &ProxyStats) -> ProxyCounts {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    ProxyCounts {
+        connections: n(&p.connections),
+        open: p.open.load(Ordering::Relaxed) as u64,
+        requests: n(&p.requests),
+        tunnels: n(&p.tunnels),
+        denied: n(&p.denied),
+        upstream_failures: n(&p.upstream_failures),
+        over_limit: n(&p.over_limit),
+        accept_errors: n(&p.accept_errors),
+        allowed_by_rule: p.allowed_by_rule().into_iter().collect(),
     }
 }

@@ -182,6 +182,8 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         new_since_prune: 0,
     };
     daemon.report_preexisting(&preexisting);
+    // At once, so `status` shows this daemon (its pid) from its first moment.
+    daemon.write_books();
     if let Ok(n) = daemon.store.prune(daemon.opts.retention, SystemTime::now()) {
         if n > 0 {
             info!(events = n, "pruned events past retention");

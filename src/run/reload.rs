@@ -109,6 +109,8 @@ impl Daemon {
                 self.policy = policy;
                 super::record_settings(&mut self.store, &self.policy);
                 self.units = units;
+                self.books.reloads += 1;
+                self.write_books();
             }
             Err(e) => error!("reload failed, the running policy stays: {e:#}"),
         }
@@ -195,6 +197,8 @@ impl Daemon {
             Ok(()) => {
                 info!(units = ?units.keys().collect::<Vec<_>>(), "unit cgroups changed; unit rules follow them");
                 self.units = units;
+                self.books.unit_changes += 1;
+                self.write_books();
             }
             Err(e) => warn!("updating unit cgroups: {e:#}"),
         }
