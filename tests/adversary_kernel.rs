@@ -201,7 +201,7 @@ fn parked_udp_sockets_never_become_allowed_flows() {
     // ...and while it is loaded, then a reload.
     park_all(&mut parked);
     run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
-    wait_stderr(&run, "reloaded", 1);
+    run.wait_reloaded(0);
     assert_all_blocked(&mut parked, "reload", &pair.a);
 
     // A restart of `egret run`.
@@ -271,7 +271,7 @@ fn only_tcp_that_predates_egret_is_seeded_and_it_is_reported() {
     };
     only_first("first load");
     run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
-    wait_stderr(&run, "reloaded", 1);
+    run.wait_reloaded(0);
     only_first("reload");
     drop(run);
     let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
@@ -607,7 +607,7 @@ fn an_idle_connection_seeded_at_first_load_survives_an_early_reload() {
     let state = policy.state_dir();
     let run = Running::start(&pair.a, &state, &["--policy", policy.path()]);
     run_ok(&mut pair.a.egret(&["reload", "--state-dir", &state]));
-    wait_stderr(&run, "reloaded", 1);
+    run.wait_reloaded(0);
     assert!(seeded(&pair.a).contains(". 7300"), "{}", seeded(&pair.a));
     assert!(held.round_trip(), "the idle connection stalled");
     drop(run);

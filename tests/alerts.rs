@@ -542,12 +542,9 @@ fn a_reload_adds_a_sink_and_its_hole() {
     policy.rewrite(&format!(
         "mode = \"enforce\"\n[[alerts]]\nname = \"web\"\ntype = \"webhook\"\nurl = \"http://{B4}:8080/\"\n"
     ));
+    let reloads = daemon.reloads();
     daemon.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon.stderr_text().contains("alert sinks reconfigured") {
-        assert!(Instant::now() < deadline, "{}", daemon.stderr_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon.wait_reloaded(reloads);
     assert!(pair
         .a
         .nft_ruleset()

@@ -242,16 +242,9 @@ fn elements_expire_after_ttl_plus_grace_but_connections_and_restarts_keep_workin
     // element survives both with its remaining time (fail closed, not reset).
     let long = POLICY.replace("grace = \"2s\"", "grace = \"10m\"");
     policy.rewrite(&long);
+    let reloads = run.reloads();
     run.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run.stderr_text().contains("reloaded") {
-        assert!(
-            Instant::now() < deadline,
-            "no reload:\n{}",
-            run.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    run.wait_reloaded(reloads);
     assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
     assert!(set_text(a, "h_web_v4").contains(&format!("{ALLOWED4} timeout 10m2s")));
     run.signal("HUP");

@@ -204,16 +204,9 @@ fn sighup_reloads_a_valid_policy_and_refuses_an_invalid_one() {
         "mode = \"enforce\"\n[[allow]]\nname = \"ldap\"\ncidrs = [\"10.1.0.2\"]\nports = [1389]\n",
     )
     .unwrap();
+    let reloads = daemon.reloads();
     pair.a.egret_ok(&["reload", "--state-dir", &state_dir]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !daemon.stderr_text().contains("reloaded") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            daemon.stderr_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    daemon.wait_reloaded(reloads);
     assert!(
         pair.a.tcp_ok(None, B4, 1389),
         "the reloaded policy allows 1389"
@@ -265,15 +258,11 @@ fn unit_rules_follow_a_restarted_unit_to_its_new_cgroup() {
     let dir = cg.root.join(&cg.relative);
     std::fs::remove_dir(&dir).unwrap();
     std::fs::create_dir(&dir).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !cg.tcp_ok(&pair.a, B4, 7000) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rule never followed the new cgroup:\n{}",
-            daemon.stderr_text()
-        );
-    }
-    assert!(daemon.stderr_text().contains("unit cgroups changed"));
+    daemon.wait_until("following the new cgroup", 15, || daemon.unit_changes() > 0);
+    assert!(
+        cg.tcp_ok(&pair.a, B4, 7000),
+        "the rule follows the new cgroup"
+    );
     assert!(!pair.a.tcp_ok(None, B4, 7000));
 }
 
@@ -302,16 +291,11 @@ fn a_unit_restart_with_a_seeded_flow_is_not_tampering() {
     let dir = cg.root.join(&cg.relative);
     std::fs::remove_dir(&dir).unwrap();
     std::fs::create_dir(&dir).unwrap();
-    let deadline =
-        std::time::Instant::now() + std::time::Duration::from_secs(15 * common::time_scale());
-    while !cg.tcp_ok(&pair.a, B4, 7000) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rule never followed the new cgroup:\n{}",
-            daemon.stderr_text()
-        );
-    }
-    assert!(daemon.stderr_text().contains("unit cgroups changed"));
+    daemon.wait_until("following the new cgroup", 15, || daemon.unit_changes() > 0);
+    assert!(
+        cg.tcp_ok(&pair.a, B4, 7000),
+        "the rule follows the new cgroup"
+    );
     // The full comparison runs every 10 s: give it one round (nothing to
     // wait for: the point is that nothing happens).
     std::thread::sleep(std::time::Duration::from_secs(12 * common::time_scale()));

@@ -442,12 +442,9 @@ fn reload_keeps_open_tunnels_and_decides_new_requests_by_the_new_policy() {
     let open = Tunnel::open(a, "web.test:7000");
     assert!(open.connected(), "{}", open.first);
     policy.rewrite(&POLICY.replace("ports = [80, 443, 7000]", "ports = [80, 443]"));
+    let reloads = run.reloads();
     run.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run.stderr_text().contains("reloaded") {
-        assert!(Instant::now() < deadline, "{}", run.stderr_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    run.wait_reloaded(reloads);
     assert!(
         Tunnel::open(a, "web.test:7000").first.contains("403"),
         "new tunnels follow the new policy"

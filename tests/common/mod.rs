@@ -502,6 +502,7 @@ pub struct Running {
     pub events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
     pub state_dir: String,
+    netns: String,
 }
 
 impl Running {
@@ -527,30 +528,95 @@ impl Running {
         });
         let err = child.stderr.take().expect("stderr");
         let errs = std::sync::Arc::clone(&stderr);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("watching blocked egress") {
-                    let _ = ready_tx.send(());
-                }
                 let mut e = errs.lock().expect("stderr");
                 e.push_str(&line);
                 e.push('\n');
             }
         });
-        let r = Running {
+        let mut r = Running {
             child,
             events,
             stderr,
             state_dir: state_dir.to_string(),
+            netns: ns.name.clone(),
         };
-        if ready_rx
-            .recv_timeout(std::time::Duration::from_secs(30 * time_scale()))
-            .is_err()
-        {
-            panic!("egret run did not start:\n{}", r.stderr_text());
-        }
+        r.wait_ready();
         r
+    }
+
+    /// `egret status --json` for this daemon's state dir, run in its namespace.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(egret_bin())
+            .args(["status", "--json", "--state-dir", &self.state_dir])
+            .output()
+            .expect("running egret status");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// This daemon's books, if it has written any (`status`'s `monitor`
+    /// with this daemon's pid: books left by an earlier run do not count).
+    pub fn books(&self) -> Option<serde_json::Value> {
+        let m = self.status().get("monitor")?.clone();
+        (m["pid"].as_u64() == Some(u64::from(self.child.id()))).then_some(m)
+    }
+
+    /// Polls `done` (up to `secs`, stretched by `time_scale`) until it holds;
+    /// panics naming `what`, with the daemon's stderr.
+    pub fn wait_until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(secs * time_scale());
+        while !done() {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "not {what} within {secs} s; egret run's stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the loop is up: the daemon writes its books once the
+    /// ruleset is loaded and just before it takes its first input.
+    pub fn wait_ready(&mut self) {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(30 * time_scale());
+        while self.books().is_none() {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!(
+                    "egret run exited ({exit}) before it was ready:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("egret run did not start:\n{}", self.stderr_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Reloads that replaced the policy so far (the books' `reloads`).
+    pub fn reloads(&self) -> u64 {
+        self.books()
+            .and_then(|b| b["reloads"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a reload after the `prev`-th replaced the policy.
+    pub fn wait_reloaded(&self, prev: u64) {
+        self.wait_until("reloaded", 10, || self.reloads() > prev);
+    }
+
+    /// Times the unit rules followed restarted units (the books' `unit_changes`).
+    pub fn unit_changes(&self) -> u64 {
+        self.books()
+            .and_then(|b| b["unit_changes"].as_u64())
+            .unwrap_or(0)
     }
 
     pub fn stderr_text(&self) -> String {
