@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::evaluate::{evaluate, Decision, Flow, Outcome};
+use crate::audit::evaluate::{evaluate, Attempt, Decision, Outcome};
 use crate::kernel::nft::Nftables;
 use crate::kernel::sockets::{self, OpenSocket};
 use crate::policy::{self, Policy, PolicyErrors, SystemAccounts};
@@ -194,13 +194,13 @@ pub fn compile_seeded(
                 .ok()
                 .flatten()
                 .map(|u| u.gid.as_raw());
-            let flow = Flow {
+            let flow = Attempt {
                 dst: Some(socket.flow.remote.ip()),
                 protocol: socket.flow.protocol,
                 port: Some(socket.flow.remote.port()),
                 uid: Some(socket.uid),
                 gid,
-                ..Flow::default()
+                ..Attempt::default()
             };
             let decision = evaluate(policy, &flow);
             (decision.outcome != Outcome::Allowed).then_some(Preexisting { socket, decision })

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use egret::audit::evaluate::{evaluate, Flow, Outcome};
+use egret::audit::evaluate::{self as evaluator, evaluate, Outcome};
 use serde_json::Value;
 
 const WEB4: &str = "10.1.0.10";
@@ -553,12 +553,12 @@ fn the_evaluator_agrees_with_the_kernel_for_random_policies_and_flows() {
             let host = *rng.pick(&hosts);
             let (proto, port) = *rng.pick(&services);
             let uid = *rng.pick(&[None, Some(NOBODY)]);
-            let flow = Flow {
+            let flow = evaluator::Attempt {
                 dst: Some(host.parse().unwrap()),
                 protocol: if proto == "tcp" { 6 } else { 17 },
                 port: Some(port),
                 uid: Some(uid.unwrap_or(0)),
-                ..Flow::default()
+                ..evaluator::Attempt::default()
             };
             let d = evaluate(&policy, &flow);
             let comment = kernel_comment(&policy, &d);

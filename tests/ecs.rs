@@ -17,7 +17,7 @@ use egret::monitor::attribution::{Attribution, Method, Process};
 use egret::monitor::event::{self, LossFigures, ECS_VERSION};
 use egret::monitor::event::{Action, DnsQuestion, ProxyRequest, ResolvedName, Subject};
 use egret::monitor::incident::{Aggregator, Observation};
-use egret::monitor::nflog::Verdict;
+use egret::monitor::nflog::LoggedVerdict;
 use egret::monitor::packet::{Flow, L4Header};
 use egret::policy::Severity;
 use serde_json::Value;
@@ -288,7 +288,7 @@ fn observed(
     resolved: Option<ResolvedName>,
     update: bool,
 ) -> Value {
-    let verdict = Verdict {
+    let verdict = LoggedVerdict {
         blocked,
         rule: rule.map(String::from),
     };
@@ -386,7 +386,7 @@ fn documents() -> Vec<(&'static str, Value)> {
 
 /// One identity's new destinations past its rate fold into a flood incident.
 fn flood() -> Value {
-    let verdict = Verdict {
+    let verdict = LoggedVerdict {
         blocked: true,
         rule: None,
     };

@@ -5,13 +5,13 @@
 
 use egret::kernel::netlink::messages;
 use egret::kernel::nflog::parse_record;
-use egret::monitor::nflog::Verdict;
+use egret::monitor::nflog::LoggedVerdict;
 use egret::monitor::packet;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     for msg in messages(data) {
         if let Some(rec) = parse_record(msg.payload) {
-            let _ = Verdict::parse(rec.prefix);
+            let _ = LoggedVerdict::parse(rec.prefix);
             let _ = packet::decode(rec.payload);
         }
     }

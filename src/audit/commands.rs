@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::evaluate::{Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use super::evaluate::{Attempt, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use super::explain::{self, Target};
 use super::{lint, recorded, simulate, suggest};
 use crate::exit;
@@ -167,12 +167,12 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
             return Ok(exit::USAGE);
         }
     };
-    let base = Flow {
+    let base = Attempt {
         protocol,
         port: port.filter(|_| matches!(protocol, IPPROTO_TCP | IPPROTO_UDP)),
         uid,
         unit: a.unit.map(str::to_string),
-        ..Flow::default()
+        ..Attempt::default()
     };
     let resolved = match &target {
         Target::Name(n) => resolve_now(policy, n),

@@ -28,9 +28,10 @@ pub const BASELINE_RULE: &str = "baseline";
 pub const DNS_GUARD_RULE: &str = crate::ruleset::DNS_GUARD_RULE;
 pub const DEFAULT_RULE: &str = crate::policy::DEFAULT_RULE;
 
-/// The first packet of an outbound flow, and who sends it.
+/// A question for the evaluator: an outbound attempt (the first packet of a
+/// flow) and who makes it; `evaluate` answers which rule decides it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Flow {
+pub struct Attempt {
     pub dst: Option<IpAddr>,
     /// IANA protocol number.
     pub protocol: u8,
@@ -103,7 +104,7 @@ impl Decision {
 const BASELINE_ICMP: &[u8] = &[3, 11, 12];
 const BASELINE_ICMPV6: &[u8] = &[1, 2, 3, 4, 130, 131, 132, 133, 135, 136, 143];
 
-pub fn evaluate(policy: &Policy, flow: &Flow) -> Decision {
+pub fn evaluate(policy: &Policy, flow: &Attempt) -> Decision {
     evaluate_with(policy, flow, &|_, _| false)
 }
 
@@ -112,7 +113,7 @@ pub fn evaluate(policy: &Policy, flow: &Flow) -> Decision {
 /// (read from the kernel by `egret explain`).
 pub fn evaluate_with(
     policy: &Policy,
-    flow: &Flow,
+    flow: &Attempt,
     in_host_set: &dyn Fn(&str, IpAddr) -> bool,
 ) -> Decision {
     if flow.dst.is_some_and(|d| d.is_loopback()) {
@@ -196,7 +197,7 @@ pub fn evaluate_with(
 /// the sender is not the rule's. `(rule, what is missing)`, in policy order.
 pub fn near_misses(
     policy: &Policy,
-    flow: &Flow,
+    flow: &Attempt,
     in_host_set: &dyn Fn(&str, IpAddr) -> bool,
 ) -> Vec<(String, String)> {
     let guard = policy.dns.is_some();
@@ -277,7 +278,7 @@ fn subjects(rule: &AllowRule) -> String {
 /// that host pattern or (`None` inside) by CIDR or because the rule names none.
 fn destination_matches(
     rule: &AllowRule,
-    flow: &Flow,
+    flow: &Attempt,
     guard: bool,
     in_host_set: &dyn Fn(&str, IpAddr) -> bool,
 ) -> Option<Option<String>> {
@@ -313,7 +314,7 @@ pub fn protocol_numbers(p: L4) -> &'static [u8] {
     }
 }
 
-fn service_matches(rule: &AllowRule, flow: &Flow) -> bool {
+fn service_matches(rule: &AllowRule, flow: &Attempt) -> bool {
     let protocol_ok = rule.protocols.is_empty() && rule.ports.is_empty()
         || rule
             .protocols
@@ -331,7 +332,7 @@ fn service_matches(rule: &AllowRule, flow: &Flow) -> bool {
 
 /// Does the flow's sender match the rule's users, groups and units? Unknown
 /// facts never match: the kernel knows them, we do not.
-pub fn subject_matches(rule: &AllowRule, flow: &Flow) -> bool {
+pub fn subject_matches(rule: &AllowRule, flow: &Attempt) -> bool {
     let ids = |want: &[u32], have: Option<u32>| {
         want.is_empty() || have.is_some_and(|h| want.contains(&h))
     };
@@ -343,7 +344,7 @@ pub fn subject_matches(rule: &AllowRule, flow: &Flow) -> bool {
 /// `socket cgroupv2 level N`: the sender's cgroup or one of its ancestors is
 /// the unit's. A bare unit name is found anywhere in the hierarchy; a path is
 /// relative to the root.
-fn in_unit(unit: &str, flow: &Flow) -> bool {
+fn in_unit(unit: &str, flow: &Attempt) -> bool {
     let path = match (&flow.cgroup, &flow.unit) {
         (Some(c), _) => c.as_str(),
         (None, Some(u)) => u.as_str(),

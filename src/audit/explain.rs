@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::Result;
 use serde::Serialize;
 
-use super::evaluate::{evaluate_with, near_misses, Decision, Flow, Outcome};
+use super::evaluate::{evaluate_with, near_misses, Attempt, Decision, Outcome};
 use super::simulate::destination;
 use crate::dns::guard::GuardConfig;
 use crate::policy::{Policy, Via};
@@ -154,7 +154,7 @@ pub struct NearMiss {
 
 fn near(
     policy: &Policy,
-    flow: &Flow,
+    flow: &Attempt,
     decision: &Decision,
     in_set: &dyn Fn(&str, IpAddr) -> bool,
 ) -> Vec<NearMiss> {
@@ -181,7 +181,7 @@ impl Explanation {
 pub fn explain(
     policy: &Policy,
     target: &Target,
-    base: &Flow,
+    base: &Attempt,
     resolved: &Resolved,
     live: Option<&[LiveElement]>,
 ) -> Explanation {
@@ -189,7 +189,7 @@ pub fn explain(
     let in_set = |rule: &str, ip: IpAddr| elements.iter().any(|e| e.rule == rule && e.ip == ip);
     match target {
         Target::Ip(ip) => {
-            let flow = Flow {
+            let flow = Attempt {
                 dst: Some(*ip),
                 ..base.clone()
             };
@@ -221,7 +221,7 @@ pub fn explain(
                         })
                 })
                 .collect();
-            let named = Flow {
+            let named = Attempt {
                 dst: None,
                 domain: Some(name.clone()),
                 ..base.clone()
@@ -247,7 +247,7 @@ pub fn explain(
             let addresses = ips
                 .into_iter()
                 .map(|(ip, sources)| {
-                    let flow = Flow {
+                    let flow = Attempt {
                         dst: Some(ip),
                         ..named.clone()
                     };
@@ -365,10 +365,10 @@ mod tests {
             &crate::policy::NoAccounts,
         )
         .unwrap();
-        let base = Flow {
+        let base = Attempt {
             protocol: IPPROTO_TCP,
             port: Some(443),
-            ..Flow::default()
+            ..Attempt::default()
         };
         let live = vec![
             LiveElement {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use serde_json::Value;
 
-use super::evaluate::Flow;
+use super::evaluate::Attempt;
 use crate::monitor::event::ecs::{RecordedIncident, RecordedSubject};
 use crate::monitor::store::Store;
 
@@ -31,7 +31,7 @@ pub struct Recorded {
     /// `rule.name`: the rule that logged it (`default`, `dns-bypass`, a
     /// rule in per-rule audit mode, ...).
     pub rule: String,
-    pub flow: Flow,
+    pub flow: Attempt,
     pub executable: Option<String>,
     pub user_name: Option<String>,
     pub count: u64,
@@ -49,7 +49,7 @@ pub fn from_doc(doc: &Value) -> Option<Recorded> {
         RecordedSubject::DnsQuery { name } => Kind::DnsQuery { name },
         RecordedSubject::ProxyRequest { host, port } => Kind::Proxy { host, port },
     };
-    let flow = Flow {
+    let flow = Attempt {
         dst: r.destination,
         protocol: r.protocol,
         port: r.port,
@@ -95,7 +95,7 @@ mod tests {
     use crate::monitor::event;
     use crate::monitor::event::{ResolvedName, Subject};
     use crate::monitor::incident::Aggregator;
-    use crate::monitor::nflog::Verdict;
+    use crate::monitor::nflog::LoggedVerdict;
     use crate::monitor::packet::{Flow as Packet, L4Header};
 
     #[test]
@@ -131,7 +131,7 @@ mod tests {
             name: "ntp.example.org".into(),
             asked_by: None,
         };
-        let verdict = Verdict {
+        let verdict = LoggedVerdict {
             blocked: false,
             rule: Some("chrony".into()),
         };
@@ -154,7 +154,7 @@ mod tests {
         );
         assert_eq!(
             r.flow,
-            Flow {
+            Attempt {
                 dst: Some("2001:db8::7".parse().unwrap()),
                 protocol: 17,
                 port: Some(123),

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::evaluate::{evaluate, Flow, Outcome};
+use super::evaluate::{evaluate, Attempt, Outcome};
 use super::recorded::{Kind, Recorded};
 use crate::dns::guard::GuardConfig;
 use crate::monitor::packet::transport_name;
@@ -79,7 +79,7 @@ pub fn who(r: &Recorded) -> String {
     }
 }
 
-pub fn destination(flow: &Flow) -> String {
+pub fn destination(flow: &Attempt) -> String {
     let ip = match flow.dst {
         Some(std::net::IpAddr::V6(v6)) if flow.port.is_some() => format!("[{v6}]"),
         Some(ip) => ip.to_string(),
@@ -222,7 +222,7 @@ mod tests {
     use super::*;
     use crate::audit::evaluate::{IPPROTO_TCP, IPPROTO_UDP};
 
-    fn rec(kind: Kind, flow: Flow, count: u64) -> Recorded {
+    fn rec(kind: Kind, flow: Attempt, count: u64) -> Recorded {
         Recorded {
             kind,
             action: "would-block".into(),
@@ -236,13 +236,13 @@ mod tests {
         }
     }
 
-    fn flow(dst: &str, protocol: u8, port: u16, domain: Option<&str>) -> Flow {
-        Flow {
+    fn flow(dst: &str, protocol: u8, port: u16, domain: Option<&str>) -> Attempt {
+        Attempt {
             dst: Some(dst.parse().unwrap()),
             protocol,
             port: Some(port),
             domain: domain.map(str::to_string),
-            ..Flow::default()
+            ..Attempt::default()
         }
     }
 
@@ -289,14 +289,14 @@ protocol = "udp"
                 Kind::DnsQuery {
                     name: "b.example.test".into(),
                 },
-                Flow::default(),
+                Attempt::default(),
                 1,
             ),
             rec(
                 Kind::DnsQuery {
                     name: "evil.test".into(),
                 },
-                Flow::default(),
+                Attempt::default(),
                 3,
             ),
             rec(
@@ -304,7 +304,7 @@ protocol = "udp"
                     host: "x.test".into(),
                     port: 443,
                 },
-                Flow::default(),
+                Attempt::default(),
                 1,
             ),
         ];

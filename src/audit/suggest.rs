@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::evaluate::{
-    evaluate, Flow, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    evaluate, Attempt, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 use super::policy_text::{self, comment_text, list, quote};
 use super::recorded::{Kind, Recorded};
@@ -179,7 +179,7 @@ pub fn suggest(input: &Input) -> String {
                     notes.names_only_asked.insert(host.to_ascii_lowercase());
                     continue;
                 }
-                let flow = Flow {
+                let flow = Attempt {
                     dst: ip,
                     protocol: IPPROTO_TCP,
                     port: Some(*port),

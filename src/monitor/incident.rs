@@ -11,13 +11,13 @@ use crate::monitor::event::{Action, ResolvedName, Subject, SubjectKey};
 use crate::monitor::flood::{
     describe, Admit, Limiter, Who, MAX_TRACKED, MAX_TRACKED_TOTAL, SAMPLE,
 };
-use crate::monitor::nflog::Verdict;
+use crate::monitor::nflog::LoggedVerdict;
 #[cfg(test)]
 use crate::monitor::packet::Flow;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IncidentKey {
-    pub verdict: Verdict,
+    pub verdict: LoggedVerdict,
     pub identity: Identity,
     /// The sender's uid and unit, which policy rules can name: the same
     /// executable run by two users or from two units is two incidents, so
@@ -32,7 +32,7 @@ pub struct IncidentKey {
 /// One thing the monitor saw: a logged packet, a refused query or proxy request.
 #[derive(Debug, Clone)]
 pub struct Observation<'a> {
-    pub verdict: &'a Verdict,
+    pub verdict: &'a LoggedVerdict,
     pub subject: Subject,
     pub attribution: &'a Attribution,
     pub resolved: Option<&'a ResolvedName>,
@@ -125,7 +125,7 @@ impl Aggregator {
     #[cfg(test)]
     pub fn observe(
         &mut self,
-        verdict: &Verdict,
+        verdict: &LoggedVerdict,
         flow: Option<&Flow>,
         attribution: &Attribution,
         at: SystemTime,
@@ -404,7 +404,7 @@ mod tests {
         }
     }
 
-    const BLOCKED: Verdict = Verdict {
+    const BLOCKED: LoggedVerdict = LoggedVerdict {
         blocked: true,
         rule: None,
     };
@@ -479,7 +479,7 @@ mod tests {
         assert!(agg
             .observe(&BLOCKED, Some(&flow(1, 389)), &who(1), t)
             .is_some());
-        let audit = Verdict {
+        let audit = LoggedVerdict {
             blocked: false,
             rule: Some("web".into()),
         };

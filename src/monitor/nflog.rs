@@ -14,26 +14,27 @@ use crate::kernel::nflog::{NflogSocket, Received};
 use crate::monitor::packet::{self, Flow};
 use crate::ruleset::{PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
 
-/// Which egret rule logged the packet, read from the log prefix.
+/// What a logged packet's prefix says: blocked or would-block, and which
+/// rule (not what a rule does: that is `ruleset::Verdict`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Verdict {
+pub struct LoggedVerdict {
     /// true: the packet was dropped/rejected; false: audit mode let it pass.
     pub blocked: bool,
     /// The policy rule whose per-rule mode caught it, or None for the final rule.
     pub rule: Option<String>,
 }
 
-impl Verdict {
-    pub fn parse(prefix: &[u8]) -> Option<Verdict> {
+impl LoggedVerdict {
+    pub fn parse(prefix: &[u8]) -> Option<LoggedVerdict> {
         let prefix = std::str::from_utf8(prefix).ok()?.trim_end_matches('\0');
         for (tag, blocked) in [(PREFIX_BLOCKED, true), (PREFIX_WOULD_BLOCK, false)] {
             if let Some(rest) = prefix.strip_prefix(tag) {
                 return match rest.strip_prefix(':') {
-                    None if rest.is_empty() => Some(Verdict {
+                    None if rest.is_empty() => Some(LoggedVerdict {
                         blocked,
                         rule: None,
                     }),
-                    Some(rule) if !rule.is_empty() => Some(Verdict {
+                    Some(rule) if !rule.is_empty() => Some(LoggedVerdict {
                         blocked,
                         rule: Some(rule.to_string()),
                     }),
@@ -49,7 +50,7 @@ impl Verdict {
 #[derive(Debug, Clone)]
 pub struct LoggedPacket {
     pub received: SystemTime,
-    pub verdict: Verdict,
+    pub verdict: LoggedVerdict,
     pub flow: Result<Flow, packet::DecodeError>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -123,7 +124,7 @@ fn take(stats: &NflogStats, r: Received<'_>, sink: &mut dyn FnMut(LoggedPacket))
         Received::Overrun => count(&stats.enobufs, 1),
         Received::Malformed => count(&stats.malformed, 1),
         Received::Packet(received, rec) => {
-            let Some(verdict) = Verdict::parse(rec.prefix) else {
+            let Some(verdict) = LoggedVerdict::parse(rec.prefix) else {
                 return count(&stats.foreign, 1);
             };
             count(&stats.received, 1);
@@ -154,8 +155,8 @@ mod tests {
         let m = messages(&msg).next().unwrap();
         let rec = parse_record(m.payload).unwrap();
         assert_eq!(
-            Verdict::parse(rec.prefix),
-            Some(Verdict {
+            LoggedVerdict::parse(rec.prefix),
+            Some(LoggedVerdict {
                 blocked: true,
                 rule: None
             })
@@ -172,10 +173,10 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        let v = |s: &str| Verdict::parse(s.as_bytes());
+        let v = |s: &str| LoggedVerdict::parse(s.as_bytes());
         assert_eq!(
             v("egret:would-block:web\0"),
-            Some(Verdict {
+            Some(LoggedVerdict {
                 blocked: false,
                 rule: Some("web".into())
             })
@@ -183,7 +184,7 @@ mod tests {
         assert_eq!(v("egret:blockedX"), None);
         assert_eq!(v("egret:blocked:"), None);
         assert_eq!(v("ufw-block"), None);
-        assert_eq!(Verdict::parse(&[0xff, 0xfe]), None);
+        assert_eq!(LoggedVerdict::parse(&[0xff, 0xfe]), None);
     }
 
     #[test]
@@ -226,7 +227,7 @@ mod tests {
             for buf in [&msg[..cut.min(msg.len())], &junk[..]] {
                 for m in messages(buf) {
                     if let Some(rec) = parse_record(m.payload) {
-                        let _ = Verdict::parse(rec.prefix);
+                        let _ = LoggedVerdict::parse(rec.prefix);
                         let _ = packet::decode(rec.payload);
                     }
                 }

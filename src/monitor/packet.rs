@@ -9,7 +9,7 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// What the packet's headers say about the connection attempt.
+/// A decoded packet's 5-tuple: what its headers say about the connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Flow {
     pub src: IpAddr,

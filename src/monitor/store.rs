@@ -592,7 +592,7 @@ mod tests {
     use crate::monitor::attribution::{Attribution, Method};
     use crate::monitor::event::Action;
     use crate::monitor::incident::Aggregator;
-    use crate::monitor::nflog::Verdict;
+    use crate::monitor::nflog::LoggedVerdict;
     use crate::monitor::packet::{Flow, L4Header};
 
     fn sample(agg: &mut Aggregator, port: u16, uid: u32, at: SystemTime) -> Incident {
@@ -607,7 +607,7 @@ mod tests {
             uid: Some(uid),
             ..Attribution::unknown()
         };
-        let v = Verdict {
+        let v = LoggedVerdict {
             blocked: true,
             rule: None,
         };

@@ -438,7 +438,7 @@ impl Compiler {
                     Match::NfProto(family),
                     Match::L4Proto(IPPROTO_TCP),
                     Match::TcpFlagsZero(TCP_SYN),
-                    Match::Flow(family, set),
+                    Match::FiveTuple(family, set),
                 ],
                 Verdict::Accept,
                 "baseline: connections open before egret",

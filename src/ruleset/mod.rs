@@ -344,8 +344,9 @@ pub enum Match {
     SkGid(IdMatch),
     /// `socket cgroupv2 level N @set`
     Cgroup { level: u32, set: String },
+    /// A connection's 5-tuple in a set (the seeded ones):
     /// `meta l4proto . ip saddr . th sport . ip daddr . th dport @set`
-    Flow(Family, String),
+    FiveTuple(Family, String),
     /// `tcp flags & MASK == 0` (after `meta l4proto tcp`): none of these flags set.
     TcpFlagsZero(u8),
 }

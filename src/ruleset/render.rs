@@ -222,7 +222,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
             Match::SkUid(m) => id_match("skuid", m),
             Match::SkGid(m) => id_match("skgid", m),
             Match::Cgroup { level, set } => format!("socket cgroupv2 level {level} @{set}"),
-            Match::Flow(f, set) => {
+            Match::FiveTuple(f, set) => {
                 let kw = family_kw(*f);
                 format!("meta l4proto . {kw} saddr . th sport . {kw} daddr . th dport @{set}")
             }

@@ -24,7 +24,7 @@ use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
 use crate::monitor::event::{ProxyRequest, Subject};
 use crate::monitor::incident::{Aggregator, Observation};
-use crate::monitor::nflog::{LoggedPacket, Verdict};
+use crate::monitor::nflog::{LoggedPacket, LoggedVerdict};
 use crate::monitor::store::Store;
 use crate::policy::Policy;
 use crate::proxy::ProxyDenial;
@@ -260,7 +260,7 @@ impl Daemon {
         if text::bound(&mut d.method, text::SHORT_MAX) {
             d.attribution.truncated.push("http.request.method");
         }
-        let verdict = Verdict {
+        let verdict = LoggedVerdict {
             blocked: d.blocked,
             rule: Some(d.rule.clone().unwrap_or_else(|| event::DEFAULT_RULE.into())),
         };
@@ -338,7 +338,7 @@ impl Daemon {
         if text::bound(&mut q.question.name, text::NAME_MAX) {
             q.attribution.truncated.push("dns.question.name");
         }
-        let verdict = Verdict {
+        let verdict = LoggedVerdict {
             blocked: q.blocked,
             rule: Some(DNS_GUARD_RULE.into()),
         };

@@ -28,12 +28,12 @@ fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
     }
 }
 
-fn tcp(dst: &str, port: u16) -> Flow {
-    Flow {
+fn tcp(dst: &str, port: u16) -> Attempt {
+    Attempt {
         dst: Some(dst.parse().unwrap()),
         protocol: IPPROTO_TCP,
         port: Some(port),
-        ..Flow::default()
+        ..Attempt::default()
     }
 }
 
@@ -60,7 +60,7 @@ fn first_matching_rule_decides_and_the_rest_falls_to_default() {
     assert_eq!(evaluate(&p, &tcp("10.1.2.3", 22)).rule, "all-10");
     let d = evaluate(&p, &tcp("2001:db9::1", 443));
     assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Blocked, "default"));
-    let udp = Flow {
+    let udp = Attempt {
         protocol: IPPROTO_UDP,
         ..tcp("10.1.2.3", 443)
     };
@@ -95,14 +95,14 @@ fn baseline_and_dns_guard_come_before_the_rules() {
         (d.outcome, d.rule.as_str()),
         (Outcome::Blocked, "dns-bypass")
     );
-    let icmp_error = Flow {
+    let icmp_error = Attempt {
         dst: Some("2001:db8::1".parse().unwrap()),
         protocol: IPPROTO_ICMPV6,
         icmp_type: Some(135),
-        ..Flow::default()
+        ..Attempt::default()
     };
     assert_eq!(evaluate(&p, &icmp_error).rule, BASELINE_RULE);
-    let ping = Flow {
+    let ping = Attempt {
         icmp_type: Some(128),
         ..icmp_error
     };
@@ -122,7 +122,7 @@ fn host_patterns_need_the_guard_and_a_resolved_name() {
     let mut web = allow("web");
     web.hosts = vec![HostPattern::parse("*.example.test").unwrap()];
     web.ports = ports(&[(443, 443)]);
-    let with_name = Flow {
+    let with_name = Attempt {
         domain: Some("api.example.test".into()),
         ..tcp("192.0.2.7", 443)
     };
@@ -131,7 +131,7 @@ fn host_patterns_need_the_guard_and_a_resolved_name() {
     assert_eq!(d.rule, "web");
     assert_eq!(d.host_pattern.as_deref(), Some("*.example.test"));
     assert_eq!(evaluate(&p, &tcp("192.0.2.7", 443)).rule, "default");
-    let apex = Flow {
+    let apex = Attempt {
         domain: Some("example.test".into()),
         ..with_name.clone()
     };
@@ -151,7 +151,7 @@ fn subjects_and_per_rule_audit_mode() {
     app.cidrs = vec!["10.1.0.0/16".parse().unwrap()];
     app.mode = Some(Mode::Audit);
     let p = policy(Mode::Enforce, false, vec![app]);
-    let from_app = |dst: &str| Flow {
+    let from_app = |dst: &str| Attempt {
         uid: Some(1000),
         cgroup: Some("/system.slice/app.service/worker".into()),
         ..tcp(dst, 80)
@@ -159,17 +159,17 @@ fn subjects_and_per_rule_audit_mode() {
     assert_eq!(evaluate(&p, &from_app("10.1.0.1")).rule, "app");
     let d = evaluate(&p, &from_app("10.9.0.1"));
     assert_eq!((d.outcome, d.rule.as_str()), (Outcome::WouldBlock, "app"));
-    let other_user = Flow {
+    let other_user = Attempt {
         uid: Some(0),
         ..from_app("10.9.0.1")
     };
     assert_eq!(evaluate(&p, &other_user).outcome, Outcome::Blocked);
-    let unknown_uid = Flow {
+    let unknown_uid = Attempt {
         uid: None,
         ..from_app("10.1.0.1")
     };
     assert_eq!(evaluate(&p, &unknown_uid).rule, "default");
-    let by_unit_name = Flow {
+    let by_unit_name = Attempt {
         cgroup: None,
         unit: Some("app.service".into()),
         ..from_app("10.1.0.1")
@@ -182,7 +182,7 @@ fn a_unit_path_matches_from_the_root_only() {
     let mut r = allow("p");
     r.units = vec!["system.slice/app.service".into()];
     let p = policy(Mode::Enforce, false, vec![r]);
-    let at = |cg: &str| Flow {
+    let at = |cg: &str| Attempt {
         cgroup: Some(cg.into()),
         ..tcp("10.0.0.1", 1)
     };
@@ -242,7 +242,7 @@ fn in_set(set: &Set, values: &[u128]) -> bool {
     })
 }
 
-fn interpret(rs: &Ruleset, policy: &Policy, flow: &Flow) -> (Outcome, String) {
+fn interpret(rs: &Ruleset, policy: &Policy, flow: &Attempt) -> (Outcome, String) {
     let dst = flow.dst.unwrap();
     let family = Family::of(&dst);
     let set = |name: &str| rs.set(name).unwrap();
@@ -259,7 +259,7 @@ fn interpret(rs: &Ruleset, policy: &Policy, flow: &Flow) -> (Outcome, String) {
             Match::IifName(_)
             | Match::CtState(_)
             | Match::Mark(_)
-            | Match::Flow(..)
+            | Match::FiveTuple(..)
             | Match::TcpFlagsZero(_) => false,
             Match::NfProto(f) => *f == family,
             Match::L4Proto(p) => *p == flow.protocol,
@@ -347,7 +347,7 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
         .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
 }
 
-pub(crate) fn arb_flow() -> impl Strategy<Value = Flow> {
+pub(crate) fn arb_flow() -> impl Strategy<Value = Attempt> {
     (
         proptest::sample::select(vec![
             "10.1.2.3",
@@ -378,7 +378,7 @@ pub(crate) fn arb_flow() -> impl Strategy<Value = Flow> {
     )
         .prop_map(|(dst, protocol, port, uid, cgroup, domain, icmp)| {
             let icmp_proto = matches!(protocol, IPPROTO_ICMP | IPPROTO_ICMPV6);
-            Flow {
+            Attempt {
                 dst: Some(dst.parse().unwrap()),
                 protocol,
                 port: (!icmp_proto).then_some(port),
@@ -452,7 +452,7 @@ fn near_misses_say_what_a_rule_lacks() {
 
     let wrong_user = near_misses(
         &p,
-        &Flow {
+        &Attempt {
             uid: Some(0),
             ..tcp("198.51.100.7", 22)
         },

@@ -38,13 +38,13 @@ fn seen(dst: &str, protocol: u8, port: Option<u16>, user: &str, domain: Option<&
         kind: Kind::Packet,
         action: "would-block".into(),
         rule: "default".into(),
-        flow: Flow {
+        flow: Attempt {
             dst: Some(dst.parse().unwrap()),
             protocol,
             port,
             uid,
             domain: domain.map(str::to_string),
-            ..Flow::default()
+            ..Attempt::default()
         },
         executable: Some("/usr/bin/curl".into()),
         user_name: uid.map(|_| user.to_string()),

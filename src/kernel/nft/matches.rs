@@ -70,7 +70,7 @@ impl Batch {
             Match::SkUid(id) => self.encode_id(META_SKUID, id),
             Match::SkGid(id) => self.encode_id(META_SKGID, id),
             Match::Cgroup { level, set } => self.encode_cgroup(*level, set),
-            Match::Flow(f, set) => self.encode_flow(*f, set),
+            Match::FiveTuple(f, set) => self.encode_flow(*f, set),
             Match::TcpFlagsZero(mask) => self.encode_tcp_flags_zero(*mask),
         }
     }
@@ -358,7 +358,7 @@ fn decode_flow(x: &[Expr]) -> Decoded {
         Family::V4
     };
     match lookup_set(x.get(5)) {
-        Some(set) => Ok((Match::Flow(f, set), 6)),
+        Some(set) => Ok((Match::FiveTuple(f, set), 6)),
         None => Err(not_written("a flow match")),
     }
 }

@@ -161,7 +161,7 @@ fn match_kind(m: &Match) -> usize {
         Match::SkUid(_) => 10,
         Match::SkGid(_) => 11,
         Match::Cgroup { .. } => 12,
-        Match::Flow(..) => 13,
+        Match::FiveTuple(..) => 13,
         Match::TcpFlagsZero(_) => 14,
     }
 }
@@ -199,7 +199,7 @@ fn every_match() -> Vec<Vec<Match>> {
         };
         rules.push(vec![Match::NfProto(f), Match::Daddr(f, set(addrs))]);
         rules.push(vec![Match::NfProto(f), Match::IcmpType(f, set(icmp))]);
-        rules.push(vec![Match::Flow(f, set(flows))]);
+        rules.push(vec![Match::FiveTuple(f, set(flows))]);
     }
     rules
 }

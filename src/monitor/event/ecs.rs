@@ -696,7 +696,7 @@ mod tests {
     use super::*;
     use crate::monitor::attribution::{Attribution, Method, Process};
     use crate::monitor::incident::Aggregator;
-    use crate::monitor::nflog::Verdict;
+    use crate::monitor::nflog::LoggedVerdict;
     use crate::monitor::packet::Flow;
 
     #[test]
@@ -755,7 +755,7 @@ mod tests {
             ingress: None,
             truncated: Vec::new(),
         };
-        let v = Verdict {
+        let v = LoggedVerdict {
             blocked: true,
             rule: None,
         };
@@ -793,7 +793,7 @@ mod tests {
 
     fn first(subject: Subject, blocked: bool) -> Incident {
         let mut agg = Aggregator::new(9);
-        let verdict = Verdict {
+        let verdict = LoggedVerdict {
             blocked,
             rule: Some("r".into()),
         };
