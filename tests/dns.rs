@@ -382,3 +382,134 @@ fn ordinary_users_cannot_borrow_the_guards_mark() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
 }
+
+/// Connects to host:port by address (no name lookup), with a timeout long
+/// enough for one SYN retransmission; exit 0 when an echo round trip works.
+fn dial(ns: &Netns, host: &str, port: u16) -> bool {
+    let timeout = (5 * time_scale()).to_string();
+    let script = "import socket,sys\n\
+        s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[3]))\n\
+        s.sendall(b'ping\\n'); sys.exit(0 if s.recv(5)==b'ping\\n' else 1)\n";
+    ns.cmd(
+        "python3",
+        &["-c", script, host, &port.to_string(), timeout.as_str()],
+    )
+    .stderr(Stdio::null())
+    .status()
+    .expect("python3")
+    .success()
+}
+
+fn wait_expired(ns: &Netns, set: &str, address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15 * time_scale());
+    while set_text(ns, set).contains(address) {
+        assert!(Instant::now() < deadline, "the element did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn action_for<'a>(e: &'a serde_json::Value, address: &str) -> Option<&'a str> {
+    (e.pointer("/destination/ip").and_then(|v| v.as_str()) == Some(address))
+        .then(|| e.pointer("/event/action").and_then(|v| v.as_str()))
+        .flatten()
+}
+
+#[test]
+fn an_address_kept_past_its_time_is_revalidated_while_the_name_still_has_it() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    wait_expired(a, "h_web_v4", ALLOWED4);
+    // The program kept the address: its first SYN is blocked, the guard asks
+    // again, the retransmission passes.
+    assert!(dial(a, ALLOWED4, PORT), "revalidated: the connection works");
+    let e = run.wait_event(10, "dns-revalidated", |e| {
+        action_for(e, ALLOWED4) == Some("dns-revalidated")
+    });
+    assert_eq!(at(&e, "/destination/domain"), "allowed.test");
+    assert_eq!(at(&e, "/rule/name"), "web");
+    assert_eq!(at(&e, "/event/kind"), "event");
+    assert_eq!(at(&e, "/egret/revalidation/outcome"), "revalidated");
+    assert!(
+        set_text(a, "h_web_v4").contains(ALLOWED4),
+        "back in the set"
+    );
+
+    // Not on a port the rule does not allow, and never for an address the
+    // guard did not resolve: those are blocked and reported as before.
+    assert!(!dial(a, ALLOWED4, PORT + 1));
+    assert!(!dial(a, OTHER4, PORT));
+    for address in [OTHER4] {
+        run.wait_event(10, "blocked, not revalidated", |e| {
+            action_for(e, address) == Some("blocked")
+        });
+    }
+    run.wait_event(10, "blocked on the other port", |e| {
+        action_for(e, ALLOWED4) == Some("blocked")
+            && e.pointer("/destination/port").and_then(|v| v.as_u64()) == Some(u64::from(PORT + 1))
+    });
+    assert!(!set_text(a, "h_web_v4").contains(OTHER4));
+    let revalidated = run
+        .snapshot()
+        .iter()
+        .filter(|e| e.pointer("/event/action").and_then(|v| v.as_str()) == Some("dns-revalidated"))
+        .count();
+    assert_eq!(revalidated, 1, "{:#?}", run.snapshot());
+    let metrics = a.egret_ok(&["status", "--state-dir", &policy.state_dir(), "--json"]);
+    assert!(metrics.contains("revalidated"), "{metrics}");
+}
+
+#[test]
+fn a_stale_address_stays_blocked_and_is_reported_as_stale() {
+    let pair = Pair::new();
+    add_addresses(
+        &pair.b,
+        &[&format!("{ALLOWED4}/24"), &format!("{OTHER4}/24")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts").to_string_lossy().into_owned();
+    std::fs::write(&hosts, format!("{ALLOWED4} allowed.test\n")).unwrap();
+    let mut upstream = dnsmasq(
+        &pair.b,
+        &[B4],
+        &["--local-ttl=2".to_string(), format!("--addn-hosts={hosts}")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != ALLOWED4 {
+        assert!(Instant::now() < deadline, "dnsmasq did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _servers = [
+        pair.b.server("tcp", ALLOWED4, PORT),
+        pair.b.server("tcp", OTHER4, PORT),
+    ];
+    let a = &pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
+    // The name moves; dnsmasq rereads its hosts file on SIGHUP.
+    std::fs::write(&hosts, format!("{OTHER4} allowed.test\n")).unwrap();
+    run_ok(std::process::Command::new("kill").args(["-HUP", &upstream.0.id().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != OTHER4 {
+        assert!(Instant::now() < deadline, "dnsmasq did not reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_expired(a, "h_web_v4", ALLOWED4);
+    assert!(!dial(a, ALLOWED4, PORT), "a stale address stays blocked");
+    let e = run.wait_event(10, "blocked as stale", |e| {
+        action_for(e, ALLOWED4) == Some("blocked")
+    });
+    assert_eq!(at(&e, "/egret/revalidation/outcome"), "stale");
+    assert_eq!(at(&e, "/destination/domain"), "allowed.test");
+    assert!(!set_text(a, "h_web_v4").contains(ALLOWED4));
+    assert!(
+        !set_text(a, "h_web_v4").contains(OTHER4),
+        "nothing opened for a client that did not ask"
+    );
+    let _ = upstream.0.kill();
+}

@@ -74,6 +74,9 @@ pub fn settings(policy: &Policy, mode: Mode) -> String {
         let _ = writeln!(out, "ttl_floor = {}", duration(dns.ttl_floor));
         let _ = writeln!(out, "grace = {}", duration(dns.grace));
         let _ = writeln!(out, "intercept = {}", dns.intercept);
+        if !dns.revalidate {
+            let _ = writeln!(out, "revalidate = false");
+        }
     }
     if let Some(p) = &policy.proxy {
         let _ = writeln!(out, "\n[proxy]");

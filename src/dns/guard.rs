@@ -20,6 +20,7 @@ use crate::local_http::{AcceptErrors, Caps, PeerUids};
 use super::batch::{self, Batcher};
 use super::cache::{Cache, CacheKey};
 use super::message::{self, Incoming, Query};
+use super::revalidate::{self, Outcome, Request, Revalidator, Work};
 use super::sets::{HostSets, RecentNames};
 use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
@@ -124,6 +125,7 @@ struct Shared {
     attributor: Arc<Mutex<Attributor>>,
     on_refused: OnRefused,
     stats: Arc<GuardStats>,
+    revalidator: Mutex<Revalidator>,
 }
 
 /// A running guard. Dropping it does not stop it; call [`Guard::stop`].
@@ -131,7 +133,17 @@ pub struct Guard {
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Where revalidations run: the guard's own runtime.
+    runtime: tokio::runtime::Handle,
     pub stats: Arc<GuardStats>,
+}
+
+/// The result of [`Guard::revalidate`], delivered once per started revalidation.
+#[derive(Debug, Clone)]
+pub struct Revalidation {
+    pub address: IpAddr,
+    pub name: ResolvedName,
+    pub outcome: Outcome,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -178,6 +190,7 @@ impl Guard {
             attributor: Arc::new(Mutex::new(Attributor::new())),
             on_refused,
             stats: Arc::clone(&stats),
+            revalidator: Mutex::new(Revalidator::default()),
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -185,6 +198,7 @@ impl Guard {
             .max_blocking_threads(8)
             .build()
             .context("DNS guard: starting its runtime")?;
+        let handle = runtime.handle().clone();
         let inner = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("dns-guard".into())
@@ -212,6 +226,7 @@ impl Guard {
             shared,
             stop: Some(stop_tx),
             thread: Some(thread),
+            runtime: handle,
             stats,
         })
     }
@@ -228,6 +243,7 @@ impl Guard {
         let out = swap()?;
         sets.forget();
         lock(&self.shared.cache).clear();
+        lock(&self.shared.revalidator).forget_answers();
         if let Some(c) = config {
             *self
                 .shared
@@ -236,6 +252,52 @@ impl Guard {
                 .unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
         }
         Ok(out)
+    }
+
+    /// The name whose answer once put `address` into a rule's set, if
+    /// revalidation is on and the guard still remembers it.
+    pub fn remembered(&self, address: IpAddr) -> Option<ResolvedName> {
+        if !self.shared.config().dns.revalidate {
+            return None;
+        }
+        lock(&self.shared.recent)
+            .remembered(&address, Instant::now())
+            .cloned()
+    }
+
+    /// A packet to `address` was blocked, and `rule` would allow it if the
+    /// address were still in its set for `name` (the caller checked its
+    /// ports and subject). The name is asked again and `done` gets the
+    /// verdict once (see [`revalidate`]); later packets to the same address
+    /// meanwhile get [`Request::Pending`] and no call.
+    pub fn revalidate(
+        &self,
+        address: IpAddr,
+        name: ResolvedName,
+        rule: String,
+        done: impl FnOnce(Revalidation) + Send + 'static,
+    ) -> Request {
+        let cfg = self.shared.config();
+        let now = Instant::now();
+        let (request, work) = lock(&self.shared.revalidator).begin(address, &name.name, now);
+        let Some(work) = work else {
+            return request;
+        };
+        let shared = Arc::clone(&self.shared);
+        self.runtime.spawn(async move {
+            let outcome = revalidation(&shared, &cfg, address, &name, &rule, work).await;
+            lock(&shared.revalidator).finish(address, &outcome);
+            done(Revalidation {
+                address,
+                name,
+                outcome,
+            });
+        });
+        request
+    }
+
+    pub fn revalidation_stats(&self) -> revalidate::Stats {
+        lock(&self.shared.revalidator).stats
     }
 
     pub fn listen(&self) -> SocketAddr {
@@ -502,7 +564,12 @@ async fn answer(
                 name: q.name.clone(),
                 asked_by: asked_by.clone(),
             };
-            recent.insert(ip, resolved, now + cfg.dns.set_timeout(ttl));
+            recent.insert(
+                ip,
+                resolved,
+                now + cfg.dns.set_timeout(ttl),
+                !rules.is_empty(),
+            );
         }
     }
     lock(&shared.cache).put(
@@ -512,6 +579,56 @@ async fn answer(
         Instant::now(),
     );
     message::reply_for(&q, &response, 0, limit)
+}
+
+/// Asks again (or reuses a fresh answer), judges, and puts a still-valid
+/// address back into the sets of the rules that allow the name now.
+async fn revalidation(
+    shared: &Arc<Shared>,
+    cfg: &GuardConfig,
+    address: IpAddr,
+    name: &ResolvedName,
+    rule: &str,
+    work: Work,
+) -> Outcome {
+    let answer = match work {
+        Work::Reuse(answer) => answer,
+        Work::Lookup => match upstream::lookup(&cfg.dns.upstream, cfg.mark, &name.name).await {
+            Ok(answer) => {
+                lock(&shared.revalidator).answered(&name.name, &answer, Instant::now());
+                answer
+            }
+            Err(e) => {
+                shared
+                    .stats
+                    .upstream_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Outcome::Failed(format!("asking the upstream for {}: {e}", name.name));
+            }
+        },
+    };
+    // The rule must still allow the name under the policy in force now.
+    let mut rules = cfg.matching(&name.name);
+    rules.retain(|r| r == rule);
+    let outcome = revalidate::judge(address, &answer, rules, |ttl| cfg.dns.set_timeout(ttl));
+    if let Outcome::StillResolves { rules, timeout } = &outcome {
+        let sets = Arc::clone(&shared.sets);
+        let (rules, timeout) = (rules.clone(), *timeout);
+        let written =
+            tokio::task::spawn_blocking(move || lock(&sets).insert(&rules, &[(address, timeout)]))
+                .await;
+        let failed = match written {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
+            shared.stats.set_failures.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Failed(format!("writing the kernel sets: {e}"));
+        }
+        lock(&shared.recent).insert(address, name.clone(), Instant::now() + timeout, true);
+    }
+    outcome
 }
 
 /// The address the client sent to: the listen address, or loopback when the

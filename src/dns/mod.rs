@@ -13,8 +13,9 @@ mod batch;
 pub mod cache;
 pub mod guard;
 pub mod message;
+pub mod revalidate;
 pub mod sets;
 pub mod upstream;
 
-pub use guard::{Guard, GuardConfig, GuardStats, RefusedQuery};
+pub use guard::{Guard, GuardConfig, GuardStats, RefusedQuery, Revalidation};
 pub use sets::RecentNames;

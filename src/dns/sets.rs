@@ -96,10 +96,23 @@ impl HostSets {
 
 struct Recent {
     resolved: ResolvedName,
+    /// While the kernel holds the address for it (the name is shown for
+    /// blocked packets to it until then).
     until: Instant,
+    /// Put into a rule's set (not only forwarded in audit mode): a blocked
+    /// packet to it may be revalidated until then.
+    remember_until: Option<Instant>,
 }
 
-/// Address → the name the guard last resolved to it, and who asked. Bounded.
+impl Recent {
+    fn last_use(&self) -> Instant {
+        self.remember_until
+            .map_or(self.until, |r| r.max(self.until))
+    }
+}
+
+/// Address → the name the guard last resolved to it, and who asked. Bounded:
+/// past the cap the entries remembered the shortest go first.
 #[derive(Default)]
 pub struct RecentNames {
     map: HashMap<IpAddr, Recent>,
@@ -115,15 +128,51 @@ impl RecentNames {
             .map(|r| r.resolved.clone())
     }
 
-    pub fn insert(&mut self, ip: IpAddr, resolved: ResolvedName, until: Instant) {
-        if self.map.len() >= RECENT_MAX {
-            let now = Instant::now();
-            self.map.retain(|_, r| r.until > now);
+    /// The name whose answer put `ip` into a rule's set, within
+    /// [`super::revalidate::REMEMBER_FOR`] of that answer.
+    pub fn remembered(&self, ip: &IpAddr, now: Instant) -> Option<&ResolvedName> {
+        self.map
+            .get(ip)
+            .filter(|r| r.remember_until.is_some_and(|u| u > now))
+            .map(|r| &r.resolved)
+    }
+
+    /// `in_set`: the address went into a rule's set, so it is remembered for
+    /// revalidation.
+    pub fn insert(&mut self, ip: IpAddr, resolved: ResolvedName, until: Instant, in_set: bool) {
+        let now = Instant::now();
+        if self.map.len() >= RECENT_MAX && !self.map.contains_key(&ip) {
+            self.map.retain(|_, r| r.last_use() > now);
             if self.map.len() >= RECENT_MAX {
-                self.map.clear();
+                // Drop the quarter that would be forgotten soonest.
+                let mut uses: Vec<Instant> = self.map.values().map(Recent::last_use).collect();
+                let cut = RECENT_MAX / 4;
+                let (_, &mut threshold, _) = uses.select_nth_unstable(cut);
+                self.map.retain(|_, r| r.last_use() > threshold);
             }
         }
-        self.map.insert(ip, Recent { resolved, until });
+        let remember_until = if in_set {
+            Some(now + super::revalidate::REMEMBER_FOR)
+        } else {
+            // Forwarded only (audit mode): keep what an earlier answer allowed.
+            self.map.get(&ip).and_then(|r| r.remember_until)
+        };
+        self.map.insert(
+            ip,
+            Recent {
+                resolved,
+                until,
+                remember_until,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -140,9 +189,52 @@ mod tests {
             name: n.into(),
             asked_by: None,
         };
-        r.insert(ip, name("a.test"), now + Duration::from_secs(10));
-        r.insert(ip, name("b.test"), now + Duration::from_secs(10));
+        r.insert(ip, name("a.test"), now + Duration::from_secs(10), true);
+        r.insert(ip, name("b.test"), now + Duration::from_secs(10), true);
         assert_eq!(r.get(&ip, now).unwrap().name, "b.test");
         assert!(r.get(&ip, now + Duration::from_secs(11)).is_none());
+        // Still remembered for revalidation long after the kernel forgot it.
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(r.remembered(&ip, later).unwrap().name, "b.test");
+    }
+
+    #[test]
+    fn only_addresses_put_in_a_set_are_remembered_for_revalidation() {
+        let mut r = RecentNames::default();
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let name = ResolvedName {
+            name: "audit.test".into(),
+            asked_by: None,
+        };
+        r.insert(ip, name, now + Duration::from_secs(10), false);
+        assert!(r.get(&ip, now).is_some());
+        assert!(r.remembered(&ip, now).is_none());
+    }
+
+    #[test]
+    fn past_the_cap_the_soonest_forgotten_go_first() {
+        let mut r = RecentNames::default();
+        let now = Instant::now();
+        let name = |n: u32| ResolvedName {
+            name: format!("n{n}.test"),
+            asked_by: None,
+        };
+        for i in 0..RECENT_MAX as u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            // The first ones are forwarded only (short memory).
+            r.insert(ip, name(i), now + Duration::from_secs(60), i >= 1000);
+        }
+        let newest = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000));
+        r.insert(newest, name(0), now + Duration::from_secs(60), true);
+        assert!(r.len() <= RECENT_MAX);
+        assert!(r.remembered(&newest, now).is_some());
+        let first = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000));
+        assert!(
+            r.get(&first, now).is_none(),
+            "a short-lived entry went first"
+        );
+        let kept = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + 90_000));
+        assert!(r.remembered(&kept, now).is_some());
     }
 }

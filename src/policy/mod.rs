@@ -92,6 +92,10 @@ pub struct DnsConfig {
     /// Redirect plain DNS (port 53) sent anywhere to the guard, so no
     /// resolver configuration is needed.
     pub intercept: bool,
+    /// A blocked packet to an address the guard once allowed for a name asks
+    /// the upstream again and lets it through if the name still has it
+    /// (`dns::revalidate`).
+    pub revalidate: bool,
 }
 
 impl DnsConfig {

@@ -76,6 +76,7 @@ struct RawDns {
     ttl_floor: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
     intercept: Option<Spanned<bool>>,
+    revalidate: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -827,6 +828,7 @@ fn dns_config(
         ttl_floor,
         grace,
         intercept,
+        revalidate: d.revalidate.unwrap_or(true),
     }
 }
 

@@ -862,6 +862,7 @@ mod tests {
                 ttl_floor: std::time::Duration::from_secs(60),
                 grace: std::time::Duration::from_secs(300),
                 intercept: false,
+                revalidate: true,
             }),
             ..policy(rules)
         }

@@ -20,6 +20,7 @@ fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
             ttl_floor: std::time::Duration::from_secs(60),
             grace: std::time::Duration::from_secs(300),
             intercept: false,
+            revalidate: true,
         }),
         rules,
         mode,

@@ -27,6 +27,7 @@ fn with_dns() -> Policy {
             ttl_floor: std::time::Duration::from_secs(60),
             grace: std::time::Duration::from_secs(300),
             intercept: false,
+            revalidate: true,
         }),
         ..Policy::audit_default()
     }
