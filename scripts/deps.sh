@@ -15,6 +15,9 @@
 # rsyslog: a private rsyslogd (own config, sockets and files, never the system's)
 # receives egret's syslog alerts in tests/alerts.rs; prometheus provides promtool,
 # which lints the metrics exposition in tests/metrics.rs. Neither daemon is started.
+# nginx-light and a JDK (the source launcher needs javac's module) are the
+# long-running clients that keep an address past its TTL (tests/dns.rs,
+# revalidation); nginx is installed without starting the system's server.
 set -euo pipefail
 need=()
 for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
@@ -26,7 +29,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ] || [ ! -x /usr/sbin/rsyslogd ] || [ ! -x /usr/bin/promtool ]; then
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ] || [ ! -x /usr/sbin/rsyslogd ] || [ ! -x /usr/bin/promtool ] || [ ! -x /usr/sbin/nginx ] || [ ! -x /usr/bin/javac ]; then
   export DEBIAN_FRONTEND=noninteractive
   [ ${#need[@]} -gt 0 ] || apt-get update -qq
   # policy-rc.d: no daemon is started in this machine's root namespace by the install.
@@ -37,7 +40,7 @@ if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/deboo
     blocker=/usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container rsyslog prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container rsyslog prometheus nginx-light default-jdk-headless >/dev/null
   [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::BufRead;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -462,43 +463,96 @@ fn an_address_kept_past_its_time_is_revalidated_while_the_name_still_has_it() {
     assert!(metrics.contains("revalidated"), "{metrics}");
 }
 
+/// A namespace pair whose upstream (dnsmasq in `b`) answers from a hosts
+/// file the test can rewrite (dnsmasq rereads it on SIGHUP), TTL 2 s.
+struct MovingName {
+    pair: Pair,
+    upstream: Spawned,
+    hosts: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl MovingName {
+    fn new(addresses: &[&str], first: &str) -> MovingName {
+        let pair = Pair::new();
+        let cidrs: Vec<String> = addresses.iter().map(|a| format!("{a}/24")).collect();
+        add_addresses(
+            &pair.b,
+            &cidrs.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        let upstream = dnsmasq(
+            &pair.b,
+            &[B4],
+            &[
+                "--local-ttl=2".to_string(),
+                format!("--addn-hosts={}", hosts.display()),
+            ],
+        );
+        let m = MovingName {
+            pair,
+            upstream,
+            hosts,
+            dir,
+        };
+        m.point_at(first);
+        m
+    }
+
+    /// allowed.test → `address`, once the upstream answers so.
+    fn point_at(&self, address: &str) {
+        std::fs::write(&self.hosts, format!("{address} allowed.test\n")).unwrap();
+        let pid = self.upstream.0.id().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status();
+            if dig(&self.pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() == address {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq does not answer {address}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `program args` in `a` with the guard as its only resolver: its own
+    /// mount namespace gets a resolv.conf naming 127.0.0.1, so getaddrinfo
+    /// (nginx, the JVM) asks the guard.
+    fn via_guard(&self, program: &str, args: &[&str]) -> std::process::Command {
+        let conf = self.dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 127.0.0.1\noptions attempts:1\n").unwrap();
+        let mut line = format!(
+            "mount --bind {} /etc/resolv.conf && exec {program}",
+            conf.display()
+        );
+        for a in args {
+            line.push_str(&format!(" '{a}'"));
+        }
+        self.pair.a.cmd(
+            "unshare",
+            &["--mount", "--propagation", "private", "sh", "-c", &line],
+        )
+    }
+}
+
 #[test]
 fn a_stale_address_stays_blocked_and_is_reported_as_stale() {
-    let pair = Pair::new();
-    add_addresses(
-        &pair.b,
-        &[&format!("{ALLOWED4}/24"), &format!("{OTHER4}/24")],
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let hosts = dir.path().join("hosts").to_string_lossy().into_owned();
-    std::fs::write(&hosts, format!("{ALLOWED4} allowed.test\n")).unwrap();
-    let mut upstream = dnsmasq(
-        &pair.b,
-        &[B4],
-        &["--local-ttl=2".to_string(), format!("--addn-hosts={hosts}")],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != ALLOWED4 {
-        assert!(Instant::now() < deadline, "dnsmasq did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let lab = MovingName::new(&[ALLOWED4, OTHER4], ALLOWED4);
     let _servers = [
-        pair.b.server("tcp", ALLOWED4, PORT),
-        pair.b.server("tcp", OTHER4, PORT),
+        lab.pair.b.server("tcp", ALLOWED4, PORT),
+        lab.pair.b.server("tcp", OTHER4, PORT),
     ];
-    let a = &pair.a;
+    let a = &lab.pair.a;
     let policy = PolicyFile::new(POLICY);
     let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
 
     assert_eq!(resolve(a, "allowed.test", "A").trim(), ALLOWED4);
-    // The name moves; dnsmasq rereads its hosts file on SIGHUP.
-    std::fs::write(&hosts, format!("{OTHER4} allowed.test\n")).unwrap();
-    run_ok(std::process::Command::new("kill").args(["-HUP", &upstream.0.id().to_string()]));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dig(&pair.b, &[&format!("@{B4}"), "+short", "allowed.test"]).trim() != OTHER4 {
-        assert!(Instant::now() < deadline, "dnsmasq did not reload");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.point_at(OTHER4);
     wait_expired(a, "h_web_v4", ALLOWED4);
     assert!(!dial(a, ALLOWED4, PORT), "a stale address stays blocked");
     let e = run.wait_event(10, "blocked as stale", |e| {
@@ -506,10 +560,131 @@ fn a_stale_address_stays_blocked_and_is_reported_as_stale() {
     });
     assert_eq!(at(&e, "/egret/revalidation/outcome"), "stale");
     assert_eq!(at(&e, "/destination/domain"), "allowed.test");
-    assert!(!set_text(a, "h_web_v4").contains(ALLOWED4));
+    let sets = set_text(a, "h_web_v4");
+    assert!(!sets.contains(ALLOWED4), "{sets}");
     assert!(
-        !set_text(a, "h_web_v4").contains(OTHER4),
-        "nothing opened for a client that did not ask"
+        !sets.contains(OTHER4),
+        "nothing opened for a client that did not ask: {sets}"
     );
-    let _ = upstream.0.kill();
+}
+
+const HTTP_PORT: u16 = 8081;
+
+#[test]
+fn nginx_keeps_proxying_to_a_name_it_resolved_at_start() {
+    let lab = MovingName::new(&[ALLOWED4, OTHER4], ALLOWED4);
+    let _web = Spawned(
+        lab.pair
+            .b
+            .cmd(
+                "python3",
+                &[
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    ALLOWED4,
+                    &HTTP_PORT.to_string(),
+                ],
+            )
+            .current_dir(lab.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server"),
+    );
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(&POLICY.replace("ports = [8080]", "ports = [8080, 8081]"));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    let dir = lab.dir.path().display().to_string();
+    let conf = format!(
+        "daemon off; master_process off; user root; pid {dir}/nginx.pid; error_log {dir}/nginx.log;\n\
+         events {{}}\n\
+         http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir};\n\
+           fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+           server {{ listen 127.0.0.1:8088;\n\
+             location / {{ proxy_pass http://allowed.test:{HTTP_PORT}; proxy_connect_timeout {}s; }} }} }}\n",
+        5 * time_scale()
+    );
+    let conf_path = lab.dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let conf_arg = conf_path.display().to_string();
+    let _nginx = Spawned(
+        lab.via_guard("nginx", &["-c", &conf_arg, "-p", &dir])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx-light)"),
+    );
+    let status = || {
+        let out = a
+            .cmd(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:8088/",
+                ],
+            )
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10 * time_scale());
+    while status() != "200" {
+        assert!(
+            Instant::now() < deadline,
+            "nginx does not proxy: {}",
+            std::fs::read_to_string(lab.dir.path().join("nginx.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // nginx resolved allowed.test once, at start; the kernel forgets it.
+    wait_expired(a, "h_web_v4", ALLOWED4);
+    assert_eq!(status(), "200", "still proxying after the address expired");
+    run.wait_event(10, "dns-revalidated", |e| {
+        action_for(e, ALLOWED4) == Some("dns-revalidated")
+    });
+}
+
+#[test]
+fn a_jvm_that_caches_addresses_for_ever_keeps_connecting() {
+    let lab = MovingName::new(&[ALLOWED4], ALLOWED4);
+    let _server = lab.pair.b.server("tcp", ALLOWED4, PORT);
+    let a = &lab.pair.a;
+    let policy = PolicyFile::new(POLICY);
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+
+    let source = support_script("KeepAddress.java").display().to_string();
+    let timeout = (5000 * time_scale()).to_string();
+    let mut jvm = lab
+        .via_guard(
+            "java",
+            &[&source, "allowed.test", &PORT.to_string(), &timeout],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("java (apt-get install default-jre-headless)");
+    let mut input = jvm.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(jvm.stdout.take().unwrap()).lines();
+    let _jvm = Spawned(jvm);
+    let first = lines.next().expect("a line").unwrap();
+    assert_eq!(first, format!("ok {ALLOWED4}"));
+    wait_expired(a, "h_web_v4", ALLOWED4);
+    use std::io::Write;
+    writeln!(input, "again").unwrap();
+    let second = lines.next().expect("a line").unwrap();
+    assert_eq!(
+        second,
+        format!("ok {ALLOWED4}"),
+        "the cached address still works"
+    );
+    run.wait_event(10, "dns-revalidated", |e| {
+        action_for(e, ALLOWED4) == Some("dns-revalidated")
+    });
 }

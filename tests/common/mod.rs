@@ -34,7 +34,7 @@ struct SupportDir {
     bin: std::sync::OnceLock<PathBuf>,
 }
 
-const SUPPORT_FILES: [(&str, &str); 5] = [
+const SUPPORT_FILES: [(&str, &str); 6] = [
     ("peer.py", include_str!("../support/peer.py")),
     (
         "alert_receiver.py",
@@ -43,6 +43,10 @@ const SUPPORT_FILES: [(&str, &str); 5] = [
     ("dashboard.py", include_str!("../support/dashboard.py")),
     ("flood.py", include_str!("../support/flood.py")),
     ("hold.py", include_str!("../support/hold.py")),
+    (
+        "KeepAddress.java",
+        include_str!("../support/KeepAddress.java"),
+    ),
 ];
 
 extern "C" fn remove_support_dir() {
