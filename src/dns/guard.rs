@@ -24,7 +24,7 @@ use super::revalidate::{self, Outcome, Request, Revalidator, Work};
 use super::sets::{HostSets, RecentNames};
 use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
-use crate::monitor::event::{DnsQuestion, ResolvedName};
+use crate::monitor::event::DnsQuestion;
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
 
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
@@ -142,7 +142,7 @@ pub struct Guard {
 #[derive(Debug, Clone)]
 pub struct Revalidation {
     pub address: IpAddr,
-    pub name: ResolvedName,
+    pub name: String,
     pub outcome: Outcome,
 }
 
@@ -256,13 +256,11 @@ impl Guard {
 
     /// The name whose answer once put `address` into a rule's set, if
     /// revalidation is on and the guard still remembers it.
-    pub fn remembered(&self, address: IpAddr) -> Option<ResolvedName> {
+    pub fn remembered(&self, address: IpAddr) -> Option<String> {
         if !self.shared.config().dns.revalidate {
             return None;
         }
-        lock(&self.shared.recent)
-            .remembered(&address, Instant::now())
-            .cloned()
+        lock(&self.shared.recent).remembered(&address, Instant::now())
     }
 
     /// A packet to `address` was blocked, and `rule` would allow it if the
@@ -273,13 +271,13 @@ impl Guard {
     pub fn revalidate(
         &self,
         address: IpAddr,
-        name: ResolvedName,
+        name: String,
         rule: String,
         done: impl FnOnce(Revalidation) + Send + 'static,
     ) -> Request {
         let cfg = self.shared.config();
         let now = Instant::now();
-        let (request, work) = lock(&self.shared.revalidator).begin(address, &name.name, now);
+        let (request, work) = lock(&self.shared.revalidator).begin(address, &name, now);
         let Some(work) = work else {
             return request;
         };
@@ -558,19 +556,11 @@ async fn answer(
         // reply, because a client like dig exits as soon as it has its answer.
         let asked_by = asker.await.ok();
         let now = Instant::now();
-        let mut recent = lock(&shared.recent);
-        for &(ip, ttl) in &addrs {
-            let resolved = ResolvedName {
-                name: q.name.clone(),
-                asked_by: asked_by.clone(),
-            };
-            recent.insert(
-                ip,
-                resolved,
-                now + cfg.dns.set_timeout(ttl),
-                !rules.is_empty(),
-            );
-        }
+        let until: Vec<(IpAddr, Instant)> = addrs
+            .iter()
+            .map(|&(ip, ttl)| (ip, now + cfg.dns.set_timeout(ttl)))
+            .collect();
+        lock(&shared.recent).insert(&q.name, asked_by, &until, !rules.is_empty());
     }
     lock(&shared.cache).put(
         cache_key(&q),
@@ -587,15 +577,15 @@ async fn revalidation(
     shared: &Arc<Shared>,
     cfg: &GuardConfig,
     address: IpAddr,
-    name: &ResolvedName,
+    name: &str,
     rule: &str,
     work: Work,
 ) -> Outcome {
     let answer = match work {
         Work::Reuse(answer) => answer,
-        Work::Lookup => match upstream::lookup(&cfg.dns.upstream, cfg.mark, &name.name).await {
+        Work::Lookup => match upstream::lookup(&cfg.dns.upstream, cfg.mark, name).await {
             Ok(answer) => {
-                lock(&shared.revalidator).answered(&name.name, &answer, Instant::now());
+                lock(&shared.revalidator).answered(name, &answer, Instant::now());
                 answer
             }
             Err(e) => {
@@ -603,12 +593,12 @@ async fn revalidation(
                     .stats
                     .upstream_failures
                     .fetch_add(1, Ordering::Relaxed);
-                return Outcome::Failed(format!("asking the upstream for {}: {e}", name.name));
+                return Outcome::Failed(format!("asking the upstream for {name}: {e}"));
             }
         },
     };
     // The rule must still allow the name under the policy in force now.
-    let mut rules = cfg.matching(&name.name);
+    let mut rules = cfg.matching(name);
     rules.retain(|r| r == rule);
     let outcome = revalidate::judge(address, &answer, rules, |ttl| cfg.dns.set_timeout(ttl));
     if let Outcome::StillResolves { rules, timeout } = &outcome {
@@ -626,7 +616,8 @@ async fn revalidation(
             shared.stats.set_failures.fetch_add(1, Ordering::Relaxed);
             return Outcome::Failed(format!("writing the kernel sets: {e}"));
         }
-        lock(&shared.recent).insert(address, name.clone(), Instant::now() + timeout, true);
+        let until = Instant::now() + timeout;
+        lock(&shared.recent).insert(name, None, &[(address, until)], true);
     }
     outcome
 }

@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::kernel::nft::{Nftables, Result};
+use crate::monitor::attribution::Attribution;
 use crate::monitor::event::ResolvedName;
 use crate::ruleset::{host_set_name, ip_to_u128, Element, Family, Field, Set};
 
@@ -95,7 +97,11 @@ impl HostSets {
 }
 
 struct Recent {
-    resolved: ResolvedName,
+    /// Shared by the addresses of one answer.
+    name: Arc<str>,
+    /// Who asked; dropped once `until` passed (a command line may be 4 KiB
+    /// and the entry lives a day).
+    asked_by: Option<Arc<Attribution>>,
     /// While the kernel holds the address for it (the name is shown for
     /// blocked packets to it until then).
     until: Instant,
@@ -112,59 +118,87 @@ impl Recent {
 }
 
 /// Address → the name the guard last resolved to it, and who asked. Bounded:
-/// past the cap the entries remembered the shortest go first.
+/// past the cap the entries remembered the shortest go first. At the cap,
+/// ~80 bytes an entry plus its name (shared by the addresses of one answer):
+/// at most ~22 MiB with 65,536 distinct 253-byte names.
 #[derive(Default)]
 pub struct RecentNames {
     map: HashMap<IpAddr, Recent>,
+    inserts: u64,
 }
 
-const RECENT_MAX: usize = 100_000;
+const RECENT_MAX: usize = 65_536;
+/// Every this many inserts, who-asked is dropped from entries past `until`.
+const STRIP_EVERY: u64 = 4096;
 
 impl RecentNames {
     pub fn get(&self, ip: &IpAddr, now: Instant) -> Option<ResolvedName> {
         self.map
             .get(ip)
             .filter(|r| r.until > now)
-            .map(|r| r.resolved.clone())
+            .map(|r| ResolvedName {
+                name: r.name.to_string(),
+                asked_by: r.asked_by.as_deref().cloned(),
+            })
     }
 
     /// The name whose answer put `ip` into a rule's set, within
     /// [`super::revalidate::REMEMBER_FOR`] of that answer.
-    pub fn remembered(&self, ip: &IpAddr, now: Instant) -> Option<&ResolvedName> {
+    pub fn remembered(&self, ip: &IpAddr, now: Instant) -> Option<String> {
         self.map
             .get(ip)
             .filter(|r| r.remember_until.is_some_and(|u| u > now))
-            .map(|r| &r.resolved)
+            .map(|r| r.name.to_string())
     }
 
-    /// `in_set`: the address went into a rule's set, so it is remembered for
+    /// Records one answer: `addrs` with how long the kernel holds each.
+    /// `in_set`: they went into a rule's set, so they are remembered for
     /// revalidation.
-    pub fn insert(&mut self, ip: IpAddr, resolved: ResolvedName, until: Instant, in_set: bool) {
+    pub fn insert(
+        &mut self,
+        name: &str,
+        asked_by: Option<Attribution>,
+        addrs: &[(IpAddr, Instant)],
+        in_set: bool,
+    ) {
         let now = Instant::now();
-        if self.map.len() >= RECENT_MAX && !self.map.contains_key(&ip) {
-            self.map.retain(|_, r| r.last_use() > now);
-            if self.map.len() >= RECENT_MAX {
-                // Drop the quarter that would be forgotten soonest.
-                let mut uses: Vec<Instant> = self.map.values().map(Recent::last_use).collect();
-                let cut = RECENT_MAX / 4;
-                let (_, &mut threshold, _) = uses.select_nth_unstable(cut);
-                self.map.retain(|_, r| r.last_use() > threshold);
-            }
-        }
-        let remember_until = if in_set {
-            Some(now + super::revalidate::REMEMBER_FOR)
-        } else {
-            // Forwarded only (audit mode): keep what an earlier answer allowed.
-            self.map.get(&ip).and_then(|r| r.remember_until)
-        };
-        self.map.insert(
-            ip,
-            Recent {
-                resolved,
+        let name: Arc<str> = Arc::from(name);
+        let asked_by = asked_by.map(Arc::new);
+        for &(ip, until) in addrs {
+            self.make_room(&ip, now);
+            let remember_until = if in_set {
+                Some(now + super::revalidate::REMEMBER_FOR)
+            } else {
+                // Forwarded only (audit mode): keep what an earlier answer allowed.
+                self.map.get(&ip).and_then(|r| r.remember_until)
+            };
+            let recent = Recent {
+                name: Arc::clone(&name),
+                asked_by: asked_by.clone(),
                 until,
                 remember_until,
-            },
-        );
+            };
+            self.map.insert(ip, recent);
+        }
+        self.inserts += 1;
+        if self.inserts % STRIP_EVERY == 0 {
+            for r in self.map.values_mut().filter(|r| r.until <= now) {
+                r.asked_by = None;
+            }
+        }
+    }
+
+    fn make_room(&mut self, ip: &IpAddr, now: Instant) {
+        if self.map.len() < RECENT_MAX || self.map.contains_key(ip) {
+            return;
+        }
+        self.map.retain(|_, r| r.last_use() > now);
+        if self.map.len() >= RECENT_MAX {
+            // Drop the quarter that would be forgotten soonest.
+            let mut uses: Vec<Instant> = self.map.values().map(Recent::last_use).collect();
+            let (_, &mut threshold, _) = uses.select_nth_unstable(RECENT_MAX / 4);
+            self.map.retain(|_, r| r.last_use() > threshold);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -180,61 +214,54 @@ impl RecentNames {
 mod tests {
     use super::*;
 
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))
+    }
+
     #[test]
     fn recent_names_expire_and_keep_the_latest_name() {
         let mut r = RecentNames::default();
         let now = Instant::now();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let name = |n: &str| ResolvedName {
-            name: n.into(),
-            asked_by: None,
-        };
-        r.insert(ip, name("a.test"), now + Duration::from_secs(10), true);
-        r.insert(ip, name("b.test"), now + Duration::from_secs(10), true);
-        assert_eq!(r.get(&ip, now).unwrap().name, "b.test");
-        assert!(r.get(&ip, now + Duration::from_secs(11)).is_none());
+        let until = now + Duration::from_secs(10);
+        r.insert("a.test", None, &[(ip(1), until)], true);
+        r.insert("b.test", None, &[(ip(1), until)], true);
+        assert_eq!(r.get(&ip(1), now).unwrap().name, "b.test");
+        assert!(r.get(&ip(1), now + Duration::from_secs(11)).is_none());
         // Still remembered for revalidation long after the kernel forgot it.
         let later = now + Duration::from_secs(3600);
-        assert_eq!(r.remembered(&ip, later).unwrap().name, "b.test");
+        assert_eq!(r.remembered(&ip(1), later).as_deref(), Some("b.test"));
     }
 
     #[test]
     fn only_addresses_put_in_a_set_are_remembered_for_revalidation() {
         let mut r = RecentNames::default();
         let now = Instant::now();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let name = ResolvedName {
-            name: "audit.test".into(),
-            asked_by: None,
-        };
-        r.insert(ip, name, now + Duration::from_secs(10), false);
-        assert!(r.get(&ip, now).is_some());
-        assert!(r.remembered(&ip, now).is_none());
+        r.insert(
+            "audit.test",
+            None,
+            &[(ip(1), now + Duration::from_secs(10))],
+            false,
+        );
+        assert!(r.get(&ip(1), now).is_some());
+        assert!(r.remembered(&ip(1), now).is_none());
     }
 
     #[test]
     fn past_the_cap_the_soonest_forgotten_go_first() {
         let mut r = RecentNames::default();
         let now = Instant::now();
-        let name = |n: u32| ResolvedName {
-            name: format!("n{n}.test"),
-            asked_by: None,
-        };
+        let until = now + Duration::from_secs(60);
         for i in 0..RECENT_MAX as u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
             // The first ones are forwarded only (short memory).
-            r.insert(ip, name(i), now + Duration::from_secs(60), i >= 1000);
+            r.insert(&format!("n{i}.test"), None, &[(ip(i), until)], i >= 1000);
         }
-        let newest = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000));
-        r.insert(newest, name(0), now + Duration::from_secs(60), true);
+        r.insert("new.test", None, &[(ip(0x0100_0000), until)], true);
         assert!(r.len() <= RECENT_MAX);
-        assert!(r.remembered(&newest, now).is_some());
-        let first = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000));
+        assert!(r.remembered(&ip(0x0100_0000), now).is_some());
         assert!(
-            r.get(&first, now).is_none(),
+            r.get(&ip(0), now).is_none(),
             "a short-lived entry went first"
         );
-        let kept = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + 90_000));
-        assert!(r.remembered(&kept, now).is_some());
+        assert!(r.remembered(&ip(60_000), now).is_some());
     }
 }
