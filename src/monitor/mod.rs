@@ -13,6 +13,7 @@ pub mod books;
 pub mod containers;
 pub mod event;
 pub mod flood;
+pub mod held;
 pub mod incident;
 pub mod nflog;
 pub mod packet;
