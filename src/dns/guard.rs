@@ -97,6 +97,8 @@ pub struct GuardStats {
     pub tcp_accept_errors: AtomicU64,
     /// TCP connections closed at once: their client, or everyone, was at the cap.
     pub tcp_refused: AtomicU64,
+    /// Revalidation on block, copied from the revalidator after each change.
+    pub revalidation: Mutex<revalidate::Stats>,
 }
 
 impl GuardStats {
@@ -111,7 +113,12 @@ impl GuardStats {
             "set_failures": g(&self.set_failures),
             "tcp_accept_errors": g(&self.tcp_accept_errors),
             "tcp_refused": g(&self.tcp_refused),
+            "revalidation": self.revalidation(),
         })
+    }
+
+    pub fn revalidation(&self) -> revalidate::Stats {
+        *lock(&self.revalidation)
     }
 }
 
@@ -277,14 +284,23 @@ impl Guard {
     ) -> Request {
         let cfg = self.shared.config();
         let now = Instant::now();
-        let (request, work) = lock(&self.shared.revalidator).begin(address, &name, now);
+        let (request, work) = {
+            let mut r = lock(&self.shared.revalidator);
+            let begun = r.begin(address, &name, now);
+            *lock(&self.stats.revalidation) = r.stats;
+            begun
+        };
         let Some(work) = work else {
             return request;
         };
         let shared = Arc::clone(&self.shared);
         self.runtime.spawn(async move {
             let outcome = revalidation(&shared, &cfg, address, &name, &rule, work).await;
-            lock(&shared.revalidator).finish(address, &outcome);
+            {
+                let mut r = lock(&shared.revalidator);
+                r.finish(address, &outcome);
+                *lock(&shared.stats.revalidation) = r.stats;
+            }
             done(Revalidation {
                 address,
                 name,
@@ -292,10 +308,6 @@ impl Guard {
             });
         });
         request
-    }
-
-    pub fn revalidation_stats(&self) -> revalidate::Stats {
-        lock(&self.shared.revalidator).stats
     }
 
     pub fn listen(&self) -> SocketAddr {

@@ -205,6 +205,25 @@ impl Metrics {
                 "Answers withheld because the kernel sets could not be written.",
                 &[(String::new(), v(&g.set_failures))],
             );
+            let r = g.revalidation();
+            counter(
+                &mut out,
+                "egret_dns_revalidations_total",
+                "Blocked packets to an address the guard once allowed, by the verdict of asking its name again.",
+                &[
+                    ("revalidated", r.revalidated),
+                    ("stale", r.stale),
+                    ("limited", r.limited),
+                    ("failed", r.failed),
+                ]
+                .map(|(o, n)| (labels(&[("outcome", o)]), n as f64)),
+            );
+            counter(
+                &mut out,
+                "egret_dns_revalidation_lookups_total",
+                "Upstream lookups revalidation made (capped; answers are reused for their TTL).",
+                &[(String::new(), r.lookups as f64)],
+            );
         }
         if let Some(p) = self.proxy.get() {
             let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
