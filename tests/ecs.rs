@@ -15,7 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use egret::monitor::attribution::{Attribution, Method, Process};
 use egret::monitor::event::{self, LossFigures, ECS_VERSION};
-use egret::monitor::event::{Action, DnsQuestion, ProxyRequest, ResolvedName, Subject};
+use egret::monitor::event::{
+    Action, DnsQuestion, ProxyRequest, ResolvedName, RevalidationNote, Subject,
+};
 use egret::monitor::incident::{Aggregator, Observation};
 use egret::monitor::nflog::LoggedVerdict;
 use egret::monitor::packet::{Flow, L4Header};
@@ -273,6 +275,7 @@ fn icmp(src: &str, dst: &str, protocol: u8, kind: u8) -> Flow {
 /// What was seen: a logged packet, a refused query or a denied proxy request.
 enum Seen {
     Packet(Flow),
+    Revalidated(Flow),
     Question(DnsQuestion),
     Proxy(ProxyRequest),
 }
@@ -296,6 +299,7 @@ fn observed(
         Packet(f) => Subject::Packet(Some(f)),
         Question(q) => Subject::DnsQuery(Box::new(q)),
         Proxy(p) => Subject::ProxyRequest(Box::new(p)),
+        Revalidated(f) => Subject::Revalidated(f),
     };
     let mut agg = Aggregator::new(7);
     let inc = agg
@@ -350,7 +354,7 @@ fn proxy(blocked: bool, host: &str, ip: Option<&str>) -> Value {
 #[rustfmt::skip]
 fn documents() -> Vec<(&'static str, Value)> {
     let loss = LossFigures { kernel_logged: 10, received: 8, seq_lost: 1, unaccounted: 1, while_down: 0, enobufs: 1, dns_dropped: 2, proxy_dropped: 1 };
-    let resolved = ResolvedName { name: "api.example.test".into(), asked_by: Some(process_who()) };
+    let resolved = ResolvedName { name: "api.example.test".into(), asked_by: Some(process_who()), revalidation: None };
     let (v4, v6, dst4, dst6) = ("10.1.0.1", "2001:db8::1", "192.0.2.7", "2001:db8::2");
     vec![
         ("blocked tcp v4", packet(true, ports(v4, dst4, 6, 1389))),
@@ -363,7 +367,9 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("would-block", packet(false, ports(v4, dst4, 6, 1389))),
         ("an update", observed(true, None, Packet(ports(v4, dst4, 6, 22)), process_who(), None, true)),
         ("dns-bypass", observed(true, Some("dns-bypass"), Packet(ports(v4, "192.0.2.53", 17, 53)), process_who(), None, false)),
-        ("blocked with a resolved name", observed(true, None, Packet(ports(v4, dst4, 6, 443)), process_who(), Some(resolved), false)),
+        ("blocked with a resolved name", observed(true, None, Packet(ports(v4, dst4, 6, 443)), process_who(), Some(resolved.clone()), false)),
+        ("dns-revalidated", observed(false, Some("web"), Revalidated(ports(v4, dst4, 6, 443)), process_who(), Some(revalidation("revalidated", &[])), false)),
+        ("blocked, a stale address", observed(true, None, Packet(ports(v4, dst4, 6, 443)), process_who(), Some(revalidation("stale", &["192.0.2.8", "2001:db8::8"])), false)),
         ("dns-refused", question(true, "callback.evil.test")),
         ("dns-refused, escaped labels", question(true, "sp\\040ace\\377.evil.test")),
         ("dns-would-refuse", question(false, "callback.evil.test")),
@@ -382,6 +388,18 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("alert-failed", event::alert_failed(when(), "siem", 3, "connection refused", "web1")),
         ("alert-digest", event::alert_digest(when(), "siem", Duration::from_secs(60), &[("blocked".into(), Severity::High, 12)], 2, "web1")),
     ]
+}
+
+/// A blocked address's name, asked again.
+fn revalidation(outcome: &'static str, current: &[&str]) -> ResolvedName {
+    ResolvedName {
+        name: "api.example.test".into(),
+        asked_by: None,
+        revalidation: Some(RevalidationNote {
+            outcome,
+            current: current.iter().map(|a| a.parse().unwrap()).collect(),
+        }),
+    }
 }
 
 /// One identity's new destinations past its rate fold into a flood incident.

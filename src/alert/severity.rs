@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tracing::warn;
 
 use crate::monitor::attribution::Identity;
-use crate::monitor::event::SubjectKey;
+use crate::monitor::event::{Action, SubjectKey};
 use crate::monitor::incident::Incident;
 use crate::monitor::store::Store;
 use crate::policy::{Severity, SeverityRules};
@@ -29,6 +29,14 @@ pub fn grade(rules: &SeverityRules, action: &str, port: Option<u16>, new: bool) 
         s = s.max(*floor);
     }
     s
+}
+
+fn revalidated_grade(rules: &SeverityRules) -> Severity {
+    rules
+        .actions
+        .get(Action::DnsRevalidated.as_str())
+        .copied()
+        .unwrap_or(Severity::Low)
 }
 
 /// (identity, destination, port, protocol): what "tried before" means.
@@ -102,6 +110,13 @@ impl Classifier {
 
     /// Grades a new incident and remembers its destination for its identity.
     pub fn new_incident(&mut self, inc: &Incident, store: &mut Store) -> Severity {
+        if inc.action() == Action::DnsRevalidated {
+            // Traffic the policy allows by name: low unless the operator
+            // raised it, and not an attempt that makes a destination "seen".
+            let s = revalidated_grade(&self.rules);
+            self.graded.insert(inc.id, s);
+            return s;
+        }
         let key = SeenKey::of(inc);
         let hash = self.hasher.hash_one(&key);
         let fresh = self.known.get(&hash).is_some_and(|&t| {
@@ -147,6 +162,9 @@ impl Classifier {
 
     /// The grade an incident got when it opened (updates keep it).
     pub fn of(&self, inc: &Incident) -> Severity {
+        if inc.action() == Action::DnsRevalidated {
+            return revalidated_grade(&self.rules);
+        }
         self.graded.get(&inc.id).copied().unwrap_or_else(|| {
             grade(
                 &self.rules,

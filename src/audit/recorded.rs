@@ -130,6 +130,7 @@ mod tests {
         let resolved = ResolvedName {
             name: "ntp.example.org".into(),
             asked_by: None,
+            revalidation: None,
         };
         let verdict = LoggedVerdict {
             blocked: false,

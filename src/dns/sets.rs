@@ -139,6 +139,7 @@ impl RecentNames {
             .map(|r| ResolvedName {
                 name: r.name.to_string(),
                 asked_by: r.asked_by.as_deref().cloned(),
+                revalidation: None,
             })
     }
 

@@ -1,8 +1,9 @@
 //! Blocked packets held back while the DNS guard revalidates their address
 //! (`dns::revalidate`): once the verdict is in they are reported as
 //! revalidated or as blocked (stale), never twice and never lost. Bounded in
-//! addresses and in packets per address; what does not fit, and what waits
-//! past its deadline, is handed back to be reported as an ordinary block.
+//! addresses and in packets per address; what does not fit is handed back at
+//! once, and what waits past its deadline later, to be reported as an
+//! ordinary block.
 //! Pure: time is an argument.
 
 use std::collections::HashMap;
@@ -13,14 +14,12 @@ use std::time::{Duration, Instant};
 /// within the guard's own timeouts (UDP 2 s, then TCP 4 s) has failed.
 pub const WAIT: Duration = Duration::from_secs(8);
 const ADDRESSES_MAX: usize = 1_024;
-/// Beyond this, further packets to the address are only counted: the first
-/// ones carry who and what; the rest are retransmissions.
+/// A connect's SYN and its retries are a handful; beyond this, packets to
+/// the address are reported at once.
 const PACKETS_PER_ADDRESS: usize = 16;
 
 struct Waiting<T> {
     packets: Vec<T>,
-    /// Packets beyond `PACKETS_PER_ADDRESS`, reported with the first.
-    more: u64,
     deadline: Instant,
 }
 
@@ -36,27 +35,20 @@ impl<T> Default for Held<T> {
     }
 }
 
-/// What was held for one address: the packets, and how many more were folded.
-pub struct Released<T> {
-    pub packets: Vec<T>,
-    pub more: u64,
-}
-
 impl<T> Held<T> {
     /// Holds `packet` until [`Held::release`] for its address. `Err` gives it
-    /// back when the table is full: report it now.
+    /// back when there is no room: report it now.
     pub fn hold(&mut self, address: IpAddr, packet: T, now: Instant) -> Result<(), T> {
         let full = self.by_address.len() >= ADDRESSES_MAX;
         match self.by_address.get_mut(&address) {
             Some(w) if w.packets.len() < PACKETS_PER_ADDRESS => w.packets.push(packet),
-            Some(w) => w.more += 1,
+            Some(_) => return Err(packet),
             None if full => return Err(packet),
             None => {
                 self.by_address.insert(
                     address,
                     Waiting {
                         packets: vec![packet],
-                        more: 0,
                         deadline: now + WAIT,
                     },
                 );
@@ -70,24 +62,22 @@ impl<T> Held<T> {
     }
 
     /// The verdict for `address` is in.
-    pub fn release(&mut self, address: &IpAddr) -> Option<Released<T>> {
-        self.by_address.remove(address).map(|w| Released {
-            packets: w.packets,
-            more: w.more,
-        })
+    pub fn release(&mut self, address: &IpAddr) -> Vec<T> {
+        self.by_address
+            .remove(address)
+            .map(|w| w.packets)
+            .unwrap_or_default()
     }
 
     /// Everything whose verdict is overdue (or everything, when stopping).
-    pub fn overdue(&mut self, now: Option<Instant>) -> Vec<(IpAddr, Released<T>)> {
+    pub fn overdue(&mut self, now: Option<Instant>) -> Vec<T> {
         let due: Vec<IpAddr> = self
             .by_address
             .iter()
-            .filter(|(_, w)| now.is_none_or(|n| w.deadline <= n))
+            .filter(|(_, w)| now.map_or(true, |n| w.deadline <= n))
             .map(|(a, _)| *a)
             .collect();
-        due.into_iter()
-            .filter_map(|a| self.release(&a).map(|r| (a, r)))
-            .collect()
+        due.into_iter().flat_map(|a| self.release(&a)).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -114,9 +104,8 @@ mod tests {
         h.hold(ip(1), "syn", now).unwrap();
         h.hold(ip(1), "retry", now).unwrap();
         h.hold(ip(2), "other", now).unwrap();
-        let r = h.release(&ip(1)).unwrap();
-        assert_eq!(r.packets, vec!["syn", "retry"]);
-        assert!(h.release(&ip(1)).is_none());
+        assert_eq!(h.release(&ip(1)), vec!["syn", "retry"]);
+        assert!(h.release(&ip(1)).is_empty());
         assert!(h.is_holding(&ip(2)));
     }
 
@@ -126,19 +115,20 @@ mod tests {
         let now = Instant::now();
         h.hold(ip(1), 1, now).unwrap();
         h.hold(ip(2), 2, now + Duration::from_secs(5)).unwrap();
-        let due = h.overdue(Some(now + WAIT));
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].0, ip(1));
-        assert_eq!(h.overdue(None).len(), 1, "stopping hands back the rest");
+        assert_eq!(h.overdue(Some(now + WAIT)), vec![1]);
+        assert_eq!(h.overdue(None), vec![2], "stopping hands back the rest");
         for i in 0..ADDRESSES_MAX as u32 {
             h.hold(ip(i), 0, now).unwrap();
         }
         assert_eq!(h.hold(ip(99_999), 7, now), Err(7));
-        for _ in 0..100 {
+        for _ in 1..PACKETS_PER_ADDRESS {
             h.hold(ip(0), 0, now).unwrap();
         }
-        let r = h.release(&ip(0)).unwrap();
-        assert_eq!(r.packets.len(), PACKETS_PER_ADDRESS);
-        assert_eq!(r.more, 101 - PACKETS_PER_ADDRESS as u64);
+        assert_eq!(
+            h.hold(ip(0), 8, now),
+            Err(8),
+            "a full address reports at once"
+        );
+        assert_eq!(h.release(&ip(0)).len(), PACKETS_PER_ADDRESS);
     }
 }

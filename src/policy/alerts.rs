@@ -91,12 +91,15 @@ pub const ACTIONS: &[&str] = &[
     "dns-refused",
     "dns-would-refuse",
     "proxy-denied",
+    "dns-revalidated",
     "flood",
+    "preexisting",
     "tamper",
     "data-loss",
     "heartbeat",
     "nflog-taken",
     "alert-failed",
+    "alert-digest",
 ];
 
 /// One `[[alerts]]` entry.

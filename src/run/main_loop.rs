@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::books::Books;
 use super::publish::{Keep, Outlet, Route};
+use super::revalidation::{HeldPacket, Hold};
 use super::services::Services;
 use super::table::Loaded;
 use super::{Input, RunOptions, Signals, ALERTS_GRACE};
@@ -23,6 +24,7 @@ use crate::monitor::attribution::{Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
 use crate::monitor::event::{ProxyRequest, Subject};
+use crate::monitor::held::Held;
 use crate::monitor::incident::{Aggregator, Observation};
 use crate::monitor::nflog::{LoggedPacket, LoggedVerdict};
 use crate::monitor::store::Store;
@@ -144,6 +146,8 @@ pub(super) struct Daemon {
     pub containers: Option<ContainerDirectory>,
     /// New incidents since the store was last pruned.
     pub new_since_prune: u64,
+    /// Blocked packets waiting for the DNS guard's revalidation verdict.
+    pub held: Held<HeldPacket>,
 }
 
 impl Daemon {
@@ -252,6 +256,7 @@ impl Daemon {
             Input::Packet(p) => self.packet(p),
             Input::Query(q) => self.refused_query(*q),
             Input::Proxy(d) => self.proxy_denial(*d),
+            Input::Revalidated(r) => self.revalidated(*r),
         }
     }
 
@@ -317,13 +322,25 @@ impl Daemon {
                 }
             }
         }
-        let resolved = flow.and_then(|f| {
+        let mut resolved = flow.and_then(|f| {
             self.services
                 .recent
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&f.dst, Instant::now())
         });
+        if let (true, Some(f)) = (p.verdict.blocked, flow) {
+            match self.hold_for_revalidation(&p.verdict, f, &who, p.received) {
+                Hold::Held => return,
+                Hold::Report => {}
+                Hold::Limited(mut limited) => {
+                    if let Some(r) = &resolved {
+                        limited.asked_by = r.asked_by.clone();
+                    }
+                    resolved = Some(*limited);
+                }
+            }
+        }
         self.record(Observation {
             verdict: &p.verdict,
             subject: Subject::Packet(flow.copied()),
@@ -351,7 +368,7 @@ impl Daemon {
         });
     }
 
-    fn record(&mut self, o: Observation<'_>) {
+    pub(super) fn record(&mut self, o: Observation<'_>) {
         let action = o.action().as_str();
         let minute =
             o.at.duration_since(std::time::UNIX_EPOCH)
@@ -383,6 +400,9 @@ impl Daemon {
 
     /// Emits due updates and writes everything pending to the store.
     pub fn tick(&mut self, force: bool) {
+        // Held packets whose verdict is late (all of them when stopping) go
+        // out as blocks before the flush.
+        self.overdue_revalidations(force);
         let now = SystemTime::now();
         for inc in self.agg.due(now, force) {
             let mut doc = event::incident(&inc, true, &self.host);

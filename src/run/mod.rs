@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod preexisting;
 mod publish;
 mod reload;
+mod revalidation;
 mod services;
 mod table;
 
@@ -62,6 +63,8 @@ pub enum Input {
     Packet(LoggedPacket),
     Query(Box<RefusedQuery>),
     Proxy(Box<ProxyDenial>),
+    /// The DNS guard's verdict on a blocked address it once allowed.
+    Revalidated(Box<crate::dns::Revalidation>),
 }
 
 pub struct RunOptions {
@@ -180,6 +183,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         timeline: Default::default(),
         table: table::Loaded::new(&rs),
         new_since_prune: 0,
+        held: Default::default(),
     };
     daemon.report_preexisting(&preexisting);
     // At once, so `status` shows this daemon (its pid) from its first moment.

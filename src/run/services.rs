@@ -31,6 +31,8 @@ pub(super) struct Services {
     pub recent: Arc<Mutex<RecentNames>>,
     /// Reports of the guard and the proxy that found the loop's queue full.
     pub dropped: Arc<Dropped>,
+    /// With the guard: where its revalidation verdicts go.
+    pub loop_tx: Option<SyncSender<Input>>,
 }
 
 impl Services {
@@ -102,6 +104,7 @@ impl Services {
             None => None,
         };
         Ok(Services {
+            loop_tx: guard.as_ref().map(|_| tx.clone()),
             guard,
             proxy,
             metrics_server,
@@ -115,6 +118,7 @@ impl Services {
 
     /// Stops the DNS guard and the proxy (their reports are inputs).
     pub fn stop_inputs(&mut self) {
+        self.loop_tx = None;
         if let Some(g) = self.guard.take() {
             g.stop();
         }

@@ -43,12 +43,23 @@ pub fn summary(inc: &Incident) -> String {
         }
         Subject::Packet(_) => {
             let what = if blocked { "blocked" } else { "would block" };
+            let stale = inc
+                .resolved
+                .as_ref()
+                .and_then(|r| r.revalidation.as_ref())
+                .filter(|v| v.outcome == "stale")
+                .map_or("", |_| ": a stale address, the name resolves elsewhere now");
             format!(
-                "{what} {} → {}",
+                "{what} {} → {}{stale}",
                 who(inc),
                 destination(inc).unwrap_or_else(|| "?".into())
             )
         }
+        Subject::Revalidated(_) => format!(
+            "revalidated {} → {}: the name still resolves there, allowed again",
+            who(inc),
+            destination(inc).unwrap_or_else(|| "?".into())
+        ),
     }
 }
 
@@ -92,6 +103,7 @@ pub fn destination(inc: &Incident) -> Option<String> {
             return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype))
         }
         Subject::Packet(f) => f.as_ref()?,
+        Subject::Revalidated(f) => f,
     };
     let ip = match f.dst {
         std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),

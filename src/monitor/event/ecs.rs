@@ -68,7 +68,13 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             flood = Some(&**f);
             "egret.flood"
         }
+        Subject::Revalidated(f) => {
+            flow = Some(f);
+            "egret.egress"
+        }
     };
+    // A revalidated packet passed because the policy allows its name.
+    let enforced = blocked || matches!(inc.subject, Subject::Revalidated(_));
     let a = &inc.attribution;
     let p = a.process.as_ref();
     let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {
@@ -150,7 +156,7 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "first_seen": timestamp(inc.first_seen),
             "last_seen": timestamp(inc.last_seen),
             "attribution": a.method.as_str(),
-            "mode": if blocked { Mode::Enforce.as_str() } else { Mode::Audit.as_str() },
+            "mode": if enforced { Mode::Enforce.as_str() } else { Mode::Audit.as_str() },
             "update": update,
             "unit": a.unit,
             "cgroup": a.cgroup,
@@ -165,6 +171,10 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "dns": inc.resolved.as_ref().map(|r| json!({
                 "resolved": r.name,
                 "asked_by": r.asked_by.as_ref().map(asker),
+            })),
+            "revalidation": inc.resolved.as_ref().and_then(|r| r.revalidation.as_ref()).map(|v| json!({
+                "outcome": v.outcome,
+                "current": (!v.current.is_empty()).then(|| v.current.iter().map(|ip| ip.to_string()).collect::<Vec<_>>()),
             })),
         },
     }))

@@ -39,6 +39,11 @@ pub enum Subject {
     ProxyRequest(Box<ProxyRequest>),
     /// An identity's new destinations past its rate, folded into one incident.
     Flood(Box<FloodSummary>),
+    /// A blocked packet to an address the guard once allowed for a name that
+    /// still resolves there: put back in the rule's set, the retry passes
+    /// (`dns::revalidate`). The name and the verdict are in the incident's
+    /// [`ResolvedName`].
+    Revalidated(Flow),
 }
 
 impl Subject {
@@ -47,6 +52,7 @@ impl Subject {
     pub fn action(&self, blocked: bool) -> Action {
         match (self, blocked) {
             (Subject::Flood(_), _) => Action::Flood,
+            (Subject::Revalidated(_), _) => Action::DnsRevalidated,
             (Subject::DnsQuery(_), true) => Action::DnsRefused,
             (Subject::DnsQuery(_), false) => Action::DnsWouldRefuse,
             (Subject::ProxyRequest(_), true) => Action::ProxyDenied,
@@ -65,6 +71,12 @@ impl Subject {
                 port: flow.and_then(|f| f.dst_port()),
                 protocol: flow.map(|f| f.protocol),
             },
+            // Told apart from the blocks of the same destination by the verdict.
+            Subject::Revalidated(f) => SubjectKey::Packet {
+                destination: Some(f.dst),
+                port: f.dst_port(),
+                protocol: Some(f.protocol),
+            },
             Subject::DnsQuery(q) => SubjectKey::DnsQuery {
                 name: q.name.clone(),
                 qtype: q.qtype.clone(),
@@ -81,6 +93,7 @@ impl Subject {
     pub fn flow(&self) -> Option<&Flow> {
         match self {
             Subject::Packet(f) => f.as_ref(),
+            Subject::Revalidated(f) => Some(f),
             _ => None,
         }
     }
@@ -150,6 +163,17 @@ pub struct DnsQuestion {
 pub struct ResolvedName {
     pub name: String,
     pub asked_by: Option<Attribution>,
+    /// When the packet waited for the name to be asked again: the verdict.
+    pub revalidation: Option<RevalidationNote>,
+}
+
+/// What asking a blocked address's name again found (`egret.revalidation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevalidationNote {
+    /// `revalidated`, `stale`, `not-allowed`, `limited`, `failed`.
+    pub outcome: &'static str,
+    /// The name's addresses now, when the blocked one is no longer among them.
+    pub current: Vec<IpAddr>,
 }
 
 /// ECS `event.action`: every kind of event egret emits.
@@ -162,6 +186,8 @@ pub enum Action {
     DnsRefused,
     DnsWouldRefuse,
     ProxyDenied,
+    /// A kept address whose name still resolves there, let through again.
+    DnsRevalidated,
     Flood,
     /// A connection older than egret's table that the policy would not allow.
     Preexisting,
@@ -174,12 +200,13 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::Blocked,
         Action::WouldBlock,
         Action::DnsRefused,
         Action::DnsWouldRefuse,
         Action::ProxyDenied,
+        Action::DnsRevalidated,
         Action::Flood,
         Action::Preexisting,
         Action::Tamper,
@@ -197,6 +224,7 @@ impl Action {
             Action::DnsRefused => "dns-refused",
             Action::DnsWouldRefuse => "dns-would-refuse",
             Action::ProxyDenied => "proxy-denied",
+            Action::DnsRevalidated => "dns-revalidated",
             Action::Flood => "flood",
             Action::Preexisting => "preexisting",
             Action::Tamper => "tamper",
