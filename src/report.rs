@@ -290,6 +290,13 @@ pub fn print_monitor(m: &MonitorStatus) {
             "  dns guard: {} queries, {} from cache, {} forwarded, {} refused; upstream failures {}, kernel set failures {}",
             g.queries, g.cache_hits, g.forwarded, g.refused, g.upstream_failures, g.set_failures,
         );
+        let r = &g.revalidation;
+        if r.started + r.limited > 0 {
+            println!(
+                "  revalidation: {} revalidated, {} stale, {} over the cap, {} failed; {} upstream lookups",
+                r.revalidated, r.stale, r.limited, r.failed, r.lookups,
+            );
+        }
     }
     if let Some(p) = &b.proxy {
         println!(

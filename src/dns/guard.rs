@@ -102,21 +102,6 @@ pub struct GuardStats {
 }
 
 impl GuardStats {
-    pub fn snapshot(&self) -> serde_json::Value {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "queries": g(&self.queries),
-            "cache_hits": g(&self.cache_hits),
-            "forwarded": g(&self.forwarded),
-            "refused": g(&self.refused),
-            "upstream_failures": g(&self.upstream_failures),
-            "set_failures": g(&self.set_failures),
-            "tcp_accept_errors": g(&self.tcp_accept_errors),
-            "tcp_refused": g(&self.tcp_refused),
-            "revalidation": self.revalidation(),
-        })
-    }
-
     pub fn revalidation(&self) -> revalidate::Stats {
         *lock(&self.revalidation)
     }

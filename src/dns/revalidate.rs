@@ -75,7 +75,7 @@ pub enum Request {
     Limited { name: String },
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub started: u64,
     pub revalidated: u64,

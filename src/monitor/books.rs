@@ -49,6 +49,20 @@ pub struct GuardCounts {
     pub set_failures: u64,
     pub tcp_accept_errors: u64,
     pub tcp_refused: u64,
+    pub revalidation: RevalidationCounts,
+}
+
+/// Blocked packets to addresses the guard once allowed, asked again
+/// (`dns::revalidate`): by verdict, and the upstream lookups it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RevalidationCounts {
+    pub started: u64,
+    pub revalidated: u64,
+    pub stale: u64,
+    pub limited: u64,
+    pub failed: u64,
+    pub lookups: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

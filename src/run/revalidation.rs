@@ -13,7 +13,7 @@ use crate::dns::Revalidation;
 use crate::monitor::attribution::Attribution;
 use crate::monitor::event::{ResolvedName, RevalidationNote, Subject};
 use crate::monitor::incident::Observation;
-use crate::monitor::nflog::Verdict;
+use crate::monitor::nflog::LoggedVerdict;
 use crate::monitor::packet::Flow;
 
 /// What becomes of a blocked packet.
@@ -28,7 +28,7 @@ pub(super) enum Hold {
 
 /// A blocked packet waiting for its address's verdict.
 pub(super) struct HeldPacket {
-    verdict: Verdict,
+    verdict: LoggedVerdict,
     flow: Flow,
     who: Attribution,
     at: SystemTime,
@@ -42,7 +42,7 @@ impl Daemon {
     /// Holds `flow`'s packet for revalidation when that can let it through.
     pub(super) fn hold_for_revalidation(
         &mut self,
-        verdict: &Verdict,
+        verdict: &LoggedVerdict,
         flow: &Flow,
         who: &Attribution,
         at: SystemTime,
@@ -55,7 +55,7 @@ impl Daemon {
         };
         // Would a rule take this packet if the address were still the
         // name's? Its port, protocol and sender must fit too.
-        let attempt = evaluate::Flow {
+        let attempt = evaluate::Attempt {
             dst: Some(flow.dst),
             protocol: flow.protocol,
             port: flow.dst_port(),
@@ -135,7 +135,7 @@ impl Daemon {
             }),
         };
         let (verdict, subject) = if passed {
-            let allowed = Verdict {
+            let allowed = LoggedVerdict {
                 blocked: false,
                 rule: Some(p.rule),
             };
