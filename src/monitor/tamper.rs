@@ -205,15 +205,17 @@ fn differences(expected: &Ruleset, live: &Ruleset) -> Vec<String> {
                 out.push(format!("set {} changed (key or flags)", set.name))
             }
             Some(e) if e.elements != set.elements => {
+                // Both sorted (`normalized`): a linear scan per element was
+                // quadratic, seconds per comparison for a 100k-entry set.
                 let added = set
                     .elements
                     .iter()
-                    .filter(|x| !e.elements.contains(x))
+                    .filter(|x| e.elements.binary_search(x).is_err())
                     .count();
                 let removed = e
                     .elements
                     .iter()
-                    .filter(|x| !set.elements.contains(x))
+                    .filter(|x| set.elements.binary_search(x).is_err())
                     .count();
                 out.push(format!(
                     "set {}: {added} element(s) added, {removed} removed",
