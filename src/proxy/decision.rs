@@ -74,7 +74,10 @@ impl Target {
         // quadratic in its length (the fuzzer found a 1.7 KB label taking
         // 0.3 s). A valid label is at most 63 characters, 4 bytes each.
         if name.len() > 4 * 253 || name.split('.').any(|l| l.len() > 4 * 63) {
-            return Err(format!("{:?}… is not a host name", crate::text::bounded(host, 64).0));
+            return Err(format!(
+                "{:?}… is not a host name",
+                crate::text::bounded(host, 64).0
+            ));
         }
         let name =
             idna::domain_to_ascii(name).map_err(|_| format!("{host:?} is not a host name"))?;
@@ -332,7 +335,10 @@ mod tests {
     fn overlong_names_are_refused_before_idna_decodes_them() {
         let label = format!("xn--{}", "e".repeat(2000));
         let err = Target::parse(&format!("{label}.test:443"), None).unwrap_err();
-        assert!(err.len() < 200, "the message quotes a bounded prefix: {err}");
+        assert!(
+            err.len() < 200,
+            "the message quotes a bounded prefix: {err}"
+        );
         assert!(Target::parse(&format!("{}.test:443", "a".repeat(64)), None).is_err());
         assert!(Target::parse(&format!("{}.test:443", "a".repeat(63)), None).is_ok());
     }
