@@ -75,15 +75,8 @@ pub enum Request {
     Limited { name: String },
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Stats {
-    pub started: u64,
-    pub revalidated: u64,
-    pub stale: u64,
-    pub limited: u64,
-    pub failed: u64,
-    pub lookups: u64,
-}
+/// The revalidator's counts are the books' own type: the daemon stores them as they are.
+pub use crate::monitor::books::RevalidationCounts as Stats;
 
 /// Lookup cap, reused answers and what is in flight.
 pub struct Revalidator {

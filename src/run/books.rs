@@ -12,9 +12,7 @@ use super::main_loop::Daemon;
 use super::publish::Route;
 use crate::dns::GuardStats;
 use crate::monitor::accounting::{Accounting, ReaderCounts};
-use crate::monitor::books::{
-    AttributionCounts, DaemonBooks, GuardCounts, ProxyCounts, RevalidationCounts,
-};
+use crate::monitor::books::{AttributionCounts, DaemonBooks, GuardCounts, ProxyCounts};
 use crate::monitor::event::{self, LossFigures};
 use crate::monitor::flood::Dropped;
 use crate::monitor::nflog::NflogStats;
@@ -220,17 +218,7 @@ fn guard_counts(g: &GuardStats) -> GuardCounts {
         set_failures: n(&g.set_failures),
         tcp_accept_errors: n(&g.tcp_accept_errors),
         tcp_refused: n(&g.tcp_refused),
-        revalidation: {
-            let r = g.revalidation();
-            RevalidationCounts {
-                started: r.started,
-                revalidated: r.revalidated,
-                stale: r.stale,
-                limited: r.limited,
-                failed: r.failed,
-                lookups: r.lookups,
-            }
-        },
+        revalidation: g.revalidation(),
     }
 }
 
