@@ -149,11 +149,18 @@ impl Nftables {
         self.commit(batch)
     }
 
-    /// Adds elements with their timeouts (milliseconds) to live timeout sets,
-    /// all in one transaction. Re-adding an element resets its timeout.
+    /// Gives elements of live timeout sets these timeouts (milliseconds),
+    /// whether or not they are already there, all in one transaction.
+    ///
+    /// Re-adding an element replaces its timeout on 6.18 but not on 6.1 or
+    /// 5.10 (measured: the old expiry stays), so each element is added (it
+    /// may have expired), deleted and added again with its new timeout. The
+    /// transaction commits at once: no packet sees the element missing.
     pub fn add_timed_elements(&mut self, items: &[(&Set, Vec<(Element, u64)>)]) -> Result<()> {
         let mut batch = Batch::new(self.next_seq());
         for (set, elements) in items {
+            batch.timed_elements(set, elements);
+            batch.delete_elements(set, elements.iter().map(|(e, _)| e.clone()));
             batch.timed_elements(set, elements);
         }
         self.commit(batch)

@@ -206,6 +206,11 @@ impl Batch {
         self.b.end();
     }
 
+    pub(super) fn delete_elements(&mut self, set: &Set, elements: impl Iterator<Item = Element>) {
+        let elements: Vec<Element> = elements.collect();
+        self.elements(MSG_DELSETELEM, 0, set, None, &elements, &[]);
+    }
+
     pub(super) fn timed_elements(&mut self, set: &Set, items: &[(Element, u64)]) {
         let (elements, timeouts): (Vec<Element>, Vec<u64>) = items.iter().cloned().unzip();
         let id = self.set_ids.get(&set.name).copied();
