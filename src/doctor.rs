@@ -50,6 +50,7 @@ pub struct Inputs<'a> {
     pub policy: Option<&'a Policy>,
     pub state_dir: &'a Path,
     pub resolv_conf: PathBuf,
+    pub nsswitch_conf: PathBuf,
 }
 
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
@@ -70,6 +71,7 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
         out.push(first_day(p, inputs.state_dir));
         out.push(resolver(p, &inputs.resolv_conf));
         if p.dns.is_some() {
+            out.push(name_service(&inputs.nsswitch_conf));
             out.push(stub_askers(inputs.state_dir));
         }
         if p.scope == crate::policy::Scope::HostAndContainers {
@@ -128,6 +130,43 @@ fn first_day(policy: &Policy, state_dir: &Path) -> Check {
                 format!("run with mode = \"audit\" and [dns] first, then `egret suggest` and `egret simulate` before enforcing; see {AUDIT_DOC}"),
             ),
         },
+    }
+}
+
+/// glibc reads resolv.conf only for the `dns` source of nsswitch.conf's
+/// `hosts:` line. `resolve` (libnss-resolve, which Debian installs with
+/// systemd-resolved) before it asks systemd-resolved over its own socket, so
+/// every lookup reaches the guard as resolved's; other sources (files,
+/// myhostname, mdns4_minimal) resolve nothing through DNS.
+fn name_service(nsswitch: &Path) -> Check {
+    const NAME: &str = "nsswitch";
+    let text = std::fs::read_to_string(nsswitch).unwrap_or_default();
+    let sources: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split('#').next()?.trim().strip_prefix("hosts:"))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|w| !w.starts_with('['))
+        .collect();
+    let resolve = sources.iter().position(|s| *s == "resolve");
+    let dns = sources.iter().position(|s| *s == "dns");
+    let first = match (resolve, dns) {
+        (Some(r), Some(d)) => r < d,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    match first {
+        true => check(
+            NAME,
+            Status::Warn,
+            format!("{}'s hosts line asks systemd-resolved (`resolve`) before resolv.conf (`dns`): programs' lookups reach the guard as systemd-resolved's, not their own", nsswitch.display()),
+            "remove `resolve [!UNAVAIL=return]` from the hosts line (e.g. `hosts: files myhostname dns`); docs/dns.md, \"systemd-resolved\"",
+        ),
+        false => check(
+            NAME,
+            Status::Ok,
+            format!("{}: programs resolve through resolv.conf", nsswitch.display()),
+            "",
+        ),
     }
 }
 
@@ -644,6 +683,29 @@ mod tests {
         assert_eq!(resolver(&on_stub, &conf).status, Status::Ok);
         let wildcard = policy("[dns]\nlisten = \"0.0.0.0:53\"\nupstream = [\"192.0.2.53\"]\n");
         assert_eq!(resolver(&wildcard, &conf).status, Status::Ok);
+    }
+
+    #[test]
+    fn nss_resolve_before_dns_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nsswitch.conf");
+        let status = |text: &str| {
+            std::fs::write(&conf, text).unwrap();
+            name_service(&conf).status
+        };
+        let debian = "passwd: files systemd\nhosts:          files resolve [!UNAVAIL=return] dns myhostname\n";
+        assert_eq!(status(debian), Status::Warn);
+        assert_eq!(status("hosts: files resolve\n"), Status::Warn);
+        assert_eq!(
+            status("hosts: files mdns4_minimal [NOTFOUND=return] dns\n"),
+            Status::Ok
+        );
+        assert_eq!(status("hosts: files dns resolve\n"), Status::Ok);
+        assert_eq!(
+            status("# hosts: files resolve\nhosts: files dns\n"),
+            Status::Ok
+        );
+        assert_eq!(status(""), Status::Ok);
     }
 
     #[test]
