@@ -263,5 +263,10 @@ fn a_local_cache_in_front_of_the_guard_hides_the_program_and_doctor_warns() {
         detail.contains("dnsmasq") && detail.contains("not the program that asked"),
         "{detail}"
     );
+    let status = a.egret_ok(&["status", "--state-dir", &policy.state_dir()]);
+    assert!(
+        status.contains("asked through a local resolver") && status.contains("dnsmasq"),
+        "{status}"
+    );
     drop(run);
 }
