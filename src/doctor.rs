@@ -149,24 +149,28 @@ fn name_service(nsswitch: &Path) -> Check {
         .collect();
     let resolve = sources.iter().position(|s| *s == "resolve");
     let dns = sources.iter().position(|s| *s == "dns");
-    let first = match (resolve, dns) {
+    let resolved_first = match (resolve, dns) {
         (Some(r), Some(d)) => r < d,
         (Some(_), None) => true,
         (None, _) => false,
     };
-    match first {
-        true => check(
+    if resolved_first {
+        check(
             NAME,
             Status::Warn,
             format!("{}'s hosts line asks systemd-resolved (`resolve`) before resolv.conf (`dns`): programs' lookups reach the guard as systemd-resolved's, not their own", nsswitch.display()),
             "remove `resolve [!UNAVAIL=return]` from the hosts line (e.g. `hosts: files myhostname dns`); docs/dns.md, \"systemd-resolved\"",
-        ),
-        false => check(
+        )
+    } else {
+        check(
             NAME,
             Status::Ok,
-            format!("{}: programs resolve through resolv.conf", nsswitch.display()),
+            format!(
+                "{}: programs resolve through resolv.conf",
+                nsswitch.display()
+            ),
             "",
-        ),
+        )
     }
 }
 
