@@ -15,6 +15,9 @@ for path in ./usr/bin/egret ./usr/lib/systemd/system/egret.service ./etc/egret/p
   grep -qx "$path" <<<"$listing" || fail "$path is missing from $deb"
 done
 dpkg-deb --info "$deb" conffiles | grep -qx /etc/egret/policy.toml || fail "/etc/egret/policy.toml is not a conffile"
+# The resolved drop-in is an example the admin copies: never active by itself.
+grep -qx ./usr/share/doc/egret/examples/resolved-egret.conf <<<"$listing" || fail "the resolved example is missing"
+! grep -q '^\./etc/systemd/' <<<"$listing" || fail "the package must not configure systemd-resolved by itself"
 dpkg-deb -x "$deb" "$tmp"
 "$tmp/usr/bin/egret" --version | grep -q "^egret " || fail "the packaged binary does not run"
 "$tmp/usr/bin/egret" check "$tmp/etc/egret/policy.toml" >/dev/null || fail "the packaged policy does not pass egret check"

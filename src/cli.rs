@@ -199,6 +199,9 @@ pub enum Command {
         /// The resolver configuration to check (tests).
         #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
         resolv_conf: PathBuf,
+        /// The name-service switch to check (tests).
+        #[arg(long, default_value = "/etc/nsswitch.conf", hide = true)]
+        nsswitch_conf: PathBuf,
     },
     /// Print a shell completion script: bash, zsh, fish (e.g. `egret completions bash > /etc/bash_completion.d/egret`).
     Completions { shell: clap_complete::Shell },
@@ -392,7 +395,14 @@ fn dispatch(command: Command) -> Result<u8> {
             state_dir,
             json,
             resolv_conf,
-        } => doctor(policy.as_deref(), &state_dir, json, resolv_conf),
+            nsswitch_conf,
+        } => doctor(
+            policy.as_deref(),
+            &state_dir,
+            json,
+            resolv_conf,
+            nsswitch_conf,
+        ),
         Command::Completions { shell } => completions(shell),
         Command::Man { dir } => {
             write_man_pages(&dir)?;
@@ -570,7 +580,13 @@ fn explain(policy: &Path, args: &crate::audit::commands::ExplainArgs<'_>) -> Res
     crate::audit::commands::explain(&p, args)
 }
 
-fn doctor(policy: Option<&Path>, state_dir: &Path, json: bool, resolv_conf: PathBuf) -> Result<u8> {
+fn doctor(
+    policy: Option<&Path>,
+    state_dir: &Path,
+    json: bool,
+    resolv_conf: PathBuf,
+    nsswitch_conf: PathBuf,
+) -> Result<u8> {
     let loaded = match policy {
         Some(path) => match load_or_report(path) {
             Some(p) => Some(p),
@@ -582,6 +598,7 @@ fn doctor(policy: Option<&Path>, state_dir: &Path, json: bool, resolv_conf: Path
         policy: loaded.as_ref(),
         state_dir,
         resolv_conf,
+        nsswitch_conf,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);

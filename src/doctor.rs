@@ -50,6 +50,7 @@ pub struct Inputs<'a> {
     pub policy: Option<&'a Policy>,
     pub state_dir: &'a Path,
     pub resolv_conf: PathBuf,
+    pub nsswitch_conf: PathBuf,
 }
 
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
@@ -69,6 +70,10 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
     if let Some(p) = inputs.policy {
         out.push(first_day(p, inputs.state_dir));
         out.push(resolver(p, &inputs.resolv_conf));
+        if p.dns.is_some() {
+            out.push(name_service(&inputs.nsswitch_conf));
+            out.push(stub_askers(inputs.state_dir));
+        }
         if p.scope == crate::policy::Scope::HostAndContainers {
             out.push(container_runtime(p));
         }
@@ -126,6 +131,96 @@ fn first_day(policy: &Policy, state_dir: &Path) -> Check {
             ),
         },
     }
+}
+
+/// glibc reads resolv.conf only for the `dns` source of nsswitch.conf's
+/// `hosts:` line. `resolve` (libnss-resolve, which Debian installs with
+/// systemd-resolved) before it asks systemd-resolved over its own socket, so
+/// every lookup reaches the guard as resolved's; other sources (files,
+/// myhostname, mdns4_minimal) resolve nothing through DNS.
+fn name_service(nsswitch: &Path) -> Check {
+    const NAME: &str = "nsswitch";
+    let text = std::fs::read_to_string(nsswitch).unwrap_or_default();
+    let sources: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split('#').next()?.trim().strip_prefix("hosts:"))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|w| !w.starts_with('['))
+        .collect();
+    let resolve = sources.iter().position(|s| *s == "resolve");
+    let dns = sources.iter().position(|s| *s == "dns");
+    let resolved_first = match (resolve, dns) {
+        (Some(r), Some(d)) => r < d,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if resolved_first {
+        check(
+            NAME,
+            Status::Warn,
+            format!("{}'s hosts line asks systemd-resolved (`resolve`) before resolv.conf (`dns`): programs' lookups reach the guard as systemd-resolved's, not their own", nsswitch.display()),
+            "remove `resolve [!UNAVAIL=return]` from the hosts line (e.g. `hosts: files myhostname dns`); docs/dns.md, \"systemd-resolved\"",
+        )
+    } else {
+        check(
+            NAME,
+            Status::Ok,
+            format!(
+                "{}: programs resolve through resolv.conf",
+                nsswitch.display()
+            ),
+            "",
+        )
+    }
+}
+
+/// Did queries reach the guard through a local resolver? The guard counts
+/// the askers it recognises as one (systemd-resolved, dnsmasq...) in its
+/// books; each such query lost the program that asked.
+fn stub_askers(state_dir: &Path) -> Check {
+    use crate::monitor::books::LocalResolver;
+    const NAME: &str = "dns askers";
+    let books = crate::monitor::store::Store::open_read_only(state_dir)
+        .ok()
+        .flatten()
+        .and_then(|s| s.books().ok().flatten());
+    let Some((books, guard)) = books.and_then(|b| b.dns_guard.map(|g| (b, g))) else {
+        return check(
+            NAME,
+            Status::Ok,
+            format!("no books of a DNS guard in {} yet: who asks the guard is checked once egret run has served queries", state_dir.display()),
+            "",
+        );
+    };
+    let stubs = guard.via_stub;
+    if stubs.total() == 0 {
+        return check(
+            NAME,
+            Status::Ok,
+            format!(
+                "none of the {} queries the guard served (books of {}) came through a local resolver",
+                guard.queries, books.updated_at
+            ),
+            "",
+        );
+    }
+    let by: Vec<String> = LocalResolver::ALL
+        .iter()
+        .filter(|r| stubs.get(**r) > 0)
+        .map(|r| format!("{} {}", r.name(), stubs.get(*r)))
+        .collect();
+    check(
+        NAME,
+        Status::Warn,
+        format!(
+            "{} of the {} queries the guard served (books of {}) were asked by a local resolver ({}): for those the guard sees the resolver, not the program that asked, so refused names and DNS callbacks are reported as the resolver's and per-identity decisions lose their subject",
+            stubs.total(),
+            guard.queries,
+            books.updated_at,
+            by.join(", ")
+        ),
+        "point programs at the guard itself and keep local resolvers out of their path (docs/dns.md, \"Programs must ask the guard\")",
+    )
 }
 
 /// With `scope = "host+containers"`: can egret name the containers? Asks the
@@ -425,14 +520,6 @@ fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
             "",
         );
     };
-    if dns.intercept {
-        return check(
-            "resolver",
-            Status::Ok,
-            "intercept = true: plain DNS goes to the guard whatever the configuration",
-            "",
-        );
-    }
     let servers: Vec<IpAddr> = std::fs::read_to_string(resolv_conf)
         .unwrap_or_default()
         .lines()
@@ -441,43 +528,111 @@ fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
         .collect();
     let guard = dns.listen.ip();
     let is_guard = |ip: &IpAddr| *ip == guard || (guard.is_unspecified() && ip.is_loopback());
-    // systemd-resolved's stub: what matters is where resolved forwards to.
-    let stub: IpAddr = [127, 0, 0, 53].into();
-    let (servers, via) = if servers == [stub] {
+    let list = |ips: &[IpAddr]| {
+        ips.iter()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if servers.is_empty() && !dns.intercept {
+        return check(
+            "resolver",
+            Status::Fail,
+            format!("{} names no nameserver (glibc then asks 127.0.0.1 on its own), not the DNS guard on {}", resolv_conf.display(), dns.listen),
+            "point /etc/resolv.conf at the guard (docs/dns.md), or set intercept = true in [dns]",
+        );
+    }
+    let remote: Vec<IpAddr> = servers
+        .iter()
+        .filter(|ip| !ip.is_loopback() && !is_guard(ip))
+        .copied()
+        .collect();
+    if !remote.is_empty() && !dns.intercept {
+        return check(
+            "resolver",
+            Status::Fail,
+            format!(
+                "the system resolver asks {} instead of the DNS guard on {}: those lookups will be blocked (dns-bypass)",
+                list(&remote),
+                dns.listen
+            ),
+            "point /etc/resolv.conf at the guard (docs/dns.md), or set intercept = true in [dns]",
+        );
+    }
+    // A local resolver in front of the guard (systemd-resolved's stub,
+    // dnsmasq, unbound): lookups work if it forwards to the guard, but the
+    // guard then sees it, not the program that asked.
+    let local: Vec<IpAddr> = servers
+        .iter()
+        .filter(|ip| ip.is_loopback() && !is_guard(ip))
+        .copied()
+        .collect();
+    if local.is_empty() {
+        return if dns.intercept && servers.is_empty() {
+            check(
+                "resolver",
+                Status::Ok,
+                "intercept = true: plain DNS goes to the guard whatever the configuration",
+                "",
+            )
+        } else if dns.intercept && !remote.is_empty() {
+            check(
+                "resolver",
+                Status::Ok,
+                format!(
+                    "intercept = true: queries to {} are answered by the guard (the asker is not always found for those; pointing programs at the guard is better)",
+                    list(&remote)
+                ),
+                "",
+            )
+        } else {
+            check(
+                "resolver",
+                Status::Ok,
+                format!("programs ask the DNS guard on {} directly", dns.listen),
+                "",
+            )
+        };
+    }
+    let resolved_stub: IpAddr = [127, 0, 0, 53].into();
+    if local == [resolved_stub] && !dns.intercept {
+        // systemd-resolved's stub: where resolved forwards to decides
+        // whether its lookups work at all.
         let upstream: Vec<IpAddr> = std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().strip_prefix("nameserver"))
             .filter_map(|s| s.trim().parse().ok())
             .collect();
-        (upstream, " (through systemd-resolved)")
-    } else {
-        (servers, "")
-    };
-    let others: Vec<String> = servers
-        .iter()
-        .filter(|ip| !is_guard(ip))
-        .map(|ip| ip.to_string())
-        .collect();
-    if !servers.is_empty() && others.is_empty() {
-        check(
-            "resolver",
-            Status::Ok,
-            format!("the system resolver asks the DNS guard{via}"),
-            "",
-        )
-    } else {
-        check(
-            "resolver",
-            Status::Fail,
-            format!(
-                "the system resolver{via} asks {} instead of the DNS guard on {}: those lookups will be blocked (dns-bypass)",
-                if others.is_empty() { "nobody".to_string() } else { others.join(", ") },
-                dns.listen
-            ),
-            "point /etc/resolv.conf or systemd-resolved at the guard (docs/dns.md), or set intercept = true in [dns]",
-        )
+        let others: Vec<IpAddr> = upstream
+            .iter()
+            .filter(|ip| !is_guard(ip))
+            .copied()
+            .collect();
+        if upstream.is_empty() || !others.is_empty() {
+            return check(
+                "resolver",
+                Status::Fail,
+                format!(
+                    "the system resolver (through systemd-resolved) asks {} instead of the DNS guard on {}: those lookups will be blocked (dns-bypass)",
+                    if others.is_empty() { "nobody".to_string() } else { list(&others) },
+                    dns.listen
+                ),
+                "point programs at the guard itself (docs/dns.md, \"systemd-resolved\")",
+            );
+        }
     }
+    check(
+        "resolver",
+        Status::Warn,
+        format!(
+            "programs ask {} (a local resolver{}) instead of the DNS guard on {}: if it forwards to the guard, every query reaches the guard from that resolver and events name it, not the program that asked; if it does not, its lookups are blocked (dns-bypass)",
+            list(&local),
+            if local.contains(&resolved_stub) { ": 127.0.0.53 is systemd-resolved's stub" } else { "" },
+            dns.listen
+        ),
+        "make the guard the address programs ask (docs/dns.md, \"Programs must ask the guard\")",
+    )
 }
 
 #[cfg(test)]
@@ -506,6 +661,55 @@ mod tests {
         let intercept = policy("[dns]\nupstream = [\"192.0.2.53\"]\nintercept = true\n");
         assert_eq!(resolver(&intercept, &conf).status, Status::Ok);
         assert_eq!(resolver(&policy(""), &conf).status, Status::Ok);
+    }
+
+    /// A local resolver in front of the guard works but hides the asker: a
+    /// warning; the guard on the stub's own address is what docs/dns.md
+    /// recommends.
+    #[test]
+    fn a_local_resolver_in_front_of_the_guard_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 127.0.0.2\nsearch corp.example\n").unwrap();
+        let p = policy("[dns]\nupstream = [\"192.0.2.53\"]\n");
+        let c = resolver(&p, &conf);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(
+            c.detail.contains("127.0.0.2") && c.detail.contains("not the program that asked"),
+            "{c:?}"
+        );
+        let intercept = policy("[dns]\nupstream = [\"192.0.2.53\"]\nintercept = true\n");
+        std::fs::write(&conf, "nameserver 127.0.0.53\n").unwrap();
+        let c = resolver(&intercept, &conf);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("systemd-resolved's stub"), "{c:?}");
+        let on_stub = policy("[dns]\nlisten = \"127.0.0.53:53\"\nupstream = [\"192.0.2.53\"]\n");
+        assert_eq!(resolver(&on_stub, &conf).status, Status::Ok);
+        let wildcard = policy("[dns]\nlisten = \"0.0.0.0:53\"\nupstream = [\"192.0.2.53\"]\n");
+        assert_eq!(resolver(&wildcard, &conf).status, Status::Ok);
+    }
+
+    #[test]
+    fn nss_resolve_before_dns_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nsswitch.conf");
+        let status = |text: &str| {
+            std::fs::write(&conf, text).unwrap();
+            name_service(&conf).status
+        };
+        let debian = "passwd: files systemd\nhosts:          files resolve [!UNAVAIL=return] dns myhostname\n";
+        assert_eq!(status(debian), Status::Warn);
+        assert_eq!(status("hosts: files resolve\n"), Status::Warn);
+        assert_eq!(
+            status("hosts: files mdns4_minimal [NOTFOUND=return] dns\n"),
+            Status::Ok
+        );
+        assert_eq!(status("hosts: files dns resolve\n"), Status::Ok);
+        assert_eq!(
+            status("# hosts: files resolve\nhosts: files dns\n"),
+            Status::Ok
+        );
+        assert_eq!(status(""), Status::Ok);
     }
 
     #[test]

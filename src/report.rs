@@ -297,6 +297,17 @@ pub fn print_monitor(m: &MonitorStatus) {
                 r.revalidated, r.stale, r.limited, r.failed, r.lookups,
             );
         }
+        if g.via_stub.total() > 0 {
+            println!(
+                "  asked through a local resolver (the program behind it unknown; see egret doctor): {}",
+                crate::monitor::books::LocalResolver::ALL
+                    .iter()
+                    .filter(|r| g.via_stub.get(**r) > 0)
+                    .map(|r| format!("{} {}", r.name(), g.via_stub.get(*r)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
     }
     if let Some(p) = &b.proxy {
         println!(

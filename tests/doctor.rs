@@ -118,6 +118,48 @@ fn a_resolver_that_bypasses_the_dns_guard_fails() {
     assert_eq!(status(&checks, "resolver").0, "ok");
 }
 
+/// A local resolver in front of the guard works but hides who asked: warnings,
+/// not failures (docs/dns.md, "Programs must ask the guard"). Queries it
+/// forwarded are counted in the books (tests/dns_stub.rs).
+#[test]
+fn a_local_resolver_in_front_of_the_guard_is_a_warning() {
+    let ns = Netns::new();
+    let policy = PolicyFile::new("[dns]\nupstream = [\"192.0.2.53\"]\n");
+    let state = tempfile::tempdir().unwrap();
+    let (conf, nss) = (
+        state.path().join("resolv.conf"),
+        state.path().join("nsswitch.conf"),
+    );
+    std::fs::write(&conf, "nameserver 127.0.0.2\nsearch corp.example\n").unwrap();
+    std::fs::write(&nss, "hosts: files resolve [!UNAVAIL=return] dns\n").unwrap();
+    let args = [
+        "--policy",
+        policy.path(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--resolv-conf",
+        conf.to_str().unwrap(),
+        "--nsswitch-conf",
+        nss.to_str().unwrap(),
+    ];
+    let (out, checks) = doctor(&ns, &args);
+    assert!(out.status.success(), "warnings only: {checks:#}");
+    let (s, detail) = status(&checks, "resolver");
+    assert_eq!(s, "warn", "{detail}");
+    assert!(detail.contains("127.0.0.2"), "{detail}");
+    let (s, detail) = status(&checks, "nsswitch");
+    assert_eq!(s, "warn", "{detail}");
+    assert!(detail.contains("systemd-resolved"), "{detail}");
+    // No guard has run with this state dir: nothing to say about askers yet.
+    assert_eq!(status(&checks, "dns askers").0, "ok");
+
+    std::fs::write(&conf, "nameserver 127.0.0.1\nsearch corp.example\n").unwrap();
+    std::fs::write(&nss, "hosts: files myhostname dns\n").unwrap();
+    let (_, checks) = doctor(&ns, &args);
+    assert_eq!(status(&checks, "resolver").0, "ok", "{checks:#}");
+    assert_eq!(status(&checks, "nsswitch").0, "ok", "{checks:#}");
+}
+
 #[test]
 fn a_container_runtime_that_does_not_answer_is_a_warning() {
     let ns = Netns::new();

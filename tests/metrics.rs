@@ -138,6 +138,15 @@ fn metrics_count_incidents_packets_dns_and_proxy_with_bounded_labels() {
         "{text}"
     );
     assert_eq!(value(&text, "egret_dns_refused_total"), Some(1.0), "{text}");
+    // dig asked the guard itself: no query came through a local resolver.
+    assert_eq!(
+        value(
+            &text,
+            "egret_dns_queries_via_local_resolver_total{resolver=\"dnsmasq\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
     assert_eq!(
         value(&text, "egret_proxy_denied_total"),
         Some(1.0),

@@ -24,6 +24,7 @@ use super::revalidate::{self, Outcome, Request, Revalidator, Work};
 use super::sets::{HostSets, RecentNames};
 use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
+use crate::monitor::books::{LocalResolver, StubCounts};
 use crate::monitor::event::DnsQuestion;
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
 
@@ -99,11 +100,30 @@ pub struct GuardStats {
     pub tcp_refused: AtomicU64,
     /// Revalidation on block, copied from the revalidator after each change.
     pub revalidation: Mutex<revalidate::Stats>,
+    /// Attributed queries asked by a local resolver (systemd-resolved,
+    /// dnsmasq...): the program behind it is lost.
+    pub via_stub: Mutex<StubCounts>,
 }
 
 impl GuardStats {
     pub fn revalidation(&self) -> revalidate::Stats {
         *lock(&self.revalidation)
+    }
+
+    pub fn via_stub(&self) -> StubCounts {
+        *lock(&self.via_stub)
+    }
+
+    /// Counts a query whose asker is a local resolver.
+    fn asked_by(&self, a: &Attribution) {
+        let stub = a
+            .process
+            .as_ref()
+            .and_then(|p| p.executable.as_deref())
+            .and_then(LocalResolver::of_executable);
+        if let Some(stub) = stub {
+            lock(&self.via_stub).add(stub);
+        }
     }
 }
 
@@ -494,6 +514,7 @@ async fn answer(
                 .ok();
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
         if let Some(attribution) = attribution {
+            shared.stats.asked_by(&attribution);
             (shared.on_refused)(RefusedQuery {
                 question: DnsQuestion {
                     name: q.name.clone(),
@@ -552,6 +573,9 @@ async fn answer(
         // Who asked, looked up while the upstream answered; awaited before the
         // reply, because a client like dig exits as soon as it has its answer.
         let asked_by = asker.await.ok();
+        if let Some(a) = &asked_by {
+            shared.stats.asked_by(a);
+        }
         let now = Instant::now();
         let until: Vec<(IpAddr, Instant)> = addrs
             .iter()

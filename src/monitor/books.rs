@@ -50,6 +50,89 @@ pub struct GuardCounts {
     pub tcp_accept_errors: u64,
     pub tcp_refused: u64,
     pub revalidation: RevalidationCounts,
+    /// Attributed queries whose asker was a local resolver: the program
+    /// behind it is lost (`egret doctor` warns).
+    pub via_stub: StubCounts,
+}
+
+/// The local resolvers the guard recognises by the asking socket's
+/// executable: a fixed list, so the books stay bounded whatever asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalResolver {
+    SystemdResolved,
+    Dnsmasq,
+    Unbound,
+    Nscd,
+    Named,
+}
+
+impl LocalResolver {
+    pub const ALL: [LocalResolver; 5] = [
+        LocalResolver::SystemdResolved,
+        LocalResolver::Dnsmasq,
+        LocalResolver::Unbound,
+        LocalResolver::Nscd,
+        LocalResolver::Named,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LocalResolver::SystemdResolved => "systemd-resolved",
+            LocalResolver::Dnsmasq => "dnsmasq",
+            LocalResolver::Unbound => "unbound",
+            LocalResolver::Nscd => "nscd",
+            LocalResolver::Named => "named",
+        }
+    }
+
+    /// The resolver an executable path is, by its file name (`/proc/PID/exe`
+    /// may end in " (deleted)" after an upgrade).
+    pub fn of_executable(path: &str) -> Option<LocalResolver> {
+        let file = path.trim_end_matches(" (deleted)").rsplit('/').next()?;
+        LocalResolver::ALL.into_iter().find(|r| r.name() == file)
+    }
+}
+
+/// Queries that reached the guard from each local resolver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StubCounts {
+    #[serde(rename = "systemd-resolved")]
+    pub systemd_resolved: u64,
+    pub dnsmasq: u64,
+    pub unbound: u64,
+    pub nscd: u64,
+    pub named: u64,
+}
+
+impl StubCounts {
+    fn slot(&mut self, r: LocalResolver) -> &mut u64 {
+        match r {
+            LocalResolver::SystemdResolved => &mut self.systemd_resolved,
+            LocalResolver::Dnsmasq => &mut self.dnsmasq,
+            LocalResolver::Unbound => &mut self.unbound,
+            LocalResolver::Nscd => &mut self.nscd,
+            LocalResolver::Named => &mut self.named,
+        }
+    }
+
+    pub fn add(&mut self, r: LocalResolver) {
+        *self.slot(r) += 1;
+    }
+
+    pub fn get(&self, r: LocalResolver) -> u64 {
+        match r {
+            LocalResolver::SystemdResolved => self.systemd_resolved,
+            LocalResolver::Dnsmasq => self.dnsmasq,
+            LocalResolver::Unbound => self.unbound,
+            LocalResolver::Nscd => self.nscd,
+            LocalResolver::Named => self.named,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        LocalResolver::ALL.iter().map(|&r| self.get(r)).sum()
+    }
 }
 
 /// Blocked packets to addresses the guard once allowed, asked again
@@ -102,5 +185,35 @@ mod tests {
         let old = r#"{"pid":9,"updated_at":"x","loss":{"kernel_logged":1,"received":1,"seq_lost":0,"unaccounted":0,"while_down":0,"enobufs":0},"open_incidents":0,"attribution":{"cache_hits":0,"deep_lookups":0,"rate_limited":0},"dns_guard":null,"proxy":null}"#;
         let read: DaemonBooks = serde_json::from_str(old).unwrap();
         assert_eq!((read.pid, read.reloads, read.loss.kernel_logged), (9, 0, 1));
+    }
+
+    #[test]
+    fn local_resolvers_are_known_by_their_executable_only() {
+        let of = LocalResolver::of_executable;
+        assert_eq!(
+            of("/usr/lib/systemd/systemd-resolved"),
+            Some(LocalResolver::SystemdResolved)
+        );
+        assert_eq!(
+            of("/usr/sbin/dnsmasq (deleted)"),
+            Some(LocalResolver::Dnsmasq)
+        );
+        assert_eq!(of("/usr/sbin/named"), Some(LocalResolver::Named));
+        for other in [
+            "/usr/bin/dig",
+            "/usr/sbin/dnsmasq-helper",
+            "/tmp/x/",
+            "",
+            "unbound.sh",
+        ] {
+            assert_eq!(of(other), None, "{other}");
+        }
+        let mut c = StubCounts::default();
+        c.add(LocalResolver::Dnsmasq);
+        c.add(LocalResolver::Dnsmasq);
+        c.add(LocalResolver::SystemdResolved);
+        assert_eq!((c.get(LocalResolver::Dnsmasq), c.total()), (2, 3));
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(json["systemd-resolved"], 1, "{json}");
     }
 }

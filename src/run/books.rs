@@ -219,6 +219,7 @@ fn guard_counts(g: &GuardStats) -> GuardCounts {
         tcp_accept_errors: n(&g.tcp_accept_errors),
         tcp_refused: n(&g.tcp_refused),
         revalidation: g.revalidation(),
+        via_stub: g.via_stub(),
     }
 }
 

@@ -224,6 +224,14 @@ impl Metrics {
                 "Upstream lookups revalidation made (capped; answers are reused for their TTL).",
                 &[(String::new(), r.lookups as f64)],
             );
+            let stubs = g.via_stub();
+            counter(
+                &mut out,
+                "egret_dns_queries_via_local_resolver_total",
+                "Attributed queries a local resolver asked for a program the guard cannot see (docs/dns.md).",
+                &crate::monitor::books::LocalResolver::ALL
+                    .map(|r| (labels(&[("resolver", r.name())]), stubs.get(r) as f64)),
+            );
         }
         if let Some(p) = self.proxy.get() {
             let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
