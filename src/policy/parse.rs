@@ -77,6 +77,7 @@ struct RawDns {
     grace: Option<Spanned<String>>,
     intercept: Option<Spanned<bool>>,
     revalidate: Option<bool>,
+    container_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -801,6 +802,27 @@ fn dns_config(
     };
     let ttl_floor = duration(&d.ttl_floor, DnsConfig::DEFAULT_TTL_FLOOR);
     let grace = duration(&d.grace, DnsConfig::DEFAULT_GRACE);
+    let default_container_listen = SocketAddr::from(([0, 0, 0, 0], 10053));
+    let container_listen = match &d.container_listen {
+        None => default_container_listen,
+        Some(l) => match parse_socket_addr(l.get_ref()) {
+            Some(a)
+                if a.ip().is_unspecified()
+                    && Some(a.port()) != listen.map(|l| l.port())
+                    && a.port() != 0 =>
+            {
+                a
+            }
+            _ => {
+                err(
+                    l.span(),
+                    format!("invalid container_listen {:?}", l.get_ref()),
+                    "write a wildcard address and a port the guard's listen does not use, such as \"0.0.0.0:10053\" or \"[::]:10053\" (the redirect sends container DNS to the bridge's own address)",
+                );
+                default_container_listen
+            }
+        },
+    };
     let intercept = d.intercept.as_ref().is_some_and(|i| *i.get_ref());
     if let (Some(i), Some(l)) = (&d.intercept, listen) {
         if *i.get_ref() && !(l.ip().is_loopback() || l.ip().is_unspecified()) {
@@ -818,6 +840,7 @@ fn dns_config(
         }
     }
     DnsConfig {
+        container_listen,
         listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53))),
         upstream,
         refuse: d
