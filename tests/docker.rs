@@ -686,6 +686,21 @@ fn containers_resolve_through_the_guard_and_are_named_in_its_reports() {
         "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
     );
     let resolv = docker.exec("app", "cat /etc/resolv.conf").1;
+    // doctor sees the redirect loaded and the guard listening for containers.
+    let doctor = host.egret_out(&[
+        "doctor",
+        "--json",
+        "--policy",
+        file.path(),
+        "--state-dir",
+        &file.state_dir(),
+    ]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
+    let dns_check = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "container dns"))
+        .unwrap_or_else(|| panic!("no container dns check: {checks:#}"));
+    assert_eq!(dns_check["status"], "ok", "{dns_check:#}");
 
     // The default bridge: Docker gave the container the host's (or public)
     // resolvers; the guard answers, and its answer opens the address.
