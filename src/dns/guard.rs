@@ -719,11 +719,17 @@ async fn revalidation(
     outcome
 }
 
-/// The address the client sent to: the listen address, or loopback when the
-/// guard listens on a wildcard.
+/// The address the client sent to: the listen address, or, when the guard
+/// listens on a wildcard, loopback for a loopback client and the client's
+/// own address for another local one (the kernel sends from the destination
+/// address to a local address), e.g. a process on the host asking the
+/// container listener at a bridge's address.
 fn reachable(listen: SocketAddr, client: SocketAddr) -> SocketAddr {
     if !listen.ip().is_unspecified() {
         return listen;
+    }
+    if !client.ip().is_loopback() {
+        return SocketAddr::new(client.ip(), listen.port());
     }
     let ip: IpAddr = match client.ip() {
         IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
