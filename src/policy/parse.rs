@@ -1324,6 +1324,31 @@ units = ["borg.service"]
     }
 
     #[test]
+    fn container_listen_is_a_wildcard_on_a_port_of_its_own() {
+        let dns = |extra: &str| format!("[dns]\nupstream = [\"192.0.2.53\"]\n{extra}");
+        let p = parse(&dns("")).unwrap();
+        assert_eq!(
+            p.dns.unwrap().container_listen,
+            "0.0.0.0:10053".parse().unwrap()
+        );
+        let p = parse(&dns("container_listen = \"[::]:5300\"\n")).unwrap();
+        assert_eq!(
+            p.dns.unwrap().container_listen,
+            "[::]:5300".parse().unwrap()
+        );
+        // The redirect picks the bridge's address: a fixed one cannot work.
+        for bad in ["10.0.0.1:10053", "0.0.0.0:53", "0.0.0.0:0", "nonsense"] {
+            let d = first_error(&dns(&format!("container_listen = \"{bad}\"\n")));
+            assert!(
+                d.message.contains("invalid container_listen"),
+                "{bad}: {}",
+                d.message
+            );
+            assert_eq!(d.line, 3, "{bad}");
+        }
+    }
+
+    #[test]
     fn scope_and_container_interfaces() {
         let p = parse("scope = \"host+containers\"\n").unwrap();
         assert_eq!(p.scope, Scope::HostAndContainers);
