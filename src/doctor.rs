@@ -76,6 +76,7 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
         }
         if p.scope == crate::policy::Scope::HostAndContainers {
             out.push(container_runtime(p));
+            out.push(container_dns(p));
         }
     }
     out
@@ -635,6 +636,123 @@ fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
     )
 }
 
+/// With `scope = "host+containers"`: does containers' DNS reach the guard?
+/// The loaded table must redirect the bridges' DNS to the guard's container
+/// port, something must listen there, and podman's aardvark-dns (which the
+/// redirect bypasses) is pointed out.
+fn container_dns(policy: &Policy) -> Check {
+    let live = Nftables::open().and_then(|mut n| n.read());
+    let listening = policy
+        .dns
+        .as_ref()
+        .is_some_and(|d| udp_listening(d.container_listen.port()));
+    let aardvark = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "aardvark-dns")
+        });
+    judge_container_dns(
+        policy,
+        live.as_ref().ok().and_then(|l| l.as_ref()),
+        listening,
+        aardvark,
+    )
+}
+
+/// Is a UDP socket bound to `port` on the wildcard address (this namespace)?
+fn udp_listening(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|local| local.split_once(':'))
+                    .is_some_and(|(addr, p)| {
+                        format!(":{p}") == wanted && addr.chars().all(|c| c == '0')
+                    })
+            })
+    })
+}
+
+fn judge_container_dns(
+    policy: &Policy,
+    live: Option<&crate::ruleset::Ruleset>,
+    listening: bool,
+    aardvark: bool,
+) -> Check {
+    const NAME: &str = "container dns";
+    let Some(dns) = &policy.dns else {
+        return check(
+            NAME,
+            Status::Warn,
+            "no [dns]: containers resolve with whatever their runtime gave them, so `hosts` rules never open anything for them and their DNS callbacks are not reported",
+            "add a [dns] section: containers' DNS (UDP and TCP 53) is then redirected to the guard (docs/deployment.md)",
+        );
+    };
+    let port = dns.container_listen.port();
+    let redirect = live.and_then(|rs| {
+        rs.chains
+            .iter()
+            .find(|c| c.name == crate::ruleset::CONTAINER_DNS_CHAIN)
+    });
+    let redirected_to = redirect.and_then(|c| {
+        c.rules.iter().find_map(|r| match r.verdict {
+            Some(crate::ruleset::Verdict::Redirect(p)) => Some(p),
+            _ => None,
+        })
+    });
+    let podman = if aardvark {
+        " podman's aardvark-dns is running: queries to it from containers are redirected to the guard too, so container names of podman networks do not resolve (docs/deployment.md)"
+    } else {
+        ""
+    };
+    match (live, redirected_to) {
+        (None, _) => check(
+            NAME,
+            Status::Warn,
+            format!("egret's table is not loaded: containers' DNS is not redirected to the guard yet{podman}"),
+            "start `egret run` with this policy",
+        ),
+        (Some(_), None) => check(
+            NAME,
+            Status::Fail,
+            format!("the loaded table does not redirect the container bridges' DNS to the guard: containers resolve around it and their lookups are blocked (dns-bypass){podman}"),
+            "load this policy (`egret reload`, or restart `egret run`)",
+        ),
+        (Some(_), Some(p)) if p != port => check(
+            NAME,
+            Status::Fail,
+            format!("the loaded table redirects containers' DNS to port {p}, the policy's container_listen is port {port}"),
+            "restart `egret run` with this policy",
+        ),
+        (Some(_), Some(_)) if !listening => check(
+            NAME,
+            Status::Fail,
+            format!("containers' DNS is redirected to port {port}, where nothing listens: containers resolve nothing{podman}"),
+            "start `egret run` (it listens there); if another program holds the port, set [dns] container_listen to a free one",
+        ),
+        (Some(_), Some(_)) => check(
+            NAME,
+            if aardvark { Status::Warn } else { Status::Ok },
+            format!(
+                "DNS from {} is redirected to the guard on port {port}{podman}",
+                policy.container_interfaces.join(", ")
+            ),
+            if aardvark {
+                "create podman networks with --disable-dns, or address containers by IP"
+            } else {
+                ""
+            },
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,6 +828,39 @@ mod tests {
             Status::Ok
         );
         assert_eq!(status(""), Status::Ok);
+    }
+
+    #[test]
+    fn container_dns_needs_the_redirect_and_a_listener() {
+        let p = policy("scope = \"host+containers\"\n[dns]\nupstream = [\"192.0.2.53\"]\n");
+        let loaded = crate::ruleset::compile(&p, &Default::default());
+        let c = judge_container_dns(&p, Some(&loaded), true, false);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.contains("port 10053"), "{c:?}");
+        assert_eq!(
+            judge_container_dns(&p, Some(&loaded), false, false).status,
+            Status::Fail
+        );
+        assert_eq!(
+            judge_container_dns(&p, Some(&loaded), true, true).status,
+            Status::Warn
+        );
+        assert_eq!(
+            judge_container_dns(&p, None, true, false).status,
+            Status::Warn
+        );
+        // A table without the redirect (another policy, an older egret).
+        let host_only = policy("[dns]\nupstream = [\"192.0.2.53\"]\n");
+        let other = crate::ruleset::compile(&host_only, &Default::default());
+        assert_eq!(
+            judge_container_dns(&p, Some(&other), true, false).status,
+            Status::Fail
+        );
+        let no_dns = policy("scope = \"host+containers\"\n");
+        assert_eq!(
+            judge_container_dns(&no_dns, None, false, false).status,
+            Status::Warn
+        );
     }
 
     #[test]

@@ -3,97 +3,11 @@
 //! flows are filtered by the same rules and reported with the bridge and the
 //! container's address.
 
+mod bridge_lab;
 mod common;
 
+use bridge_lab::*;
 use common::*;
-
-const CONTAINER: &str = "10.88.0.2";
-const ALLOWED: &str = "198.51.100.10";
-const OTHER: &str = "198.51.100.11";
-
-fn ip(ns: &Netns, args: &[&str]) {
-    run_ok(&mut ns.cmd("ip", args));
-}
-
-struct Lab {
-    host: Netns,
-    container: Netns,
-    _outside: Netns,
-    _servers: Vec<Server>,
-}
-
-fn lab() -> Lab {
-    let (host, container, outside) = (Netns::new(), Netns::new(), Netns::new());
-    let id = std::process::id() % 10_000;
-    let (vc, vo) = (format!("vc{id}"), format!("vo{id}"));
-    // The bridge containers sit behind, as Docker makes it.
-    ip(&host, &["link", "add", "docker0", "type", "bridge"]);
-    ip(&host, &["addr", "add", "10.88.0.1/24", "dev", "docker0"]);
-    ip(&host, &["link", "set", "docker0", "up"]);
-    ip(
-        &host,
-        &[
-            "link",
-            "add",
-            &vc,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &container.name,
-        ],
-    );
-    ip(&host, &["link", "set", &vc, "master", "docker0", "up"]);
-    ip(
-        &container,
-        &["addr", "add", &format!("{CONTAINER}/24"), "dev", "eth0"],
-    );
-    ip(&container, &["link", "set", "eth0", "up"]);
-    ip(&container, &["route", "add", "default", "via", "10.88.0.1"]);
-    // The uplink.
-    ip(
-        &host,
-        &[
-            "link",
-            "add",
-            &vo,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "up0",
-            "netns",
-            &outside.name,
-        ],
-    );
-    ip(&host, &["addr", "add", "198.51.100.1/24", "dev", &vo]);
-    ip(&host, &["link", "set", &vo, "up"]);
-    for a in [ALLOWED, OTHER] {
-        ip(&outside, &["addr", "add", &format!("{a}/24"), "dev", "up0"]);
-    }
-    ip(&outside, &["link", "set", "up0", "up"]);
-    ip(
-        &outside,
-        &["route", "add", "10.88.0.0/24", "via", "198.51.100.1"],
-    );
-    run_ok(&mut host.cmd("sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
-    let servers = vec![
-        outside.server("tcp", ALLOWED, 8080),
-        outside.server("tcp", OTHER, 8080),
-    ];
-    assert!(
-        container.tcp_ok(None, OTHER, 8080),
-        "the lab routes before egret runs"
-    );
-    Lab {
-        host,
-        container,
-        _outside: outside,
-        _servers: servers,
-    }
-}
 
 const POLICY: &str = r#"
 mode = "enforce"
@@ -156,5 +70,144 @@ fn forwarded_container_traffic_is_filtered_and_reported_with_its_bridge() {
         "{rules}"
     );
     assert!(rules.contains("iifname \"br-*\""), "{rules}");
+    drop(run);
+}
+
+#[test]
+fn container_dns_goes_through_the_guard_whatever_resolver_the_container_was_given() {
+    let l = dns_lab();
+    let (lab, c) = (&l.lab, &l.lab.container);
+    let policy = PolicyFile::new(DNS_POLICY);
+    let run = Running::start(&lab.host, &policy.state_dir(), &["--policy", policy.path()]);
+
+    // Not resolved yet: the allowed name's address is closed.
+    assert!(!c.tcp_ok(None, ALLOWED, 8080));
+    // The runtime's resolver (nothing there), UDP and TCP: the guard answers,
+    // and the answer opens the address for the container (forward path).
+    for transport in ["+notcp", "+tcp"] {
+        let answer = dig(
+            c,
+            &[
+                &format!("@{RUNTIME_RESOLVER}"),
+                transport,
+                "+short",
+                "allowed.test",
+            ],
+        );
+        assert_eq!(answer.trim(), ALLOWED, "{transport}");
+    }
+    assert!(
+        c.tcp_ok(None, ALLOWED, 8080),
+        "opened by the guard's answer"
+    );
+    // The real upstream, asked directly: the guard answers that too.
+    let refused = dig(c, &[&format!("@{RESOLVER}"), "x1y2.callback.other.test"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let e = run.wait_event(10, "the container's refused query", |e| {
+        at(e, "/event/action") == "dns-refused"
+            && at(e, "/dns/question/name") == "x1y2.callback.other.test"
+    });
+    assert_eq!(at(&e, "/source/ip"), CONTAINER, "{e:#}");
+    assert_eq!(
+        at(&e, "/observer/ingress/interface/name"),
+        "docker0",
+        "{e:#}"
+    );
+    assert_eq!(at(&e, "/egret/attribution"), "bridge", "{e:#}");
+    assert!(e.pointer("/process").is_none(), "{e:#}");
+    assert!(e.pointer("/user").is_none(), "{e:#}");
+
+    // DNS over TLS, around the guard: blocked and reported with the bridge.
+    assert!(!c.tcp_ok(None, RESOLVER, 853));
+    let e = run.wait_event(10, "the container's DNS over TLS", |e| {
+        at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
+    });
+    assert_eq!(at(&e, "/source/ip"), CONTAINER, "{e:#}");
+    assert_eq!(
+        at(&e, "/observer/ingress/interface/name"),
+        "docker0",
+        "{e:#}"
+    );
+    assert_eq!(at(&e, "/event/action"), "blocked");
+
+    // The outside world gets nothing from it: tests/adversary_containers.rs.
+
+    // A bridge made after egret started: the interface wildcard covers it.
+    let late = late_container(lab, "br-late0");
+    assert_eq!(
+        dig(
+            &late,
+            &[&format!("@{RUNTIME_RESOLVER}"), "+short", "site.test"]
+        )
+        .trim(),
+        SITE
+    );
+    assert_eq!(
+        late.status_via_proxy("", &format!("http://{SITE}:8080/")),
+        "200",
+        "opened by the guard's answer to the late container"
+    );
+    let refused = dig(&late, &[&format!("@{RUNTIME_RESOLVER}"), "late.other.test"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let e = run.wait_event(10, "the late container's refused query", |e| {
+        at(e, "/dns/question/name") == "late.other.test"
+    });
+    assert_eq!(at(&e, "/source/ip"), "10.89.0.2", "{e:#}");
+    assert_eq!(
+        at(&e, "/observer/ingress/interface/name"),
+        "br-late0",
+        "{e:#}"
+    );
+
+    // egret reads its new chains back as it wrote them: no tamper alarm.
+    let tamper = run
+        .snapshot()
+        .into_iter()
+        .find(|e| at(e, "/event/action") == "tamper");
+    assert!(tamper.is_none(), "{tamper:#?}");
+    // nft as the witness.
+    let rules = lab.host.nft_ruleset();
+    assert!(
+        rules.contains("type nat hook prerouting priority dstnat; policy accept;"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains(
+            "iifname \"br-*\" meta nfproto ipv4 meta l4proto . th dport @dns_plain counter packets"
+        ),
+        "{rules}"
+    );
+    drop(run);
+}
+
+#[test]
+fn the_proxy_serves_containers_on_the_bridge_and_denials_name_the_bridge() {
+    let l = dns_lab();
+    let (lab, c) = (&l.lab, &l.lab.container);
+    let policy = PolicyFile::new(DNS_POLICY);
+    let run = Running::start(&lab.host, &policy.state_dir(), &["--policy", policy.path()]);
+    let proxy = "http://10.88.0.1:3128";
+    assert_eq!(
+        c.status_via_proxy(proxy, "http://site.test:8080/"),
+        "200",
+        "allowed by rule web"
+    );
+    assert_eq!(c.status_via_proxy(proxy, "http://other.test:8080/"), "403");
+    let e = run.wait_event(10, "the container's proxy denial", |e| {
+        at(e, "/event/action") == "proxy-denied" && at(e, "/destination/domain") == "other.test"
+    });
+    assert_eq!(at(&e, "/source/ip"), CONTAINER, "{e:#}");
+    assert_eq!(
+        at(&e, "/observer/ingress/interface/name"),
+        "docker0",
+        "{e:#}"
+    );
+    assert_eq!(at(&e, "/egret/attribution"), "bridge", "{e:#}");
+    // The host's own processes still use it on loopback.
+    assert_eq!(
+        lab.host
+            .status_via_proxy("http://127.0.0.1:3128", "http://site.test:8080/"),
+        "200"
+    );
     drop(run);
 }

@@ -149,7 +149,9 @@ impl Dockerd {
         let root = self.path("rootfs");
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo"] {
+        for applet in [
+            "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "wget",
+        ] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         let tar = self.path("rootfs.tar");
@@ -571,4 +573,228 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
     assert!(app_reaches_web(&docker));
     assert!(outside_reaches_published(&outside));
     drop(docker);
+}
+
+/// The outside namespace's resolver: the guard's upstream.
+const RESOLVER: &str = "10.77.0.53";
+
+fn dns_policy(socket: &Path) -> String {
+    format!(
+        r#"
+mode = "enforce"
+scope = "host+containers"
+container_runtime = "{}"
+
+[dns]
+upstream = ["{RESOLVER}"]
+
+[proxy]
+listen = "0.0.0.0:3128"
+# The lab's "internet" is 10.77.0.0/24, a private range.
+ssrf_guard = false
+
+[[allow]]
+name = "web"
+hosts = ["allowed.test"]
+ports = [8080, 8000]
+"#,
+        socket.display()
+    )
+}
+
+/// `nslookup NAME` in a container, through whatever resolver Docker gave it.
+fn lookup(d: &Dockerd, container: &str, name: &str) -> String {
+    d.exec(container, &format!("nslookup {name}")).1
+}
+
+/// An echo round trip to `allowed.test` by name.
+fn connects_by_name(d: &Dockerd, container: &str) -> bool {
+    let (ok, out) = d.exec(container, "echo ping | nc -w 3 allowed.test 8080");
+    ok && out.contains("ping")
+}
+
+#[test]
+fn containers_resolve_through_the_guard_and_are_named_in_its_reports() {
+    let (host, outside) = (Netns::new(), Netns::new());
+    let id = std::process::id() % 10_000;
+    let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
+    run_ok(&mut host.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            &vh,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vo,
+            "netns",
+            &outside.name,
+        ],
+    ));
+    run_ok(&mut host.cmd("ip", &["addr", "add", &format!("{HOST_UP}/24"), "dev", &vh]));
+    run_ok(&mut host.cmd("ip", &["link", "set", &vh, "up"]));
+    for a in [ALLOWED, BLOCKED, RESOLVER] {
+        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &vo]));
+    }
+    run_ok(&mut outside.cmd("ip", &["link", "set", &vo, "up"]));
+    let records = [
+        format!("--host-record=allowed.test,{ALLOWED}"),
+        format!("--host-record=blocked.test,{BLOCKED}"),
+    ];
+    let _upstream = dnsmasq(&outside, &[RESOLVER], &records);
+    let _web = Spawned(
+        outside
+            .cmd(
+                "python3",
+                &[
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    ALLOWED,
+                    "--directory",
+                    "/",
+                    "8000",
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let _servers = [
+        outside.server("tcp", ALLOWED, 8080),
+        outside.server("tcp", RESOLVER, 853),
+        outside.server("tcp", BLOCKED, 8000),
+    ];
+    let docker = Dockerd::start(&host);
+    docker.import_busybox();
+    start_containers(&docker);
+    eventually("app reaches the allowed server", || {
+        app_connects(&docker, ALLOWED)
+    });
+    assert!(
+        app_connects_port(&docker, RESOLVER, 853),
+        "DNS over TLS before egret"
+    );
+
+    let file = PolicyFile::new(&dns_policy(&docker.socket()));
+    let run = Running::start(&host, &file.state_dir(), &["--policy", file.path()]);
+    let gateway = docker.inspect(
+        "app",
+        "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
+    );
+    let resolv = docker.exec("app", "cat /etc/resolv.conf").1;
+    // doctor sees the redirect loaded and the guard listening for containers.
+    let doctor = host.egret_out(&[
+        "doctor",
+        "--json",
+        "--policy",
+        file.path(),
+        "--state-dir",
+        &file.state_dir(),
+    ]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
+    let dns_check = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "container dns"))
+        .unwrap_or_else(|| panic!("no container dns check: {checks:#}"));
+    assert_eq!(dns_check["status"], "ok", "{dns_check:#}");
+
+    // The default bridge: Docker gave the container the host's (or public)
+    // resolvers; the guard answers, and its answer opens the address.
+    let answer = lookup(&docker, "app", "allowed.test");
+    assert!(answer.contains(ALLOWED), "{answer}\nresolv.conf:\n{resolv}");
+    assert!(
+        connects_by_name(&docker, "app"),
+        "app reaches allowed.test by name"
+    );
+    // A name no rule allows: refused, and reported with the container.
+    let answer = lookup(&docker, "app", "x1y2.callback.test");
+    assert!(!answer.contains("Address: 10."), "{answer}");
+    let app_id = docker.inspect("app", "{{.Id}}");
+    let e = run.wait_event(15, "app's refused query", |e| {
+        at(e, "/event/action") == "dns-refused"
+            && at(e, "/dns/question/name") == "x1y2.callback.test"
+    });
+    assert_eq!(at(&e, "/container/name"), "app", "{e:#}");
+    assert_eq!(at(&e, "/container/id"), app_id.as_str());
+    assert_eq!(at(&e, "/container/image/name"), "egret-test/busybox");
+    assert_eq!(at(&e, "/egret/attribution"), "container-runtime");
+    assert_eq!(at(&e, "/observer/ingress/interface/name"), "docker0");
+    // DNS around the guard (DNS over TLS): blocked, reported with the container.
+    assert!(!app_connects_port(&docker, RESOLVER, 853));
+    let e = run.wait_event(15, "app's DNS over TLS", |e| {
+        at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
+    });
+    assert_eq!(at(&e, "/container/name"), "app", "{e:#}");
+
+    // The proxy on the bridge: same rules, denials name the container.
+    let proxy = format!("http_proxy=http://{gateway}:3128");
+    let (ok, out) = docker.exec(
+        "app",
+        &format!("{proxy} wget -q -O - http://allowed.test:8000/etc/hostname 2>&1"),
+    );
+    assert!(ok, "allowed through the proxy: {out}");
+    let (ok, _) = docker.exec(
+        "app",
+        &format!("{proxy} wget -q -O - http://blocked.test:8000/"),
+    );
+    assert!(!ok, "denied by the proxy");
+    let e = run.wait_event(15, "app's proxy denial", |e| {
+        at(e, "/event/action") == "proxy-denied" && at(e, "/destination/domain") == "blocked.test"
+    });
+    assert_eq!(at(&e, "/container/name"), "app", "{e:#}");
+
+    // A user-defined network made after egret started (a new br-* bridge):
+    // the embedded resolver (127.0.0.11) forwards from the container's
+    // namespace, through the bridge, to the guard.
+    docker.docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.30.0.0/24",
+        "egret-net",
+    ]);
+    docker.docker_ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "late",
+        "--network",
+        "egret-net",
+        "--stop-timeout",
+        "1",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let resolv = docker.exec("late", "cat /etc/resolv.conf").1;
+    assert!(resolv.contains("127.0.0.11"), "{resolv}");
+    let answer = lookup(&docker, "late", "allowed.test");
+    assert!(answer.contains(ALLOWED), "{answer}");
+    assert!(
+        connects_by_name(&docker, "late"),
+        "late reaches allowed.test by name"
+    );
+    lookup(&docker, "late", "late.callback.test");
+    let e = run.wait_event(15, "late's refused query", |e| {
+        at(e, "/dns/question/name") == "late.callback.test"
+    });
+    assert_eq!(at(&e, "/container/name"), "late", "{e:#}");
+    assert!(
+        at(&e, "/observer/ingress/interface/name")
+            .as_str()
+            .is_some_and(|i| i.starts_with("br-")),
+        "{e:#}"
+    );
+    run.stop();
+    drop(docker);
+}
+
+/// A TCP connection from `app` to `to:port`, and a round trip.
+fn app_connects_port(d: &Dockerd, to: &str, port: u16) -> bool {
+    let (ok, out) = d.exec("app", &format!("echo ping | nc -w 3 {to} {port}"));
+    ok && out.contains("ping")
 }

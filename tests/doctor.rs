@@ -250,3 +250,55 @@ fn doctor_leads_a_new_user_from_an_audit_with_the_dns_guard_to_enforcement() {
     assert_eq!(s, "ok", "{detail}");
     assert!(detail.contains("the last audit ran at"), "{detail}");
 }
+
+#[test]
+fn containers_dns_not_redirected_to_the_guard_fails() {
+    let ns = Netns::new();
+    let containers = PolicyFile::new(
+        "mode = \"audit\"\nscope = \"host+containers\"\ncontainer_runtime = \"/nonexistent.sock\"\n[dns]\nupstream = [\"192.0.2.53\"]\n",
+    );
+    let args = [
+        "--policy",
+        containers.path(),
+        "--state-dir",
+        &containers.state_dir(),
+    ];
+    // Nothing loaded yet: a warning.
+    let (_, checks) = doctor(&ns, &args);
+    assert_eq!(status(&checks, "container dns").0, "warn", "{checks:#}");
+    // A table loaded from a policy without the containers' redirect.
+    let host_only = PolicyFile::new("mode = \"audit\"\n[dns]\nupstream = [\"192.0.2.53\"]\n");
+    run_ok(&mut ns.egret(&[
+        "apply",
+        "--state-dir",
+        &host_only.state_dir(),
+        host_only.path(),
+    ]));
+    let (out, checks) = doctor(&ns, &args);
+    let (s, detail) = status(&checks, "container dns");
+    assert_eq!(s, "fail", "{detail}");
+    assert!(detail.contains("does not redirect"), "{detail}");
+    assert!(!out.status.success());
+    // Loaded with `egret apply` alone: redirected to a port nobody serves.
+    run_ok(&mut ns.egret(&[
+        "apply",
+        "--state-dir",
+        &containers.state_dir(),
+        containers.path(),
+    ]));
+    let (_, checks) = doctor(&ns, &args);
+    let (s, detail) = status(&checks, "container dns");
+    assert_eq!(s, "fail", "{detail}");
+    assert!(detail.contains("nothing listens"), "{detail}");
+    // egret run with the policy: redirected, and the guard listens there.
+    let run = Running::start(
+        &ns,
+        &containers.state_dir(),
+        &["--policy", containers.path()],
+    );
+    let (_, checks) = doctor(&ns, &args);
+    let (s, detail) = status(&checks, "container dns");
+    assert_eq!(s, "ok", "{detail}");
+    assert!(detail.contains("port 10053"), "{detail}");
+    drop(run);
+}

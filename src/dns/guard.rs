@@ -26,7 +26,7 @@ use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
 use crate::monitor::books::{LocalResolver, StubCounts};
 use crate::monitor::event::DnsQuestion;
-use crate::policy::{DnsConfig, HostPattern, Mode, Policy};
+use crate::policy::{DnsConfig, HostPattern, Mode, Policy, Scope};
 
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
 /// TCP connections open at once, and per client (uid, else address).
@@ -45,12 +45,18 @@ pub struct GuardConfig {
     pub audit: bool,
     /// Rules with `hosts`: name and patterns.
     pub rules: Vec<(String, Vec<HostPattern>)>,
+    /// scope = "host+containers": the listener container bridges' DNS is
+    /// redirected to, and the bridges (names, `*` patterns) that name a client.
+    pub containers: Option<(SocketAddr, Vec<String>)>,
 }
 
 impl GuardConfig {
     pub fn from_policy(p: &Policy) -> Option<GuardConfig> {
+        let dns = p.dns.clone()?;
         Some(GuardConfig {
-            dns: p.dns.clone()?,
+            containers: (p.scope == Scope::HostAndContainers)
+                .then(|| (dns.container_listen, p.container_interfaces.clone())),
+            dns,
             mark: p.mark,
             audit: p.mode == Mode::Audit,
             rules: p
@@ -158,6 +164,15 @@ pub struct Revalidation {
     pub outcome: Outcome,
 }
 
+/// Which of the guard's listeners a query came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// `[dns] listen`: this host's processes.
+    Host,
+    /// `container_listen`: what the bridges' DNS was redirected to.
+    Containers,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Udp,
@@ -180,13 +195,11 @@ impl Guard {
         recent: Arc<Mutex<RecentNames>>,
         on_refused: OnRefused,
     ) -> Result<Guard> {
-        let listen = config.dns.listen;
-        let udp = std::net::UdpSocket::bind(listen)
-            .with_context(|| format!("DNS guard: binding UDP {listen}"))?;
-        let tcp = std::net::TcpListener::bind(listen)
-            .with_context(|| format!("DNS guard: binding TCP {listen}"))?;
-        udp.set_nonblocking(true)?;
-        tcp.set_nonblocking(true)?;
+        let (udp, tcp) = bind(config.dns.listen)?;
+        let for_containers = match &config.containers {
+            Some((listen, _)) => Some(bind(*listen)?),
+            None => None,
+        };
         // Fail now, not on the first query, if marks cannot be set.
         let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
         upstream::set_mark(probe.as_raw_fd(), config.mark).context(
@@ -224,9 +237,23 @@ impl Guard {
                         Ok(s) => s,
                         Err(e) => return warn!("DNS guard: {e}"),
                     };
+                    let containers = async {
+                        let Some((udp, tcp)) = for_containers else {
+                            return std::future::pending().await;
+                        };
+                        let (udp, tcp) = match (UdpSocket::from_std(udp), TcpListener::from_std(tcp)) {
+                            (Ok(u), Ok(t)) => (Arc::new(u), t),
+                            (Err(e), _) | (_, Err(e)) => return warn!("DNS guard (containers): {e}"),
+                        };
+                        tokio::select! {
+                            r = serve_udp(Arc::clone(&inner), udp, Listener::Containers) => if let Err(e) = r { warn!("DNS guard (UDP, containers) stopped: {e}") },
+                            r = serve_tcp(Arc::clone(&inner), tcp, Listener::Containers) => if let Err(e) = r { warn!("DNS guard (TCP, containers) stopped: {e}") },
+                        }
+                    };
                     tokio::select! {
-                        r = serve_udp(Arc::clone(&inner), udp) => if let Err(e) = r { warn!("DNS guard (UDP) stopped: {e}") },
-                        r = serve_tcp(Arc::clone(&inner), tcp) => if let Err(e) = r { warn!("DNS guard (TCP) stopped: {e}") },
+                        r = serve_udp(Arc::clone(&inner), udp, Listener::Host) => if let Err(e) = r { warn!("DNS guard (UDP) stopped: {e}") },
+                        r = serve_tcp(Arc::clone(&inner), tcp, Listener::Host) => if let Err(e) = r { warn!("DNS guard (TCP) stopped: {e}") },
+                        _ = containers => {}
                         _ = stop_rx => {}
                     }
                 });
@@ -319,6 +346,11 @@ impl Guard {
         self.shared.config().dns.listen
     }
 
+    /// Where container bridges' DNS goes, if the guard serves them.
+    pub fn container_listen(&self) -> Option<SocketAddr> {
+        self.shared.config().containers.as_ref().map(|c| c.0)
+    }
+
     pub fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -331,6 +363,17 @@ impl Guard {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One listener's UDP and TCP sockets (errors surface at startup).
+fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("DNS guard: binding UDP {listen}"))?;
+    let tcp = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("DNS guard: binding TCP {listen}"))?;
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    Ok((udp, tcp))
 }
 
 impl Shared {
@@ -348,8 +391,28 @@ impl Shared {
         Some(reply)
     }
 
-    /// Who holds the client's socket (blocking: sock_diag and /proc).
-    fn attribute(&self, client: SocketAddr, server: SocketAddr, t: Transport) -> Attribution {
+    /// Who holds the client's socket (blocking: sock_diag and /proc); for
+    /// a container, whose socket is in another namespace, the bridge and
+    /// its address (the pipeline asks the runtime for its name).
+    fn attribute(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+        t: Transport,
+        listener: Listener,
+    ) -> Attribution {
+        let ip = client.ip().to_canonical();
+        if listener == Listener::Containers && !ip.is_loopback() {
+            let cfg = self.config();
+            let bridges = cfg.containers.as_ref().map_or(&[][..], |c| &c.1[..]);
+            if let Some(bridge) = crate::monitor::containers::bridge_of(ip, bridges) {
+                return Attribution {
+                    method: crate::monitor::attribution::Method::Bridge,
+                    ingress: Some((bridge, ip)),
+                    ..Attribution::unknown()
+                };
+            }
+        }
         let proto = match t {
             Transport::Udp => IPPROTO_UDP,
             Transport::Tcp => IPPROTO_TCP,
@@ -367,7 +430,11 @@ fn cache_key(q: &Query) -> CacheKey {
     (q.name.clone(), q.qtype, dnssec)
 }
 
-async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> {
+async fn serve_udp(
+    shared: Arc<Shared>,
+    sock: Arc<UdpSocket>,
+    listener: Listener,
+) -> io::Result<()> {
     let mut batch = Batcher::default();
     let mut replies = Vec::with_capacity(batch::BATCH);
     let mut errors = AcceptErrors::default();
@@ -412,7 +479,7 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> 
             );
             tokio::spawn(async move {
                 let limit = q.udp_limit();
-                let reply = answer(&shared, cfg, *q, peer, Transport::Udp, limit).await;
+                let reply = answer(&shared, cfg, *q, peer, Transport::Udp, limit, listener).await;
                 let _ = sock.send_to(&reply, peer).await;
             });
         }
@@ -423,7 +490,7 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) -> io::Result<()> 
     }
 }
 
-async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, from: Listener) -> io::Result<()> {
     let mut errors = AcceptErrors::default();
     let caps = Caps::new(TCP_MAX_CLIENTS, TCP_MAX_PER_CLIENT);
     let uids = Arc::new(PeerUids::default());
@@ -452,7 +519,7 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()>
                 debug!(%peer, "DNS guard (TCP): {client} is over its connections: closed");
                 return;
             };
-            if let Err(e) = tcp_client(&shared, stream, peer).await {
+            if let Err(e) = tcp_client(&shared, stream, peer, from).await {
                 debug!(%peer, "DNS guard: TCP client: {e}");
             }
         });
@@ -463,6 +530,7 @@ async fn tcp_client(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    listener: Listener,
 ) -> io::Result<()> {
     loop {
         let len = match tokio::time::timeout(TCP_CLIENT_IDLE, stream.read_u16()).await {
@@ -481,7 +549,10 @@ async fn tcp_client(
                 let cfg = shared.config();
                 match shared.cached(&cfg, &q, u16::MAX as usize) {
                     Some(r) => r,
-                    None => answer(shared, cfg, *q, peer, Transport::Tcp, u16::MAX as usize).await,
+                    None => {
+                        let limit = u16::MAX as usize;
+                        answer(shared, cfg, *q, peer, Transport::Tcp, limit, listener).await
+                    }
                 }
             }
             Incoming::Reply(r) => r,
@@ -502,14 +573,19 @@ async fn answer(
     client: SocketAddr,
     transport: Transport,
     limit: usize,
+    listener: Listener,
 ) -> Vec<u8> {
     let rules = cfg.matching(&q.name);
-    let server = reachable(cfg.dns.listen, client);
+    let listen = match (listener, &cfg.containers) {
+        (Listener::Containers, Some((l, _))) => *l,
+        _ => cfg.dns.listen,
+    };
+    let server = reachable(listen, client);
     if rules.is_empty() {
         // Attribute before replying: the asking socket may close right after.
         let s = Arc::clone(shared);
         let attribution =
-            tokio::task::spawn_blocking(move || s.attribute(client, server, transport))
+            tokio::task::spawn_blocking(move || s.attribute(client, server, transport, listener))
                 .await
                 .ok();
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -534,7 +610,7 @@ async fn answer(
     shared.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let asker = {
         let s = Arc::clone(shared);
-        tokio::task::spawn_blocking(move || s.attribute(client, server, transport))
+        tokio::task::spawn_blocking(move || s.attribute(client, server, transport, listener))
     };
     let Some(response) =
         upstream::exchange(&cfg.dns.upstream, cfg.mark, &q, transport == Transport::Tcp).await
@@ -643,11 +719,17 @@ async fn revalidation(
     outcome
 }
 
-/// The address the client sent to: the listen address, or loopback when the
-/// guard listens on a wildcard.
+/// The address the client sent to: the listen address, or, when the guard
+/// listens on a wildcard, loopback for a loopback client and the client's
+/// own address for another local one (the kernel sends from the destination
+/// address to a local address), e.g. a process on the host asking the
+/// container listener at a bridge's address.
 fn reachable(listen: SocketAddr, client: SocketAddr) -> SocketAddr {
     if !listen.ip().is_unspecified() {
         return listen;
+    }
+    if !client.ip().is_loopback() {
+        return SocketAddr::new(client.ip(), listen.port());
     }
     let ip: IpAddr = match client.ip() {
         IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

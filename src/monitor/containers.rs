@@ -72,6 +72,54 @@ pub fn image_name_and_tag(reference: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// The container bridge (by the policy's names and `*` patterns) whose
+/// network holds `ip`: the interface a container with that address sits
+/// behind. Never the bridge's own address: that is this host (a local
+/// process can send from it), not a container.
+pub fn bridge_of(ip: IpAddr, bridges: &[String]) -> Option<String> {
+    let named = |name: &str| {
+        bridges.iter().any(|b| match b.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == b,
+        })
+    };
+    if bridges.is_empty() {
+        return None;
+    }
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs {
+        if !named(&a.interface_name) {
+            continue;
+        }
+        let net = |addr: Option<&nix::sys::socket::SockaddrStorage>| -> Option<IpAddr> {
+            let addr = addr?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        };
+        let (Some(own), Some(mask)) = (net(a.address.as_ref()), net(a.netmask.as_ref())) else {
+            continue;
+        };
+        if own == ip {
+            return None;
+        }
+        let same = match (own, mask, ip) {
+            (IpAddr::V4(o), IpAddr::V4(m), IpAddr::V4(c)) => {
+                u32::from(o) & u32::from(m) == u32::from(c) & u32::from(m)
+            }
+            (IpAddr::V6(o), IpAddr::V6(m), IpAddr::V6(c)) => {
+                u128::from(o) & u128::from(m) == u128::from(c) & u128::from(m)
+            }
+            _ => false,
+        };
+        if same {
+            return Some(a.interface_name);
+        }
+    }
+    None
+}
+
 /// The running containers' addresses, as one `GET /containers/json` lists them.
 pub fn addresses(list: &[u8]) -> Result<HashMap<IpAddr, Arc<Container>>> {
     #[derive(Deserialize)]

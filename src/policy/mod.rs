@@ -96,10 +96,14 @@ pub struct DnsConfig {
     /// the upstream again and lets it through if the name still has it
     /// (`dns::revalidate`).
     pub revalidate: bool,
+    /// scope = "host+containers": where container bridges' DNS is redirected
+    /// (a wildcard address; the redirect picks the bridge's own address).
+    pub container_listen: SocketAddr,
 }
 
 impl DnsConfig {
     pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:53";
+    pub const DEFAULT_CONTAINER_LISTEN: &'static str = "0.0.0.0:10053";
     pub const DEFAULT_TTL_FLOOR: Duration = Duration::from_secs(60);
     pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 

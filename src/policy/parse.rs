@@ -77,6 +77,7 @@ struct RawDns {
     grace: Option<Spanned<String>>,
     intercept: Option<Spanned<bool>>,
     revalidate: Option<bool>,
+    container_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -801,6 +802,27 @@ fn dns_config(
     };
     let ttl_floor = duration(&d.ttl_floor, DnsConfig::DEFAULT_TTL_FLOOR);
     let grace = duration(&d.grace, DnsConfig::DEFAULT_GRACE);
+    let default_container_listen = SocketAddr::from(([0, 0, 0, 0], 10053));
+    let container_listen = match &d.container_listen {
+        None => default_container_listen,
+        Some(l) => match parse_socket_addr(l.get_ref()) {
+            Some(a)
+                if a.ip().is_unspecified()
+                    && Some(a.port()) != listen.map(|l| l.port())
+                    && a.port() != 0 =>
+            {
+                a
+            }
+            _ => {
+                err(
+                    l.span(),
+                    format!("invalid container_listen {:?}", l.get_ref()),
+                    "write a wildcard address and a port the guard's listen does not use, such as \"0.0.0.0:10053\" or \"[::]:10053\" (the redirect sends container DNS to the bridge's own address)",
+                );
+                default_container_listen
+            }
+        },
+    };
     let intercept = d.intercept.as_ref().is_some_and(|i| *i.get_ref());
     if let (Some(i), Some(l)) = (&d.intercept, listen) {
         if *i.get_ref() && !(l.ip().is_loopback() || l.ip().is_unspecified()) {
@@ -818,6 +840,7 @@ fn dns_config(
         }
     }
     DnsConfig {
+        container_listen,
         listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53))),
         upstream,
         refuse: d
@@ -1298,6 +1321,31 @@ units = ["borg.service"]
         assert!(first_error("[metrics]\nport = 1\n")
             .message
             .contains("unknown field"));
+    }
+
+    #[test]
+    fn container_listen_is_a_wildcard_on_a_port_of_its_own() {
+        let dns = |extra: &str| format!("[dns]\nupstream = [\"192.0.2.53\"]\n{extra}");
+        let p = parse(&dns("")).unwrap();
+        assert_eq!(
+            p.dns.unwrap().container_listen,
+            "0.0.0.0:10053".parse().unwrap()
+        );
+        let p = parse(&dns("container_listen = \"[::]:5300\"\n")).unwrap();
+        assert_eq!(
+            p.dns.unwrap().container_listen,
+            "[::]:5300".parse().unwrap()
+        );
+        // The redirect picks the bridge's address: a fixed one cannot work.
+        for bad in ["10.0.0.1:10053", "0.0.0.0:53", "0.0.0.0:0", "nonsense"] {
+            let d = first_error(&dns(&format!("container_listen = \"{bad}\"\n")));
+            assert!(
+                d.message.contains("invalid container_listen"),
+                "{bad}: {}",
+                d.message
+            );
+            assert_eq!(d.line, 3, "{bad}");
+        }
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct ProxyState {
     /// upstream sockets belong to root: through them a local user would be
     /// taken for root by the API's access check, so no policy opens these.
     pub own: Vec<SocketAddr>,
+    /// scope = "host+containers": the bridges (names, `*` patterns) whose
+    /// clients are containers, named by the bridge and their address.
+    pub bridges: Vec<String>,
 }
 
 impl ProxyState {
@@ -85,6 +88,10 @@ impl ProxyState {
             mark: p.mark,
             resolvers: p.dns.as_ref().map(|d| d.upstream.clone()),
             own: own_listeners(p),
+            bridges: match p.scope {
+                crate::policy::Scope::HostAndContainers => p.container_interfaces.clone(),
+                crate::policy::Scope::Host => Vec::new(),
+            },
         })
     }
 
@@ -105,6 +112,9 @@ fn own_listeners(p: &Policy) -> Vec<SocketAddr> {
     let mut own = Vec::new();
     own.extend(p.proxy.as_ref().map(|c| c.listen));
     own.extend(p.dns.as_ref().map(|c| c.listen));
+    if p.scope == crate::policy::Scope::HostAndContainers {
+        own.extend(p.dns.as_ref().map(|c| c.container_listen));
+    }
     own.extend(p.api.as_ref().map(|c| c.listen));
     own.extend(p.metrics);
     own
@@ -337,6 +347,16 @@ impl Shared {
         let s = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let mut who = lock(&s.attributor).attribute_socket_now(IPPROTO_TCP, client, local);
+            let ip = client.ip().to_canonical();
+            if who.uid.is_none() && !ip.is_loopback() {
+                // A container's socket is in its own namespace: no uid, no
+                // process; its bridge and address stand for it.
+                let bridges = s.state().bridges.clone();
+                if let Some(bridge) = crate::monitor::containers::bridge_of(ip, &bridges) {
+                    who.method = crate::monitor::attribution::Method::Bridge;
+                    who.ingress = Some((bridge, ip));
+                }
+            }
             if who.gid.is_none() {
                 who.gid = socket_gid(&who);
             }

@@ -42,6 +42,8 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         rules: Vec::new(),
         nat_rules: Vec::new(),
         container_rules: Vec::new(),
+        container_nat: Vec::new(),
+        container_input: Vec::new(),
     };
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
@@ -63,6 +65,11 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         }
     }
     c.final_rules(policy);
+    let mut container_bypass = if containers {
+        c.container_dns(policy)
+    } else {
+        None
+    };
     c.sets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut chains = vec![Chain {
         name: OUTPUT_CHAIN.to_string(),
@@ -93,6 +100,32 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
                 format!("between containers behind {i}"),
             )
         }));
+        // Plain DNS never gets here (prerouting gave it to the guard); what
+        // does is DNS over TLS, or to another port the guard cannot see.
+        if let Some(set) = container_bypass.take() {
+            let log = Some(Log {
+                group: policy.log_group,
+                prefix: format!(
+                    "{}:{DNS_BYPASS_RULE}",
+                    match policy.mode {
+                        Mode::Audit => PREFIX_WOULD_BLOCK,
+                        Mode::Enforce => PREFIX_BLOCKED,
+                    }
+                ),
+            });
+            let verdict = match policy.mode {
+                Mode::Audit => Verdict::Accept,
+                Mode::Enforce => Verdict::Drop,
+            };
+            rules.push(Rule {
+                log,
+                ..rule(
+                    vec![Match::ProtoDport(set)],
+                    verdict,
+                    "dns guard: DNS sent around the guard from a container",
+                )
+            });
+        }
         rules.append(&mut c.container_rules);
         let log = Some(Log {
             group: policy.log_group,
@@ -142,6 +175,30 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
                 .collect(),
         });
     }
+    if !c.container_nat.is_empty() {
+        chains.push(Chain {
+            name: CONTAINER_DNS_CHAIN.to_string(),
+            base: Some(BaseChain {
+                hook: Hook::Prerouting,
+                nat: true,
+                priority: -100,
+                accept: true,
+            }),
+            rules: std::mem::take(&mut c.container_nat),
+        });
+    }
+    if !c.container_input.is_empty() {
+        chains.push(Chain {
+            name: CONTAINER_SERVICES_CHAIN.to_string(),
+            base: Some(BaseChain {
+                hook: Hook::Input,
+                nat: false,
+                priority: 0,
+                accept: true,
+            }),
+            rules: std::mem::take(&mut c.container_input),
+        });
+    }
     if !c.nat_rules.is_empty() {
         chains.push(Chain {
             name: DNS_INTERCEPT_CHAIN.to_string(),
@@ -169,6 +226,10 @@ struct Compiler {
     nat_rules: Vec<Rule>,
     /// What forwarded container traffic may do (scope = "host+containers").
     container_rules: Vec<Rule>,
+    /// Container DNS redirected to the guard (nat, prerouting).
+    container_nat: Vec<Rule>,
+    /// Who may reach egret's container listeners (filter, input).
+    container_input: Vec<Rule>,
 }
 
 /// Below this many single addresses beside ranges, they stay in the interval set.
@@ -176,6 +237,15 @@ const HASHED_ADDRESSES_MIN: usize = 16;
 
 /// From this many elements on, a hash set is loaded with a fixed size.
 const SIZED_SET_MIN: usize = 1024;
+
+/// The families a listener on `ip` answers (`::` is dual-stack).
+fn listen_families(ip: std::net::IpAddr) -> Vec<Family> {
+    match ip {
+        std::net::IpAddr::V4(_) => vec![Family::V4],
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => vec![Family::V4, Family::V6],
+        std::net::IpAddr::V6(_) => vec![Family::V6],
+    }
+}
 
 fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
     Rule {
@@ -277,14 +347,9 @@ impl Compiler {
             ));
         }
         if dns.intercept {
-            self.dns_intercept(policy, &ports(&[53]));
+            self.dns_intercept(policy);
         }
-        let dns_ports = self.add_set(
-            "dns_ports".into(),
-            vec![Field::L4Proto, Field::Port],
-            true,
-            ports(&[53, 853]),
-        );
+        let dns_ports = self.dns_ports_set();
         self.log_then(
             vec![Match::ProtoDport(dns_ports)],
             policy.mode,
@@ -299,20 +364,11 @@ impl Compiler {
     /// what already goes to this host. The redirected packet reaches the filter
     /// chain addressed to loopback but still routed out of the original
     /// interface, so it is accepted there by destination.
-    fn dns_intercept(&mut self, policy: &Policy, plain: &[Element]) {
+    fn dns_intercept(&mut self, policy: &Policy) {
         let Some(dns) = &policy.dns else { return };
         let listen = dns.listen;
-        let families: Vec<Family> = match listen.ip() {
-            std::net::IpAddr::V4(_) => vec![Family::V4],
-            std::net::IpAddr::V6(v6) if v6.is_unspecified() => vec![Family::V4, Family::V6],
-            std::net::IpAddr::V6(_) => vec![Family::V6],
-        };
-        let plain = self.add_set(
-            "dns_plain".into(),
-            vec![Field::L4Proto, Field::Port],
-            true,
-            plain.to_vec(),
-        );
+        let families = listen_families(listen.ip());
+        let plain = self.plain_dns_set();
         let mut loopbacks = Vec::new();
         for &family in &families {
             let (name, field, range) = match family {
@@ -361,6 +417,113 @@ impl Compiler {
                 "dns guard: intercept",
             ));
         }
+    }
+
+    /// scope = "host+containers" with `[dns]`: plain DNS (UDP and TCP 53)
+    /// arriving on a container bridge, to any address, is redirected to the
+    /// guard's container listener (`redirect` rewrites the destination to the
+    /// bridge's own address, so a bridge created later needs nothing new).
+    /// That listener, and the proxy when it listens on a wildcard address,
+    /// take connections from loopback and the bridges only: never from the
+    /// outside world. Returns the set of DNS ports (53, 853) for the
+    /// containers chain's bypass rule.
+    fn container_dns(&mut self, policy: &Policy) -> Option<String> {
+        let mut services: Vec<(u8, u16)> = Vec::new();
+        if let Some(proxy) = policy
+            .proxy
+            .as_ref()
+            .filter(|p| p.listen.ip().is_unspecified())
+        {
+            services.push((IPPROTO_TCP, proxy.listen.port()));
+        }
+        let bypass = policy.dns.as_ref().map(|dns| {
+            let listen = dns.container_listen;
+            let plain = self.plain_dns_set();
+            for family in listen_families(listen.ip()) {
+                for i in &policy.container_interfaces {
+                    self.container_nat.push(rule(
+                        vec![
+                            Match::IifName(i.clone()),
+                            Match::NfProto(family),
+                            Match::ProtoDport(plain.clone()),
+                        ],
+                        Verdict::Redirect(listen.port()),
+                        format!("dns guard: DNS from containers behind {i}"),
+                    ));
+                }
+            }
+            services.push((IPPROTO_TCP, listen.port()));
+            services.push((IPPROTO_UDP, listen.port()));
+            self.dns_ports_set()
+        });
+        if services.is_empty() {
+            return bypass;
+        }
+        let mut elements: Vec<Element> = services
+            .iter()
+            .map(|&(p, port)| Element {
+                key: vec![p as u128, port as u128],
+                end: Some(vec![p as u128, port as u128]),
+            })
+            .collect();
+        elements.sort();
+        elements.dedup();
+        let svc = self.add_set(
+            "container_services_svc".into(),
+            vec![Field::L4Proto, Field::Port],
+            true,
+            elements,
+        );
+        let from =
+            std::iter::once("lo".to_string()).chain(policy.container_interfaces.iter().cloned());
+        for i in from {
+            self.container_input.push(Rule {
+                counter: None,
+                ..rule(
+                    vec![Match::IifName(i.clone()), Match::ProtoDport(svc.clone())],
+                    Verdict::Accept,
+                    format!("egret's container services: from {i}"),
+                )
+            });
+        }
+        self.container_input.push(rule(
+            vec![Match::ProtoDport(svc)],
+            Verdict::Drop,
+            "egret's container services: not from a container bridge",
+        ));
+        bypass
+    }
+
+    /// `dns_plain` (UDP and TCP 53), shared by the intercepts.
+    fn plain_dns_set(&mut self) -> String {
+        self.port_set("dns_plain", &[53])
+    }
+
+    /// `dns_ports` (UDP and TCP 53 and 853), shared by the bypass rules.
+    fn dns_ports_set(&mut self) -> String {
+        self.port_set("dns_ports", &[53, 853])
+    }
+
+    fn port_set(&mut self, name: &str, ports: &[u16]) -> String {
+        if self.sets.iter().any(|s| s.name == name) {
+            return name.to_string();
+        }
+        let mut elements: Vec<Element> = [IPPROTO_TCP, IPPROTO_UDP]
+            .iter()
+            .flat_map(|&p| {
+                ports.iter().map(move |&port| Element {
+                    key: vec![p as u128, port as u128],
+                    end: Some(vec![p as u128, port as u128]),
+                })
+            })
+            .collect();
+        elements.sort();
+        self.add_set(
+            name.into(),
+            vec![Field::L4Proto, Field::Port],
+            true,
+            elements,
+        )
     }
 
     /// Logs what `matches` under `rule_name`, then blocks it (enforce) or lets it pass (audit).
@@ -863,9 +1026,93 @@ mod tests {
                 grace: std::time::Duration::from_secs(300),
                 intercept: false,
                 revalidate: true,
+                container_listen: "0.0.0.0:10053".parse().unwrap(),
             }),
             ..policy(rules)
         }
+    }
+
+    #[test]
+    fn container_dns_goes_to_the_guard_and_its_listeners_serve_only_the_bridges() {
+        let mut any = allow("everything");
+        any.cidrs = vec!["0.0.0.0/0".parse().unwrap()];
+        let mut p = with_dns(vec![any]);
+        p.scope = Scope::HostAndContainers;
+        p.container_interfaces = vec!["docker0".into(), "br-*".into()];
+        p.proxy = Some(crate::policy::ProxyConfig {
+            listen: "0.0.0.0:3128".parse().unwrap(),
+            require_sni: false,
+            ssrf_guard: true,
+            connect_timeout: std::time::Duration::from_secs(5),
+            idle_timeout: std::time::Duration::from_secs(60),
+            max_connections: 10,
+            max_per_client: 10,
+            threads: 1,
+        });
+        let rs = compile(&p, &CompileInput::default());
+        let t = render(&rs);
+        let chain = |name: &str| {
+            let start = t.find(&format!("chain {name} {{")).expect(&t);
+            t[start..start + t[start..].find("\n\t}").unwrap()].to_string()
+        };
+        let nat = chain(CONTAINER_DNS_CHAIN);
+        assert!(
+            nat.contains("type nat hook prerouting priority dstnat; policy accept;"),
+            "{nat}"
+        );
+        for i in ["docker0", "br-*"] {
+            assert!(nat.contains(&format!("iifname \"{i}\" meta nfproto ipv4 meta l4proto . th dport @dns_plain counter redirect to :10053")), "{nat}");
+        }
+        assert!(!nat.contains("ipv6"), "a v4 listener gets v4 only: {nat}");
+        let input = chain(CONTAINER_SERVICES_CHAIN);
+        assert!(
+            input.contains("type filter hook input priority filter; policy accept;"),
+            "{input}"
+        );
+        assert_eq!(
+            rs.set("container_services_svc")
+                .unwrap()
+                .elements
+                .iter()
+                .map(|e| e.key.clone())
+                .collect::<Vec<_>>(),
+            [vec![6, 3128], vec![6, 10053], vec![17, 10053]]
+        );
+        // Loopback and the bridges in; anything else dropped, last.
+        let lines: Vec<&str> = input
+            .lines()
+            .filter(|l| l.contains("@container_services_svc"))
+            .collect();
+        assert_eq!(lines.len(), 4, "{input}");
+        for (l, i) in lines.iter().zip(["lo", "docker0", "br-*"]) {
+            assert!(
+                l.starts_with(&format!("\t\tiifname \"{i}\" ")) && l.contains(" accept "),
+                "{l}"
+            );
+        }
+        assert!(
+            lines[3]
+                .trim_start()
+                .starts_with("meta l4proto . th dport @container_services_svc counter drop"),
+            "{input}"
+        );
+        // DNS over TLS from a container, before any allow rule: dns-bypass.
+        let containers = chain(CONTAINERS_CHAIN);
+        let bypass = containers.find("meta l4proto . th dport @dns_ports counter log prefix \"egret:blocked:dns-bypass\" group 5 drop").expect(&containers);
+        assert!(
+            bypass
+                < containers
+                    .find("comment \"everything\"")
+                    .expect(&containers),
+            "{containers}"
+        );
+        // Not with scope = "host".
+        p.scope = Scope::Host;
+        let t = render(&compile(&p, &CompileInput::default()));
+        assert!(
+            !t.contains(CONTAINER_DNS_CHAIN) && !t.contains(CONTAINER_SERVICES_CHAIN),
+            "{t}"
+        );
     }
 
     #[test]

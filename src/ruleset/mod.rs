@@ -35,6 +35,11 @@ pub const DNS_BYPASS_RULE: &str = "dns-bypass";
 pub const FORWARD_CHAIN: &str = "forward";
 pub const CONTAINERS_CHAIN: &str = "containers";
 
+/// scope = "host+containers" with `[dns]`: the nat chain that gives
+/// containers' DNS to the guard, and the input chain that keeps egret's
+/// container listeners to the bridges.
+pub const CONTAINER_DNS_CHAIN: &str = "container_dns";
+pub const CONTAINER_SERVICES_CHAIN: &str = "container_services";
 /// The nat chain that redirects plain DNS to the guard (`intercept = true`).
 pub const DNS_INTERCEPT_CHAIN: &str = "dns_intercept";
 /// The rule name on events about queries the DNS guard refused.
@@ -250,6 +255,10 @@ pub fn uncounted(mut rules: Vec<(String, Rule)>) -> Vec<(String, Rule)> {
 pub enum Hook {
     Output,
     Forward,
+    /// Container DNS redirected to the guard (nat).
+    Prerouting,
+    /// What may reach egret's container listeners.
+    Input,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -32,6 +32,8 @@ pub fn render(rs: &Ruleset) -> String {
         let _ = writeln!(out, "\tchain {} {{", chain.name);
         if let Some(base) = &chain.base {
             let hook = match base.hook {
+                Hook::Prerouting => "prerouting",
+                Hook::Input => "input",
                 Hook::Output => "output",
                 Hook::Forward => "forward",
             };

@@ -2,6 +2,7 @@
 //! and what each one does to the daemon's state.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -20,7 +21,7 @@ use crate::alert::severity::Classifier;
 use crate::alert::Dispatcher;
 use crate::dns::RefusedQuery;
 use crate::kernel::nft::Nftables;
-use crate::monitor::attribution::{Attributor, Method};
+use crate::monitor::attribution::{Attribution, Attributor, Method};
 use crate::monitor::containers::{ContainerDirectory, Lookup};
 use crate::monitor::event;
 use crate::monitor::event::{ProxyRequest, Subject};
@@ -261,6 +262,9 @@ impl Daemon {
     }
 
     fn proxy_denial(&mut self, mut d: ProxyDenial) {
+        if let Some((_, src)) = d.attribution.ingress {
+            self.name_container(&mut d.attribution, src);
+        }
         // The method is the client's own token (hyper takes any length).
         if text::bound(&mut d.method, text::SHORT_MAX) {
             d.attribution.truncated.push("http.request.method");
@@ -307,20 +311,7 @@ impl Daemon {
         if let (Some(index), Some(f), None) = (p.indev, flow, p.uid) {
             who.ingress = Some((crate::kernel::link::interface_name(index), f.src));
             who.method = Method::Bridge;
-            if let Some(Lookup::Found(c)) = self.containers.as_ref().map(|d| d.lookup(f.src)) {
-                who.method = Method::ContainerRuntime;
-                who.container_id = Some(c.id.clone());
-                let (name, cut) = text::bounded(&c.name, text::NAME_MAX);
-                who.container_name = Some(name.to_string());
-                if cut {
-                    who.truncated.push("container.name");
-                }
-                let (image, cut) = text::bounded(&c.image, text::NAME_MAX);
-                who.container_image = Some(image.to_string());
-                if cut {
-                    who.truncated.push("container.image.name");
-                }
-            }
+            self.name_container(&mut who, f.src);
         }
         let mut resolved = flow.and_then(|f| {
             self.services
@@ -350,7 +341,30 @@ impl Daemon {
         });
     }
 
+    /// A container's address (forwarded packet, or a query or proxy request
+    /// that came in on a bridge): its name, id and image, if the runtime knows it.
+    fn name_container(&self, who: &mut Attribution, src: IpAddr) {
+        let Some(Lookup::Found(c)) = self.containers.as_ref().map(|d| d.lookup(src)) else {
+            return;
+        };
+        who.method = Method::ContainerRuntime;
+        who.container_id = Some(c.id.clone());
+        let (name, cut) = text::bounded(&c.name, text::NAME_MAX);
+        who.container_name = Some(name.to_string());
+        if cut {
+            who.truncated.push("container.name");
+        }
+        let (image, cut) = text::bounded(&c.image, text::NAME_MAX);
+        who.container_image = Some(image.to_string());
+        if cut {
+            who.truncated.push("container.image.name");
+        }
+    }
+
     fn refused_query(&mut self, mut q: RefusedQuery) {
+        if let Some((_, src)) = q.attribution.ingress {
+            self.name_container(&mut q.attribution, src);
+        }
         // hickory caps names at 255 bytes; the cap keeps that promise here.
         if text::bound(&mut q.question.name, text::NAME_MAX) {
             q.attribution.truncated.push("dns.question.name");

@@ -28,6 +28,14 @@ fn needs_restart(old: &Policy, new: &Policy) -> Option<String> {
     if listen(new) != listen(old) {
         return Some("the [dns] section was added, removed or its listen address changed; that needs a restart".into());
     }
+    let for_containers = |p: &Policy| {
+        (p.scope == crate::policy::Scope::HostAndContainers)
+            .then(|| p.dns.as_ref().map(|d| d.container_listen))
+            .flatten()
+    };
+    if for_containers(new) != for_containers(old) {
+        return Some("the guard's listener for containers (scope = \"host+containers\" with [dns], container_listen) was added, removed or moved; that needs a restart".into());
+    }
     if new.metrics != old.metrics {
         return Some("the [metrics] section was added, removed or its listen address changed; that needs a restart".into());
     }

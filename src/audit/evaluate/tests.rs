@@ -21,6 +21,7 @@ fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
             grace: std::time::Duration::from_secs(300),
             intercept: false,
             revalidate: true,
+            container_listen: "0.0.0.0:10053".parse().unwrap(),
         }),
         rules,
         mode,

@@ -28,6 +28,7 @@ fn with_dns() -> Policy {
             grace: std::time::Duration::from_secs(300),
             intercept: false,
             revalidate: true,
+            container_listen: "0.0.0.0:10053".parse().unwrap(),
         }),
         ..Policy::audit_default()
     }

@@ -9,8 +9,19 @@ const CHAIN_POLICY: u16 = 5;
 const CHAIN_TYPE: u16 = 7;
 const HOOK_HOOKNUM: u16 = 1;
 const HOOK_PRIORITY: u16 = 2;
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_LOCAL_OUT: u32 = 3;
+
+fn hook_number(hook: Hook) -> u32 {
+    match hook {
+        Hook::Prerouting => NF_INET_PRE_ROUTING,
+        Hook::Input => NF_INET_LOCAL_IN,
+        Hook::Forward => NF_INET_FORWARD,
+        Hook::Output => NF_INET_LOCAL_OUT,
+    }
+}
 
 impl Batch {
     pub(super) fn new_chain(&mut self, chain: &Chain) {
@@ -20,14 +31,7 @@ impl Batch {
         self.b.attr_str(CHAIN_NAME, &chain.name);
         if let Some(base) = &chain.base {
             let hook = self.b.nest(CHAIN_HOOK);
-            self.b.attr_u32(
-                HOOK_HOOKNUM,
-                if base.hook == Hook::Output {
-                    NF_INET_LOCAL_OUT
-                } else {
-                    NF_INET_FORWARD
-                },
-            );
+            self.b.attr_u32(HOOK_HOOKNUM, hook_number(base.hook));
             self.b.attr_u32(HOOK_PRIORITY, base.priority as u32);
             self.b.nest_end(hook);
             self.b
@@ -64,12 +68,14 @@ pub(super) fn decode_chain(payload: &[u8]) -> Chain {
             _ => {}
         }
     }
-    if let Some(h) = hook {
-        let hook = if h == NF_INET_FORWARD {
-            Hook::Forward
-        } else {
-            Hook::Output
-        };
+    // A hook egret never writes decodes as none: the table then differs
+    // from what egret loaded, which is what tamper detection must see.
+    let hook = hook.and_then(|h| {
+        [Hook::Prerouting, Hook::Input, Hook::Forward, Hook::Output]
+            .into_iter()
+            .find(|&k| hook_number(k) == h)
+    });
+    if let Some(hook) = hook {
         chain.base = Some(BaseChain {
             hook,
             nat,

@@ -74,6 +74,9 @@ scope = "host+containers"
 upstream = ["192.0.2.53", "[2001:db8::53]:5353"]
 listen = "[::]:53"
 intercept = true
+container_listen = "[::]:10053"
+[proxy]
+listen = "0.0.0.0:3128"
 [[allow]]
 name = "mirrors"
 hosts = ["*.debian.org"]
@@ -109,6 +112,15 @@ ports = [443]
         remote: "[2001:db8::2]:5555".parse().unwrap(),
     });
     let mut rs = compile(&policy, &input);
+    // Every hook egret writes: the containers' DNS redirect and input guard too.
+    let hooks: Vec<Hook> = rs
+        .chains
+        .iter()
+        .filter_map(|c| c.base.as_ref().map(|b| b.hook))
+        .collect();
+    for hook in [Hook::Output, Hook::Forward, Hook::Prerouting, Hook::Input] {
+        assert!(hooks.contains(&hook), "{hook:?}");
+    }
     let mut back = roundtrip(&rs);
     rs.sets.sort_by(|a, b| a.name.cmp(&b.name));
     back.sets.sort_by(|a, b| a.name.cmp(&b.name));
