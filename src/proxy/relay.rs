@@ -1,11 +1,14 @@
 //! Moving a tunnel's bytes. Small messages are copied through a small
 //! buffer; once a read fills it (a bulk transfer), the rest of the burst goes
 //! socket → pipe → socket with splice(2), so the payload never enters user
-//! space. Buffers and pipes exist only while data flows and are dropped when
-//! the socket runs dry, so idle tunnels hold neither: 10,000 idle tunnels cost
-//! little more than their sockets. An idle timer closes tunnels with no
-//! traffic either way.
+//! space, and the direction keeps splicing while its bursts stay big.
+//! Tunnels hold no buffer or pipe while idle: a pipe is taken for a burst
+//! and given back, empty, to a small per-thread pool when the socket runs
+//! dry, so 10,000 idle tunnels cost little more than their sockets. When no
+//! pipe can be had (descriptors exhausted), the burst is copied instead. An
+//! idle timer closes tunnels with no traffic either way.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +21,12 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 1 << 20;
 /// A read that fills this is taken as the start of a bulk transfer.
 const SMALL: usize = 16 * 1024;
+/// Empty pipes kept per thread for the next burst (two descriptors each).
+const POOL: usize = 16;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Relays until both directions ended, or nothing moved for `idle`.
 pub async fn relay(client: &TcpStream, upstream: &TcpStream, idle: Duration) -> io::Result<()> {
@@ -43,15 +52,35 @@ async fn pump(
     activity: &AtomicU64,
     start: Instant,
 ) -> io::Result<()> {
+    // After a big burst the next one is likely big too: splice it from its
+    // first byte rather than copying a buffer's worth first.
+    let mut bulk = false;
     loop {
         from.readable().await?;
-        let state = match copy_small(from, to, activity, start).await? {
-            Moved::Bulk => splice_burst(from, to, activity, start).await?,
+        let burst = if bulk {
+            Moved::Bulk
+        } else {
+            copy(from, to, activity, start, true).await?
+        };
+        let burst = match burst {
+            Moved::Bulk => match Pipe::take() {
+                Some(pipe) => {
+                    let burst = splice_burst(from, to, &pipe, activity, start).await?;
+                    // Empty again (every burst is written out in full): reusable.
+                    pipe.give_back();
+                    burst
+                }
+                None => copy(from, to, activity, start, false).await?,
+            },
             other => other,
         };
-        if state == Moved::End {
-            shutdown_write(to);
-            return Ok(());
+        match burst {
+            Moved::End => {
+                shutdown_write(to);
+                return Ok(());
+            }
+            Moved::Dry => bulk = false,
+            Moved::Bulk => bulk = true,
         }
     }
 }
@@ -61,33 +90,47 @@ async fn pump(
 enum Moved {
     /// The socket ran dry: wait for it to become readable.
     Dry,
-    /// A read filled the small buffer: more is coming, splice it.
+    /// More is coming: a read filled the small buffer, or a burst that ran
+    /// dry moved at least that much.
     Bulk,
-    /// End of stream.
+    /// End of stream (already shut down or moved: the caller shuts `to`).
     End,
 }
 
-/// Copies through a small buffer until dry, the end, or a full read.
-async fn copy_small(
+/// Copies through a small buffer until dry or the end, or (with
+/// `until_full`) until a read fills the buffer.
+async fn copy(
     from: &TcpStream,
     to: &TcpStream,
     activity: &AtomicU64,
     start: Instant,
+    until_full: bool,
 ) -> io::Result<Moved> {
     let mut buf = Vec::with_capacity(SMALL);
+    let mut moved = 0;
     loop {
         buf.clear();
         let n = match from.try_read_buf(&mut buf) {
             Ok(0) => return Ok(Moved::End),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Dry),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(dry(moved)),
             Err(e) => return Err(e),
         };
         write_all(to, &buf[..n]).await?;
+        moved += n;
         activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if n == SMALL {
+        if until_full && n == SMALL {
             return Ok(Moved::Bulk);
         }
+    }
+}
+
+/// How a burst of `moved` bytes that ran dry counts.
+fn dry(moved: usize) -> Moved {
+    if moved >= SMALL {
+        Moved::Bulk
+    } else {
+        Moved::Dry
     }
 }
 
@@ -103,23 +146,24 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Splices until the socket runs dry or the stream ends.
+/// Splices until the socket runs dry or the stream ends; the pipe is empty
+/// whenever this returns Ok.
 async fn splice_burst(
     from: &TcpStream,
     to: &TcpStream,
+    pipe: &Pipe,
     activity: &AtomicU64,
     start: Instant,
 ) -> io::Result<Moved> {
-    let pipe = Pipe::new()?;
+    let mut moved = 0;
     loop {
-        let moved = from.try_io(Interest::READABLE, || {
+        let got = from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
         });
-        let n = match moved {
+        let n = match got {
             Ok(0) => return Ok(Moved::End),
             Ok(n) => n,
-            // Dry: wait for more without holding the pipe.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Dry),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(dry(moved)),
             Err(e) => return Err(e),
         };
         let mut left = n;
@@ -133,6 +177,7 @@ async fn splice_burst(
                 Err(e) => return Err(e),
             }
         }
+        moved += n;
         activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
@@ -154,6 +199,31 @@ struct Pipe {
 }
 
 impl Pipe {
+    /// A pipe from this thread's pool, or a new one; None when none can be
+    /// made (the caller copies instead).
+    fn take() -> Option<Pipe> {
+        if let Some(p) = PIPES.with(|pool| pool.borrow_mut().pop()) {
+            return Some(p);
+        }
+        match Pipe::new() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::debug!("proxy: no pipe for a burst, copying it: {e}");
+                None
+            }
+        }
+    }
+
+    /// Back to the pool (the pipe must be empty), or closed if it is full.
+    fn give_back(self) {
+        PIPES.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL {
+                pool.push(self);
+            }
+        });
+    }
+
     fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into `fds`, which we then own.
