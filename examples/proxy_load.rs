@@ -1,9 +1,12 @@
-//! Load for bench/proxy.sh: the same client against egret's proxy, tinyproxy
-//! and squid.
+//! Load for bench/proxy.sh and bench/relay.sh: the same client against
+//! egret's proxy, tinyproxy, squid and HAProxy.
 //!
 //!   proxy_load connect PROXY HOST:PORT SECONDS THREADS
 //!       new CONNECT tunnels as fast as possible; through each, one HTTP/1.0
 //!       GET, read to the end, close. Prints "N tunnels/s (N ok, F failed)".
+//!   proxy_load tcp ADDR HOST SECONDS THREADS
+//!       the same without CONNECT: each connection goes to ADDR (a TCP relay
+//!       such as HAProxy, or the server itself) and sends the GET at once.
 //!   proxy_load idle PROXY HOST:PORT COUNT
 //!       open COUNT tunnels, print "ready N", hold them until stdin closes.
 //!   proxy_load source ADDR
@@ -28,7 +31,13 @@ fn main() -> Result<()> {
     };
     match arg(0)? {
         "connect" => connect_rate(
-            arg(1)?.parse()?,
+            Via::Connect(arg(1)?.parse()?),
+            arg(2)?,
+            arg(3)?.parse()?,
+            arg(4)?.parse()?,
+        ),
+        "tcp" => connect_rate(
+            Via::Tcp(arg(1)?.parse()?),
             arg(2)?,
             arg(3)?.parse()?,
             arg(4)?.parse()?,
@@ -66,7 +75,28 @@ fn tunnel(proxy: SocketAddr, target: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
-fn connect_rate(proxy: SocketAddr, target: &str, seconds: u64, threads: usize) -> Result<()> {
+/// How each connection of `connect_rate` reaches the server.
+#[derive(Clone, Copy)]
+enum Via {
+    /// A CONNECT tunnel through this HTTP proxy.
+    Connect(SocketAddr),
+    /// A plain TCP connection to this address (a TCP relay, or the server).
+    Tcp(SocketAddr),
+}
+
+fn open(via: Via, target: &str) -> Result<TcpStream> {
+    match via {
+        Via::Connect(proxy) => tunnel(proxy, target),
+        Via::Tcp(addr) => {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+    }
+}
+
+fn connect_rate(via: Via, target: &str, seconds: u64, threads: usize) -> Result<()> {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -78,7 +108,7 @@ fn connect_rate(proxy: SocketAddr, target: &str, seconds: u64, threads: usize) -
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
-                    let r = tunnel(proxy, &target).and_then(|mut s| {
+                    let r = open(via, &target).and_then(|mut s| {
                         write!(s, "GET / HTTP/1.0\r\nHost: {target}\r\n\r\n")?;
                         let mut got = 0;
                         loop {
