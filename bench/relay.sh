@@ -14,6 +14,8 @@
 # (-> 198.51.100.10:9000) and :3180 (-> :80). Clients run in P.
 #
 #   sudo bash bench/relay.sh    # ROUNDS=5 BYTES=2000000000 DURATION=5 THREADS=8 EGRET_THREADS=1 HAPROXY_THREADS=1
+# HAPROXY_SPLICE="splice-request splice-response" makes HAProxy splice every
+# transfer (splice-auto, the default, splices only when it expects a gain).
 # STRACE=1 adds one pull per relay under `strace -c -f` (system calls per MB).
 # EGRET=path runs another egret binary; EGRET_B=path runs a second build beside
 # the first (in namespace P2, a copy of P with its own veth), as relay
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-5} BYTES=${BYTES:-2000000000} DURATION=${DURATION:-5} THREADS=${THREADS:-8}
 EGRET_THREADS=${EGRET_THREADS:-1} HAPROXY_THREADS=${HAPROXY_THREADS:-1} STRACE=${STRACE:-0}
+HAPROXY_SPLICE=${HAPROXY_SPLICE:-splice-auto}
 need=()
 for c in haproxy:haproxy nginx:nginx-light dnsmasq:dnsmasq-base; do
   command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
@@ -108,12 +111,12 @@ fi
 cat > "$TMP/haproxy.cfg" <<EOF
 global
   nbthread $HAPROXY_THREADS
-  maxconn 30000
+  maxconn 4000
   user nobody
   group nogroup
 defaults
   mode tcp
-  option splice-auto
+$(for o in $HAPROXY_SPLICE; do echo "  option $o"; done)
   timeout connect 5s
   timeout client 600s
   timeout server 600s
@@ -135,7 +138,7 @@ done
 in_ns "$P" curl -s -m 2 -o /dev/null -w "%{http_code}" http://127.0.0.1:3180/ | grep -q 200 \
   && in_ns "$P" curl -s -m 2 -o /dev/null -w "%{http_code}" -x http://127.0.0.1:3128 http://bench.test/ | grep -q 200 \
   || { echo "a relay is not answering"; cat "$TMP"/*.err; exit 1; }
-EPID=$(pid_of egret) HPID=$(pid_of haproxy) BPID=0
+EPID=$(pid_of "$(basename "$E" | cut -c1-15)") HPID=$(pid_of haproxy) BPID=0
 if [ -n "$EGRET_B" ]; then
   for _ in $(seq 100); do
     in_ns "$P2" curl -s -m 2 -o /dev/null -w "%{http_code}" -x http://127.0.0.1:3128 http://bench.test/ 2>/dev/null | grep -q 200 && break
@@ -143,7 +146,7 @@ if [ -n "$EGRET_B" ]; then
   done
   in_ns "$P2" curl -s -m 2 -o /dev/null -w "%{http_code}" -x http://127.0.0.1:3128 http://bench.test/ | grep -q 200 \
     || { echo "egret-b is not answering"; cat "$TMP"/egret-b.err; exit 1; }
-  BPID=$(pid_of egret "$P2")
+  BPID=$(pid_of "$(basename "$EGRET_B" | cut -c1-15)" "$P2")
 fi
 tick=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
