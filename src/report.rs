@@ -13,7 +13,7 @@ use crate::monitor::books::DaemonBooks;
 use crate::monitor::event::ecs::Envelope;
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::pidfile::running_pid;
-use crate::ruleset::{Rule, Ruleset, Verdict, OUTPUT_CHAIN, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
+use crate::ruleset::{Rule, Ruleset, Verdict, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
 use crate::text::printable;
 
 fn open(state_dir: &Path) -> Result<Option<Store>> {
@@ -166,18 +166,13 @@ fn comment_field(comment: &str, key: &str) -> Option<String> {
 }
 
 pub fn status_of(live: &Option<Ruleset>, state_dir: &Path) -> Status {
-    let live = live.as_ref().map(|rs| {
-        let rules = rs
-            .chains
-            .iter()
-            .filter(|c| c.name == OUTPUT_CHAIN)
-            .flat_map(|c| &c.rules);
-        (rs.comment.as_str(), rules)
-    });
+    let live = live
+        .as_ref()
+        .map(|rs| (rs.comment.as_str(), rs.counted_rules().into_iter()));
     status_from(live, state_dir)
 }
 
-/// Status from the table's comment and its output chain's rules (the API
+/// Status from the table's comment and its counted rules (the API
 /// reads only these, not the sets, so a poll stays cheap with big sets).
 pub fn status_from<'a>(
     live: Option<(&str, impl Iterator<Item = &'a Rule>)>,

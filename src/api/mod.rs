@@ -29,7 +29,6 @@ use crate::kernel::nft::Nftables;
 use crate::local_http::{full, Access, Body, Client, Handler, Limits, LocalServer, ServerStats};
 use crate::monitor::store::{EventFilter, Store, TopBy};
 use crate::policy::ApiConfig;
-use crate::ruleset::OUTPUT_CHAIN;
 
 const JSON: &str = "application/json";
 const MAX_LIMIT: usize = 1000;
@@ -217,10 +216,8 @@ impl Api {
             Some(_) => nft.live_rules().map_err(internal)?.unwrap_or_default(),
             None => Vec::new(),
         };
-        let output = rules
-            .iter()
-            .filter(|(chain, _)| chain == OUTPUT_CHAIN)
-            .map(|(_, r)| r);
+        let output =
+            crate::ruleset::counted_rules(rules.iter().map(|(c, r)| (c.as_str(), r))).into_iter();
         let status =
             crate::report::status_from(comment.as_deref().map(|c| (c, output)), &self.state_dir);
         if rules_only {

@@ -165,12 +165,7 @@ pub fn lint(policy: &Policy, hits: Option<&BTreeMap<String, u64>>) -> Vec<Warnin
 /// Packets per policy rule from a live ruleset's allow rules (their comment is the rule name).
 pub fn hits(rs: &crate::ruleset::Ruleset) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for rule in rs
-        .chains
-        .iter()
-        .filter(|c| c.name == crate::ruleset::OUTPUT_CHAIN)
-        .flat_map(|c| &c.rules)
-    {
+    for rule in rs.counted_rules() {
         let (Some(c), Some(name), None, Some(crate::ruleset::Verdict::Accept)) =
             (&rule.counter, &rule.comment, &rule.log, &rule.verdict)
         else {

@@ -64,6 +64,7 @@ impl HostSets {
                             interval: false,
                             timeout: true,
                             size: None,
+                            verdict_map: false,
                             elements: Vec::new(),
                         },
                         Vec::new(),

@@ -268,12 +268,10 @@ mod tests {
             interval: false,
             timeout: false,
             size: None,
+            verdict_map: false,
             elements: elements
                 .into_iter()
-                .map(|v| Element {
-                    key: vec![v],
-                    end: None,
-                })
+                .map(|v| Element::range(vec![v], None))
                 .collect(),
         }
     }

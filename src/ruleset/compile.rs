@@ -44,21 +44,23 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         container_rules: Vec::new(),
         container_nat: Vec::new(),
         container_input: Vec::new(),
+        allow_chains: Vec::new(),
     };
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
     c.proxy(policy);
     c.alert_sinks(policy);
+    let mut allowed = Vec::with_capacity(policy.rules.len());
     for rule in &policy.rules {
-        let before = c.rules.len();
-        c.allow_rule(rule, input, policy.dns.is_some());
+        let a = c.allow_rule(rule, input, policy.dns.is_some());
         // Forwarded packets have no local socket: rules that name users,
         // groups or units cannot apply to them.
         if containers && !rule.has_subject() {
-            let added = c.rules[before..].to_vec();
-            c.container_rules.extend(added);
+            c.container_rules.extend(a.rules.iter().cloned());
         }
+        allowed.push((rule.name.as_str(), a));
     }
+    c.place_allow_rules(allowed);
     for rule in &policy.rules {
         if let Some(mode) = rule.mode.filter(|m| *m != policy.mode) {
             c.subject_override(rule, mode, policy, input);
@@ -81,6 +83,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         }),
         rules: c.rules,
     }];
+    chains.append(&mut c.allow_chains);
     if containers {
         let mut rules = vec![Rule {
             counter: None,
@@ -230,7 +233,23 @@ struct Compiler {
     container_nat: Vec<Rule>,
     /// Who may reach egret's container listeners (filter, input).
     container_input: Vec<Rule>,
+    /// Dispatched allow rules' chains and the chains for overlapping ones.
+    allow_chains: Vec<Chain>,
 }
+
+/// The kernel rules of one allow rule, and where they can match.
+struct AllowRules {
+    rules: Vec<Rule>,
+    /// Per family (v4, v6), the merged ranges of the rule's static CIDR
+    /// sets, when every one of its rules matches one of them; `None` when
+    /// one may match any address or a DNS guard set (filled at run time).
+    confined: Option<[Vec<(u128, u128)>; 2]>,
+}
+
+/// From this many consecutive allow rules confined to CIDRs on, they are
+/// reached through a verdict map on the destination instead of in turn:
+/// below it, the linear walk costs less than the map and reads better.
+const DISPATCH_MIN_RULES: usize = 8;
 
 /// Below this many single addresses beside ranges, they stay in the interval set.
 const HASHED_ADDRESSES_MIN: usize = 16;
@@ -274,6 +293,7 @@ impl Compiler {
             interval,
             timeout: false,
             size: fixed.then(|| u32::try_from(elements.len()).unwrap_or(u32::MAX)),
+            verdict_map: false,
             elements,
         });
         name
@@ -287,6 +307,7 @@ impl Compiler {
             interval: false,
             timeout: true,
             size: None,
+            verdict_map: false,
             elements: Vec::new(),
         });
         name
@@ -301,9 +322,11 @@ impl Compiler {
             let mut v: Vec<Element> = [IPPROTO_TCP, IPPROTO_UDP]
                 .iter()
                 .flat_map(|&p| {
-                    list.iter().map(move |&port| Element {
-                        key: vec![p as u128, port as u128],
-                        end: Some(vec![p as u128, port as u128]),
+                    list.iter().map(move |&port| {
+                        Element::range(
+                            vec![p as u128, port as u128],
+                            Some(vec![p as u128, port as u128]),
+                        )
                     })
                 })
                 .collect();
@@ -383,10 +406,10 @@ impl Compiler {
                 name.into(),
                 vec![field],
                 true,
-                vec![Element {
-                    key: vec![range.0],
-                    end: (range.0 != range.1).then(|| vec![range.1]),
-                }],
+                vec![Element::range(
+                    vec![range.0],
+                    (range.0 != range.1).then(|| vec![range.1]),
+                )],
             );
             loopbacks.push((family, set));
         }
@@ -461,9 +484,11 @@ impl Compiler {
         }
         let mut elements: Vec<Element> = services
             .iter()
-            .map(|&(p, port)| Element {
-                key: vec![p as u128, port as u128],
-                end: Some(vec![p as u128, port as u128]),
+            .map(|&(p, port)| {
+                Element::range(
+                    vec![p as u128, port as u128],
+                    Some(vec![p as u128, port as u128]),
+                )
             })
             .collect();
         elements.sort();
@@ -511,9 +536,11 @@ impl Compiler {
         let mut elements: Vec<Element> = [IPPROTO_TCP, IPPROTO_UDP]
             .iter()
             .flat_map(|&p| {
-                ports.iter().map(move |&port| Element {
-                    key: vec![p as u128, port as u128],
-                    end: Some(vec![p as u128, port as u128]),
+                ports.iter().map(move |&port| {
+                    Element::range(
+                        vec![p as u128, port as u128],
+                        Some(vec![p as u128, port as u128]),
+                    )
                 })
             })
             .collect();
@@ -722,10 +749,10 @@ impl Compiler {
             for &p in &r.protocols {
                 for n in numbers(p) {
                     for &(first, last) in &ranges {
-                        elements.push(Element {
-                            key: vec![n as u128, first],
-                            end: Some(vec![n as u128, last]),
-                        });
+                        elements.push(Element::range(
+                            vec![n as u128, first],
+                            Some(vec![n as u128, last]),
+                        ));
                     }
                 }
             }
@@ -789,10 +816,10 @@ impl Compiler {
                 format!("alert{i}_svc"),
                 vec![Field::L4Proto, Field::Port],
                 true,
-                vec![Element {
-                    key: vec![proto as u128, addr.port() as u128],
-                    end: Some(vec![proto as u128, addr.port() as u128]),
-                }],
+                vec![Element::range(
+                    vec![proto as u128, addr.port() as u128],
+                    Some(vec![proto as u128, addr.port() as u128]),
+                )],
             );
             self.rules.push(rule(
                 vec![
@@ -807,13 +834,16 @@ impl Compiler {
         }
     }
 
+    /// The statements of one allow rule: its kernel rules, in order.
     /// `guard`: a DNS guard fills host sets (for rules reachable directly).
-    fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput, guard: bool) {
+    fn allow_rule(&mut self, r: &AllowRule, input: &CompileInput, guard: bool) -> AllowRules {
         let service = self.service(r);
         let subjects = self.subject_variants(r, input);
         let mut destinations: Vec<Vec<Match>> = Vec::new();
+        let mut confined = Some([Vec::new(), Vec::new()]);
         if r.cidrs.is_empty() && r.hosts.is_empty() {
             destinations.push(Vec::new());
+            confined = None;
         }
         // via = "proxy": the cidrs are reached through the proxy only (its
         // marked sockets), so no direct rule names them.
@@ -838,8 +868,12 @@ impl Compiler {
             // (start and end); a hash set holds them as one element and loads
             // in about half the time. Mixed lists split only when the single
             // addresses are many enough to pay for a second rule.
+            let merged = merge_ranges(ranges);
+            if let Some(c) = confined.as_mut() {
+                c[family as usize] = merged.clone();
+            }
             let (addresses, ranges): (Vec<_>, Vec<_>) =
-                merge_ranges(ranges).into_iter().partition(|(s, e)| s == e);
+                merged.into_iter().partition(|(s, e)| s == e);
             let split = ranges.is_empty() || addresses.len() >= HASHED_ADDRESSES_MIN;
             let (singles, intervals) = if split {
                 (addresses, ranges)
@@ -857,10 +891,7 @@ impl Compiler {
             if !intervals.is_empty() {
                 let elements = intervals
                     .into_iter()
-                    .map(|(s, e)| Element {
-                        key: vec![s],
-                        end: (s != e).then(|| vec![e]),
-                    })
+                    .map(|(s, e)| Element::range(vec![s], (s != e).then(|| vec![e])))
                     .collect();
                 let set = self.add_set(name, vec![field], true, elements);
                 destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
@@ -879,14 +910,137 @@ impl Compiler {
                 let set = self.add_timeout_set(host_set_name(&r.name, family), field);
                 destinations.push(vec![Match::NfProto(family), Match::Daddr(family, set)]);
             }
+            confined = None;
         }
+        let mut rules = Vec::new();
         for dest in &destinations {
             for subject in &subjects {
                 let mut m = dest.clone();
                 m.extend(service.iter().cloned());
                 m.extend(subject.iter().cloned());
-                self.rules.push(rule(m, Verdict::Accept, r.name.clone()));
+                rules.push(rule(m, Verdict::Accept, r.name.clone()));
             }
+        }
+        AllowRules { rules, confined }
+    }
+
+    /// The allow rules' kernel rules into the output chain, in policy order.
+    /// Each run of at least [`DISPATCH_MIN_RULES`] consecutive rules confined
+    /// to CIDRs becomes one verdict map per family on the destination: each
+    /// rule's kernel rules move, unchanged, to its own chain `allow_<rule>`,
+    /// and the map jumps from every stretch of addresses to the rules whose
+    /// CIDRs cover it, in policy order (a chain of jumps where they overlap).
+    /// A packet so meets exactly the rules that could match it, in the same
+    /// order as the linear walk, so the first match (and its counter) is the
+    /// same; a destination no rule covers finds no element and goes on.
+    fn place_allow_rules(&mut self, allowed: Vec<(&str, AllowRules)>) {
+        let mut run: Vec<(&str, AllowRules)> = Vec::new();
+        let mut dispatches = 0;
+        for (name, a) in allowed {
+            if a.rules.is_empty() {
+                continue;
+            }
+            if a.confined.is_some() {
+                run.push((name, a));
+                continue;
+            }
+            self.flush_run(&mut run, &mut dispatches);
+            self.rules.extend(a.rules);
+        }
+        self.flush_run(&mut run, &mut dispatches);
+    }
+
+    fn flush_run(&mut self, run: &mut Vec<(&str, AllowRules)>, dispatches: &mut usize) {
+        if run.len() < DISPATCH_MIN_RULES {
+            for (_, a) in run.drain(..) {
+                self.rules.extend(a.rules);
+            }
+            return;
+        }
+        let index = *dispatches;
+        *dispatches += 1;
+        let targets: Vec<String> = run.iter().map(|(name, _)| allow_chain_name(name)).collect();
+        let mut overlaps: BTreeMap<Vec<usize>, String> = BTreeMap::new();
+        for (family, field) in [(Family::V4, Field::Ipv4), (Family::V6, Field::Ipv6)] {
+            let ranges: Vec<(usize, &[(u128, u128)])> = run
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, a))| {
+                    Some((i, a.confined.as_ref()?[family as usize].as_slice()))
+                })
+                .collect();
+            let mut elements = Vec::new();
+            for (start, end, rules) in cover(&ranges) {
+                let jump = match rules.as_slice() {
+                    [one] => targets[*one].clone(),
+                    _ => {
+                        let n = overlaps.len();
+                        overlaps
+                            .entry(rules.clone())
+                            .or_insert_with(|| format!("dispatch{index}_{n}"))
+                            .clone()
+                    }
+                };
+                elements.push(Element {
+                    jump: Some(jump),
+                    ..Element::range(vec![start], (start != end).then(|| vec![end]))
+                });
+            }
+            if elements.is_empty() {
+                continue;
+            }
+            let suffix = match family {
+                Family::V4 => "v4",
+                Family::V6 => "v6",
+            };
+            let map = format!("dispatch{index}_{suffix}");
+            self.sets.push(Set {
+                name: map.clone(),
+                key: vec![field],
+                interval: true,
+                timeout: false,
+                size: None,
+                verdict_map: true,
+                elements,
+            });
+            self.rules.push(Rule {
+                counter: None,
+                ..rule(
+                    vec![Match::NfProto(family)],
+                    Verdict::DaddrVmap(family, map),
+                    format!(
+                        "allow rules {} to {}, by destination",
+                        run[0].0,
+                        run[run.len() - 1].0
+                    ),
+                )
+            });
+        }
+        for (name, a) in run.drain(..) {
+            self.allow_chains.push(Chain {
+                name: allow_chain_name(name),
+                base: None,
+                rules: a.rules,
+            });
+        }
+        let mut overlaps: Vec<(String, Vec<usize>)> = overlaps
+            .into_iter()
+            .map(|(rules, name)| (name, rules))
+            .collect();
+        overlaps.sort_by_key(|(name, _)| name.clone());
+        for (name, rules) in overlaps {
+            self.allow_chains.push(Chain {
+                name,
+                base: None,
+                rules: rules
+                    .into_iter()
+                    .map(|i| Rule {
+                        counter: None,
+                        comment: None,
+                        ..rule(vec![], Verdict::Jump(targets[i].clone()), "")
+                    })
+                    .collect(),
+            });
         }
     }
 
@@ -976,6 +1130,52 @@ impl Compiler {
     }
 }
 
+/// The stretches of addresses the rules' ranges cover, each with the rules
+/// covering it (ascending): `(first, last, rules)`, sorted and disjoint;
+/// neighbours with the same rules are one stretch. Each rule's own ranges
+/// must be disjoint (merged). A sweep over the ranges' starts and ends.
+fn cover(ranges: &[(usize, &[(u128, u128)])]) -> Vec<(u128, u128, Vec<usize>)> {
+    // (point, rule, opens): a range [s, e] opens at s and closes after e.
+    // A range reaching the top of IPv6 never closes.
+    let mut events: Vec<(u128, bool, usize)> = Vec::new();
+    for &(rule, list) in ranges {
+        for &(s, e) in list {
+            events.push((s, true, rule));
+            if let Some(after) = e.checked_add(1) {
+                events.push((after, false, rule));
+            }
+        }
+    }
+    // At one point, closes come before opens (`false` < `true`).
+    events.sort_unstable();
+    let mut out: Vec<(u128, u128, Vec<usize>)> = Vec::new();
+    let mut open: BTreeSet<usize> = BTreeSet::new();
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while let Some(&(_, opens, rule)) = events.get(i).filter(|e| e.0 == at) {
+            if opens {
+                open.insert(rule);
+            } else {
+                open.remove(&rule);
+            }
+            i += 1;
+        }
+        if open.is_empty() {
+            continue;
+        }
+        let end = events.get(i).map(|e| e.0 - 1);
+        let rules: Vec<usize> = open.iter().copied().collect();
+        match out.last_mut() {
+            Some(last) if last.2 == rules && last.1.checked_add(1) == Some(at) => {
+                last.1 = end.unwrap_or(u128::MAX)
+            }
+            _ => out.push((at, end.unwrap_or(u128::MAX), rules)),
+        }
+    }
+    out
+}
+
 fn singles(values: &[u8]) -> Vec<Element> {
     values
         .iter()
@@ -987,6 +1187,7 @@ fn singles(values: &[u8]) -> Vec<Element> {
 mod tests {
     use super::*;
     use crate::policy::PortRange;
+    use crate::ruleset::render::render_element;
 
     fn allow(name: &str) -> AllowRule {
         AllowRule::for_test(name)
@@ -1135,10 +1336,7 @@ mod tests {
         let rs = compile(&policy(vec![r]), &CompileInput::default());
         assert_eq!(
             rs.set("a_web_svc").unwrap().elements,
-            [Element {
-                key: vec![6, 8000],
-                end: Some(vec![6, 8444]),
-            }]
+            [Element::range(vec![6, 8000], Some(vec![6, 8444]))]
         );
     }
 
@@ -1527,6 +1725,150 @@ mod tests {
         assert!(render(&rs).contains(
             "meta nfproto ipv4 meta l4proto tcp tcp flags & syn == 0 meta l4proto . ip saddr . th sport . ip daddr . th dport @preexisting_v4 counter accept"
         ), "{}", render(&rs));
+    }
+
+    fn confined(name: &str, cidrs: &[&str], port: u16, user: u32) -> AllowRule {
+        let mut r = allow(name);
+        r.cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        r.ports = vec![PortRange {
+            first: port,
+            last: port,
+        }];
+        r.users = vec![user];
+        r
+    }
+
+    #[test]
+    fn short_runs_of_rules_stay_in_the_output_chain() {
+        let rules: Vec<AllowRule> = (0..DISPATCH_MIN_RULES - 1)
+            .map(|i| confined(&format!("r{i}"), &[&format!("10.{i}.0.0/24")], 443, 1000))
+            .collect();
+        let rs = compile(&policy(rules), &CompileInput::default());
+        assert_eq!(rs.chains.len(), 1, "{}", render(&rs));
+        assert!(rs.sets.iter().all(|s| !s.verdict_map));
+        assert!(render(&rs).contains("ip daddr @a_r0_v4 meta l4proto . th dport @a_r0_svc meta skuid 1000 counter accept comment \"r0\""));
+    }
+
+    #[test]
+    fn long_runs_are_dispatched_by_destination_in_policy_order() {
+        let mut rules: Vec<AllowRule> = (0..DISPATCH_MIN_RULES)
+            .map(|i| confined(&format!("r{i}"), &[&format!("10.{i}.0.0/24")], 443, 1000))
+            .collect();
+        // Overlaps: a wider rule after them, a /32 inside r1.
+        rules.push(confined("wide", &["10.0.0.0/8", "2001:db8::/32"], 22, 0));
+        rules.push(confined("one", &["10.1.0.7/32"], 22, 0));
+        // A hosts rule ends the run; the rules after it are walked in turn.
+        let mut web = allow("web");
+        web.hosts = vec![crate::policy::HostPattern::parse("example.com").unwrap()];
+        rules.push(web);
+        rules.push(confined("after", &["10.1.0.0/16"], 80, 0));
+        let rs = compile(&with_dns(rules), &CompileInput::default());
+        let t = render(&rs);
+        let output = &rs.chains[0];
+        let at = |needle: &str| {
+            output
+                .rules
+                .iter()
+                .position(|r| render_rule(r, false).contains(needle))
+                .unwrap_or_else(|| panic!("{needle}: {t}"))
+        };
+        assert!(at("ip daddr vmap @dispatch0_v4") < at("ip6 daddr vmap @dispatch0_v6"));
+        assert!(at("ip6 daddr vmap @dispatch0_v6") < at("@h_web_v4"));
+        assert!(at("@h_web_v4") < at("@a_after_v4"), "{t}");
+        assert!(at("@a_after_v4") < at("enforce: block"), "{t}");
+        // Each dispatched rule's kernel rules, unchanged, in its own chain.
+        let chain = |name: &str| rs.chains.iter().find(|c| c.name == name).unwrap();
+        assert_eq!(
+            render_rule(&chain("allow_r3").rules[0], false),
+            "meta nfproto ipv4 ip daddr @a_r3_v4 meta l4proto . th dport @a_r3_svc meta skuid 1000 counter accept comment \"r3\""
+        );
+        let map = rs.set("dispatch0_v4").unwrap();
+        let jumps: Vec<String> = map
+            .elements
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    render_element(&map.key, true, e),
+                    e.jump.as_deref().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            jumps,
+            [
+                "10.0.0.0/24 dispatch0_0",
+                "10.0.1.0-10.0.255.255 allow_wide",
+                "10.1.0.0-10.1.0.6 dispatch0_1",
+                "10.1.0.7 dispatch0_2",
+                "10.1.0.8-10.1.0.255 dispatch0_1",
+                "10.1.1.0-10.1.255.255 allow_wide",
+                "10.2.0.0/24 dispatch0_3",
+                "10.2.1.0-10.2.255.255 allow_wide",
+                "10.3.0.0/24 dispatch0_4",
+                "10.3.1.0-10.3.255.255 allow_wide",
+                "10.4.0.0/24 dispatch0_5",
+                "10.4.1.0-10.4.255.255 allow_wide",
+                "10.5.0.0/24 dispatch0_6",
+                "10.5.1.0-10.5.255.255 allow_wide",
+                "10.6.0.0/24 dispatch0_7",
+                "10.6.1.0-10.6.255.255 allow_wide",
+                "10.7.0.0/24 dispatch0_8",
+                "10.7.1.0-10.255.255.255 allow_wide",
+            ],
+            "{t}"
+        );
+        // Where rules overlap, they are tried in policy order.
+        let jumps_of = |name: &str| -> Vec<String> {
+            chain(name)
+                .rules
+                .iter()
+                .map(|r| render_rule(r, false))
+                .collect()
+        };
+        assert_eq!(
+            jumps_of("dispatch0_2"),
+            ["jump allow_r1", "jump allow_wide", "jump allow_one"]
+        );
+        assert_eq!(
+            rs.set("dispatch0_v6").unwrap().elements[0].jump.as_deref(),
+            Some("allow_wide")
+        );
+        // `status` lists the dispatched rules' counters where the dispatch is.
+        let counted: Vec<String> = rs
+            .counted_rules()
+            .iter()
+            .filter_map(|r| r.counter.and(r.comment.clone()))
+            .collect();
+        let r0 = counted.iter().position(|c| c == "r0").unwrap();
+        assert_eq!(
+            counted[r0 - 1],
+            "dns guard: DNS sent around the guard",
+            "{counted:?}"
+        );
+        assert!(counted.contains(&"one".to_string()), "{counted:?}");
+    }
+
+    #[test]
+    fn cover_splits_overlaps_and_keeps_the_top_of_the_space() {
+        let a: &[(u128, u128)] = &[(0, 9), (20, 29)];
+        let b: &[(u128, u128)] = &[(5, u128::MAX)];
+        assert_eq!(
+            cover(&[(0, a), (1, b)]),
+            [
+                (0, 4, vec![0]),
+                (5, 9, vec![0, 1]),
+                (10, 19, vec![1]),
+                (20, 29, vec![0, 1]),
+                (30, u128::MAX, vec![1]),
+            ]
+        );
+        // Touching ranges of different rules stay apart; nothing covers the gap.
+        let c: &[(u128, u128)] = &[(30, 39)];
+        assert_eq!(
+            cover(&[(0, a), (2, c)]),
+            [(0, 9, vec![0]), (20, 29, vec![0]), (30, 39, vec![2])]
+        );
     }
 
     #[test]

@@ -34,6 +34,15 @@ pub const DNS_BYPASS_RULE: &str = "dns-bypass";
 /// jumps to for traffic from container bridges (also the rule name in events).
 pub const FORWARD_CHAIN: &str = "forward";
 pub const CONTAINERS_CHAIN: &str = "containers";
+/// What the chain of a dispatched allow rule is named: `allow_<rule>` (see
+/// [`allow_chain_name`]).
+pub const ALLOW_CHAIN_PREFIX: &str = "allow_";
+
+/// The chain holding the kernel rules of policy rule `rule` when a verdict
+/// map dispatches to it (`ip daddr vmap @dispatch<N>_v4`).
+pub fn allow_chain_name(rule: &str) -> String {
+    format!("{ALLOW_CHAIN_PREFIX}{rule}")
+}
 
 /// scope = "host+containers" with `[dns]`: the nat chain that gives
 /// containers' DNS to the guard, and the input chain that keeps egret's
@@ -185,6 +194,10 @@ pub struct Set {
     /// load time), and caps the set at exactly that many elements.
     #[serde(default)]
     pub size: Option<u32>,
+    /// A verdict map: each element carries the chain it jumps to
+    /// ([`Element::jump`]); looked up by [`Verdict::DaddrVmap`].
+    #[serde(default)]
+    pub verdict_map: bool,
     pub elements: Vec<Element>,
 }
 
@@ -203,11 +216,27 @@ pub struct Element {
     pub key: Vec<u128>,
     /// For interval sets: the inclusive end, one value per field. `None` = a single value.
     pub end: Option<Vec<u128>>,
+    /// In a verdict map: the chain this element jumps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump: Option<String>,
 }
 
 impl Element {
     pub fn single(key: Vec<u128>) -> Element {
-        Element { key, end: None }
+        Element {
+            key,
+            end: None,
+            jump: None,
+        }
+    }
+
+    /// An element of an interval set: `[start, end]`, or a single value.
+    pub fn range(key: Vec<u128>, end: Option<Vec<u128>>) -> Element {
+        Element {
+            key,
+            end,
+            jump: None,
+        }
     }
 }
 
@@ -226,6 +255,15 @@ impl Ruleset {
     pub fn set_mut(&mut self, name: &str) -> Option<&mut Set> {
         self.sets.iter_mut().find(|s| s.name == name)
     }
+    /// The filter rules that stand for policy rules and carry their counters,
+    /// in the order `status` lists them: see [`counted_rules`].
+    pub fn counted_rules(&self) -> Vec<&Rule> {
+        counted_rules(
+            self.chains
+                .iter()
+                .flat_map(|c| c.rules.iter().map(move |r| (c.name.as_str(), r))),
+        )
+    }
     /// This ruleset's rules as the kernel lists them (see `uncounted`): what
     /// a live table loaded from it must show.
     pub fn listed_rules(&self) -> Vec<(String, Rule)> {
@@ -236,6 +274,31 @@ impl Ruleset {
                 .collect(),
         )
     }
+}
+
+/// The output chain's rules, with the rules of the dispatched allow rules'
+/// chains (`allow_<rule>`, in table order) where the first verdict map
+/// dispatches to them: the rules whose counters `status`, the API and
+/// `check --lint` read. Takes (chain, rule) pairs as the kernel lists them,
+/// so it needs no set elements.
+pub fn counted_rules<'a>(rules: impl Iterator<Item = (&'a str, &'a Rule)>) -> Vec<&'a Rule> {
+    let (mut output, mut dispatched) = (Vec::new(), Vec::new());
+    for (chain, rule) in rules {
+        if chain == OUTPUT_CHAIN {
+            output.push(rule);
+        } else if chain.starts_with(ALLOW_CHAIN_PREFIX) {
+            dispatched.push(rule);
+        }
+    }
+    let mut out = Vec::with_capacity(output.len() + dispatched.len());
+    for rule in output {
+        let first_dispatch = matches!(rule.verdict, Some(Verdict::DaddrVmap(..)));
+        out.push(rule);
+        if first_dispatch {
+            out.append(&mut dispatched);
+        }
+    }
+    out
 }
 
 /// (chain, rule) pairs with their counters zeroed, sorted by chain (the
@@ -315,6 +378,9 @@ pub enum Verdict {
     Redirect(u16),
     /// `jump CHAIN`
     Jump(String),
+    /// `ip daddr vmap @MAP` / `ip6 daddr vmap @MAP`: jump to the chain the
+    /// destination's element names; no element, no verdict (the next rule).
+    DaddrVmap(Family, String),
 }
 
 /// Who may send, by id.

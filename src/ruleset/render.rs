@@ -59,14 +59,16 @@ pub fn render(rs: &Ruleset) -> String {
 }
 
 fn render_set(out: &mut String, set: &Set, cgroup_level: Option<u32>) {
-    let _ = writeln!(out, "\tset {} {{", set.name);
+    let kind = if set.verdict_map { "map" } else { "set" };
+    let _ = writeln!(out, "\t{kind} {} {{", set.name);
+    let data = if set.verdict_map { " : verdict" } else { "" };
     match (set.key.as_slice(), cgroup_level) {
         ([Field::CgroupId], Some(level)) => {
-            let _ = writeln!(out, "\t\ttypeof socket cgroupv2 level {level}");
+            let _ = writeln!(out, "\t\ttypeof socket cgroupv2 level {level}{data}");
         }
         (key, _) => {
             let names: Vec<&str> = key.iter().map(|f| f.nft_name()).collect();
-            let _ = writeln!(out, "\t\ttype {}", names.join(" . "));
+            let _ = writeln!(out, "\t\ttype {}{data}", names.join(" . "));
         }
     }
     if let Some(size) = set.size {
@@ -83,7 +85,13 @@ fn render_set(out: &mut String, set: &Set, cgroup_level: Option<u32>) {
         let items: Vec<String> = set
             .elements
             .iter()
-            .map(|e| render_element(&set.key, set.interval, e))
+            .map(|e| match &e.jump {
+                Some(chain) => format!(
+                    "{} : jump {chain}",
+                    render_element(&set.key, set.interval, e)
+                ),
+                None => render_element(&set.key, set.interval, e),
+            })
             .collect();
         if items.len() <= INLINE_ELEMENTS {
             let _ = writeln!(out, "\t\telements = {{ {} }}", items.join(", "));
@@ -264,6 +272,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
             Verdict::RejectAdminProhibited => "reject with icmpx admin-prohibited".into(),
             Verdict::Redirect(port) => format!("redirect to :{port}"),
             Verdict::Jump(chain) => format!("jump {chain}"),
+            Verdict::DaddrVmap(f, map) => format!("{} daddr vmap @{map}", family_kw(*f)),
         });
     }
     if let Some(c) = &rule.comment {
@@ -279,10 +288,7 @@ mod tests {
     #[test]
     fn ranges_print_as_cidrs_when_they_are_blocks() {
         let k = [Field::Ipv4];
-        let e = |s: u32, t: u32| Element {
-            key: vec![s as u128],
-            end: Some(vec![t as u128]),
-        };
+        let e = |s: u32, t: u32| Element::range(vec![s as u128], Some(vec![t as u128]));
         assert_eq!(
             render_element(&k, true, &e(0x0a000000, 0x0affffff)),
             "10.0.0.0/8"
@@ -292,10 +298,7 @@ mod tests {
             "10.0.0.1-10.0.0.2"
         );
         assert_eq!(render_element(&k, true, &e(0, u32::MAX)), "0.0.0.0/0");
-        let all6 = Element {
-            key: vec![0],
-            end: Some(vec![u128::MAX]),
-        };
+        let all6 = Element::range(vec![0], Some(vec![u128::MAX]));
         assert_eq!(render_element(&[Field::Ipv6], true, &all6), "::/0");
     }
 }

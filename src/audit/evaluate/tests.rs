@@ -3,8 +3,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::policy::{BlockAction, DnsConfig, HostPattern, PortRange, Refusal, Scope};
 use crate::ruleset::{
-    compile, ip_to_u128, CompileInput, Family, IdMatch, Match, Ruleset, Set, Verdict, OUTPUT_CHAIN,
-    PREFIX_WOULD_BLOCK,
+    compile, ip_to_u128, CompileInput, Element, Family, IdMatch, Match, Ruleset, Set, Verdict,
+    OUTPUT_CHAIN, PREFIX_WOULD_BLOCK,
 };
 
 fn allow(name: &str) -> AllowRule {
@@ -234,17 +234,25 @@ fn cgroup_id_at(path: &str, level: u32) -> Option<u64> {
 }
 
 fn in_set(set: &Set, values: &[u128]) -> bool {
-    set.elements.iter().any(|e| {
-        let end = e.end.as_ref().unwrap_or(&e.key);
-        e.key
-            .iter()
-            .zip(end)
-            .zip(values)
-            .all(|((lo, hi), v)| lo <= v && v <= hi)
-    })
+    set.elements.iter().any(|e| holds(e, values))
+}
+
+fn holds(e: &Element, values: &[u128]) -> bool {
+    let end = e.end.as_ref().unwrap_or(&e.key);
+    e.key
+        .iter()
+        .zip(end)
+        .zip(values)
+        .all(|((lo, hi), v)| lo <= v && v <= hi)
 }
 
 fn interpret(rs: &Ruleset, policy: &Policy, flow: &Attempt) -> (Outcome, String) {
+    walk(rs, OUTPUT_CHAIN, policy, flow).expect("the final rule matches everything")
+}
+
+/// The decision of chain `chain` (following jumps and verdict maps as the
+/// kernel does), or `None` when the packet returns from it undecided.
+fn walk(rs: &Ruleset, chain: &str, policy: &Policy, flow: &Attempt) -> Option<(Outcome, String)> {
     let dst = flow.dst.unwrap();
     let family = Family::of(&dst);
     let set = |name: &str| rs.set(name).unwrap();
@@ -253,7 +261,7 @@ fn interpret(rs: &Ruleset, policy: &Policy, flow: &Attempt) -> (Outcome, String)
         let r = policy.rules.iter().find(|r| r.name == rule).unwrap();
         flow.domain.as_deref().is_some_and(|d| r.allows_host(d))
     };
-    let chain = rs.chains.iter().find(|c| c.name == OUTPUT_CHAIN).unwrap();
+    let chain = rs.chains.iter().find(|c| c.name == chain).unwrap();
     for rule in &chain.rules {
         let hit = rule.matches.iter().all(|m| match m {
             Match::OifName(n) => n == "lo" && dst.is_loopback(),
@@ -295,8 +303,32 @@ fn interpret(rs: &Ruleset, policy: &Policy, flow: &Attempt) -> (Outcome, String)
         let Some(verdict) = &rule.verdict else {
             continue;
         };
+        let next = match verdict {
+            Verdict::Jump(to) => Some(to.clone()),
+            Verdict::DaddrVmap(f, map) => {
+                assert_eq!(*f, family, "a vmap rule matches its family first");
+                let map = set(map);
+                assert!(map.verdict_map);
+                let mut hits = map
+                    .elements
+                    .iter()
+                    .filter(|e| holds(e, &[ip_to_u128(&dst)]));
+                let hit = hits
+                    .next()
+                    .map(|e| e.jump.clone().expect("a map element jumps"));
+                assert!(hits.next().is_none(), "map elements never overlap");
+                hit
+            }
+            _ => None,
+        };
+        if matches!(verdict, Verdict::Jump(_) | Verdict::DaddrVmap(..)) {
+            match next.and_then(|to| walk(rs, &to, policy, flow)) {
+                Some(decided) => return Some(decided),
+                None => continue,
+            }
+        }
         let comment = rule.comment.clone().unwrap_or_default();
-        return match (verdict, logged_as) {
+        return Some(match (verdict, logged_as) {
             (Verdict::Accept, None) if comment.starts_with("baseline") => {
                 (Outcome::Allowed, BASELINE_RULE.into())
             }
@@ -308,9 +340,9 @@ fn interpret(rs: &Ruleset, policy: &Policy, flow: &Attempt) -> (Outcome, String)
             }
             (_, Some(r)) => (Outcome::Blocked, r),
             (v, None) => panic!("unlogged {v:?}"),
-        };
+        });
     }
-    panic!("the final rule matches everything")
+    None
 }
 
 prop_compose! {
@@ -347,6 +379,81 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
         (0..4usize).prop_flat_map(|n| (0..n).map(arb_rule).collect::<Vec<_>>()),
     )
         .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
+}
+
+prop_compose! {
+    /// A rule of a long policy: mostly confined to overlapping CIDRs (so
+    /// runs of them are dispatched by destination), sometimes a `hosts` or
+    /// any-destination rule between them.
+    fn arb_listed_rule(i: usize)(
+        cidrs in proptest::sample::subsequence(vec![
+            "0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "10.1.3.0/24",
+            "192.0.2.0/25", "192.0.2.128/25", "2001:db8::/32", "2001:db8:1::/48", "::/0",
+        ], 0..4),
+        hosts in proptest::sample::subsequence(vec!["a.test", "*.b.test"], 0..2),
+        with_hosts in proptest::bool::weighted(0.1),
+        protocols in proptest::sample::subsequence(vec![L4::Tcp, L4::Udp, L4::Icmp], 0..3),
+        port_list in proptest::sample::subsequence(vec![(22, 22), (80, 443), (8080, 8080)], 0..3),
+        users in proptest::sample::subsequence(vec![0u32, 1000], 0..2),
+        units in proptest::sample::subsequence(vec!["u1.service", "u2.service"], 0..2),
+        mode in proptest::option::of(prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)]),
+    ) -> AllowRule {
+        let mut r = allow(&format!("r{i}"));
+        r.cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        if with_hosts || r.cidrs.is_empty() {
+            r.hosts = hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
+        }
+        let ported = !protocols.is_empty() && !protocols.contains(&L4::Icmp);
+        r.protocols = protocols;
+        r.ports = if ported { ports(&port_list) } else { vec![] };
+        r.users = users;
+        r.units = units.iter().map(|u| u.to_string()).collect();
+        r.mode = mode.filter(|_| r.has_subject());
+        r
+    }
+}
+
+fn arb_long_policy() -> impl Strategy<Value = Policy> {
+    (
+        prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)],
+        any::<bool>(),
+        (8..40usize).prop_flat_map(|n| (0..n).map(arb_listed_rule).collect::<Vec<_>>()),
+    )
+        .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
+}
+
+/// Flows to the edges of `arb_listed_rule`'s CIDRs.
+fn arb_edge_flow() -> impl Strategy<Value = Attempt> {
+    (
+        arb_flow(),
+        proptest::sample::select(vec![
+            "9.255.255.255",
+            "10.0.0.0",
+            "10.1.1.255",
+            "10.1.2.0",
+            "10.1.2.2",
+            "10.1.2.3",
+            "10.1.2.4",
+            "10.1.2.255",
+            "10.1.3.0",
+            "10.1.4.0",
+            "10.255.255.255",
+            "11.0.0.0",
+            "192.0.2.127",
+            "192.0.2.128",
+            "192.0.2.255",
+            "255.255.255.255",
+            "2001:db8::",
+            "2001:db8:1::5",
+            "2001:db8:2::1",
+            "2001:db9::",
+            "ffff::1",
+        ]),
+    )
+        .prop_map(|(flow, dst)| Attempt {
+            dst: Some(dst.parse().unwrap()),
+            ..flow
+        })
 }
 
 pub(crate) fn arb_flow() -> impl Strategy<Value = Attempt> {
@@ -397,6 +504,19 @@ pub(crate) fn arb_flow() -> impl Strategy<Value = Attempt> {
 proptest! {
     #[test]
     fn the_evaluator_agrees_with_the_compiled_ruleset(p in arb_policy(), flows in proptest::collection::vec(arb_flow(), 1..16)) {
+        let units: Vec<String> = p.rules.iter().flat_map(|r| r.units.clone()).collect();
+        let rs = compile(&p, &CompileInput { units: unit_ids(&units), open_flows: vec![] });
+        for flow in &flows {
+            let d = evaluate(&p, flow);
+            let want = interpret(&rs, &p, flow);
+            prop_assert_eq!((d.outcome, d.rule.clone()), want, "{:?}", flow);
+        }
+    }
+
+    /// Long policies are dispatched by destination: the first match (the
+    /// rule whose counter counts) is still the policy's first match.
+    #[test]
+    fn the_evaluator_agrees_with_the_dispatched_ruleset(p in arb_long_policy(), flows in proptest::collection::vec(arb_edge_flow(), 1..24)) {
         let units: Vec<String> = p.rules.iter().flat_map(|r| r.units.clone()).collect();
         let rs = compile(&p, &CompileInput { units: unit_ids(&units), open_flows: vec![] });
         for flow in &flows {

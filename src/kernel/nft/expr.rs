@@ -18,6 +18,7 @@ pub(super) const PAYLOAD_NETWORK: u32 = 1;
 pub(super) const PAYLOAD_TRANSPORT: u32 = 2;
 const LOOKUP_SET: u16 = 1;
 const LOOKUP_SREG: u16 = 2;
+const LOOKUP_DREG: u16 = 3;
 const LOOKUP_SET_ID: u16 = 4;
 pub(super) const CMP_EQ: u32 = 0;
 pub(super) const CMP_NEQ: u32 = 1;
@@ -61,10 +62,22 @@ impl Batch {
     }
 
     pub(super) fn lookup(&mut self, set: &str, sreg: u32) {
+        self.lookup_into(set, sreg, None);
+    }
+
+    /// A lookup in a verdict map: the element's verdict is the rule's.
+    pub(super) fn lookup_verdict(&mut self, map: &str, sreg: u32) {
+        self.lookup_into(map, sreg, Some(REG_VERDICT));
+    }
+
+    fn lookup_into(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
         let id = self.set_ids.get(set).copied();
         self.expr("lookup", |b| {
             b.attr_str(LOOKUP_SET, set);
             b.attr_u32(LOOKUP_SREG, sreg);
+            if let Some(dreg) = dreg {
+                b.attr_u32(LOOKUP_DREG, dreg);
+            }
             if let Some(id) = id {
                 b.attr_u32(LOOKUP_SET_ID, id);
             }
@@ -119,9 +132,16 @@ impl Expr<'_> {
     }
 }
 
-/// The set an expression looks its register up in, if `e` is a lookup.
+/// The set an expression looks its register up in, if `e` is a membership
+/// lookup (a map lookup writing a register is no match).
 pub(super) fn lookup_set(e: Option<&Expr>) -> Option<String> {
-    e.filter(|e| e.is("lookup"))
+    e.filter(|e| e.is("lookup") && e.raw(LOOKUP_DREG).is_none())
+        .and_then(|e| e.string(LOOKUP_SET))
+}
+
+/// The map a lookup into the verdict register reads, if `e` is one.
+pub(super) fn verdict_lookup_set(e: Option<&Expr>) -> Option<String> {
+    e.filter(|e| e.is("lookup") && e.u32(LOOKUP_DREG) == Some(REG_VERDICT))
         .and_then(|e| e.string(LOOKUP_SET))
 }
 

@@ -35,7 +35,7 @@ const ICMP_TYPE: (u32, u32) = (0, 1);
 const TCP_FLAGS: (u32, u32) = (13, 1);
 
 /// (offset, length) of the destination address in the network header.
-fn daddr(f: Family) -> (u32, u32) {
+pub(super) fn daddr(f: Family) -> (u32, u32) {
     match f {
         Family::V4 => (16, 4),
         Family::V6 => (24, 16),

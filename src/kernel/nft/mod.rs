@@ -355,21 +355,32 @@ impl Batch {
     pub fn replace_table(&mut self, rs: &Ruleset) {
         self.ensure_and_delete_table();
         self.new_table(&rs.comment);
-        for (i, set) in rs.sets.iter().enumerate() {
-            let id = i as u32 + 1;
-            self.set_ids.insert(set.name.clone(), id);
-            self.new_set(set, id);
-            self.elements(
+        let new_elements = |this: &mut Batch, set: &Set, id: u32| {
+            this.elements(
                 MSG_NEWSETELEM,
                 NLM_F_CREATE | NLM_F_EXCL,
                 set,
                 Some(id),
                 &set.elements,
                 &[],
-            );
+            )
+        };
+        for (i, set) in rs.sets.iter().enumerate() {
+            let id = i as u32 + 1;
+            self.set_ids.insert(set.name.clone(), id);
+            self.new_set(set, id);
+            if !set.verdict_map {
+                new_elements(self, set, id);
+            }
         }
         for chain in &rs.chains {
             self.new_chain(chain);
+        }
+        // A verdict map's elements name chains, which must exist first.
+        for (i, set) in rs.sets.iter().enumerate() {
+            if set.verdict_map {
+                new_elements(self, set, i as u32 + 1);
+            }
         }
         for chain in &rs.chains {
             for rule in &chain.rules {

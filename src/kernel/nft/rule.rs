@@ -1,6 +1,6 @@
 //! Rules: their matches (`matches`), then the statements egret writes, each
 //! with its encoder beside its decoder: counter, log, and the verdict
-//! (accept, drop, reject, jump, redirect).
+//! (accept, drop, reject, jump, redirect, a verdict map on the destination).
 
 use super::expr::*;
 use super::matches::decode_match;
@@ -95,6 +95,11 @@ pub(super) fn decode_rule(payload: &[u8]) -> Result<Rule> {
     let mut family = None;
     let mut i = 0;
     while let Some(e) = exprs.get(i) {
+        if let Some((verdict, used)) = decode_daddr_vmap(&exprs[i..]) {
+            rule.verdict = Some(verdict);
+            i += used;
+            continue;
+        }
         if let Some(decoded) = decode_match(&exprs[i..], family) {
             let (m, used) = decoded.map_err(|what| foreign(&what))?;
             if let Match::NfProto(f) = &m {
@@ -199,6 +204,7 @@ impl Batch {
             Verdict::Accept => self.verdict_code(NF_ACCEPT, None),
             Verdict::Drop => self.verdict_code(NF_DROP, None),
             Verdict::Jump(chain) => self.verdict_code(NFT_JUMP, Some(chain)),
+            Verdict::DaddrVmap(f, map) => self.encode_daddr_vmap(*f, map),
             Verdict::RejectTcpReset => self.expr("reject", |b| {
                 b.attr_u32(REJECT_TYPE, REJECT_TCP_RST);
                 b.attr(REJECT_ICMP_CODE, &[0]);
@@ -220,16 +226,79 @@ impl Batch {
     fn verdict_code(&mut self, code: u32, chain: Option<&str>) {
         self.expr("immediate", |b| {
             b.attr_u32(IMMEDIATE_DREG, REG_VERDICT);
-            let data = b.nest(IMMEDIATE_DATA);
-            let v = b.nest(DATA_VERDICT);
-            b.attr_u32(VERDICT_CODE, code);
-            if let Some(chain) = chain {
-                b.attr_str(VERDICT_CHAIN, chain);
-            }
-            b.nest_end(v);
-            b.nest_end(data);
+            verdict_data(b, IMMEDIATE_DATA, code, chain);
         });
     }
+}
+
+/// Attribute `kind` holding a verdict (`NFTA_DATA_VERDICT`): an immediate's
+/// data, or a verdict map element's.
+fn verdict_data(b: &mut MsgBuilder, kind: u16, code: u32, chain: Option<&str>) {
+    let data = b.nest(kind);
+    let v = b.nest(DATA_VERDICT);
+    b.attr_u32(VERDICT_CODE, code);
+    if let Some(chain) = chain {
+        b.attr_str(VERDICT_CHAIN, chain);
+    }
+    b.nest_end(v);
+    b.nest_end(data);
+}
+
+/// The (code, chain) of a verdict attribute's value (`NFTA_DATA_*` nested).
+fn decode_verdict_data(data: &[u8]) -> (Option<u32>, Option<String>) {
+    let verdict = attrs(data)
+        .find(|(k, _)| *k == DATA_VERDICT)
+        .map(|(_, v)| v);
+    let code = verdict.and_then(|v| {
+        attrs(v)
+            .find(|(k, _)| *k == VERDICT_CODE)
+            .and_then(|(_, c)| be_u32(c))
+    });
+    let chain = verdict.and_then(|v| {
+        attrs(v)
+            .find(|(k, _)| *k == VERDICT_CHAIN)
+            .map(|(_, c)| c_str(c))
+    });
+    (code, chain)
+}
+
+/// A verdict map element's data: `jump CHAIN`.
+pub(super) fn encode_jump_data(b: &mut MsgBuilder, kind: u16, chain: &str) {
+    verdict_data(b, kind, NFT_JUMP, Some(chain));
+}
+
+/// The chain a verdict map element jumps to; `None` for any other verdict
+/// (which egret never writes, so the element reads back as changed).
+pub(super) fn decode_jump_data(data: &[u8]) -> Option<String> {
+    match decode_verdict_data(data) {
+        (Some(NFT_JUMP), chain) => chain,
+        _ => None,
+    }
+}
+
+// `ip daddr vmap @map`: the destination loaded into a register, looked up in
+// a verdict map whose data goes to the verdict register.
+
+impl Batch {
+    fn encode_daddr_vmap(&mut self, f: Family, map: &str) {
+        let (offset, len) = super::matches::daddr(f);
+        self.payload(PAYLOAD_NETWORK, offset, len, REG_1);
+        self.lookup_verdict(map, REG_1);
+    }
+}
+
+/// `None` when `x` does not start with a destination load into a verdict map.
+fn decode_daddr_vmap(x: &[Expr]) -> Option<(Verdict, usize)> {
+    let map = verdict_lookup_set(x.get(1))?;
+    let e = &x[0];
+    if !e.is("payload") || e.u32(PAYLOAD_BASE) != Some(PAYLOAD_NETWORK) {
+        return None;
+    }
+    let at = e.u32(PAYLOAD_OFFSET).zip(e.u32(PAYLOAD_LEN));
+    [Family::V4, Family::V6]
+        .into_iter()
+        .find(|f| at == Some(super::matches::daddr(*f)))
+        .map(|f| (Verdict::DaddrVmap(f, map), 2))
 }
 
 /// The verdict starting at `x[0]` (an immediate or a reject) and how many
@@ -251,19 +320,10 @@ fn decode_verdict(x: &[Expr]) -> std::result::Result<(Verdict, usize), &'static 
             .ok_or("a redirect egret does not write")?;
         return Ok((Verdict::Redirect(port), 2));
     }
-    let verdict = e
+    let (code, chain) = e
         .raw(IMMEDIATE_DATA)
-        .and_then(|d| attrs(d).find(|(k, _)| *k == DATA_VERDICT).map(|(_, v)| v));
-    let code = verdict.and_then(|v| {
-        attrs(v)
-            .find(|(k, _)| *k == VERDICT_CODE)
-            .and_then(|(_, c)| be_u32(c))
-    });
-    let chain = verdict.and_then(|v| {
-        attrs(v)
-            .find(|(k, _)| *k == VERDICT_CHAIN)
-            .map(|(_, c)| c_str(c))
-    });
+        .map(decode_verdict_data)
+        .unwrap_or_default();
     match (code, chain) {
         (Some(NFT_JUMP), Some(chain)) => Ok((Verdict::Jump(chain), 1)),
         (Some(NF_ACCEPT), _) => Ok((Verdict::Accept, 1)),

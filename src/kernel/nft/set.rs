@@ -9,6 +9,7 @@ const SET_NAME: u16 = 2;
 const SET_FLAGS: u16 = 3;
 const SET_KEY_TYPE: u16 = 4;
 const SET_KEY_LEN: u16 = 5;
+const SET_DATA_TYPE: u16 = 6;
 const SET_DESC: u16 = 9;
 const SET_ID: u16 = 10;
 const SET_USERDATA: u16 = 13;
@@ -16,6 +17,7 @@ const SET_DESC_SIZE: u16 = 1;
 const SET_DESC_CONCAT: u16 = 2;
 const SET_FIELD_LEN: u16 = 1;
 const SET_F_INTERVAL: u32 = 0x4;
+const SET_F_MAP: u32 = 0x8;
 const SET_F_TIMEOUT: u32 = 0x10;
 const SET_F_CONCAT: u32 = 0x80;
 const ELEM_LIST_TABLE: u16 = 1;
@@ -23,11 +25,14 @@ pub(super) const ELEM_LIST_SET: u16 = 2;
 const ELEM_LIST_ELEMENTS: u16 = 3;
 const ELEM_LIST_SET_ID: u16 = 4;
 const ELEM_KEY: u16 = 1;
+const ELEM_DATA: u16 = 2;
 const ELEM_FLAGS: u16 = 3;
 const ELEM_TIMEOUT: u16 = 4;
 const ELEM_EXPIRATION: u16 = 5;
 const ELEM_KEY_END: u16 = 10;
 const ELEM_F_INTERVAL_END: u32 = 1;
+/// NFT_DATA_VERDICT: a map whose data are verdicts.
+const DATA_TYPE_VERDICT: u32 = 0xffff_ff00;
 
 /// nft's userdata TLV type for a set's key byte order.
 const UDATA_SET_KEYBYTEORDER: u8 = 0;
@@ -103,10 +108,17 @@ impl Batch {
                 flags |= SET_F_CONCAT;
             }
         }
+        if set.verdict_map {
+            flags |= SET_F_MAP;
+        }
         self.b.attr_u32(SET_FLAGS, flags);
         let key_type = set.key.iter().fold(0u32, |t, f| (t << 6) | f.nft_type());
         self.b.attr_u32(SET_KEY_TYPE, key_type);
         self.b.attr_u32(SET_KEY_LEN, key_len(&set.key) as u32);
+        if set.verdict_map {
+            // The kernel sizes verdict data itself: no data length.
+            self.b.attr_u32(SET_DATA_TYPE, DATA_TYPE_VERDICT);
+        }
         self.b.attr_u32(SET_ID, id);
         if set.size.is_some() || (concat && set.interval) {
             let desc = self.b.nest(SET_DESC);
@@ -137,7 +149,7 @@ impl Batch {
 
 pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
     let mut name = String::new();
-    let (mut flags, mut key_type) = (0u32, 0u32);
+    let (mut flags, mut key_type, mut data_type) = (0u32, 0u32, None);
     let mut field_lens = Vec::new();
     let mut size = None;
     for (k, v) in attrs(payload) {
@@ -145,6 +157,7 @@ pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
             SET_NAME => name = c_str(v),
             SET_FLAGS => flags = be_u32(v).unwrap_or(0),
             SET_KEY_TYPE => key_type = be_u32(v).unwrap_or(0),
+            SET_DATA_TYPE => data_type = be_u32(v),
             SET_DESC => {
                 for (dk, dv) in attrs(v) {
                     if dk == SET_DESC_SIZE {
@@ -180,6 +193,12 @@ pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
         }
     }
     key.reverse();
+    let verdict_map = flags & SET_F_MAP != 0;
+    if verdict_map && data_type != Some(DATA_TYPE_VERDICT) {
+        return Err(NftError::Foreign(format!(
+            "set {name} is a map egret does not write"
+        )));
+    }
     if !field_lens.is_empty() && field_lens.len() != key.len() {
         return Err(NftError::Foreign(format!(
             "set {name} has an inconsistent key description"
@@ -191,6 +210,7 @@ pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
         interval: flags & SET_F_INTERVAL != 0,
         timeout: flags & SET_F_TIMEOUT != 0,
         size,
+        verdict_map,
         elements: Vec::new(),
     })
 }
@@ -236,7 +256,8 @@ impl Batch {
                         key: &[u8],
                         key_end: Option<&[u8]>,
                         interval_end: bool,
-                        timeout_ms: Option<u64>| {
+                        timeout_ms: Option<u64>,
+                        jump: Option<&str>| {
             if list.is_some() && this.b.message_len() > MAX_ELEMENTS_BYTES {
                 if let Some(l) = list.take() {
                     this.b.nest_end(l);
@@ -263,6 +284,9 @@ impl Batch {
             if let (Some(t), false) = (timeout_ms, interval_end) {
                 this.b.attr_u64(ELEM_TIMEOUT, t);
             }
+            if let (Some(chain), false) = (jump, interval_end) {
+                super::rule::encode_jump_data(&mut this.b, ELEM_DATA, chain);
+            }
             this.b.nest_end(e);
         };
         self.label(format!("elements of set {}", set.name));
@@ -273,15 +297,30 @@ impl Batch {
                 && msg == MSG_NEWSETELEM
                 && set_id.is_some()
             {
-                emit(self, &encode_key(&set.key, &[0]), None, true, None);
+                emit(self, &encode_key(&set.key, &[0]), None, true, None, None);
             }
             for (i, el) in elements.iter().enumerate() {
                 let start = el.key[0];
                 let end = el.end.as_ref().map(|e| e[0]).unwrap_or(start);
                 let timeout = timeouts_ms.get(i).copied();
-                emit(self, &encode_key(&set.key, &[start]), None, false, timeout);
+                let jump = el.jump.as_deref();
+                emit(
+                    self,
+                    &encode_key(&set.key, &[start]),
+                    None,
+                    false,
+                    timeout,
+                    jump,
+                );
                 if end < max {
-                    emit(self, &encode_key(&set.key, &[end + 1]), None, true, None);
+                    emit(
+                        self,
+                        &encode_key(&set.key, &[end + 1]),
+                        None,
+                        true,
+                        None,
+                        None,
+                    );
                 }
             }
         } else {
@@ -298,6 +337,7 @@ impl Batch {
                     end.as_deref(),
                     false,
                     timeouts_ms.get(i).copied(),
+                    el.jump.as_deref(),
                 );
             }
         }
@@ -335,8 +375,9 @@ fn decode_timed_elements(payload: &[u8], set: &Set, out: &mut Vec<(Element, u64)
     }
 }
 
-/// An element as dumped: key, optional key end, and whether it is an rbtree end marker.
-pub(super) type Point = (Vec<u128>, Option<Vec<u128>>, bool);
+/// An element as dumped: key, optional key end, whether it is an rbtree end
+/// marker, and the chain a verdict map's element jumps to.
+pub(super) type Point = (Vec<u128>, Option<Vec<u128>>, bool, Option<String>);
 
 pub(super) fn decode_elements(payload: &[u8], set: &Set, out: &mut Vec<Point>) {
     for (k, v) in attrs(payload) {
@@ -344,7 +385,7 @@ pub(super) fn decode_elements(payload: &[u8], set: &Set, out: &mut Vec<Point>) {
             continue;
         }
         for (_, elem) in attrs(v) {
-            let (mut key, mut end, mut is_end) = (None, None, false);
+            let (mut key, mut end, mut is_end, mut jump) = (None, None, false, None);
             for (ek, ev) in attrs(elem) {
                 let value = || {
                     attrs(ev)
@@ -355,11 +396,12 @@ pub(super) fn decode_elements(payload: &[u8], set: &Set, out: &mut Vec<Point>) {
                     ELEM_KEY => key = value(),
                     ELEM_KEY_END => end = value(),
                     ELEM_FLAGS => is_end = be_u32(ev).unwrap_or(0) & ELEM_F_INTERVAL_END != 0,
+                    ELEM_DATA => jump = super::rule::decode_jump_data(ev),
                     _ => {}
                 }
             }
             if let Some(key) = key {
-                out.push((key, end, is_end));
+                out.push((key, end, is_end, jump));
             }
         }
     }
@@ -371,11 +413,11 @@ pub(super) fn assemble_elements(set: &Set, mut points: Vec<Point>) -> Vec<Elemen
     if !(set.interval && set.key.len() == 1) {
         let mut out: Vec<Element> = points
             .into_iter()
-            .map(|(key, end, _)| {
+            .map(|(key, end, _, jump)| {
                 let end = end
                     .filter(|e| *e != key)
                     .or_else(|| set.interval.then(|| key.clone()));
-                Element { key, end }
+                Element { key, end, jump }
             })
             .collect();
         out.sort();
@@ -384,27 +426,28 @@ pub(super) fn assemble_elements(set: &Set, mut points: Vec<Point>) -> Vec<Elemen
     points.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
     let max = set.key[0].max();
     let mut out = Vec::new();
-    let mut open: Option<u128> = None;
-    for (key, _, is_end) in points {
+    let mut open: Option<(u128, Option<String>)> = None;
+    for (key, _, is_end, jump) in points {
         let v = key[0];
-        match (is_end, open) {
-            (false, None) => open = Some(v),
-            (false, Some(_)) => {}
-            (true, Some(start)) => {
+        match (is_end, open.take()) {
+            (false, None) => open = Some((v, jump)),
+            (false, Some(already)) => open = Some(already),
+            (true, Some((start, jump))) => {
                 let end = v.saturating_sub(1);
                 out.push(Element {
                     key: vec![start],
                     end: (end != start).then(|| vec![end]),
+                    jump,
                 });
-                open = None;
             }
             (true, None) => {}
         }
     }
-    if let Some(start) = open {
+    if let Some((start, jump)) = open {
         out.push(Element {
             key: vec![start],
             end: (start != max).then(|| vec![max]),
+            jump,
         });
     }
     out

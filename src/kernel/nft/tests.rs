@@ -6,7 +6,7 @@ use super::set::{assemble_elements, decode_elements, decode_set, Point, ELEM_LIS
 use super::table::decode_table_comment;
 use super::*;
 use crate::policy::{parse_str, Accounts};
-use crate::ruleset::{compile, CompileInput, OpenFlow};
+use crate::ruleset::{compile, render, CompileInput, OpenFlow};
 
 struct Ids;
 impl Accounts for Ids {
@@ -133,10 +133,7 @@ ports = [443]
 #[test]
 fn big_sets_are_split_into_messages_that_fit() {
     let elements: Vec<Element> = (0..20_000u128)
-        .map(|i| Element {
-            key: vec![i * 4],
-            end: Some(vec![i * 4 + 1]),
-        })
+        .map(|i| Element::range(vec![i * 4], Some(vec![i * 4 + 1])))
         .collect();
     let rs = Ruleset {
         comment: "t".into(),
@@ -146,6 +143,7 @@ fn big_sets_are_split_into_messages_that_fit() {
             interval: true,
             timeout: false,
             size: None,
+            verdict_map: false,
             elements: elements.clone(),
         }],
         chains: vec![],
@@ -233,6 +231,8 @@ fn every_match_and_verdict_survives_encode_and_decode() {
         Some(Verdict::RejectAdminProhibited),
         Some(Verdict::Jump("other".into())),
         Some(Verdict::Redirect(5353)),
+        Some(Verdict::DaddrVmap(Family::V4, "m4".into())),
+        Some(Verdict::DaddrVmap(Family::V6, "m6".into())),
         None,
     ];
     let mut rules = Vec::new();
@@ -266,6 +266,7 @@ fn every_match_and_verdict_survives_encode_and_decode() {
         interval: false,
         timeout: false,
         size: None,
+        verdict_map: false,
         elements: vec![],
     };
     let named = |name: &str, s: Set| Set {
@@ -292,6 +293,36 @@ fn every_match_and_verdict_survives_encode_and_decode() {
                 Field::Port,
             ]),
         ),
+        Set {
+            verdict_map: true,
+            interval: true,
+            // Adjacent stretches jumping to different chains, and one
+            // reaching the top of the address space.
+            elements: vec![
+                Element {
+                    jump: Some("other".into()),
+                    ..Element::range(vec![0x0a00_0000], Some(vec![0x0a00_00ff]))
+                },
+                Element {
+                    jump: Some("output2".into()),
+                    ..Element::range(vec![0x0a00_0100], Some(vec![0x0a00_01ff]))
+                },
+                Element {
+                    jump: Some("other".into()),
+                    ..Element::range(vec![0xffff_ff00], Some(vec![0xffff_ffff]))
+                },
+            ],
+            ..named("m4", key(&[Field::Ipv4]))
+        },
+        Set {
+            verdict_map: true,
+            interval: true,
+            elements: vec![Element {
+                jump: Some("other".into()),
+                ..Element::range(vec![0], Some(vec![u128::MAX]))
+            }],
+            ..named("m6", key(&[Field::Ipv6]))
+        },
         named(
             "flows6",
             key(&[
@@ -322,7 +353,40 @@ fn every_match_and_verdict_survives_encode_and_decode() {
                 base: None,
                 rules: vec![],
             },
+            Chain {
+                name: "output2".into(),
+                base: None,
+                rules: vec![],
+            },
         ],
     };
     assert_eq!(roundtrip(&rs), rs);
+}
+
+#[test]
+fn a_dispatched_policy_survives_encode_and_decode() {
+    let mut text = String::from("[dns]\nupstream = [\"192.0.2.53\"]\n");
+    for i in 0..20 {
+        text.push_str(&format!(
+            "[[allow]]\nname = \"r{i}\"\ncidrs = [\"10.{i}.0.0/24\", \"2001:db8:{i}::/64\"]\nports = [{}]\nusers = [\"u\"]\n",
+            8000 + i
+        ));
+        if i == 9 {
+            text.push_str("[[allow]]\nname = \"web\"\nhosts = [\"example.com\"]\n");
+        }
+    }
+    text.push_str(
+        "[[allow]]\nname = \"wide\"\ncidrs = [\"10.0.0.0/8\", \"::/0\"]\nports = [443]\n",
+    );
+    let policy = parse_str(&text, std::path::Path::new("p.toml"), &Ids).unwrap();
+    let mut rs = compile(&policy, &CompileInput::default());
+    assert!(
+        rs.set("dispatch0_v4").is_some_and(|m| m.verdict_map) && rs.set("dispatch1_v6").is_some(),
+        "{}",
+        render(&rs)
+    );
+    let mut back = roundtrip(&rs);
+    rs.sets.sort_by(|a, b| a.name.cmp(&b.name));
+    back.sets.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(back, rs);
 }
