@@ -14,6 +14,7 @@
 #               threshold: the linear walk egret did before (343 rules)
 #   same-300    300 rules all for 10.1.0.0/24, each another user: the map
 #               cannot tell them apart (dispatch's worst case)
+#   same-linear-300  the same, walked linearly (as linear-300 is built)
 # Interleaved rounds; median of ROUNDS (default 3) runs of DURATION seconds (default 5).
 # Runs in namespaces it creates and deletes; traffic only between them.
 #
@@ -22,11 +23,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3} SECONDS_PER_RUN=${DURATION:-5} THREADS=${THREADS:-2}
-SETUPS=${SETUPS:-"none one rules-300 rules-1000 linear-300 same-300"}
+SETUPS=${SETUPS:-"none one rules-300 rules-1000 linear-300 same-300 same-linear-300"}
 command -v nft >/dev/null || apt-get install -y -qq nftables >/dev/null
-cargo build --release -q --bin egret --example conn_rate
+# EGRET and CONN_RATE name prebuilt binaries (egret only loads the rules:
+# the kernel does the work measured here).
 T=${CARGO_TARGET_DIR:-target}/release
-E=$PWD/$T/egret LOAD=$PWD/$T/examples/conn_rate
+E=${EGRET:-$PWD/$T/egret} LOAD=${CONN_RATE:-$PWD/$T/examples/conn_rate}
+[ -n "${EGRET:-}" ] && [ -n "${CONN_RATE:-}" ] || cargo build --release -q --bin egret --example conn_rate
 A=egret-rl-a-$$ B=egret-rl-b-$$ TMP=$(mktemp -d)
 cleanup() {
   for ns in "$A" "$B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
@@ -69,7 +72,14 @@ for i, r in enumerate(others(299)):
     if i % 7 == 6:
         linear.append(f'[[allow]]\nname = "any{i}"\nprotocol = "tcp"\nports = [{1024 + i}]\nusers = [{5000 + i}]\n\n')
 write("linear-300", linear + [match])
-write("same-300", [rule(f"s{i}", "10.1.0.0/24", 5201, 1000 + i) for i in range(299)] + [match])
+same = [rule(f"s{i}", "10.1.0.0/24", 5201, 1000 + i) for i in range(299)]
+write("same-300", same + [match])
+same_linear = []
+for i, r in enumerate(same):
+    same_linear.append(r)
+    if i % 7 == 6:
+        same_linear.append(f'[[allow]]\nname = "any{i}"\nprotocol = "tcp"\nports = [{1024 + i}]\nusers = [{5000 + i}]\n\n')
+write("same-linear-300", same_linear + [match])
 PY
 
 load() {
@@ -89,10 +99,10 @@ for r in $(seq "$ROUNDS"); do
 done
 median() { grep "^$1 " "$TMP/results" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 one=$(median one) none=$(median none)
-printf '\n%-11s %10s %8s %16s\n' setup conn/s vs_one "added µs/conn"
+printf '\n%-15s %10s %8s %16s\n' setup conn/s vs_one "added µs/conn"
 for s in $SETUPS; do
   m=$(median "$s")
-  printf '%-11s %10s %8s %16s\n' "$s" "$m" \
+  printf '%-15s %10s %8s %16s\n' "$s" "$m" \
     "$(awk -v a="$m" -v b="$one" 'BEGIN{printf "%.2f", a/b}')" \
     "$(awk -v a="$m" -v n="$none" 'BEGIN{printf "%.1f", 1e6/a - 1e6/n}')"
 done
