@@ -18,9 +18,13 @@
 # nginx-light and a JDK (the source launcher needs javac's module) are the
 # long-running clients that keep an address past its TTL (tests/dns.rs,
 # revalidation); nginx is installed without starting the system's server.
+# python3-pip installs the OpenTelemetry project's protobuf definitions
+# (opentelemetry-proto, pinned with its protobuf runtime) from PyPI: the OTLP
+# receiver of tests/alerts.rs decodes egret's exports with them, not with
+# egret's code. Debian 12 ships neither; they go to /usr/local.
 set -euo pipefail
 need=()
-for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
+for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl python3-pip:/usr/bin/pip3 openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -44,3 +48,8 @@ if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/deboo
   [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }
+if ! /usr/bin/python3 -c 'import opentelemetry.proto.collector.logs.v1.logs_service_pb2' 2>/dev/null; then
+  # --break-system-packages: PEP 668's marker; these are in no Debian package here.
+  /usr/bin/python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+    opentelemetry-proto==1.45.2 protobuf==7.36.2
+fi

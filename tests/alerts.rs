@@ -1,7 +1,8 @@
 //! `[[alerts]]` end to end: real blocked connections in a namespace, real
 //! receivers in another one (an HTTP server, RFC 5424 syslog listeners that
-//! parse what they get, an exec hook writing a file), egret enforcing with
-//! no allow rule for any of them.
+//! parse what they get, an OTLP/HTTP logs receiver decoding with the
+//! OpenTelemetry protobuf definitions, an exec hook writing a file), egret
+//! enforcing with no allow rule for any of them.
 
 mod common;
 
@@ -21,7 +22,11 @@ fn receiver_script() -> PathBuf {
 
 /// A receiver from alert_receiver.py in `ns`, recording into `out`.
 fn receiver(ns: &Netns, args: &[&str]) -> Spawned {
-    let script = receiver_script();
+    listening(ns, &receiver_script(), args)
+}
+
+/// `script` in `ns`, once it says "listening".
+fn listening(ns: &Netns, script: &Path, args: &[&str]) -> Spawned {
     let mut a = vec![script.to_str().unwrap()];
     a.extend_from_slice(args);
     let mut child = ns
@@ -67,6 +72,116 @@ fn stored_events(ns: &Netns, policy: &PolicyFile) -> Vec<Value> {
     ns.egret_ok(&["events", "--json", "--state-dir", &policy.state_dir()])
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The metrics endpoint of a policy with `[metrics] listen = "127.0.0.1:9464"`.
+fn metrics(ns: &Netns) -> String {
+    let out = ns
+        .cmd("curl", &["-s", "-m", "5", "http://127.0.0.1:9464/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metric(metrics: &str, name: &str, sink: &str) -> f64 {
+    let prefix = format!("{name}{{sink=\"{sink}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+}
+
+/// A private CA in `dir` and a certificate it signed for B4: (ca, cert, key).
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    // A private CA and a server certificate it signed (webpki refuses a
+    // CA certificate as the server's own).
+    let ca_key = dir.join("ca-key.pem");
+    let csr = dir.join("server.csr");
+    let ext = dir.join("ext.cnf");
+    std::fs::write(&ext, format!("subjectAltName=IP:{B4}\n")).unwrap();
+    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let openssl = |args: &[&str]| run_ok(std::process::Command::new("openssl").args(args));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=egret test CA",
+        "-keyout",
+        &p(&ca_key),
+        "-out",
+        &p(&ca),
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=egret test receiver",
+        "-keyout",
+        &p(&key),
+        "-out",
+        &p(&csr),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ]);
+    (ca, cert, key)
+}
+
+/// Every one of `ports` has its `blocked` event in the store.
+fn assert_blocked_stored(docs: &[Value], ports: &[u16]) {
+    for p in ports {
+        assert!(
+            docs.iter()
+                .any(|d| at(d, "/destination/port") == *p as u64
+                    && at(d, "/event/action") == "blocked"),
+            "port {p} is in the store: {docs:#?}"
+        );
+    }
+}
+
+/// A blocked TCP attempt by nobody to each of `ports` on B4, and each
+/// one's first event.
+fn tcp_attempts(pair: &Pair, daemon: &Running, ports: &[u16]) -> Vec<Attempt> {
+    ports
+        .iter()
+        .map(|p| {
+            let a = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, &p.to_string()]);
+            daemon.wait_event(10, "the attempt", |e| is_new(e, *p as u64));
+            a
+        })
         .collect()
 }
 
@@ -338,30 +453,14 @@ actions = ["alert-failed"]
     for p in &ports {
         daemon.wait_event(10, "each attempt", |e| is_new(e, *p as u64));
     }
-    let metrics = pair
-        .a
-        .cmd("curl", &["-s", "-m", "5", "http://127.0.0.1:9464/metrics"])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
-    let failures: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("egret_alerts_failed_total{sink=\"down\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
+    let metrics = metrics(&pair.a);
+    let failures = metric(&metrics, "egret_alerts_failed_total", "down");
     assert!(failures >= 1.0, "{metrics}");
     assert!(metrics.contains("egret_alerts_delivered_total{sink=\"hook\"}"));
 
     assert!(daemon.stop().success());
     let docs = stored_events(&pair.a, &policy);
-    for p in &ports {
-        assert!(
-            docs.iter()
-                .any(|d| at(d, "/destination/port") == *p as u64
-                    && at(d, "/event/action") == "blocked"),
-            "port {p} is in the store: {docs:#?}"
-        );
-    }
+    assert_blocked_stored(&docs, &ports);
     assert!(docs
         .iter()
         .any(|d| at(d, "/event/action") == "alert-failed"));
@@ -416,69 +515,8 @@ fn deleting_egrets_table_reaches_the_sinks_as_critical_tamper() {
 fn an_https_webhook_with_its_own_ca_file() {
     let pair = Pair::new();
     let tmp = tempfile::tempdir().unwrap();
-    let (ca, cert, key, web) = (
-        tmp.path().join("ca.pem"),
-        tmp.path().join("cert.pem"),
-        tmp.path().join("key.pem"),
-        tmp.path().join("web"),
-    );
-    // A private CA and a server certificate it signed (webpki refuses a
-    // CA certificate as the server's own).
-    let ca_key = tmp.path().join("ca-key.pem");
-    let csr = tmp.path().join("server.csr");
-    let ext = tmp.path().join("ext.cnf");
-    std::fs::write(&ext, format!("subjectAltName=IP:{B4}\n")).unwrap();
-    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
-    let openssl = |args: &[&str]| run_ok(std::process::Command::new("openssl").args(args));
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=egret test CA",
-        "-keyout",
-        &p(&ca_key),
-        "-out",
-        &p(&ca),
-    ]);
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        "/CN=egret test receiver",
-        "-keyout",
-        &p(&key),
-        "-out",
-        &p(&csr),
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p(&csr),
-        "-CA",
-        &p(&ca),
-        "-CAkey",
-        &p(&ca_key),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &p(&ext),
-        "-out",
-        &p(&cert),
-    ]);
+    let web = tmp.path().join("web");
+    let (ca, cert, key) = private_ca(tmp.path());
     let _web = receiver(
         &pair.b,
         &[
@@ -553,4 +591,339 @@ fn a_reload_adds_a_sink_and_its_hole() {
     wait_for(&web, 20, "post after reload", |p| {
         at(&p["body"], "/destination/port") == 7300
     });
+}
+
+// --- otlp -----------------------------------------------------------------
+
+/// otlp_receiver.py in `ns`: decodes with the OpenTelemetry project's own
+/// protobuf definitions, one JSON object per request.
+fn otlp_receiver(ns: &Netns, args: &[&str]) -> Spawned {
+    listening(ns, &support_script("otlp_receiver.py"), args)
+}
+
+/// An OTLP receiver on B4:4318 answering its first requests `answers`
+/// (then 200), and the file it records into.
+fn scripted_collector(pair: &Pair, dir: &Path, answers: &str) -> (Spawned, PathBuf) {
+    let out = dir.join("otlp");
+    let rx = otlp_receiver(
+        &pair.b,
+        &[B4, "4318", out.to_str().unwrap(), "--answers", answers],
+    );
+    (rx, out)
+}
+
+/// Enforcing, with the metrics endpoint [`metrics`] reads.
+const WITH_METRICS: &str = "mode = \"enforce\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n";
+
+/// The records of the requests in `file`, each with its request.
+fn otlp_records(file: &Path) -> Vec<(Value, Value)> {
+    let mut out = Vec::new();
+    for req in received(file) {
+        assert!(req.get("error").is_none(), "undecodable request: {req:#}");
+        for rl in req["resource_logs"].as_array().unwrap() {
+            for sl in rl["scopes"].as_array().unwrap() {
+                for r in sl["records"].as_array().unwrap() {
+                    out.push((req.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn record_port(r: &Value) -> Option<u64> {
+    r["attributes"]["destination.port"].as_u64()
+}
+
+/// `doc`'s fields by dotted name, as the test reads ECS (not egret's code).
+fn dotted(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                dotted(&name, v, out);
+            }
+        }
+        _ => out.push((prefix.to_string(), v.clone())),
+    }
+}
+
+#[test]
+fn otlp_records_carry_the_resource_severity_body_and_every_ecs_field_typed() {
+    let pair = Pair::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("otlp");
+    let _rx = otlp_receiver(&pair.b, &[B4, "4318", out.to_str().unwrap()]);
+    // Four records per request and a delay no test waits for: the four
+    // incidents (a process's try at the collector's port, three callbacks)
+    // must travel together.
+    let policy = PolicyFile::new(&format!(
+        r#"
+mode = "enforce"
+
+[[alerts]]
+name = "otel"
+type = "otlp"
+endpoint = "http://{B4}:4318/otlp/"
+headers = {{ Authorization = "Bearer t0ken" }}
+actions = ["blocked"]
+batch_size = 4
+batch_delay = "1h"
+"#
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    assert!(pair
+        .a
+        .nft_ruleset()
+        .contains("comment \"alerts: sink otel\""));
+    assert!(!pair.a.tcp_ok(None, B4, 4318), "the hole is egret's only");
+    let java = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "1389"]);
+    let _b = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "7401"]);
+    let _c = Attempt::start(&pair.a, Some(NOBODY), &["try-udp", B4, "7402"]);
+    let events: Vec<Value> = [4318, 1389, 7401, 7402]
+        .iter()
+        .map(|p| daemon.wait_event(10, "each attempt", |e| is_new(e, *p)))
+        .collect();
+    let req = wait_for(&out, 30, "one request of four records", |r| {
+        r["resource_logs"][0]["scopes"][0]["records"]
+            .as_array()
+            .is_some_and(|a| a.len() == 4)
+    });
+    assert_eq!(received(&out).len(), 1, "the batch is one request");
+    assert_eq!(req["path"], "/otlp/v1/logs");
+    assert_eq!(req["content_type"], "application/x-protobuf");
+    assert_eq!(req["content_encoding"], "gzip");
+    assert_eq!(req["authorization"], "Bearer t0ken");
+    assert!(req["user_agent"].as_str().unwrap().starts_with("egret/"));
+    let rl = &req["resource_logs"][0];
+    assert_eq!(
+        rl["resource"]["host.name"],
+        at(&events[0], "/host/name").clone()
+    );
+    assert_eq!(rl["resource"]["service.name"], "egret");
+    assert_eq!(rl["resource"]["service.version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(rl["scopes"][0]["scope"]["name"], "egret");
+
+    let records = otlp_records(&out);
+    for e in &events {
+        let port = at(e, "/destination/port").as_u64();
+        let (_, r) = records
+            .iter()
+            .find(|(_, r)| record_port(r) == port)
+            .unwrap_or_else(|| panic!("port {port:?}: {records:#?}"));
+        assert_eq!(r["body"], at(e, "/message").clone());
+        assert_eq!(r["severity_text"], "high", "new destinations");
+        assert_eq!(r["severity_number"], 17, "high is ERROR");
+        let time = humantime::parse_rfc3339(at(e, "/@timestamp").as_str().unwrap()).unwrap();
+        let nanos = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        assert_eq!(r["time_unix_nano"].as_u64().map(u128::from), Some(nanos));
+        assert!(r["observed_time_unix_nano"].as_u64().map(u128::from) >= Some(nanos));
+        // Every ECS field, by its dotted name, with its JSON type.
+        let mut fields = Vec::new();
+        dotted("", e, &mut fields);
+        let attrs = r["attributes"].as_object().unwrap();
+        assert!(attrs.get("__duplicates__").is_none(), "{attrs:#?}");
+        for (name, value) in &fields {
+            if name == "message" || name == "@timestamp" {
+                assert!(!attrs.contains_key(name), "{name} is not an attribute");
+                continue;
+            }
+            assert_eq!(attrs.get(name), Some(value), "attribute {name}");
+        }
+        assert_eq!(attrs.len(), fields.len() - 2, "{attrs:#?}");
+    }
+    let (_, r) = records
+        .iter()
+        .find(|(_, r)| record_port(r) == Some(1389))
+        .unwrap();
+    let a = &r["attributes"];
+    assert_eq!(a["process.pid"], java.pid, "an int attribute");
+    assert_eq!(a["user.name"], "nobody");
+    assert_eq!(a["egret.update"], false, "a bool attribute");
+    assert!(a["event.type"]
+        .as_array()
+        .unwrap()
+        .contains(&"denied".into()));
+}
+
+#[test]
+fn otlp_over_https_with_a_private_ca_uncompressed() {
+    let pair = Pair::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("otlp");
+    let (ca, cert, key) = private_ca(tmp.path());
+    let _rx = otlp_receiver(
+        &pair.b,
+        &[
+            B4,
+            "4318",
+            out.to_str().unwrap(),
+            "--tls",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+        ],
+    );
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[[alerts]]\nname = \"otel\"\ntype = \"otlp\"\nendpoint = \"https://{B4}:4318\"\nca_file = \"{}\"\ncompression = \"none\"\nbatch_delay = \"100ms\"\n",
+        ca.display()
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let _a = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "1099"]);
+    let e = daemon.wait_event(10, "the attempt", |e| is_new(e, 1099));
+    let req = wait_for(&out, 30, "a record over TLS", |r| {
+        r["resource_logs"][0]["scopes"][0]["records"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| record_port(r) == Some(1099)))
+    });
+    assert_eq!(req["path"], "/v1/logs");
+    assert_eq!(req["content_encoding"], Value::Null, "compression = none");
+    let records = otlp_records(&out);
+    let (_, r) = records
+        .iter()
+        .find(|(_, r)| record_port(r) == Some(1099))
+        .unwrap();
+    assert_eq!(r["body"], at(&e, "/message").clone());
+}
+
+#[test]
+fn a_collector_answering_503_then_200_gets_the_batch_once_after_its_retry_after() {
+    let (pair, tmp) = (Pair::new(), tempfile::tempdir().unwrap());
+    let (_rx, out) = scripted_collector(&pair, tmp.path(), "503");
+    // A backoff no test waits for: the retry comes after the receiver's
+    // Retry-After (1 s) or not at all.
+    let policy = PolicyFile::new(&format!(
+        r#"{WITH_METRICS}
+[[alerts]]
+name = "otel"
+type = "otlp"
+endpoint = "http://{B4}:4318"
+actions = ["blocked"]
+backoff = "10m"
+batch_delay = "100ms"
+"#
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let _a = tcp_attempts(&pair, &daemon, &[7501]);
+    wait_for(&out, 30, "the retried request", |r| r["answered"] == 200);
+    let records = otlp_records(&out);
+    let answered: Vec<u64> = records
+        .iter()
+        .filter(|(_, r)| record_port(r) == Some(7501))
+        .map(|(req, _)| req["answered"].as_u64().unwrap())
+        .collect();
+    assert_eq!(answered, vec![503, 200], "sent, refused, sent again once");
+    daemon.wait_until("the delivery is counted", 20, || {
+        metric(&metrics(&pair.a), "egret_alerts_delivered_total", "otel") >= 1.0
+    });
+    let m = metrics(&pair.a);
+    assert_eq!(
+        metric(&m, "egret_alerts_delivered_total", "otel"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "egret_alerts_retries_total", "otel"), 1.0, "{m}");
+    assert_eq!(metric(&m, "egret_alerts_failed_total", "otel"), 0.0, "{m}");
+}
+
+#[test]
+fn a_down_collector_loses_no_stored_event_and_a_refusing_one_is_not_retried() {
+    let (pair, tmp) = (Pair::new(), tempfile::tempdir().unwrap());
+    let hook = tmp.path().join("hook");
+    // 4318 answers its first request 400; nothing listens on 4319.
+    let (_rx, out) = scripted_collector(&pair, tmp.path(), "400");
+    let policy = PolicyFile::new(&format!(
+        r#"{WITH_METRICS}
+[[alerts]]
+name = "down"
+type = "otlp"
+endpoint = "http://{B4}:4319"
+retries = 1
+backoff = "100ms"
+timeout = "2s"
+batch_delay = "100ms"
+
+[[alerts]]
+name = "refusing"
+type = "otlp"
+endpoint = "http://{B4}:4318"
+actions = ["blocked"]
+backoff = "100ms"
+batch_delay = "100ms"
+
+[[alerts]]
+name = "hook"
+type = "exec"
+{}
+actions = ["alert-failed"]
+"#,
+        exec_hook(&hook)
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let ports: Vec<u16> = (7601..=7605).collect();
+    let _attempts = tcp_attempts(&pair, &daemon, &ports);
+    let failed = daemon.wait_event(30, "alert-failed for the down sink", |e| {
+        at(e, "/event/action") == "alert-failed" && at(e, "/egret/alert/sink") == "down"
+    });
+    assert!(at(&failed, "/egret/alert/error")
+        .as_str()
+        .unwrap()
+        .contains("10.1.0.2:4319"));
+    wait_for(&hook, 20, "alert-failed at the hook", |v| {
+        at(v, "/event/action") == "alert-failed" && at(v, "/egret/alert/sink") == "down"
+    });
+    let refused = daemon.wait_event(30, "alert-failed for the refusing sink", |e| {
+        at(e, "/event/action") == "alert-failed" && at(e, "/egret/alert/sink") == "refusing"
+    });
+    assert!(
+        at(&refused, "/egret/alert/error")
+            .as_str()
+            .unwrap()
+            .contains("400"),
+        "{refused:#}"
+    );
+    // Every port reached the refusing collector once: the refused batch
+    // was not sent again, the ones after it were delivered.
+    daemon.wait_until("every blocked event at the collector", 30, || {
+        let got = otlp_records(&out);
+        ports
+            .iter()
+            .all(|p| got.iter().any(|(_, r)| record_port(r) == Some(*p as u64)))
+    });
+    let records = otlp_records(&out);
+    for p in &ports {
+        let n = records
+            .iter()
+            .filter(|(_, r)| record_port(r) == Some(*p as u64))
+            .count();
+        assert_eq!(n, 1, "port {p}: {records:#?}");
+    }
+    let m = metrics(&pair.a);
+    assert!(
+        metric(&m, "egret_alerts_failed_total", "down") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "egret_alerts_retries_total", "down") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "egret_alerts_rejected_total", "refusing") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "egret_alerts_retries_total", "refusing"),
+        0.0,
+        "{m}"
+    );
+
+    assert!(daemon.stop().success());
+    let docs = stored_events(&pair.a, &policy);
+    assert_blocked_stored(&docs, &ports);
 }

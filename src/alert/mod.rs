@@ -1,17 +1,19 @@
 //! Alerts: the events of `egret run`, pushed to where operators already look
-//! (`[[alerts]]`: webhook, syslog, exec).
+//! (`[[alerts]]`: webhook, syslog, exec, otlp).
 //!
 //! The pipeline hands each document to [`Dispatcher::send`], which filters
 //! it per sink and puts it on that sink's bounded queue without waiting. Each
 //! sink has its own worker thread: rate limit and digest ([`limiter`]),
-//! delivery with retries ([`Deliver`]). Invariant: nothing here blocks or
+//! batching (otlp), delivery with retries ([`Deliver`]). Invariant: nothing here blocks or
 //! fails the pipeline; a slow or dead sink costs alerts, never stored events.
 //! A sink's failures come back through [`Dispatcher::failure_events`] and are
 //! reported by the daemon as `alert-failed` events, which go to the *other*
 //! sinks only, and whose own failures are counted but not reported again.
 
 pub mod exec;
+pub mod http;
 pub mod limiter;
+pub mod otlp;
 pub mod severity;
 pub mod syslog;
 pub mod webhook;
@@ -32,12 +34,66 @@ use crate::policy::{AlertSink, Policy, Severity, SinkKind};
 use limiter::Limiter;
 
 /// One way of getting an alert out. Called on the sink's own thread.
+/// An error is retried with backoff unless it is a [`Refusal`].
 pub trait Deliver: Send {
+    /// One attempt at delivering one document.
     fn deliver(&mut self, doc: &Value) -> Result<()>;
+
+    /// A sink that carries many documents per request (otlp) says how many
+    /// and how long the first may wait for the others; the rest get each
+    /// document at once.
+    fn batching(&self) -> Batching {
+        Batching::ONE
+    }
+
+    /// One attempt at delivering `docs` (at most `batching().max`) in one
+    /// request: `Ok` with what the receiver accepted the request but
+    /// refused of it (an OTLP partial success).
+    fn deliver_batch(&mut self, docs: &[Arc<Value>]) -> Result<Option<Refused>> {
+        for doc in docs {
+            self.deliver(doc)?;
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub max: usize,
+    pub delay: Duration,
+}
+
+impl Batching {
+    pub const ONE: Batching = Batching {
+        max: 1,
+        delay: Duration::ZERO,
+    };
+}
+
+/// Documents of an accepted request that the receiver still refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub count: u64,
+    pub why: String,
+}
+
+/// A failed attempt that says how to go on (other errors are retried with
+/// the sink's backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Retrying would get the same answer (an OTLP receiver's 400, 401,
+    /// 413, 500 ...): not retried, counted as rejected.
+    #[error("{0}")]
+    Final(String),
+    /// Retry, but not before this long (`Retry-After` on a 429 or 503).
+    #[error("{why}")]
+    After { why: String, wait: Duration },
 }
 
 /// Alerts waiting per sink; past this, new ones are counted and dropped.
 const QUEUE: usize = 1024;
+/// The longest wait between two attempts (backoff or `Retry-After`).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// `alert-failed` events: at most one per sink per this interval.
 const FAILURE_EVENT_EVERY: Duration = Duration::from_secs(60);
 
@@ -50,6 +106,11 @@ pub struct SinkStats {
     pub suppressed: AtomicU64,
     /// Dropped because the sink's queue was full.
     pub queue_full: AtomicU64,
+    /// Of `failed`: refused by the receiver, not retried (a 4xx, an OTLP
+    /// partial success).
+    pub rejected: AtomicU64,
+    /// Attempts that failed and were tried again.
+    pub retries: AtomicU64,
 }
 
 /// A delivery that failed after its retries.
@@ -89,12 +150,19 @@ impl Dispatcher {
                     Box::new(syslog::Syslog::new(s, policy.mark, config.timeout))
                 }
                 SinkKind::Exec(e) => Box::new(exec::Exec::new(e, config.timeout)),
+                SinkKind::Otlp(o) => Box::new(
+                    otlp::Otlp::new(o, policy.mark, config.timeout, host)
+                        .with_context(|| format!("alert sink {}", config.name))?,
+                ),
             };
             let (tx, rx) = sync_channel(QUEUE);
             let stats = Arc::new(SinkStats::default());
             let worker = Worker {
                 config: config.clone(),
                 host: host.to_string(),
+                batching: deliver.batching(),
+                batch: Vec::new(),
+                batch_since: None,
                 deliver,
                 limiter: Limiter::new(config.rate_limit, config.rate_window),
                 stats: Arc::clone(&stats),
@@ -232,15 +300,23 @@ struct Worker {
     stats: Arc<SinkStats>,
     failures: SyncSender<Failure>,
     dropped_seen: u64,
+    batching: Batching,
+    /// Admitted documents waiting for their request.
+    batch: Vec<Arc<Value>>,
+    /// When the first of them came.
+    batch_since: Option<Instant>,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<Arc<Value>>) {
         loop {
-            let wait = self
-                .limiter
-                .deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()))
+            let now = Instant::now();
+            let batch_due = self.batch_since.map(|t| t + self.batching.delay);
+            let wait = [self.limiter.deadline(), batch_due]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|d| d.saturating_duration_since(now))
                 .unwrap_or(Duration::from_secs(1));
             let closed = match rx.recv_timeout(wait) {
                 Ok(doc) => {
@@ -251,7 +327,7 @@ impl Worker {
                         .limiter
                         .admit(Instant::now(), envelope.action_name(), severity)
                     {
-                        self.send(&doc);
+                        self.add(doc);
                     } else {
                         self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -267,10 +343,34 @@ impl Worker {
                 self.dropped_seen = dropped;
             }
             self.digest_if_due();
+            let due = self
+                .batch_since
+                .is_some_and(|t| t.elapsed() >= self.batching.delay);
+            if closed || due {
+                self.flush();
+            }
             if closed {
                 return;
             }
         }
+    }
+
+    /// Into the batch; a full batch goes at once.
+    fn add(&mut self, doc: Arc<Value>) {
+        self.batch.push(doc);
+        self.batch_since.get_or_insert_with(Instant::now);
+        if self.batch.len() >= self.batching.max {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.batch_since = None;
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.send(&batch);
     }
 
     fn digest_if_due(&mut self) {
@@ -283,38 +383,63 @@ impl Worker {
                 d.dropped,
                 &self.host,
             );
-            self.send(&doc);
+            self.add(Arc::new(doc));
         }
     }
 
-    /// Delivers with retries, `backoff` apart and doubling.
-    fn send(&mut self, doc: &Value) {
+    /// Delivers with retries, `backoff` apart and doubling (or as long as
+    /// the receiver asked); a [`Refusal::Final`] is not retried.
+    fn send(&mut self, docs: &[Arc<Value>]) {
         let mut backoff = self.config.backoff;
         let mut attempt = 0;
+        let n = docs.len() as u64;
         loop {
-            match self.deliver.deliver(doc) {
-                Ok(()) => {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(e) if attempt >= self.config.retries => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    let about_a_failure = Envelope::of(doc).action == Some(Action::AlertFailed);
-                    // A failure to report a failure stays in the metrics: no loop.
-                    if !about_a_failure {
-                        let _ = self.failures.try_send(Failure {
-                            sink: self.config.name.clone(),
-                            error: format!("{e:#}"),
-                        });
+            let error = match self.deliver.deliver_batch(docs) {
+                Ok(refused) => {
+                    let refused = refused.map(|r| (r.count.min(n), r.why));
+                    let count = refused.as_ref().map_or(0, |r| r.0);
+                    self.stats.delivered.fetch_add(n - count, Ordering::Relaxed);
+                    match refused {
+                        Some((count, why)) if count > 0 => {
+                            self.stats.rejected.fetch_add(count, Ordering::Relaxed);
+                            self.failed(docs, count, format!("{count} of {n} refused: {why}"));
+                        }
+                        _ => {}
                     }
                     return;
                 }
-                Err(_) => {
-                    attempt += 1;
-                    std::thread::sleep(backoff);
-                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(60));
+                Err(e) => e,
+            };
+            let (retry, wait) = match error.downcast_ref::<Refusal>() {
+                Some(Refusal::Final(_)) => (false, backoff),
+                Some(Refusal::After { wait, .. }) => (true, (*wait).min(MAX_BACKOFF)),
+                None => (true, backoff),
+            };
+            if !retry || attempt >= self.config.retries {
+                if !retry {
+                    self.stats.rejected.fetch_add(n, Ordering::Relaxed);
                 }
+                self.failed(docs, n, format!("{error:#}"));
+                return;
             }
+            attempt += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(wait);
+            backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn failed(&self, docs: &[Arc<Value>], count: u64, error: String) {
+        self.stats.failed.fetch_add(count, Ordering::Relaxed);
+        let about_failures = docs
+            .iter()
+            .all(|d| Envelope::of(d).action == Some(Action::AlertFailed));
+        // A failure to report a failure stays in the metrics: no loop.
+        if !about_failures {
+            let _ = self.failures.try_send(Failure {
+                sink: self.config.name.clone(),
+                error,
+            });
         }
     }
 }

@@ -126,6 +126,8 @@ impl AlertSink {
     pub const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(60);
     pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// An otlp sink is a log export: every event, no rate limit unless set.
+    pub const UNLIMITED: u32 = u32::MAX;
 
     /// The address egret's ruleset must let this sink's marked socket reach,
     /// when the configuration pins one (a webhook URL with an IP address, a
@@ -135,13 +137,14 @@ impl AlertSink {
         const TCP: u8 = 6;
         const UDP: u8 = 17;
         match &self.kind {
-            SinkKind::Webhook(w) => w
+            SinkKind::Webhook(WebhookConfig { http, .. })
+            | SinkKind::Otlp(OtlpConfig { http, .. }) => http
                 .host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .parse::<IpAddr>()
                 .ok()
-                .map(|ip| (SocketAddr::new(ip, w.port), TCP)),
+                .map(|ip| (SocketAddr::new(ip, http.port), TCP)),
             SinkKind::Syslog(s) => match s.target {
                 SyslogTarget::Udp(a) => Some((a, UDP)),
                 SyslogTarget::Tcp(a) => Some((a, TCP)),
@@ -157,6 +160,7 @@ pub enum SinkKind {
     Webhook(WebhookConfig),
     Syslog(SyslogConfig),
     Exec(ExecConfig),
+    Otlp(OtlpConfig),
 }
 
 impl SinkKind {
@@ -165,6 +169,7 @@ impl SinkKind {
             SinkKind::Webhook(_) => "webhook",
             SinkKind::Syslog(_) => "syslog",
             SinkKind::Exec(_) => "exec",
+            SinkKind::Otlp(_) => "otlp",
         }
     }
 }
@@ -178,17 +183,42 @@ pub enum WebhookFormat {
     Slack,
 }
 
+/// Where an HTTP(S) sink (webhook, otlp) posts, and whom it trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookConfig {
+pub struct HttpTarget {
+    /// The URL requests go to.
     pub url: String,
     pub https: bool,
     /// As written in the URL (a name, an IPv4 address or a bracketed IPv6 one).
     pub host: String,
     pub port: u16,
-    pub format: WebhookFormat,
     /// Trust only the certificates in this PEM file (instead of the system's).
     pub ca_file: Option<PathBuf>,
     pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub http: HttpTarget,
+    pub format: WebhookFormat,
+}
+
+/// OpenTelemetry logs over HTTP/protobuf (OTLP), batched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// `url` is the endpoint with `/v1/logs` appended.
+    pub http: HttpTarget,
+    pub gzip: bool,
+    /// At most this many log records per request.
+    pub batch_size: usize,
+    /// A record waits at most this long for others to share its request.
+    pub batch_delay: Duration,
+}
+
+impl OtlpConfig {
+    pub const DEFAULT_BATCH_SIZE: usize = 512;
+    pub const MAX_BATCH_SIZE: usize = 8192;
+    pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_secs(1);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +298,11 @@ pub(super) struct RawAlert {
     format: Option<Spanned<WebhookFormat>>,
     ca_file: Option<Spanned<String>>,
     headers: Option<Spanned<BTreeMap<String, String>>>,
+    // otlp (with ca_file and headers)
+    endpoint: Option<Spanned<String>>,
+    compression: Option<Spanned<String>>,
+    batch_size: Option<Spanned<i64>>,
+    batch_delay: Option<Spanned<String>>,
     // syslog
     target: Option<Spanned<String>>,
     facility: Option<Spanned<String>>,
@@ -405,7 +440,13 @@ pub(super) fn alert_sinks(
             };
             let default_retries = match kind {
                 SinkKind::Exec(_) => 0,
+                // A log export rides out a collector's restart.
+                SinkKind::Otlp(_) => 4,
                 _ => 2,
+            };
+            let default_rate_limit = match kind {
+                SinkKind::Otlp(_) => AlertSink::UNLIMITED,
+                _ => AlertSink::DEFAULT_RATE_LIMIT,
             };
             let mut actions = Vec::new();
             for a in r.actions.iter().flatten() {
@@ -427,7 +468,7 @@ pub(super) fn alert_sinks(
                     .and_then(|v| e.severity(v))
                     .unwrap_or(Severity::Info),
                 actions,
-                rate_limit: count(&mut e, &r.rate_limit, AlertSink::DEFAULT_RATE_LIMIT, 1),
+                rate_limit: count(&mut e, &r.rate_limit, default_rate_limit, 1),
                 rate_window: e.duration(&r.rate_window, AlertSink::DEFAULT_RATE_WINDOW),
                 retries: count(&mut e, &r.retries, default_retries, 0),
                 backoff: e.duration(&r.backoff, AlertSink::DEFAULT_BACKOFF),
@@ -447,6 +488,10 @@ fn sink_kind(e: &mut Errors, r: &RawAlert) -> Option<SinkKind> {
         ("format", r.format.as_ref().map(|v| v.span())),
         ("ca_file", r.ca_file.as_ref().map(|v| v.span())),
         ("headers", r.headers.as_ref().map(|v| v.span())),
+        ("endpoint", r.endpoint.as_ref().map(|v| v.span())),
+        ("compression", r.compression.as_ref().map(|v| v.span())),
+        ("batch_size", r.batch_size.as_ref().map(|v| v.span())),
+        ("batch_delay", r.batch_delay.as_ref().map(|v| v.span())),
         ("target", r.target.as_ref().map(|v| v.span())),
         ("facility", r.facility.as_ref().map(|v| v.span())),
         ("app_name", r.app_name.as_ref().map(|v| v.span())),
@@ -456,11 +501,19 @@ fn sink_kind(e: &mut Errors, r: &RawAlert) -> Option<SinkKind> {
         "webhook" => &["url", "format", "ca_file", "headers"],
         "syslog" => &["target", "facility", "app_name"],
         "exec" => &["command"],
+        "otlp" => &[
+            "endpoint",
+            "ca_file",
+            "headers",
+            "compression",
+            "batch_size",
+            "batch_delay",
+        ],
         _ => {
             e.at(
                 r.kind.span(),
                 format!("unknown sink type {kind:?}"),
-                "type is \"webhook\", \"syslog\" or \"exec\"",
+                "type is \"webhook\", \"syslog\", \"exec\" or \"otlp\"",
             );
             return None;
         }
@@ -477,6 +530,7 @@ fn sink_kind(e: &mut Errors, r: &RawAlert) -> Option<SinkKind> {
     match kind {
         "webhook" => webhook(e, r).map(SinkKind::Webhook),
         "syslog" => syslog(e, r).map(SinkKind::Syslog),
+        "otlp" => otlp(e, r).map(SinkKind::Otlp),
         _ => exec(e, r).map(SinkKind::Exec),
     }
 }
@@ -492,6 +546,84 @@ fn webhook(e: &mut Errors, r: &RawAlert) -> Option<WebhookConfig> {
     };
     let hint =
         "write an http or https URL such as \"https://hooks.slack.com/services/T000/B000/XXXX\"";
+    let (http, _) = http_target(e, r, url, hint)?;
+    Some(WebhookConfig {
+        http,
+        format: r
+            .format
+            .as_ref()
+            .map(|f| *f.get_ref())
+            .unwrap_or(WebhookFormat::Json),
+    })
+}
+
+fn otlp(e: &mut Errors, r: &RawAlert) -> Option<OtlpConfig> {
+    let Some(endpoint) = &r.endpoint else {
+        e.at(
+            r.kind.span(),
+            "an otlp sink needs an endpoint",
+            "add endpoint = \"http://192.0.2.10:4318\" (the collector's OTLP/HTTP receiver)",
+        );
+        return None;
+    };
+    let hint = "write the collector's OTLP/HTTP base URL, such as \"https://otel.example.org:4318\" (egret posts to its /v1/logs)";
+    let (mut http, uri) = http_target(e, r, endpoint, hint)?;
+    if uri.query().is_some() {
+        e.at(
+            endpoint.span(),
+            format!("{:?} has a query", endpoint.get_ref()),
+            hint,
+        );
+        return None;
+    }
+    // The OTLP/HTTP base endpoint: the signal's path is appended to it.
+    let scheme = if http.https { "https" } else { "http" };
+    let base = uri.path().trim_end_matches('/');
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    http.url = format!("{scheme}://{authority}{base}/v1/logs");
+    let gzip = match r.compression.as_ref().map(|c| c.get_ref().as_str()) {
+        None | Some("gzip") => true,
+        Some("none") => false,
+        Some(other) => {
+            let span = r.compression.as_ref().map(|c| c.span()).unwrap_or_default();
+            e.at(
+                span,
+                format!("unknown compression {other:?}"),
+                "\"gzip\" (the default) or \"none\"",
+            );
+            return None;
+        }
+    };
+    let batch_size = match &r.batch_size {
+        None => OtlpConfig::DEFAULT_BATCH_SIZE,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v) if (1..=OtlpConfig::MAX_BATCH_SIZE).contains(&v) => v,
+            _ => {
+                e.at(
+                    n.span(),
+                    format!("batch_size {} is out of range", n.get_ref()),
+                    &format!("from 1 to {} log records", OtlpConfig::MAX_BATCH_SIZE),
+                );
+                return None;
+            }
+        },
+    };
+    Some(OtlpConfig {
+        http,
+        gzip,
+        batch_size,
+        batch_delay: e.duration(&r.batch_delay, OtlpConfig::DEFAULT_BATCH_DELAY),
+    })
+}
+
+/// The URL, TLS and headers of an HTTP(S) sink, checked the same way for
+/// every kind; also the parsed URL for what is particular to the kind.
+fn http_target(
+    e: &mut Errors,
+    r: &RawAlert,
+    url: &Spanned<String>,
+    hint: &str,
+) -> Option<(HttpTarget, http::Uri)> {
     let uri: http::Uri = match url.get_ref().parse() {
         Ok(u) => u,
         Err(err) => {
@@ -560,19 +692,15 @@ fn webhook(e: &mut Errors, r: &RawAlert) -> Option<WebhookConfig> {
             }
         }
     }
-    Some(WebhookConfig {
+    let target = HttpTarget {
         url: url.get_ref().clone(),
         https,
         host: authority.host().to_string(),
         port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
-        format: r
-            .format
-            .as_ref()
-            .map(|f| *f.get_ref())
-            .unwrap_or(WebhookFormat::Json),
         ca_file,
         headers,
-    })
+    };
+    Some((target, uri))
 }
 
 fn syslog(e: &mut Errors, r: &RawAlert) -> Option<SyslogConfig> {
@@ -738,8 +866,11 @@ timeout = "2s"
         let SinkKind::Webhook(w) = &slack.kind else {
             panic!()
         };
-        assert!(w.https);
-        assert_eq!((w.host.as_str(), w.port), ("hooks.slack.com", 443));
+        assert!(w.http.https);
+        assert_eq!(
+            (w.http.host.as_str(), w.http.port),
+            ("hooks.slack.com", 443)
+        );
         assert_eq!(w.format, WebhookFormat::Slack);
         assert_eq!(slack.min_severity, Severity::High);
         assert_eq!(
@@ -778,6 +909,37 @@ timeout = "2s"
     }
 
     #[test]
+    fn an_otlp_sink_posts_to_its_endpoints_logs_path_with_export_defaults() {
+        let p = parse(
+            "[[alerts]]\nname = \"otel\"\ntype = \"otlp\"\nendpoint = \"http://192.0.2.10:4318/\"\n\n[[alerts]]\nname = \"gw\"\ntype = \"otlp\"\nendpoint = \"https://otel.example.org/ingest\"\nca_file = \"/etc/egret/ca.pem\"\ncompression = \"none\"\nbatch_size = 100\nbatch_delay = \"250ms\"\nrate_limit = 1000\n",
+        )
+        .unwrap();
+        let [otel, gw] = &p.alerts[..] else {
+            panic!("two sinks")
+        };
+        let SinkKind::Otlp(o) = &otel.kind else {
+            panic!()
+        };
+        assert_eq!(o.http.url, "http://192.0.2.10:4318/v1/logs");
+        assert!(o.gzip);
+        assert_eq!((o.batch_size, o.batch_delay), (512, Duration::from_secs(1)));
+        assert_eq!(otel.rate_limit, AlertSink::UNLIMITED, "a log export");
+        assert_eq!(otel.retries, 4);
+        assert_eq!(
+            otel.pinned_destination(),
+            Some(("192.0.2.10:4318".parse().unwrap(), 6))
+        );
+        let SinkKind::Otlp(o) = &gw.kind else {
+            panic!()
+        };
+        assert_eq!(o.http.url, "https://otel.example.org/ingest/v1/logs");
+        assert_eq!((o.http.port, o.gzip, o.batch_size), (443, false, 100));
+        assert_eq!(o.batch_delay, Duration::from_millis(250));
+        assert_eq!(gw.rate_limit, 1000);
+        assert_eq!(gw.pinned_destination(), None, "a name is not pinned");
+    }
+
+    #[test]
     fn mistakes_name_line_column_and_a_fix() {
         let cases = [
             ("type = \"pager\"", 3, "unknown sink type"),
@@ -792,6 +954,27 @@ timeout = "2s"
                 "credentials",
             ),
             ("type = \"webhook\"", 3, "needs a url"),
+            ("type = \"otlp\"", 3, "needs an endpoint"),
+            (
+                "type = \"otlp\"\nendpoint = \"http://x:4318/?a=b\"",
+                4,
+                "has a query",
+            ),
+            (
+                "type = \"otlp\"\nendpoint = \"http://x:4318\"\ncompression = \"zstd\"",
+                5,
+                "unknown compression",
+            ),
+            (
+                "type = \"otlp\"\nendpoint = \"http://x:4318\"\nbatch_size = 0",
+                5,
+                "out of range",
+            ),
+            (
+                "type = \"otlp\"\nendpoint = \"http://x:4318\"\nurl = \"http://x/\"",
+                5,
+                "does not apply",
+            ),
             (
                 "type = \"syslog\"\nfacility = \"loca0\"",
                 4,

@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use alerts::{
-    AlertSink, ExecConfig, Severity, SeverityRules, SinkKind, SyslogConfig, SyslogTarget,
-    WebhookConfig, WebhookFormat, ACTIONS,
+    AlertSink, ExecConfig, HttpTarget, OtlpConfig, Severity, SeverityRules, SinkKind, SyslogConfig,
+    SyslogTarget, WebhookConfig, WebhookFormat, ACTIONS,
 };
 pub use diagnostic::{Diagnostic, PolicyErrors};
 pub use files::{load_strict, unsafe_files, LoadError, UnsafeFile};
@@ -62,7 +62,7 @@ pub struct Policy {
     pub heartbeat: Option<Duration>,
     /// `[severity]`: how incidents are graded (docs/alerts.md).
     pub severity: SeverityRules,
-    /// `[[alerts]]`: where events are pushed (webhook, syslog, exec).
+    /// `[[alerts]]`: where events are pushed (webhook, syslog, exec, otlp).
     pub alerts: Vec<AlertSink>,
     /// What egret filters: this host's own sockets, or also what local
     /// container bridges forward.

@@ -334,6 +334,18 @@ impl Metrics {
             "Alerts dropped because a sink's queue was full (it was slow or down).",
             &per_sink(|s| &s.queue_full),
         );
+        counter(
+            out,
+            "egret_alerts_rejected_total",
+            "Alerts a receiver refused for good (not retried; also in failed).",
+            &per_sink(|s| &s.rejected),
+        );
+        counter(
+            out,
+            "egret_alerts_retries_total",
+            "Delivery attempts that failed and were tried again.",
+            &per_sink(|s| &s.retries),
+        );
     }
 }
 

@@ -34,7 +34,7 @@ struct SupportDir {
     bin: std::sync::OnceLock<PathBuf>,
 }
 
-const SUPPORT_FILES: [(&str, &str); 6] = [
+const SUPPORT_FILES: [(&str, &str); 7] = [
     ("peer.py", include_str!("../support/peer.py")),
     (
         "alert_receiver.py",
@@ -43,6 +43,10 @@ const SUPPORT_FILES: [(&str, &str); 6] = [
     ("dashboard.py", include_str!("../support/dashboard.py")),
     ("flood.py", include_str!("../support/flood.py")),
     ("hold.py", include_str!("../support/hold.py")),
+    (
+        "otlp_receiver.py",
+        include_str!("../support/otlp_receiver.py"),
+    ),
     (
         "KeepAddress.java",
         include_str!("../support/KeepAddress.java"),

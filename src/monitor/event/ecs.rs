@@ -586,6 +586,38 @@ pub fn sink_fields(doc: &Value) -> impl Iterator<Item = (&'static str, &Value)> 
     })
 }
 
+/// Every field of `doc` but the two a log record carries apart
+/// (`@timestamp`, `message`), by its dotted ECS name (`destination.port`):
+/// objects are walked, arrays and values kept as they are (for OTLP
+/// attributes).
+pub fn flat_fields(doc: &Value) -> Vec<(String, &Value)> {
+    fn walk<'a>(prefix: &str, v: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let name = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&name, v, out);
+                }
+            }
+            Value::Null => {}
+            _ => out.push((prefix.to_string(), v)),
+        }
+    }
+    let mut out = Vec::new();
+    if let Value::Object(map) = doc {
+        for (k, v) in map {
+            if k != "@timestamp" && k != "message" {
+                walk(k, v, &mut out);
+            }
+        }
+    }
+    out
+}
+
 /// What a recorded incident was about, as far as its document tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordedSubject {
