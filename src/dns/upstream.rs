@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use hickory_proto::op::{Message, Query as Question};
 use hickory_proto::rr::{Name, RecordType};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tracing::debug;
@@ -30,9 +31,10 @@ pub async fn exchange(
     tcp: bool,
 ) -> Option<Message> {
     let id = random_id();
-    let mut out = q.message.clone();
-    out.set_id(id);
-    let bytes = out.to_vec().ok()?;
+    // Re-encoded (not the client's bytes), with our id in the header's first
+    // two bytes (RFC 1035 4.1.1) rather than on a copy of the message.
+    let mut bytes = q.message.to_vec().ok()?;
+    bytes.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
     let ex = Exchange {
         bytes: &bytes,
         id,
@@ -78,19 +80,27 @@ struct Exchange<'a> {
 
 impl Exchange<'_> {
     async fn udp(&self, upstream: SocketAddr) -> io::Result<Message> {
-        let bind: SocketAddr = match upstream {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        let family = match upstream {
+            SocketAddr::V4(_) => AddressFamily::Inet,
+            SocketAddr::V6(_) => AddressFamily::Inet6,
         };
-        let std_sock = std::net::UdpSocket::bind(bind)?;
-        set_mark(std_sock.as_raw_fd(), self.mark)?;
-        std_sock.set_nonblocking(true)?;
-        let sock = UdpSocket::from_std(std_sock)?;
-        sock.connect(upstream).await?;
+        // Created non-blocking; connect(2) binds a random source port, as
+        // bind to port 0 would, so neither bind(2) nor a flag change is needed.
+        let fd = socket(
+            family,
+            SockType::Datagram,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        set_mark(fd.as_raw_fd(), self.mark)?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(upstream))?;
+        let sock = UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
         sock.send(self.bytes).await?;
-        let mut buf = vec![0u8; 65_535];
+        // Not zeroed: recv_buf fills only what arrived.
+        let mut buf = Vec::with_capacity(65_535);
         loop {
-            let n = sock.recv(&mut buf).await?;
+            buf.clear();
+            let n = sock.recv_buf(&mut buf).await?;
             // Anything else (a stray or spoofed datagram) is ignored.
             if let Some(m) = expected(&buf[..n], self.id, self.query) {
                 return Ok(m);

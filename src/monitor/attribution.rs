@@ -231,6 +231,31 @@ impl Attributor {
         self.lookup(key, Attribution::unknown())
     }
 
+    /// [`Attributor::attribute_socket`]'s answer if it is cached, without a
+    /// system call: the DNS guard asks on its runtime thread and sends only
+    /// the misses to the blocking pool.
+    pub fn cached_socket(
+        &mut self,
+        protocol: u8,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+    ) -> Option<Attribution> {
+        let key = (
+            protocol,
+            local.ip(),
+            local.port(),
+            remote.ip(),
+            remote.port(),
+            None,
+        );
+        let (at, a) = self.sockets.get(&key)?;
+        if at.elapsed() >= SOCKET_CACHE_TTL {
+            return None;
+        }
+        self.stats.cache_hits += 1;
+        Some(a.clone())
+    }
+
     /// Who holds exactly this socket now: sock_diag by the exact tuple, the
     /// process holding that socket's inode, no cache and no rate limit. For
     /// access decisions (the proxy's `users`/`groups`/`units`): a cached
