@@ -106,9 +106,9 @@ pub enum Command {
     },
     /// List stored events (incidents), newest first.
     Events {
-        /// Only events seen within this long, e.g. 15m, 1h, 7d.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        since: Duration,
+        /// Only events seen within this long, e.g. 15m, 1h, 7d [default: 24h; with --from: all].
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
         /// One ECS JSON document per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -123,6 +123,18 @@ pub enum Command {
         /// Only events whose process/user or destination contains TEXT (any case).
         #[arg(long, value_name = "TEXT")]
         grep: Option<String>,
+        /// Read events collected from any hosts instead of the store: JSON
+        /// lines of egret's documents, bare or as a collector wrote them
+        /// (Elasticsearch hits, `journalctl -o json`, rsyslog JSON); `-` is
+        /// standard input. Other lines are skipped and counted.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// With --from: only these hosts (host.name), shell patterns, comma-separated: 'web-*,api-?'.
+        #[arg(long, value_name = "GLOBS", requires = "from", value_parser = parse_hosts)]
+        hosts: Option<crate::audit::recorded::HostGlobs>,
+        /// With --from: only events to this address, network or host name ('*.example.com').
+        #[arg(long, value_name = "DEST", requires = "from", value_parser = parse_destination)]
+        destination: Option<crate::report::DestinationFilter>,
         /// After the stored events, print new ones as they happen, from the
         /// running daemon's live feed (needs an [api] section in its policy).
         #[arg(long, short = 'f')]
@@ -148,25 +160,43 @@ pub enum Command {
     /// host names where the DNS guard resolved them. Stable output: same
     /// incidents, same text.
     Suggest {
-        /// Only incidents seen within this long.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        since: Duration,
+        /// Only incidents seen within this long [default: 30d; with --from: all].
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// The policy the audit ran under: its settings ([dns], [proxy], ...) and rules are kept.
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// One policy for many hosts, from their collected events (see `events --from`):
+        /// each rule says how many of the hosts needed it.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// With --from: the role's hosts (host.name), shell patterns, comma-separated: 'web-*'.
+        #[arg(long, value_name = "GLOBS", requires = "from", value_parser = parse_hosts)]
+        hosts: Option<crate::audit::recorded::HostGlobs>,
+        /// With --from: what fewer hosts needed is listed apart, commented out, for
+        /// review: a number of hosts, or a share of them (then at least 2).
+        #[arg(long, value_name = "N|P%", default_value = "10%", requires = "from", value_parser = crate::audit::suggest::MinHosts::parse)]
+        min_hosts: crate::audit::suggest::MinHosts,
     },
     /// Replay the recorded flows against a candidate policy: what it would allow
     /// and block. Exit 5 when anything would not be allowed.
     Simulate {
         policy: PathBuf,
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        since: Duration,
+        /// Only incidents seen within this long [default: 30d; with --from: all].
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Replay every host's collected events (see `events --from`), reported per host.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// With --from: only these hosts (host.name), shell patterns, comma-separated.
+        #[arg(long, value_name = "GLOBS", requires = "from", value_parser = parse_hosts)]
+        hosts: Option<crate::audit::recorded::HostGlobs>,
     },
     /// Say which rule allows or blocks a flow, and why. Exit 5 when it is not allowed.
     Explain {
@@ -255,6 +285,17 @@ fn write_man_pages(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn parse_hosts(s: &str) -> std::result::Result<crate::audit::recorded::HostGlobs, String> {
+    crate::audit::recorded::HostGlobs::parse(s)
+}
+
+fn parse_destination(s: &str) -> std::result::Result<crate::report::DestinationFilter, String> {
+    crate::report::DestinationFilter::parse(s)
+}
+
+const EVENTS_SINCE: Duration = Duration::from_secs(24 * 3600);
+const AUDIT_SINCE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 1h, 7d)"))
 }
@@ -342,14 +383,36 @@ fn dispatch(command: Command) -> Result<u8> {
             action,
             rule,
             grep,
+            from,
+            hosts,
+            destination,
             follow,
             api,
             state_dir,
         } => {
+            let ago = |d: Duration| {
+                std::time::SystemTime::now()
+                    .checked_sub(d)
+                    .unwrap_or(std::time::UNIX_EPOCH)
+            };
+            if let Some(from) = from {
+                if follow {
+                    eprintln!("egret: --follow reads a running daemon's feed, not --from");
+                    return Ok(exit::USAGE);
+                }
+                let q = crate::report::CollectedQuery {
+                    hosts: hosts.as_ref(),
+                    since: since.map(ago),
+                    limit,
+                    action: action.as_deref(),
+                    rule: rule.as_deref(),
+                    text: grep.as_deref(),
+                    destination: destination.as_ref(),
+                };
+                return crate::report::events_from(&from, &q, json);
+            }
             let filter = crate::monitor::store::EventFilter {
-                since: std::time::SystemTime::now()
-                    .checked_sub(since)
-                    .unwrap_or(std::time::UNIX_EPOCH),
+                since: ago(since.unwrap_or(EVENTS_SINCE)),
                 limit,
                 action,
                 rule,
@@ -366,13 +429,36 @@ fn dispatch(command: Command) -> Result<u8> {
             since,
             state_dir,
             policy,
-        } => suggest(since, &state_dir, policy.as_deref()),
+            from,
+            hosts,
+            min_hosts,
+        } => {
+            let from = from
+                .as_deref()
+                .map(|path| crate::audit::commands::Collected {
+                    path,
+                    hosts: hosts.as_ref(),
+                    since,
+                });
+            suggest(since, &state_dir, policy.as_deref(), from, min_hosts)
+        }
         Command::Simulate {
             policy,
             since,
             state_dir,
             json,
-        } => simulate(&policy, since, &state_dir, json),
+            from,
+            hosts,
+        } => {
+            let from = from
+                .as_deref()
+                .map(|path| crate::audit::commands::Collected {
+                    path,
+                    hosts: hosts.as_ref(),
+                    since,
+                });
+            simulate(&policy, since, &state_dir, json, from)
+        }
         Command::Explain {
             dest,
             protocol,
@@ -555,7 +641,13 @@ fn events(
     crate::report::events(state_dir, filter, json, false)
 }
 
-fn suggest(since: Duration, state_dir: &Path, policy: Option<&Path>) -> Result<u8> {
+fn suggest(
+    since: Option<Duration>,
+    state_dir: &Path,
+    policy: Option<&Path>,
+    from: Option<crate::audit::commands::Collected>,
+    min_hosts: crate::audit::suggest::MinHosts,
+) -> Result<u8> {
     let base = match policy {
         Some(path) => match load_or_report(path) {
             Some(p) => Some(p),
@@ -563,14 +655,28 @@ fn suggest(since: Duration, state_dir: &Path, policy: Option<&Path>) -> Result<u
         },
         None => None,
     };
-    crate::audit::commands::suggest(state_dir, since, base.as_ref())
+    match from {
+        Some(from) => crate::audit::commands::suggest_fleet(&from, base.as_ref(), min_hosts),
+        None => {
+            crate::audit::commands::suggest(state_dir, since.unwrap_or(AUDIT_SINCE), base.as_ref())
+        }
+    }
 }
 
-fn simulate(policy: &Path, since: Duration, state_dir: &Path, json: bool) -> Result<u8> {
+fn simulate(
+    policy: &Path,
+    since: Option<Duration>,
+    state_dir: &Path,
+    json: bool,
+    from: Option<crate::audit::commands::Collected>,
+) -> Result<u8> {
     let Some(p) = load_or_report(policy) else {
         return Ok(exit::INVALID);
     };
-    crate::audit::commands::simulate(&p, state_dir, since, json)
+    match from {
+        Some(from) => crate::audit::commands::simulate_fleet(&p, &from, json),
+        None => crate::audit::commands::simulate(&p, state_dir, since.unwrap_or(AUDIT_SINCE), json),
+    }
 }
 
 fn explain(policy: &Path, args: &crate::audit::commands::ExplainArgs<'_>) -> Result<u8> {

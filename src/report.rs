@@ -84,6 +84,100 @@ pub fn events(state_dir: &Path, filter: &EventFilter, as_json: bool, follow: boo
     Ok(crate::exit::OK)
 }
 
+/// `egret events --destination`: an address, a network, or a host name
+/// (`*.example.com` for any name under it).
+#[derive(Debug, Clone)]
+pub enum DestinationFilter {
+    Net(ipnet::IpNet),
+    Name(crate::policy::HostPattern),
+}
+
+impl DestinationFilter {
+    pub fn parse(s: &str) -> std::result::Result<DestinationFilter, String> {
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(DestinationFilter::Net(ip.into()));
+        }
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(DestinationFilter::Net(net));
+        }
+        crate::policy::HostPattern::parse(s).map(DestinationFilter::Name)
+    }
+
+    pub fn matches(&self, doc: &Value) -> bool {
+        let (ip, names) = crate::monitor::event::ecs::destination_of(doc);
+        match self {
+            DestinationFilter::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
+            DestinationFilter::Name(p) => names
+                .iter()
+                .any(|n| p.matches(n.trim_end_matches('.').to_ascii_lowercase().as_str())),
+        }
+    }
+}
+
+/// `egret events --from`: what the selected hosts reported, newest first,
+/// each incident once (its latest update).
+pub struct CollectedQuery<'a> {
+    pub hosts: Option<&'a crate::audit::recorded::HostGlobs>,
+    pub since: Option<SystemTime>,
+    pub limit: usize,
+    pub action: Option<&'a str>,
+    pub rule: Option<&'a str>,
+    pub text: Option<&'a str>,
+    pub destination: Option<&'a DestinationFilter>,
+}
+
+pub fn events_from(path: &Path, q: &CollectedQuery, as_json: bool) -> Result<u8> {
+    let c = crate::monitor::event::collected::read_path(path)?;
+    eprintln!("egret: {}: {}", path.display(), c.counts.summary());
+    let text = q.text.map(str::to_lowercase);
+    let mut rows: Vec<(Option<SystemTime>, Envelope, &Value)> = c
+        .docs
+        .iter()
+        .filter_map(|doc| {
+            let e = Envelope::of(doc);
+            let host = crate::monitor::event::ecs::host_name(doc).unwrap_or_default();
+            let at = crate::monitor::event::ecs::last_seen_of(doc)
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+            let keep = q.hosts.map_or(true, |h| h.matches(host))
+                && q.since.map_or(true, |s| at.is_some_and(|at| at >= s))
+                && q.action.map_or(true, |a| e.action_name() == a)
+                && q.rule.map_or(true, |r| e.rule == r)
+                && text
+                    .as_deref()
+                    .map_or(true, |t| e.message.to_lowercase().contains(t))
+                && q.destination.map_or(true, |d| d.matches(doc));
+            keep.then_some((at, e, doc))
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    rows.truncate(q.limit);
+    if as_json {
+        for (_, _, doc) in &rows {
+            println!("{doc}");
+        }
+        return Ok(crate::exit::OK);
+    }
+    println!(
+        "{:<20} {:<20} {:<12} {:>7}  message [rule]",
+        "last seen (UTC)", "host", "action", "count"
+    );
+    for (at, e, _) in &rows {
+        println!(
+            "{:<20} {:<20} {:<12} {:>7}  {}  [{}]",
+            at.map(table_time).unwrap_or_default(),
+            clip(&printable(e.host.as_deref().unwrap_or("?")), 20),
+            e.action_name(),
+            e.count.unwrap_or(1),
+            printable(&e.message),
+            printable(&e.rule)
+        );
+    }
+    if rows.is_empty() {
+        println!("(no events match)");
+    }
+    Ok(crate::exit::OK)
+}
+
 fn table_time(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at)
         .to_string()

@@ -22,6 +22,156 @@ fn window(state_dir: &Path, since: Duration) -> String {
     )
 }
 
+/// Events collected from many hosts (`--from`): the file, which hosts, how recent.
+pub struct Collected<'a> {
+    /// `-`: standard input.
+    pub path: &'a Path,
+    pub hosts: Option<&'a recorded::HostGlobs>,
+    /// Only events last seen within this long (default: all).
+    pub since: Option<Duration>,
+}
+
+impl Collected<'_> {
+    /// The selected hosts' incidents, with the reader's counts on stderr.
+    fn load(&self) -> Result<recorded::Fleet> {
+        let c = crate::monitor::event::collected::read_path(self.path)?;
+        eprintln!("egret: {}: {}", self.path.display(), c.counts.summary());
+        let since = self.since.map(|d| {
+            std::time::SystemTime::now()
+                .checked_sub(d)
+                .unwrap_or(std::time::UNIX_EPOCH)
+        });
+        let fleet = recorded::from_collected(&c.docs, self.hosts, since, &SystemAccounts);
+        if fleet.hosts.is_empty() {
+            eprintln!(
+                "egret: no egret events from {} in {}",
+                self.selection(),
+                self.path.display()
+            );
+        }
+        Ok(fleet)
+    }
+
+    fn selection(&self) -> String {
+        match self.hosts {
+            Some(h) => format!("hosts matching {}", h.text()),
+            None => "any host".into(),
+        }
+    }
+
+    fn describe(&self, hosts: usize) -> String {
+        let window = self.since.map_or(String::new(), |d| {
+            format!(", last {}", humantime::format_duration(d))
+        });
+        format!(
+            "{}: {hosts} host(s){}{window}",
+            self.path.display(),
+            self.hosts
+                .map_or(String::new(), |h| format!(" matching {}", h.text()))
+        )
+    }
+}
+
+/// `egret suggest --from`: one policy for the selected hosts.
+pub fn suggest_fleet(
+    from: &Collected,
+    base: Option<&Policy>,
+    min_hosts: suggest::MinHosts,
+) -> Result<u8> {
+    let fleet = from.load()?;
+    let source = from.describe(fleet.hosts.len());
+    print!(
+        "{}",
+        suggest::suggest(&suggest::Input {
+            recorded: &fleet.recorded,
+            base,
+            source: &source,
+            fleet: Some(suggest::FleetInput {
+                hosts: &fleet.hosts,
+                min_hosts: min_hosts.of(fleet.hosts.len()),
+            }),
+        })
+    );
+    Ok(exit::OK)
+}
+
+/// Per host: what the candidate would not allow of what the host recorded.
+#[derive(serde::Serialize)]
+struct HostReport {
+    host: String,
+    #[serde(flatten)]
+    report: simulate::Report,
+}
+
+/// `egret simulate --from`: every selected host's flows against the candidate.
+pub fn simulate_fleet(policy: &Policy, from: &Collected, json: bool) -> Result<u8> {
+    let fleet = from.load()?;
+    let mut by_host: BTreeMap<&str, Vec<recorded::Recorded>> = fleet
+        .hosts
+        .iter()
+        .map(|h| (h.as_str(), Vec::new()))
+        .collect();
+    for r in &fleet.recorded {
+        if let Some(list) = r.host.as_deref().and_then(|h| by_host.get_mut(h)) {
+            list.push(r.clone());
+        }
+    }
+    let reports: Vec<HostReport> = by_host
+        .iter()
+        .map(|(host, flows)| HostReport {
+            host: host.to_string(),
+            report: simulate::simulate(policy, flows),
+        })
+        .collect();
+    let not_allowed: Vec<&HostReport> = reports
+        .iter()
+        .filter(|r| r.report.anything_not_allowed())
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        println!(
+            "{} incident(s) from {}; {} host(s) with flows this policy would not allow",
+            fleet.recorded.len(),
+            crate::text::printable(&from.describe(fleet.hosts.len())),
+            not_allowed.len()
+        );
+        for r in &reports {
+            let t = &r.report.totals;
+            println!(
+                "\nhost {}: allowed {} incident(s), would-block {}, blocked {}, not simulated (proxy) {}",
+                crate::text::printable(&r.host),
+                t.allowed.incidents,
+                t.would_block.incidents,
+                t.blocked.incidents,
+                t.not_simulated.incidents
+            );
+            if r.report.anything_not_allowed() {
+                let not_allowed = simulate::Report {
+                    groups: r
+                        .report
+                        .groups
+                        .iter()
+                        .filter(|g| g.outcome != super::evaluate::Outcome::Allowed)
+                        .cloned()
+                        .collect(),
+                    totals: r.report.totals.clone(),
+                };
+                for line in simulate::render(&not_allowed).lines() {
+                    if !line.starts_with("totals:") {
+                        println!("  {line}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(if not_allowed.is_empty() {
+        exit::OK
+    } else {
+        exit::NOT_ALLOWED
+    })
+}
+
 pub fn suggest(state_dir: &Path, since: Duration, base: Option<&Policy>) -> Result<u8> {
     let flows = recorded::load(state_dir, since)?;
     if flows.is_empty() {
@@ -45,6 +195,7 @@ pub fn suggest(state_dir: &Path, since: Duration, base: Option<&Policy>) -> Resu
             recorded: &flows,
             base: base.or(recorded_base.as_ref().map(|(p, _)| p)),
             source: &source,
+            fleet: None,
         })
     );
     Ok(exit::OK)

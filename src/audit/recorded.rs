@@ -38,6 +38,8 @@ pub struct Recorded {
     /// RFC 3339, as stored.
     pub first_seen: String,
     pub last_seen: String,
+    /// `host.name`: the host that recorded it.
+    pub host: Option<String>,
 }
 
 /// Reads one stored document; `None` for documents that are not incidents
@@ -58,7 +60,12 @@ pub fn from_doc(doc: &Value) -> Option<Recorded> {
         gid: r.gid,
         cgroup: r.cgroup,
         unit: r.unit,
-        domain: r.domain.map(|d| d.to_ascii_lowercase()),
+        // A name becomes a `hosts` entry in a suggestion: never a pattern,
+        // whatever a document (perhaps collected from elsewhere) says.
+        domain: r
+            .domain
+            .map(|d| d.to_ascii_lowercase())
+            .filter(|d| !d.contains('*') && crate::policy::HostPattern::parse(d).is_ok()),
     };
     Some(Recorded {
         kind,
@@ -70,6 +77,7 @@ pub fn from_doc(doc: &Value) -> Option<Recorded> {
         count: r.count,
         first_seen: r.first_seen,
         last_seen: r.last_seen,
+        host: r.host,
     })
 }
 
@@ -86,6 +94,93 @@ pub fn load(state_dir: &Path, since: Duration) -> Result<Vec<Recorded>> {
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .filter_map(|d| from_doc(&d))
         .collect())
+}
+
+/// `--hosts`: shell-style patterns on `host.name` (`web-*`, `db-?`),
+/// comma-separated; any one matching selects the host.
+#[derive(Debug, Clone)]
+pub struct HostGlobs(Vec<glob::Pattern>);
+
+impl HostGlobs {
+    pub fn parse(text: &str) -> std::result::Result<HostGlobs, String> {
+        let patterns = text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| glob::Pattern::new(p).map_err(|e| format!("{p:?}: {e}")))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if patterns.is_empty() {
+            return Err("no host pattern".into());
+        }
+        Ok(HostGlobs(patterns))
+    }
+
+    pub fn matches(&self, host: &str) -> bool {
+        self.0.iter().any(|p| p.matches(host))
+    }
+
+    pub fn text(&self) -> String {
+        let all: Vec<&str> = self.0.iter().map(glob::Pattern::as_str).collect();
+        all.join(",")
+    }
+}
+
+/// Documents collected from many hosts (`--from`), as `suggest`, `simulate`
+/// and `events` take them.
+pub struct Fleet {
+    /// The incidents of the selected hosts.
+    pub recorded: Vec<Recorded>,
+    /// Every selected host that sent anything (its heartbeats count: a
+    /// host that needed nothing new is still one of the role's hosts).
+    pub hosts: std::collections::BTreeSet<String>,
+}
+
+/// Selects the hosts and the window; users are taken by name where this
+/// host knows the name (see [`local_ids`]).
+pub fn from_collected(
+    docs: &[Value],
+    hosts: Option<&HostGlobs>,
+    since: Option<SystemTime>,
+    accounts: &dyn crate::policy::Accounts,
+) -> Fleet {
+    use crate::monitor::event::ecs;
+    let mut fleet = Fleet {
+        recorded: Vec::new(),
+        hosts: Default::default(),
+    };
+    for doc in docs {
+        let host = ecs::host_name(doc).unwrap_or_default();
+        if hosts.is_some_and(|h| !h.matches(host)) {
+            continue;
+        }
+        if let Some(since) = since {
+            let at = ecs::last_seen_of(doc).and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+            if at.is_some_and(|at| at < since) {
+                continue;
+            }
+        }
+        // A host name is as long as the collector let it be.
+        let host = crate::text::bounded(host, crate::text::NAME_MAX)
+            .0
+            .to_string();
+        fleet.hosts.insert(host.clone());
+        if let Some(mut r) = from_doc(doc) {
+            r.host = Some(host);
+            local_ids(&mut r, accounts);
+            fleet.recorded.push(r);
+        }
+    }
+    fleet
+}
+
+/// A policy names users, each host maps the names to its own uids: a flow
+/// recorded on another host is judged here by its user's name, mapped to
+/// this host's uid (the recorded uid when this host does not know the name,
+/// or when the record has no name). A syslog record carries only the name.
+pub fn local_ids(r: &mut Recorded, accounts: &dyn crate::policy::Accounts) {
+    if let Some(uid) = r.user_name.as_deref().and_then(|n| accounts.uid(n)) {
+        r.flow.uid = Some(uid);
+    }
 }
 
 #[cfg(test)]

@@ -233,6 +233,7 @@ mod tests {
             count,
             first_seen: String::new(),
             last_seen: String::new(),
+            host: None,
         }
     }
 

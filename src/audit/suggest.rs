@@ -74,12 +74,18 @@ struct Seen {
     logged_under: BTreeSet<String>,
     /// Address → the name it was resolved from, when no hosts rule can use it.
     resolved_from: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// The hosts that recorded it (`--from` a fleet's events).
+    hosts: BTreeSet<String>,
 }
 
 impl Seen {
     fn add(&mut self, r: &Recorded) {
-        self.packets += r.count;
+        // Counts come from documents anyone could have edited.
+        self.packets = self.packets.saturating_add(r.count);
         self.incidents += 1;
+        if let Some(h) = &r.host {
+            self.hosts.insert(h.clone());
+        }
         if self.first.is_empty() || r.first_seen < self.first {
             self.first = r.first_seen.clone();
         }
@@ -95,8 +101,9 @@ impl Seen {
     }
 
     fn merge(&mut self, o: &Seen) {
-        self.packets += o.packets;
+        self.packets = self.packets.saturating_add(o.packets);
         self.incidents += o.incidents;
+        self.hosts.extend(o.hosts.iter().cloned());
         if self.first.is_empty() || (!o.first.is_empty() && o.first < self.first) {
             self.first = o.first.clone();
         }
@@ -117,6 +124,12 @@ impl Seen {
 /// Who, what protocol, through the proxy only or not.
 type Purpose = (Subject, L4, bool);
 
+/// A purpose and port: what one rule of the suggestion is about.
+type GroupKey = (Purpose, Option<u16>);
+
+/// Destinations of each purpose and port, with what was seen.
+type Groups = BTreeMap<GroupKey, (Destinations, Seen)>;
+
 /// A rule being built: its ports, collapse notes and what was seen.
 type Merged = (BTreeSet<u16>, Vec<String>, Seen);
 
@@ -128,6 +141,8 @@ struct Destinations {
 
 struct Suggested {
     name: String,
+    /// Seen on fewer hosts than `--min-hosts`: written commented out.
+    rare: bool,
     subject: Subject,
     protocol: L4,
     via_proxy: bool,
@@ -152,6 +167,49 @@ pub struct Input<'a> {
     pub base: Option<&'a Policy>,
     /// Where the flows came from, for the header ("/var/lib/egret, last 7d").
     pub source: &'a str,
+    /// Many hosts' flows (`--from`): one policy for all of them.
+    pub fleet: Option<FleetInput<'a>>,
+}
+
+/// A role's hosts: each rule says how many of them needed it, and what
+/// fewer than `min_hosts` needed is written apart, commented out.
+pub struct FleetInput<'a> {
+    pub hosts: &'a BTreeSet<String>,
+    pub min_hosts: usize,
+}
+
+/// `--min-hosts`: a number of hosts, or a share of them (`10%`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinHosts {
+    Count(usize),
+    Percent(f64),
+}
+
+impl MinHosts {
+    pub fn parse(s: &str) -> Result<MinHosts, String> {
+        let bad = || format!("{s:?}: a number of hosts (3) or a share of them (10%)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(MinHosts::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => s.trim().parse().map(MinHosts::Count).map_err(|_| bad()),
+        }
+    }
+
+    /// The fewest hosts a flow needs to be suggested as a rule, out of
+    /// `hosts`. A share is rounded up, and at least 2 (a flow of one host
+    /// is for review), but never more than there are hosts: with one host,
+    /// everything it did is its role.
+    pub fn of(self, hosts: usize) -> usize {
+        match self {
+            MinHosts::Count(n) => n,
+            MinHosts::Percent(p) => {
+                let share = (p / 100.0 * hosts as f64).ceil() as usize;
+                share.max(2).min(hosts)
+            }
+        }
+    }
 }
 
 pub fn suggest(input: &Input) -> String {
@@ -162,7 +220,7 @@ pub fn suggest(input: &Input) -> String {
         ..base.clone()
     };
     let names_in_kernel = base.dns.is_some();
-    let mut groups: BTreeMap<(Purpose, Option<u16>), (Destinations, Seen)> = BTreeMap::new();
+    let mut items: Vec<(GroupKey, Attempt, &Recorded)> = Vec::new();
     let mut notes = Notes::default();
     let mut connected_names = BTreeSet::new();
     for r in input.recorded {
@@ -217,15 +275,52 @@ pub fn suggest(input: &Input) -> String {
             continue;
         }
         let key = ((Subject::of(r), protocol, via_proxy), port);
-        let (dests, seen) = groups.entry(key).or_default();
+        if let (Some(name), true) = (&flow.domain, names_in_kernel || via_proxy) {
+            connected_names.insert(name.clone());
+        }
+        items.push((key, flow, r));
+    }
+    notes
+        .names_only_asked
+        .retain(|n| !connected_names.contains(n));
+
+    // Across a fleet: how many hosts needed each (purpose, destination).
+    let by_name = |flow: &Attempt, via_proxy: bool| {
+        flow.domain.clone().filter(|_| names_in_kernel || via_proxy)
+    };
+    let dest_of = |key: &GroupKey, flow: &Attempt| {
+        by_name(flow, key.0 .2).or_else(|| flow.dst.map(|ip| ip.to_string()))
+    };
+    let mut needed_by: BTreeMap<(&GroupKey, Option<String>), BTreeSet<&str>> = BTreeMap::new();
+    for (key, flow, r) in &items {
+        if let Some(h) = &r.host {
+            needed_by
+                .entry((key, dest_of(key, flow)))
+                .or_default()
+                .insert(h);
+        }
+    }
+    let rare = |key: &GroupKey, flow: &Attempt| match &input.fleet {
+        Some(f) => {
+            needed_by
+                .get(&(key, dest_of(key, flow)))
+                .map_or(0, BTreeSet::len)
+                < f.min_hosts
+        }
+        None => false,
+    };
+    let mut groups: [Groups; 2] = Default::default();
+    for (key, flow, r) in &items {
+        let (dests, seen) = groups[usize::from(rare(key, flow))]
+            .entry(key.clone())
+            .or_default();
         seen.add(r);
-        match (&flow.domain, flow.dst) {
-            (Some(name), _) if names_in_kernel || via_proxy => {
-                connected_names.insert(name.clone());
-                dests.names.insert(name.clone());
+        match (by_name(flow, key.0 .2), flow.dst) {
+            (Some(name), _) => {
+                dests.names.insert(name);
             }
-            (name, Some(ip)) => {
-                if let Some(name) = name {
+            (None, Some(ip)) => {
+                if let Some(name) = &flow.domain {
                     seen.resolved_from
                         .entry(ip)
                         .or_default()
@@ -233,14 +328,22 @@ pub fn suggest(input: &Input) -> String {
                 }
                 dests.ips.insert(ip);
             }
-            (_, None) => {}
+            (None, None) => {}
         }
     }
-    notes
-        .names_only_asked
-        .retain(|n| !connected_names.contains(n));
+    let [common, rare] = groups;
+    let mut rules = rules_of(common, false);
+    rules.extend(rules_of(rare, true));
+    let mut taken: BTreeSet<String> = base.rules.iter().map(|r| r.name.clone()).collect();
+    for r in &mut rules {
+        r.name = unique_name(&r.name, &taken);
+        taken.insert(r.name.clone());
+    }
+    render(input, base, &rules, &notes)
+}
 
-    // Same purpose, same destinations: one rule with all their ports.
+/// Same purpose, same destinations: one rule with all their ports.
+fn rules_of(groups: Groups, rare: bool) -> Vec<Suggested> {
     let mut merged: BTreeMap<(Purpose, Vec<String>, Vec<IpNet>), Merged> = BTreeMap::new();
     for ((purpose, port), (dests, seen)) in groups {
         if dests.names.is_empty() && dests.ips.is_empty() {
@@ -260,6 +363,7 @@ pub fn suggest(input: &Input) -> String {
                 let ports = ranges(&ports);
                 Suggested {
                     name: rule_name(&subject, protocol, &ports),
+                    rare,
                     subject,
                     protocol,
                     via_proxy,
@@ -273,12 +377,7 @@ pub fn suggest(input: &Input) -> String {
         )
         .collect();
     rules.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut taken: BTreeSet<String> = base.rules.iter().map(|r| r.name.clone()).collect();
-    for r in &mut rules {
-        r.name = unique_name(&r.name, &taken);
-        taken.insert(r.name.clone());
-    }
-    render(input, base, &rules, &notes)
+    rules
 }
 
 /// Names → patterns: `COLLAPSE_AT` or more siblings under one parent (of at
@@ -417,67 +516,131 @@ fn render(input: &Input, base: &Policy, rules: &[Suggested], notes: &Notes) -> S
             out.push_str(&policy_text::rule(r));
         }
     }
-    if !rules.is_empty() {
+    if rules.iter().any(|r| !r.rare) {
         let _ = writeln!(out, "\n# Rules for what the audit saw.");
     }
-    for r in rules {
+    for r in rules.iter().filter(|r| !r.rare) {
         out.push('\n');
-        seen_lines(&mut out, &r.seen);
-        for under in &r.seen.logged_under {
-            let _ = writeln!(
-                out,
-                "# logged under rule {} (its per-rule mode)",
-                comment_text(under)
-            );
+        if let Some(f) = &input.fleet {
+            out.push_str(&hosts_line(&r.seen, f));
         }
-        for c in &r.collapsed {
-            let _ = writeln!(out, "# {}", comment_text(c));
-        }
-        for (ip, names) in &r.seen.resolved_from {
-            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let _ = writeln!(
-                out,
-                "# {ip} was resolved from {}; a hosts rule needs [dns] in the policy",
-                comment_text(&names.join(", "))
-            );
-        }
-        let _ = writeln!(out, "[[allow]]\nname = {}", quote(&r.name));
-        if !r.cidrs.is_empty() {
-            let cidrs: Vec<String> = r.cidrs.iter().map(|c| c.to_string()).collect();
-            let _ = writeln!(out, "cidrs = {}", list(&cidrs));
-        }
-        if !r.hosts.is_empty() {
-            let _ = writeln!(out, "hosts = {}", list(&r.hosts));
-        }
-        if r.via_proxy {
-            let _ = writeln!(out, "via = \"proxy\"");
-        }
-        let _ = writeln!(out, "protocol = {}", quote(r.protocol.name()));
-        if !r.ports.is_empty() {
-            let ports: Vec<crate::policy::PortRange> = r
-                .ports
-                .iter()
-                .map(|&(first, last)| crate::policy::PortRange { first, last })
-                .collect();
-            let _ = writeln!(out, "ports = {}", policy_text::ports(&ports));
-        }
-        if let Some(s) = r.subject.toml() {
-            let _ = writeln!(out, "{s}");
+        out.push_str(&rule_text(r));
+    }
+    if let Some(f) = input
+        .fleet
+        .as_ref()
+        .filter(|_| rules.iter().any(|r| r.rare))
+    {
+        let _ = writeln!(
+            out,
+            "\n# Seen on fewer than {} of the {} hosts: not allowed, listed for review (often the\n# interesting ones). Uncomment a rule to allow it on every host of the role.",
+            f.min_hosts,
+            f.hosts.len()
+        );
+        for r in rules.iter().filter(|r| r.rare) {
+            out.push('\n');
+            out.push_str(&hosts_line(&r.seen, f));
+            for line in rule_text(r).lines() {
+                match line.starts_with('#') {
+                    true => out.push_str(line),
+                    false => {
+                        out.push_str("# ");
+                        out.push_str(line);
+                    }
+                }
+                out.push('\n');
+            }
         }
     }
+    render_notes(&mut out, notes);
+    out
+}
+
+/// "# seen on 37 of 40 hosts (not on web-03, web-09)"
+fn hosts_line(seen: &Seen, fleet: &FleetInput) -> String {
+    let n = fleet.hosts.len();
+    let k = seen.hosts.len();
+    let listed = |hosts: Vec<&String>| {
+        let shown: Vec<String> = hosts.iter().take(5).map(|h| comment_text(h)).collect();
+        let more = hosts.len().saturating_sub(shown.len());
+        match more {
+            0 => shown.join(", "),
+            more => format!("{}, and {more} more", shown.join(", ")),
+        }
+    };
+    let which = if k * 2 <= n {
+        format!(" ({})", listed(seen.hosts.iter().collect()))
+    } else if k < n {
+        let missing: Vec<&String> = fleet.hosts.difference(&seen.hosts).collect();
+        format!(" (not on {})", listed(missing))
+    } else {
+        String::new()
+    };
+    format!("# seen on {k} of {n} hosts{which}\n")
+}
+
+/// A suggested rule with the comments that say what it was made from.
+fn rule_text(r: &Suggested) -> String {
+    let mut out = String::new();
+    seen_lines(&mut out, &r.seen);
+    for under in &r.seen.logged_under {
+        let _ = writeln!(
+            out,
+            "# logged under rule {} (its per-rule mode)",
+            comment_text(under)
+        );
+    }
+    for c in &r.collapsed {
+        let _ = writeln!(out, "# {}", comment_text(c));
+    }
+    for (ip, names) in &r.seen.resolved_from {
+        let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "# {ip} was resolved from {}; a hosts rule needs [dns] in the policy",
+            comment_text(&names.join(", "))
+        );
+    }
+    let _ = writeln!(out, "[[allow]]\nname = {}", quote(&r.name));
+    if !r.cidrs.is_empty() {
+        let cidrs: Vec<String> = r.cidrs.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(out, "cidrs = {}", list(&cidrs));
+    }
+    if !r.hosts.is_empty() {
+        let _ = writeln!(out, "hosts = {}", list(&r.hosts));
+    }
+    if r.via_proxy {
+        let _ = writeln!(out, "via = \"proxy\"");
+    }
+    let _ = writeln!(out, "protocol = {}", quote(r.protocol.name()));
+    if !r.ports.is_empty() {
+        let ports: Vec<crate::policy::PortRange> = r
+            .ports
+            .iter()
+            .map(|&(first, last)| crate::policy::PortRange { first, last })
+            .collect();
+        let _ = writeln!(out, "ports = {}", policy_text::ports(&ports));
+    }
+    if let Some(s) = r.subject.toml() {
+        let _ = writeln!(out, "{s}");
+    }
+    out
+}
+
+fn render_notes(out: &mut String, notes: &Notes) {
     if notes.bypass.incidents > 0 {
         let _ = writeln!(
             out,
             "\n# DNS sent around the guard (rule dns-bypass) no rule can allow; point these at the guard:"
         );
-        seen_lines(&mut out, &notes.bypass);
+        seen_lines(out, &notes.bypass);
     }
     for (proto, seen) in &notes.unexpressible {
         let _ = writeln!(
             out,
             "\n# IP protocol {proto} (or no port) cannot be named in a rule except with protocol = \"any\":"
         );
-        seen_lines(&mut out, seen);
+        seen_lines(out, seen);
     }
     if !notes.names_only_asked.is_empty() {
         let names: Vec<&str> = notes.names_only_asked.iter().map(|s| s.as_str()).collect();
@@ -487,7 +650,6 @@ fn render(input: &Input, base: &Policy, rules: &[Suggested], notes: &Notes) -> S
             comment_text(&names.join(", "))
         );
     }
-    out
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ fn seen(dst: &str, protocol: u8, port: Option<u16>, user: &str, domain: Option<&
         count: 3,
         first_seen: "2026-11-28T01:00:00.000Z".into(),
         last_seen: "2026-11-28T02:00:00.000Z".into(),
+        host: None,
     }
 }
 
@@ -66,7 +67,58 @@ fn run(recorded: &[Recorded], base: Option<&Policy>) -> String {
         recorded,
         base,
         source: "/var/lib/egret, last 24h",
+        fleet: None,
     })
+}
+
+#[test]
+fn a_fleet_gets_one_policy_with_host_counts_and_rare_flows_apart() {
+    let base = with_dns();
+    let hosts: BTreeSet<String> = (1..=10).map(|i| format!("web-{i:02}")).collect();
+    let on = |r: Recorded, host: &str| Recorded {
+        host: Some(host.into()),
+        ..r
+    };
+    let mut flows = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        flows.push(on(
+            seen("10.1.0.10", 6, Some(443), "app", Some("api.example.test")),
+            h,
+        ));
+        if i < 9 {
+            flows.push(on(
+                seen("10.1.0.11", 6, Some(443), "app", Some("cdn.example.test")),
+                h,
+            ));
+        }
+    }
+    flows.push(on(
+        seen("203.0.113.9", 6, Some(4444), "app", None),
+        "web-07",
+    ));
+    let fleet = FleetInput {
+        hosts: &hosts,
+        min_hosts: MinHosts::Percent(10.0).of(hosts.len()),
+    };
+    let text = suggest(&Input {
+        recorded: &flows,
+        base: Some(&base),
+        source: "fleet.jsonl",
+        fleet: Some(fleet),
+    });
+    let p = parse(&text);
+    assert_eq!(p.rules.len(), 1, "the rare flow is not allowed: {text}");
+    assert_eq!(p.rules[0].hosts.len(), 2, "{text}");
+    assert!(text.contains("# seen on 10 of 10 hosts\n"), "{text}");
+    assert!(
+        text.contains("# seen on 1 of 10 hosts (web-07)\n"),
+        "{text}"
+    );
+    assert!(text.contains("# cidrs = [\"203.0.113.9/32\"]"), "{text}");
+    assert_eq!(MinHosts::Percent(10.0).of(1), 1);
+    assert_eq!(MinHosts::Percent(10.0).of(40), 4);
+    assert_eq!(MinHosts::parse("3"), Ok(MinHosts::Count(3)));
+    assert!(MinHosts::parse("300%").is_err());
 }
 
 #[test]

@@ -658,6 +658,8 @@ pub struct RecordedIncident {
     /// RFC 3339, as stored.
     pub first_seen: String,
     pub last_seen: String,
+    /// `host.name`: the host that recorded it.
+    pub host: Option<String>,
 }
 
 impl RecordedIncident {
@@ -716,6 +718,7 @@ impl RecordedIncident {
             count: parse(text("/egret/count")).unwrap_or(1),
             first_seen: text("/egret/first_seen").unwrap_or_default(),
             last_seen: text("/egret/last_seen").unwrap_or_default(),
+            host: host_name(doc).map(str::to_string),
         })
     }
 }
@@ -731,6 +734,151 @@ fn protocol_number(transport: &str) -> Option<u8> {
         "ipv6-icmp" => IPPROTO_ICMPV6,
         other => other.parse().ok()?,
     })
+}
+
+// ---- Documents read back from a collector (`--from`): see `collected` ----
+
+/// An egret document, of any version: `event.module` is egret's.
+pub fn is_egret(doc: &Value) -> bool {
+    doc.pointer("/event/module").and_then(Value::as_str) == Some("egret")
+}
+
+/// The host a document came from: `host.name` (else `host.hostname`).
+pub fn host_name(doc: &Value) -> Option<&str> {
+    doc.pointer("/host/name")
+        .or_else(|| doc.pointer("/host/hostname"))
+        .and_then(Value::as_str)
+}
+
+/// What one incident's documents share across its updates (`event.id`, and
+/// `event.start` in case a host's ids started again), so a collector's many
+/// copies fold into the last; `None` for documents that are not incidents.
+pub fn incident_key(doc: &Value) -> Option<(String, String)> {
+    let id = match doc.pointer("/event/id")? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    let start = doc
+        .pointer("/event/start")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Some((id, start.to_string()))
+}
+
+/// `egret.count`, also when a sink carried it as text.
+pub fn count_of(doc: &Value) -> u64 {
+    match doc.pointer("/egret/count") {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// When a document was last true: `egret.last_seen`, else `@timestamp`.
+pub fn last_seen_of(doc: &Value) -> Option<&str> {
+    doc.pointer("/egret/last_seen")
+        .or_else(|| doc.pointer("/@timestamp"))
+        .and_then(Value::as_str)
+}
+
+/// Where a document says something went: `destination.ip`, and the names
+/// (`destination.domain`, the DNS question).
+pub fn destination_of(doc: &Value) -> (Option<IpAddr>, Vec<&str>) {
+    let s = |p: &str| doc.pointer(p).and_then(Value::as_str);
+    let ip = s("/destination/ip").and_then(|ip| ip.parse().ok());
+    let names = [s("/destination/domain"), s("/dns/question/name")]
+        .into_iter()
+        .flatten()
+        .collect();
+    (ip, names)
+}
+
+/// Sink fields that are numbers in the document (a syslog record's
+/// structured data carries every value as text).
+const NUMERIC_SINK_FIELDS: &[&str] = &["pid", "dport", "count", "suppressed"];
+
+/// A document rebuilt from what a sink carried ([`sink_fields`]: RFC 5424
+/// structured data, or the local record's CEE JSON), with the record's host
+/// name and time: enough for `egret events`, `suggest` and `simulate`, not
+/// the whole document (no uid, cgroup or command line: `--from` takes the
+/// user by name). The inverse of [`SINK_FIELDS`].
+pub fn from_sink_fields(
+    fields: &Map<String, Value>,
+    host: Option<&str>,
+    at: Option<&str>,
+    message: &str,
+) -> Value {
+    let mut doc = json!({
+        "message": message,
+        "event": { "module": "egret", "kind": "event" },
+    });
+    for (pointer, name) in SINK_FIELDS {
+        let Some(v) = fields.get(*name) else { continue };
+        let v = match v {
+            Value::String(s) if NUMERIC_SINK_FIELDS.contains(name) => {
+                s.parse::<u64>().map_or_else(|_| v.clone(), Value::from)
+            }
+            Value::String(_) | Value::Number(_) | Value::Bool(_) => v.clone(),
+            _ => continue,
+        };
+        set_pointer(&mut doc, pointer, v);
+    }
+    if let Some(host) = host {
+        doc["host"] = json!({ "name": host, "hostname": host });
+    }
+    if let Some(at) = at {
+        doc["@timestamp"] = json!(at);
+        // One record per report: the first at `first_seen`, updates at
+        // `last_seen`; folding the copies keeps the earliest and latest.
+        if let Some(e) = doc.get_mut("egret").and_then(Value::as_object_mut) {
+            e.insert("first_seen".into(), json!(at));
+            e.insert("last_seen".into(), json!(at));
+        }
+    }
+    let action = doc.pointer("/event/action").and_then(Value::as_str);
+    if action.and_then(Action::from_name) == Some(Action::ProxyDenied) {
+        // What `RecordedIncident` tells a proxy request by; the record does
+        // not carry the method.
+        doc["http"] = json!({ "request": {} });
+    }
+    doc
+}
+
+/// Writes `v` at a JSON pointer of plain object keys, creating the objects.
+fn set_pointer(doc: &mut Value, pointer: &str, v: Value) {
+    let mut at = doc;
+    let mut keys = pointer.split('/').skip(1).peekable();
+    while let Some(key) = keys.next() {
+        if !at.is_object() {
+            *at = Value::Object(Map::new());
+        }
+        let Some(map) = at.as_object_mut() else {
+            return;
+        };
+        if keys.peek().is_none() {
+            map.insert(key.to_string(), v);
+            return;
+        }
+        at = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+/// An incident read back from a sink's fields keeps its first and last
+/// times across the copies (see [`from_sink_fields`]).
+pub fn widen_seen(kept: &mut Value, other: &Value) {
+    let first = |d: &Value| {
+        d.pointer("/egret/first_seen")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    if let (Some(a), Some(b)) = (first(kept), first(other)) {
+        if b < a {
+            if let Some(e) = kept.get_mut("egret").and_then(Value::as_object_mut) {
+                e.insert("first_seen".into(), json!(b));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

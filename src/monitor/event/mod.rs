@@ -9,6 +9,7 @@
 //! for the sinks, the read-side commands and `egret suggest`. Everything else
 //! reads typed values; `serde_json::Value` is only the wire and storage form.
 
+pub mod collected;
 pub mod describe;
 pub mod ecs;
 
