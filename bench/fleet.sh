@@ -117,8 +117,14 @@ chmod 600 "$TMP/policy.toml"
 cat >"$TMP/work.py" <<'EOF'
 import socket, sys, time
 api, allowed, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+failed = 0
 for _ in range(allowed):
-    socket.create_connection((api, 8080), timeout=5).close()
+    try:
+        socket.create_connection((api, 8080), timeout=5).close()
+    except OSError:
+        failed += 1
+if failed:
+    print(f"{failed} of {allowed} allowed connections failed", file=sys.stderr)
 held = []
 for d in sys.argv[4:]:
     ip, port = d.rsplit(":", 1)
@@ -141,6 +147,8 @@ for i in $(seq 1 "$N"); do
   in_ns "$C" ip link set "p$i" master br0 up
   in_ns "$ns" ip addr add "10.77.1.$i/16" dev eth0
   in_ns "$ns" ip link set eth0 up
+  # TEST-NET-3 needs a route to be tried at all (egret blocks it inside the namespace).
+  in_ns "$ns" ip route add default via 10.77.0.1
   mkdir -p "$TMP/$h"
   nsenter --net="/run/netns/$ns" -- unshare --uts sh -c "hostname $h && exec $E run --policy $TMP/policy.toml --state-dir $TMP/$h" \
     >"$TMP/$h/stdout" 2>"$TMP/$h/stderr" &
@@ -167,12 +175,19 @@ for i in $(seq 1 "$N"); do
   h=${HOSTS[$((i - 1))]}
   ns="egf-$h-$$"
   (
-    api=$(in_ns "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups dig @127.0.0.1 +short +tries=2 +time=2 api.fleet.test | head -1)
+    # A failed step must not skip the rest of this host's workload.
+    set +e +o pipefail
+    api=""
+    for _ in 1 2 3 4 5; do
+      api=$(in_ns "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups dig @127.0.0.1 +short +tries=1 +time=5 api.fleet.test | grep -m1 -E '^[0-9.]+$')
+      [ -n "$api" ] && break
+    done
+    [ -n "$api" ] || echo "$h: api.fleet.test did not resolve through the guard" >&2
     dests=()
     for j in $(seq 1 "$BLOCKED"); do dests+=("10.77.0.1:$((20000 + j))"); done
     [ $((i % 5)) -ne 0 ] && dests+=("10.77.0.1:5432")
     [ "$i" -eq 7 ] && dests+=("203.0.113.66:4444")
-    in_ns "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 "$TMP/work.py" "${api:-10.77.0.1}" "$ALLOWED" 3 "${dests[@]}"
+    in_ns "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 "$TMP/work.py" "${api:-10.77.0.1}" "$([ -n "$api" ] && echo "$ALLOWED" || echo 0)" 3 "${dests[@]}"
     for j in $(seq 1 "$REFUSED"); do
       in_ns "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups dig @127.0.0.1 +short +tries=1 +time=1 "bad-$j.fleet.test" >/dev/null || true
     done
