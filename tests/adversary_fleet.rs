@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,28 +17,6 @@ use serde_json::Value;
 
 const NOBODY: u32 = 65534;
 const FORGED_DST: &str = "203.0.113.66";
-
-fn private_journald() -> (Spawned, u32) {
-    let child = Command::new("unshare")
-        .args(["--mount", "--net", "--propagation", "private", "sh", "-ec"])
-        .arg(
-            "mount -t tmpfs egret-test /run; mount -t tmpfs egret-test /var/log; \
-             mkdir -p /run/systemd/journal; exec /lib/systemd/systemd-journald",
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("systemd-journald (Debian package systemd)");
-    let pid = child.id();
-    let journald = Spawned(child);
-    let stdout = format!("/proc/{pid}/root/run/systemd/journal/stdout");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !Path::new(&stdout).exists() {
-        assert!(Instant::now() < deadline, "journald made no {stdout}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (journald, pid)
-}
 
 /// Runs `args` in journald's mount namespace (where its sockets are), as `uid`.
 fn in_journal_ns(pid: u32, uid: Option<u32>, args: &[&str]) {

@@ -78,20 +78,6 @@ except OSError as e:
 "#;
 
 /// Opens argv[1] connections to the proxy and holds them until stdin closes.
-const HOLD_MANY: &str = r#"
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    try:
-        held.append(socket.create_connection(("127.0.0.1", 3128), timeout=10))
-    except OSError:
-        break
-print("held %d" % len(held), flush=True)
-sys.stdin.read()
-for s in held:
-    s.close()
-"#;
-
 struct Lab {
     pair: Pair,
     _keep: Vec<Spawned>,
@@ -168,14 +154,6 @@ fn start(lab: &Lab, policy: &PolicyFile) -> Running {
     )
 }
 
-/// A command in `ns` as `uid` (group the same), without capabilities.
-fn as_user(ns: &Netns, uid: u32, program: &str, args: &[&str]) -> std::process::Command {
-    let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
-    let mut a = vec![u.as_str(), g.as_str(), "--clear-groups", program];
-    a.extend_from_slice(args);
-    ns.cmd("setpriv", &a)
-}
-
 fn output(mut cmd: std::process::Command) -> String {
     let out = cmd.stderr(Stdio::inherit()).output().expect("client");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -185,7 +163,7 @@ fn output(mut cmd: std::process::Command) -> String {
 fn curl(ns: &Netns, uid: u32, args: &[&str]) -> (u16, String) {
     let mut a = vec!["-s", "-m", "10", "-w", "\n%{http_code}", "-x", PROXY];
     a.extend_from_slice(args);
-    let text = output(as_user(ns, uid, "curl", &a));
+    let text = output(ns.as_user(uid, "curl", &a));
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
@@ -267,15 +245,13 @@ fn a_reused_source_port_does_not_inherit_another_users_verdict() {
     let policy = PolicyFile::new(POLICY);
     let run = start(&lab, &policy);
     let port = "41234";
-    let first = output(as_user(
-        a,
+    let first = output(a.as_user(
         NOBODY,
         "/usr/bin/python3",
         &["-c", FROM_PORT, port, "http://nobody.test/"],
     ));
     assert_eq!(first, "200", "nobody is in users");
-    let second = output(as_user(
-        a,
+    let second = output(a.as_user(
         DAEMON,
         "/usr/bin/python3",
         &["-c", FROM_PORT, port, "http://nobody.test/"],
@@ -330,8 +306,7 @@ fn the_proxy_never_reaches_egrets_own_listeners() {
     ));
     let run = start(&lab, &policy);
     // The API is up, and refuses nobody when asked directly.
-    let direct = output(as_user(
-        a,
+    let direct = output(a.as_user(
         NOBODY,
         "curl",
         &[
@@ -412,38 +387,7 @@ fn the_proxy_survives_running_out_of_descriptors() {
     let policy = PolicyFile::new(POLICY);
     let run = start(&lab, &policy);
     let url = format!("http://{WEB}/");
-    let pid = std::fs::read_to_string(format!("{}/egret.pid", policy.state_dir()))
-        .expect("pid file")
-        .trim()
-        .to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("egret's descriptors")
-        .count();
-    let limit = open + 40;
-    run_ok(std::process::Command::new("prlimit").args([
-        "--pid",
-        &pid,
-        &format!("--nofile={limit}:{limit}"),
-    ]));
-    let mut holder = as_user(a, NOBODY, "/usr/bin/python3", &["-c", HOLD_MANY, "200"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("holder");
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("holder");
-    assert_eq!(line.trim(), "held 200", "connections wait in the backlog");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !run.stderr_text().contains("proxy: accept:") {
-        assert!(
-            Instant::now() < deadline,
-            "no accept error:\n{}",
-            run.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut holder = exhaust_proxy_descriptors(a, &run, NOBODY);
     // Let the error repeat: it must not be logged again.
     std::thread::sleep(Duration::from_millis(500));
     drop(holder.stdin.take());

@@ -71,20 +71,6 @@ print("echoed %d %s" % (len(got), "ok" if bytes(got) == data else "mismatch"), f
 "#;
 
 /// Opens argv[1] connections to the proxy and holds them until stdin closes.
-const HOLD_MANY: &str = r#"
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    try:
-        held.append(socket.create_connection(("127.0.0.1", 3128), timeout=10))
-    except OSError:
-        break
-print("held %d" % len(held), flush=True)
-sys.stdin.read()
-for s in held:
-    s.close()
-"#;
-
 struct Lab {
     pair: Pair,
     _servers: Vec<Server>,
@@ -102,14 +88,6 @@ fn lab() -> Lab {
     }
 }
 
-/// A command in `ns` as `uid` (group the same), without capabilities.
-fn as_user(ns: &Netns, uid: u32, program: &str, args: &[&str]) -> std::process::Command {
-    let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
-    let mut a = vec![u.as_str(), g.as_str(), "--clear-groups", program];
-    a.extend_from_slice(args);
-    ns.cmd("setpriv", &a)
-}
-
 /// A bulk echo client (BULK) of `uid`, connected and waiting for `go`.
 struct Bulk {
     child: Child,
@@ -120,16 +98,16 @@ impl Bulk {
     fn connect(ns: &Netns, uid: u32, bytes: usize, seed: u32) -> Bulk {
         let target = format!("{WEB}:7000");
         let (bytes, seed) = (bytes.to_string(), seed.to_string());
-        let mut child = as_user(
-            ns,
-            uid,
-            "/usr/bin/python3",
-            &["-c", BULK, "3128", &target, &bytes, &seed],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("bulk client");
+        let mut child = ns
+            .as_user(
+                uid,
+                "/usr/bin/python3",
+                &["-c", BULK, "3128", &target, &bytes, &seed],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("bulk client");
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         out.read_line(&mut line).expect("bulk client");
@@ -171,38 +149,7 @@ fn a_tunnel_keeps_moving_bulk_data_while_another_user_exhausts_the_proxys_descri
     let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
     // The victim's tunnel is open (and has moved nothing yet, so no pipe).
     let mut victim = Bulk::connect(a, NOBODY, 4 << 20, 1);
-    let pid = std::fs::read_to_string(format!("{}/egret.pid", policy.state_dir()))
-        .expect("pid file")
-        .trim()
-        .to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("egret's descriptors")
-        .count();
-    let limit = open + 40;
-    run_ok(std::process::Command::new("prlimit").args([
-        "--pid",
-        &pid,
-        &format!("--nofile={limit}:{limit}"),
-    ]));
-    let mut holder = as_user(a, DAEMON, "/usr/bin/python3", &["-c", HOLD_MANY, "200"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("holder");
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("holder");
-    assert_eq!(line.trim(), "held 200", "connections wait in the backlog");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !run.stderr_text().contains("proxy: accept:") {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never ran out of descriptors:\n{}",
-            run.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut holder = exhaust_proxy_descriptors(a, &run, DAEMON);
     victim.go();
     let result = victim.result();
     drop(holder.stdin.take());

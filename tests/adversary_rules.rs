@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::verdicts::*;
 use common::*;
 use egret::audit::evaluate::{self as evaluator, evaluate, Outcome};
 
@@ -39,20 +40,6 @@ fn padding(n: usize) -> String {
 
 fn dispatched(text: &str) -> PolicyFile {
     PolicyFile::new(text)
-}
-
-/// Per-rule packet counters from `egret status --json`, by rule comment.
-fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
-    let mut out = std::collections::HashMap::new();
-    for r in ns.status_json()["rules"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        *out.entry(r["rule"].as_str().unwrap_or("").to_string())
-            .or_insert(0) += r["packets"].as_u64().unwrap_or(0);
-    }
-    out
 }
 
 #[test]
@@ -143,13 +130,13 @@ users = ["nobody"]
             "nobody reached {host}:{port}: {why}"
         );
     }
-    let before = counters(a);
+    let before = rule_counters(a);
     assert!(a.tcp_ok(Some(NOBODY), NOBODY_OK, 8080));
     assert!(a.tcp_ok(Some(NOBODY), V6, 8080));
     assert!(a.tcp_ok(None, ROOT_ONLY, 8080));
     assert!(a.tcp_ok(None, PAST_END, 8443));
     assert!(a.tcp_ok(Some(NOBODY), PAST_END, 8443));
-    let after = counters(a);
+    let after = rule_counters(a);
     let grew = |rule: &str, by: u64| {
         after.get(rule).copied().unwrap_or(0) >= before.get(rule).copied().unwrap_or(0) + by
     };
@@ -159,21 +146,6 @@ users = ["nobody"]
     assert!(grew("nobody-past", 1), "{before:?} → {after:?}");
     run_ok(&mut a.egret(&["remove"]));
     drop(servers);
-}
-
-/// A small deterministic generator (xorshift), so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
-    }
 }
 
 /// A long policy of rules confined to CIDRs that overlap around `b`'s
@@ -213,25 +185,6 @@ fn random_long_policy(rng: &mut Rng) -> String {
         text.push('\n');
     }
     text
-}
-
-/// The comment of the kernel rule that decides as `decision` says.
-fn kernel_comment(policy: &egret::policy::Policy, decision: &evaluator::Decision) -> String {
-    match decision.rule.as_str() {
-        "default" => match policy.mode {
-            egret::policy::Mode::Audit => "audit: log what would be blocked".into(),
-            egret::policy::Mode::Enforce => "enforce: block and log the rest".into(),
-        },
-        rule if decision.outcome != Outcome::Allowed => {
-            let mode = if decision.outcome == Outcome::Blocked {
-                "enforce"
-            } else {
-                "audit"
-            };
-            format!("{rule}: {mode} mode for its subject")
-        }
-        rule => rule.to_string(),
-    }
 }
 
 #[test]
@@ -275,9 +228,9 @@ fn dispatched_policies_decide_and_count_as_the_evaluator_says() {
             };
             let d = evaluate(&policy, &flow);
             let comment = kernel_comment(&policy, &d);
-            let before = counters(a).get(&comment).copied().unwrap_or(0);
+            let before = rule_counters(a).get(&comment).copied().unwrap_or(0);
             let passed = a.tcp_ok(uid, host, port);
-            let after = counters(a).get(&comment).copied().unwrap_or(0);
+            let after = rule_counters(a).get(&comment).copied().unwrap_or(0);
             let what = format!("round {round}: {host}:{port} uid {uid:?} → {d:?}\n{text}");
             assert_eq!(passed, d.outcome != Outcome::Blocked, "{what}");
             assert!(

@@ -313,31 +313,6 @@ target = "tcp://{B4}:6601"
     drop(child);
 }
 
-/// systemd-journald in mount and network namespaces of its own, with tmpfs
-/// on /run and /var/log: its sockets and journal files exist only there
-/// (reached through /proc/PID/root), never this machine's.
-fn private_journald() -> (Spawned, u32) {
-    let child = Command::new("unshare")
-        .args(["--mount", "--net", "--propagation", "private", "sh", "-ec"])
-        .arg(
-            "mount -t tmpfs egret-test /run; mount -t tmpfs egret-test /var/log; \
-             mkdir -p /run/systemd/journal; exec /lib/systemd/systemd-journald",
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("systemd-journald (Debian package systemd)");
-    let pid = child.id();
-    let journald = Spawned(child);
-    let socket = format!("/proc/{pid}/root/run/systemd/journal/dev-log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !Path::new(&socket).exists() {
-        assert!(Instant::now() < deadline, "journald made no {socket}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (journald, pid)
-}
-
 /// What journald filed from its syslog socket, as journalctl's JSON.
 fn journal_syslog_records(pid: u32) -> Vec<Value> {
     let out = Command::new("nsenter")

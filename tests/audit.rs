@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::verdicts::*;
 use common::*;
 use egret::audit::evaluate::{self as evaluator, evaluate, Outcome};
 use serde_json::Value;
@@ -428,28 +429,6 @@ fn simulate_and_explain_give_known_answers_for_hand_written_policies() {
     drop(run);
 }
 
-/// A small deterministic generator (xorshift), so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
-    }
-    fn some<T: Clone>(&mut self, items: &[T]) -> Vec<T> {
-        items
-            .iter()
-            .filter(|_| self.next() % 2 == 0)
-            .cloned()
-            .collect()
-    }
-}
-
 fn random_policy(rng: &mut Rng) -> String {
     let mut text = format!("mode = \"{}\"\n", rng.pick(&["enforce", "audit"]));
     for i in 0..(1 + rng.next() % 3) {
@@ -491,42 +470,6 @@ fn random_policy(rng: &mut Rng) -> String {
     text
 }
 
-/// Per-rule packet counters from `egret status --json`, by rule comment.
-fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
-    let mut out = std::collections::HashMap::new();
-    for r in ns.status_json()["rules"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        *out.entry(r["rule"].as_str().unwrap_or("").to_string())
-            .or_insert(0) += r["packets"].as_u64().unwrap_or(0);
-    }
-    out
-}
-
-/// The comment of the kernel rule that decides as `rule` does, to read its counter.
-fn kernel_comment(
-    policy: &egret::policy::Policy,
-    decision: &egret::audit::evaluate::Decision,
-) -> String {
-    match decision.rule.as_str() {
-        "default" => match policy.mode {
-            egret::policy::Mode::Audit => "audit: log what would be blocked".into(),
-            egret::policy::Mode::Enforce => "enforce: block and log the rest".into(),
-        },
-        rule if decision.outcome != Outcome::Allowed => {
-            let mode = if decision.outcome == Outcome::Blocked {
-                "enforce"
-            } else {
-                "audit"
-            };
-            format!("{rule}: {mode} mode for its subject")
-        }
-        rule => rule.to_string(),
-    }
-}
-
 #[test]
 fn the_evaluator_agrees_with_the_kernel_for_random_policies_and_flows() {
     let pair = Pair::new();
@@ -562,7 +505,7 @@ fn the_evaluator_agrees_with_the_kernel_for_random_policies_and_flows() {
             };
             let d = evaluate(&policy, &flow);
             let comment = kernel_comment(&policy, &d);
-            let before = counters(a).get(&comment).copied().unwrap_or(0);
+            let before = rule_counters(a).get(&comment).copied().unwrap_or(0);
             let mode = if proto == "tcp" {
                 "tcp-connect"
             } else {
@@ -573,7 +516,7 @@ fn the_evaluator_agrees_with_the_kernel_for_random_policies_and_flows() {
                 .status()
                 .unwrap()
                 .success();
-            let after = counters(a).get(&comment).copied().unwrap_or(0);
+            let after = rule_counters(a).get(&comment).copied().unwrap_or(0);
             let what = format!("round {round}: {proto} {host}:{port} uid {uid:?} → {d:?}\n{text}");
             assert_eq!(passed, d.outcome != Outcome::Blocked, "{what}");
             assert!(

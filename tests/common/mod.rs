@@ -2,6 +2,8 @@
 //! themselves (even when a test fails), real peers, and the egret binary.
 #![allow(dead_code)]
 
+pub mod verdicts;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -180,7 +182,13 @@ impl Netns {
 
     /// `program args...` in this namespace as user and group `nobody` (65534), no capabilities.
     pub fn as_nobody(&self, program: &str, args: &[&str]) -> Command {
-        let mut a = vec!["--reuid=65534", "--regid=65534", "--clear-groups", program];
+        self.as_user(65534, program, args)
+    }
+
+    /// `program args...` in this namespace as `uid` (group the same), no capabilities.
+    pub fn as_user(&self, uid: u32, program: &str, args: &[&str]) -> Command {
+        let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+        let mut a = vec![u.as_str(), g.as_str(), "--clear-groups", program];
         a.extend_from_slice(args);
         self.cmd("setpriv", &a)
     }
@@ -792,4 +800,90 @@ pub fn dnsmasq(ns: &Netns, listen: &[&str], extra: &[String]) -> Spawned {
             .spawn()
             .expect("dnsmasq (apt-get install dnsmasq-base)"),
     )
+}
+
+/// Connections a user opens to the proxy on 127.0.0.1:3128 and never
+/// finishes (one per argv[1], until connect fails); "held N" once they are
+/// open, released when stdin closes.
+const HOLD_MANY: &str = r#"
+import socket, sys
+held = []
+for _ in range(int(sys.argv[1])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", 3128), timeout=10))
+    except OSError:
+        break
+print("held %d" % len(held), flush=True)
+sys.stdin.read()
+for s in held:
+    s.close()
+"#;
+
+/// A user holding every descriptor the proxy of `run` can get: egret's
+/// descriptor limit is capped 40 above what it has open (prlimit), then
+/// `uid` opens 200 proxy connections and keeps them. Returns once the proxy
+/// has said it cannot accept (`proxy: accept:`); dropping the returned
+/// holder's stdin releases the connections.
+pub fn exhaust_proxy_descriptors(ns: &Netns, run: &Running, uid: u32) -> Child {
+    let pid = std::fs::read_to_string(format!("{}/egret.pid", run.state_dir))
+        .expect("pid file")
+        .trim()
+        .to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("egret's descriptors")
+        .count();
+    let limit = open + 40;
+    run_ok(Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={limit}:{limit}")]));
+    let mut holder = ns
+        .as_user(uid, "/usr/bin/python3", &["-c", HOLD_MANY, "200"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("holder");
+    assert_eq!(line.trim(), "held 200", "connections wait in the backlog");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !run.stderr_text().contains("proxy: accept:") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never ran out of descriptors:\n{}",
+            run.stderr_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    holder
+}
+
+/// systemd-journald in mount and network namespaces of its own, with tmpfs
+/// on /run and /var/log: its sockets and journal files exist only there
+/// (reached through /proc/PID/root), never this machine's. Returns once its
+/// syslog and stdout sockets exist.
+pub fn private_journald() -> (Spawned, u32) {
+    let child = Command::new("unshare")
+        .args(["--mount", "--net", "--propagation", "private", "sh", "-ec"])
+        .arg(
+            "mount -t tmpfs egret-test /run; mount -t tmpfs egret-test /var/log; \
+             mkdir -p /run/systemd/journal; exec /lib/systemd/systemd-journald",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-journald (Debian package systemd)");
+    let pid = child.id();
+    let journald = Spawned(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for socket in ["dev-log", "stdout"] {
+        let path = format!("/proc/{pid}/root/run/systemd/journal/{socket}");
+        while !std::path::Path::new(&path).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "journald made no {path}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    (journald, pid)
 }
