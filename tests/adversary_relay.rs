@@ -8,7 +8,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
