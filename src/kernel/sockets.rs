@@ -265,9 +265,19 @@ impl SockDiag {
                     },
                 },
             );
+            // The wanted socket is the sender's: its local port is the
+            // packet's source port. Over loopback the other orientation finds
+            // the receiver (a local server on the destination port) instead.
             let mut info = None;
             self.sock
-                .dump(&req, |_, payload| info = parse_diag_msg(payload))
+                .dump(&req, |_, payload| {
+                    let local_port = InetResponseHeader::parse(payload)
+                        .ok()
+                        .map(|h| h.socket_id.source_port);
+                    if local_port == Some(sport) {
+                        info = parse_diag_msg(payload);
+                    }
+                })
                 .ok()?
                 .ok()?;
             info.filter(|i: &SocketInfo| i.inode != 0)
