@@ -73,6 +73,9 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
         if p.dns.is_some() {
             out.push(name_service(&inputs.nsswitch_conf));
             out.push(stub_askers(inputs.state_dir));
+            if let Some(c) = local_cache(p) {
+                out.push(c);
+            }
         }
         if p.scope == crate::policy::Scope::HostAndContainers {
             out.push(container_runtime(p));
@@ -560,6 +563,24 @@ fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
             "point /etc/resolv.conf at the guard (docs/dns.md), or set intercept = true in [dns]",
         );
     }
+    // The guard's own local cache: only the guard may ask it.
+    let cache: Vec<IpAddr> = servers
+        .iter()
+        .filter(|ip| !is_guard(ip) && dns.local_upstream().iter().any(|a| a.ip() == **ip))
+        .copied()
+        .collect();
+    if !cache.is_empty() {
+        return check(
+            "resolver",
+            Status::Fail,
+            format!(
+                "programs ask {}, the DNS guard's local cache, instead of the guard on {}: only the guard may ask it, so those lookups are blocked (dns-bypass)",
+                list(&cache),
+                dns.listen
+            ),
+            "point /etc/resolv.conf at the guard (docs/dns.md, \"A local cache behind the guard\")",
+        );
+    }
     // A local resolver in front of the guard (systemd-resolved's stub,
     // dnsmasq, unbound): lookups work if it forwards to the guard, but the
     // guard then sees it, not the program that asked.
@@ -634,6 +655,280 @@ fn resolver(policy: &Policy, resolv_conf: &Path) -> Check {
         ),
         "make the guard the address programs ask (docs/dns.md, \"Programs must ask the guard\")",
     )
+}
+
+/// What listens on a local upstream's address and port: the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheProcess {
+    pid: u32,
+    uid: u32,
+    /// `comm`: dnsmasq, unbound, systemd-resolve...
+    name: String,
+    /// dnsmasq: whether its upstream queries carry the conntrack mark of
+    /// the query they answer (`dnsmasq_marks`), else why not.
+    marks: Result<(), &'static str>,
+}
+
+/// With a local cache as the guard's upstream (programs -> guard -> cache):
+/// something must listen there, and its upstream queries must be able to
+/// leave: dnsmasq with `--conntrack` (the cache mark), or the cache's user
+/// named in `cache_user`. `None` without a local upstream.
+fn local_cache(policy: &Policy) -> Option<Check> {
+    let dns = policy.dns.as_ref()?;
+    let local = dns.local_upstream();
+    if local.is_empty() {
+        return None;
+    }
+    let found: Vec<(std::net::SocketAddr, Option<CacheProcess>)> =
+        local.iter().map(|a| (*a, cache_process(*a))).collect();
+    Some(judge_local_cache(policy, &found))
+}
+
+fn judge_local_cache(
+    policy: &Policy,
+    found: &[(std::net::SocketAddr, Option<CacheProcess>)],
+) -> Check {
+    const NAME: &str = "dns cache";
+    let cache_user = policy.dns.as_ref().and_then(|d| d.cache_user);
+    let mark = crate::policy::cache_mark(policy.mark);
+    let mut ok = Vec::new();
+    for (addr, p) in found {
+        let Some(p) = p else {
+            return check(
+                NAME,
+                Status::Fail,
+                format!("the DNS guard's upstream {addr} is on this host, but nothing listens there: every lookup fails"),
+                "start the local cache on that address (docs/dns.md, \"A local cache behind the guard\"), or fix [dns] upstream",
+            );
+        };
+        let who = format!(
+            "{} (pid {}) on {addr}",
+            crate::text::printable(&p.name),
+            p.pid
+        );
+        if p.name == "dnsmasq" && p.marks.is_ok() {
+            ok.push(format!("{who} copies the guard's conntrack mark onto its upstream queries (--conntrack): they carry {mark:#010x} and leave"));
+        } else if cache_user == Some(p.uid) {
+            let resolved = p.name.starts_with("systemd-resolve");
+            if resolved {
+                return check(
+                    NAME,
+                    Status::Warn,
+                    format!("{who}: its upstream queries leave as its user's (cache_user = {}); but any local user can ask systemd-resolved through its D-Bus and varlink API, which no firewall rule sees, so names can be resolved around the guard", p.uid),
+                    "use dnsmasq with --conntrack as the guard's local cache (docs/dns.md, \"A local cache behind the guard\")",
+                );
+            }
+            ok.push(format!(
+                "{who}: its upstream queries leave as its user's (cache_user = {})",
+                p.uid
+            ));
+        } else if let (true, Err(why)) = (p.name == "dnsmasq", p.marks) {
+            return check(
+                NAME,
+                Status::Warn,
+                format!("{who} {why}, so they are blocked (dns-bypass) and lookups of allowed names fail"),
+                "run dnsmasq with `conntrack` and `bind-dynamic` (not `bind-interfaces`) and restart it (docs/dns.md, \"A local cache behind the guard\")",
+            );
+        } else {
+            return check(
+                NAME,
+                Status::Warn,
+                format!("{who} cannot carry the cache mark ({mark:#010x}) and its user (uid {}) is not [dns] cache_user: its upstream queries are blocked (dns-bypass), so lookups of allowed names fail", p.uid),
+                "use dnsmasq with --conntrack, or set [dns] cache_user to the cache's user (docs/dns.md, \"A local cache behind the guard\")",
+            );
+        }
+    }
+    check(
+        NAME,
+        Status::Ok,
+        format!(
+            "programs -> the DNS guard -> its local cache: {}; only the guard may ask the cache",
+            ok.join("; ")
+        ),
+        "",
+    )
+}
+
+/// The process holding a UDP socket bound to `addr` (or to the wildcard
+/// on its port) in this network namespace.
+fn cache_process(addr: std::net::SocketAddr) -> Option<CacheProcess> {
+    let inode = udp_socket_inode(addr)?;
+    let wanted = format!("socket:[{inode}]");
+    let pid = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
+                })
+        })?;
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX);
+    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let marks = if name == "dnsmasq" {
+        let read = |p: &Path| std::fs::read_to_string(p).ok();
+        let list = |d: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect()
+        };
+        dnsmasq_marks(&dnsmasq_options(&cmdline, &read, &list))
+    } else {
+        Err("is not dnsmasq")
+    };
+    Some(CacheProcess {
+        pid,
+        uid,
+        name,
+        marks,
+    })
+}
+
+/// The inode of the UDP socket bound to `addr`, or to the wildcard
+/// address of its family on its port (`/proc/net/udp`, `udp6`).
+fn udp_socket_inode(addr: std::net::SocketAddr) -> Option<u64> {
+    let (file, hex) = match addr.ip() {
+        IpAddr::V4(a) => (
+            "/proc/net/udp",
+            format!("{:08X}", u32::from_ne_bytes(a.octets())),
+        ),
+        IpAddr::V6(a) => (
+            "/proc/net/udp6",
+            a.octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                .collect(),
+        ),
+    };
+    let port = format!("{:04X}", addr.port());
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (a, p) = f.get(1)?.split_once(':')?;
+            let bound = a == hex || a.chars().all(|c| c == '0');
+            (bound && p == port)
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
+        })
+}
+
+/// The option names (long form, without `--` or a value) dnsmasq run with
+/// `cmdline` has on: from its command line and its configuration
+/// (`--conf-file`/`-C`, else /etc/dnsmasq.conf; `--conf-dir`/`-7` and
+/// `conf-dir=` lines, one level).
+fn dnsmasq_options(
+    cmdline: &[String],
+    read: &dyn Fn(&Path) -> Option<String>,
+    list: &dyn Fn(&Path) -> Vec<PathBuf>,
+) -> std::collections::BTreeSet<String> {
+    let mut on = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut args = cmdline.iter().skip(1).peekable();
+    while let Some(a) = args.next() {
+        let mut value = |long: &str, short: &str| -> Option<String> {
+            if let Some(v) = a.strip_prefix(&format!("{long}=")) {
+                return Some(v.to_string());
+            }
+            if a == long || a == short {
+                return args.next().cloned();
+            }
+            a.strip_prefix(short)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        if let Some(f) = value("--conf-file", "-C") {
+            files.push(PathBuf::from(f));
+        } else if let Some(d) = value("--conf-dir", "-7") {
+            dirs.push(d);
+        } else if a == "-z" {
+            on.insert("bind-interfaces".to_string());
+        } else if let Some(long) = a.strip_prefix("--") {
+            on.insert(long.split('=').next().unwrap_or_default().to_string());
+        }
+    }
+    if files.is_empty() {
+        files.push(PathBuf::from("/etc/dnsmasq.conf"));
+    }
+    let mut texts: Vec<String> = files.iter().filter_map(|f| read(f)).collect();
+    for t in &texts {
+        dirs.extend(
+            t.lines()
+                .filter_map(|l| l.trim().strip_prefix("conf-dir="))
+                .map(str::to_string),
+        );
+    }
+    for d in dirs {
+        // `DIR,.ext,...` leaves out those suffixes; `DIR,*.conf` keeps only those.
+        let mut parts = d.split(',');
+        let dir = parts.next().unwrap_or_default();
+        let filters: Vec<&str> = parts.collect();
+        for f in list(Path::new(dir)) {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let keep_only: Vec<&str> = filters.iter().filter_map(|x| x.strip_prefix('*')).collect();
+            let skip = name.starts_with('.')
+                || name.ends_with('~')
+                || filters
+                    .iter()
+                    .any(|x| !x.starts_with('*') && name.ends_with(x))
+                || (!keep_only.is_empty() && !keep_only.iter().any(|x| name.ends_with(x)));
+            if !skip {
+                texts.extend(read(&f));
+            }
+        }
+    }
+    for line in texts.iter().flat_map(|t| t.lines()) {
+        let line = line.trim();
+        if !line.is_empty() && !line.starts_with('#') {
+            on.insert(
+                line.split('=')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    on
+}
+
+/// How dnsmasq `options` hand the guard's mark on: `Ok` when its upstream
+/// queries carry it, else why not. Measured with dnsmasq 2.90: with
+/// `bind-interfaces` (and not `bind-dynamic`) it does not know the address
+/// a query came to, so its conntrack lookup fails ("Conntrack connection
+/// mark retrieval failed") and its upstream queries carry no mark.
+fn dnsmasq_marks(options: &std::collections::BTreeSet<String>) -> Result<(), &'static str> {
+    if !options.contains("conntrack") {
+        return Err("runs without --conntrack: its upstream queries carry no mark");
+    }
+    if options.contains("bind-interfaces") && !options.contains("bind-dynamic") {
+        return Err("has --conntrack but also bind-interfaces, with which it cannot find a query's conntrack entry: its upstream queries carry no mark");
+    }
+    Ok(())
 }
 
 /// With `scope = "host+containers"`: does containers' DNS reach the guard?
@@ -805,6 +1100,110 @@ mod tests {
         assert_eq!(resolver(&on_stub, &conf).status, Status::Ok);
         let wildcard = policy("[dns]\nlisten = \"0.0.0.0:53\"\nupstream = [\"192.0.2.53\"]\n");
         assert_eq!(resolver(&wildcard, &conf).status, Status::Ok);
+    }
+
+    /// The guard's local cache: dnsmasq with --conntrack, or the cache's
+    /// user named in cache_user, is the supported layout; dnsmasq without
+    /// it, another cache, nothing listening, or systemd-resolved (its API
+    /// resolves for anyone) are not. Programs asking the cache fail.
+    #[test]
+    fn a_local_cache_behind_the_guard() {
+        let p = policy("[dns]\nupstream = [\"127.0.0.2\"]\n");
+        let at: std::net::SocketAddr = "127.0.0.2:53".parse().unwrap();
+        let cache = |name: &str, uid: u32, marks: bool| {
+            Some(CacheProcess {
+                pid: 42,
+                uid,
+                name: name.into(),
+                marks: if marks {
+                    Ok(())
+                } else {
+                    Err("runs without --conntrack: its upstream queries carry no mark")
+                },
+            })
+        };
+        let c = judge_local_cache(&p, &[(at, cache("dnsmasq", 0, true))]);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.contains("0x65677275"), "{c:?}");
+        let c = judge_local_cache(&p, &[(at, cache("dnsmasq", 0, false))]);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("without --conntrack"), "{c:?}");
+        let c = judge_local_cache(&p, &[(at, cache("unbound", 107, false))]);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.fix.contains("cache_user"), "{c:?}");
+        assert_eq!(judge_local_cache(&p, &[(at, None)]).status, Status::Fail);
+
+        let with_user = policy("[dns]\nupstream = [\"127.0.0.2\"]\ncache_user = \"107\"\n");
+        let c = judge_local_cache(&with_user, &[(at, cache("unbound", 107, false))]);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let c = judge_local_cache(&with_user, &[(at, cache("systemd-resolve", 107, false))]);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("varlink"), "{c:?}");
+        assert!(local_cache(&policy("[dns]\nupstream = [\"192.0.2.53\"]\n")).is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 127.0.0.2\n").unwrap();
+        let c = resolver(&p, &conf);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.detail.contains("local cache"), "{c:?}");
+        std::fs::write(&conf, "nameserver 127.0.0.1\n").unwrap();
+        assert_eq!(resolver(&p, &conf).status, Status::Ok);
+    }
+
+    #[test]
+    fn dnsmasq_conntrack_from_its_command_line_or_files() {
+        let files: std::collections::HashMap<&str, &str> = [
+            (
+                "/etc/dnsmasq.conf",
+                "# conntrack\nconf-dir=/etc/dnsmasq.d/,*.conf\n",
+            ),
+            (
+                "/etc/dnsmasq.d/a.conf",
+                "server=/corp.test/10.0.0.1\nbind-dynamic\n",
+            ),
+            ("/etc/dnsmasq.d/b.conf", " conntrack \n"),
+            ("/etc/dnsmasq.d/b.conf.bak", "conntrack\n"),
+            ("/other.conf", "conntrack\nbind-interfaces\n"),
+        ]
+        .into_iter()
+        .collect();
+        let read = |p: &Path| files.get(p.to_str()?).map(|s| s.to_string());
+        let list = |d: &Path| -> Vec<PathBuf> {
+            files
+                .keys()
+                .map(|k| PathBuf::from(*k))
+                .filter(|f| f.parent() == Some(d))
+                .collect()
+        };
+        let marks = |args: &[&str]| {
+            let v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            dnsmasq_marks(&dnsmasq_options(&v, &read, &list))
+        };
+        assert!(marks(&["dnsmasq", "-C/dev/null", "--conntrack"]).is_ok());
+        assert!(
+            marks(&["dnsmasq", "-k"]).is_ok(),
+            "via /etc/dnsmasq.conf's conf-dir"
+        );
+        assert!(marks(&["dnsmasq", "-C/dev/null"]).is_err());
+        assert!(marks(&[
+            "dnsmasq",
+            "--conf-file=/dev/null",
+            "-7",
+            "/etc/dnsmasq.d,.bak,b.conf"
+        ])
+        .is_err());
+        assert!(marks(&[
+            "dnsmasq",
+            "--conf-file=/dev/null",
+            "--conf-dir=/etc/dnsmasq.d"
+        ])
+        .is_ok());
+        // bind-interfaces defeats the conntrack lookup; bind-dynamic does not.
+        let why = marks(&["dnsmasq", "--conf-file=/other.conf"]).unwrap_err();
+        assert!(why.contains("bind-interfaces"), "{why}");
+        assert!(marks(&["dnsmasq", "-C", "/dev/null", "--conntrack", "-z"]).is_err());
+        assert!(marks(&["dnsmasq", "-C", "/other.conf", "--bind-dynamic"]).is_ok());
     }
 
     #[test]

@@ -116,6 +116,22 @@ pub fn evaluate_with(
     flow: &Attempt,
     in_host_set: &dyn Fn(&str, IpAddr) -> bool,
 ) -> Decision {
+    if let (Some(dst), Some(port), Some(dns)) = (flow.dst, flow.port, &policy.dns) {
+        // A local cache behind the guard: only the guard (its mark) may ask it.
+        let cache = dns.local_upstream().iter().any(|a| a.port() == port);
+        let guard = dns.listen.port() == port && dns.listen.ip() == dst;
+        if dst.is_loopback()
+            && matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP)
+            && cache
+            && !guard
+        {
+            return Decision::new(
+                Outcome::of_mode(policy.mode),
+                DNS_BYPASS_RULE,
+                "only the DNS guard may ask its local cache",
+            );
+        }
+    }
     if flow.dst.is_some_and(|d| d.is_loopback()) {
         return Decision::new(Outcome::Allowed, BASELINE_RULE, "loopback");
     }
@@ -139,6 +155,14 @@ pub fn evaluate_with(
                 Outcome::Allowed,
                 DNS_GUARD_RULE,
                 "plain DNS is redirected to the DNS guard (intercept = true)",
+            );
+        }
+        let cache_user = dns.cache_user.filter(|_| !dns.local_upstream().is_empty());
+        if matches!(flow.port, Some(53 | 853)) && cache_user.is_some() && flow.uid == cache_user {
+            return Decision::new(
+                Outcome::Allowed,
+                DNS_GUARD_RULE,
+                "the DNS guard's local cache's user (cache_user) may ask its upstream servers",
             );
         }
         if matches!(flow.port, Some(53 | 853)) {

@@ -33,6 +33,15 @@ pub const DEFAULT_LOG_GROUP: u16 = 5;
 /// the policy says otherwise: "egrt" in ASCII. Setting a mark needs
 /// CAP_NET_ADMIN, so ordinary processes cannot borrow the guard's exemption.
 pub const DEFAULT_MARK: u32 = 0x6567_7274;
+/// The mark a local cache behind the guard puts on its upstream queries:
+/// the conntrack mark the guard's query to it carried (dnsmasq
+/// `--conntrack`), set by the ruleset from the guard's own `mark`. Distinct
+/// from `mark`, so it opens DNS and nothing else: the proxy's and alert
+/// sinks' marked sockets do not carry it.
+pub fn cache_mark(mark: u32) -> u32 {
+    mark ^ 1
+}
+
 /// The rule name events carry for packets caught by the final rule (the one no policy rule is).
 pub const DEFAULT_RULE: &str = "default";
 /// Rule names egret uses for its own log rules; a policy rule may not take them.
@@ -99,6 +108,9 @@ pub struct DnsConfig {
     /// scope = "host+containers": where container bridges' DNS is redirected
     /// (a wildcard address; the redirect picks the bridge's own address).
     pub container_listen: SocketAddr,
+    /// A local cache behind the guard that cannot carry the cache mark
+    /// (unbound, systemd-resolved): its user's DNS queries may leave.
+    pub cache_user: Option<u32>,
 }
 
 impl DnsConfig {
@@ -106,6 +118,16 @@ impl DnsConfig {
     pub const DEFAULT_CONTAINER_LISTEN: &'static str = "0.0.0.0:10053";
     pub const DEFAULT_TTL_FLOOR: Duration = Duration::from_secs(60);
     pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
+
+    /// The upstream resolvers on this host (loopback addresses): a local
+    /// cache behind the guard (programs -> guard -> cache -> world).
+    pub fn local_upstream(&self) -> Vec<SocketAddr> {
+        self.upstream
+            .iter()
+            .filter(|a| a.ip().is_loopback())
+            .copied()
+            .collect()
+    }
 
     /// How long an address answered with `ttl` stays in a rule's set.
     pub fn set_timeout(&self, ttl: u32) -> Duration {

@@ -78,6 +78,7 @@ struct RawDns {
     intercept: Option<Spanned<bool>>,
     revalidate: Option<bool>,
     container_listen: Option<Spanned<String>>,
+    cache_user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -221,7 +222,22 @@ pub(super) fn parse_with(
     let dns = raw
         .dns
         .as_ref()
-        .map(|d| dns_config(path, source, d, &mut errors));
+        .map(|d| dns_config(path, source, d, accounts, &mut errors));
+    if let (Some(d), Some(raw_dns)) = (&dns, &raw.dns) {
+        // The cache's mark is derived from egret's; it must not be 0 (every
+        // unmarked packet) for a local cache to be exempted by it.
+        if !d.local_upstream().is_empty() && super::cache_mark(mark) == 0 {
+            errors.push(
+                Diagnostic::at(
+                    path,
+                    source,
+                    Some(raw_dns.span()),
+                    format!("with a local cache as upstream, mark {mark:#x} leaves the cache's mark ({mark:#x} xor 1) at 0"),
+                )
+                .with_hint("choose another mark, e.g. the default 0x65677274"),
+            );
+        }
+    }
     let proxy = raw
         .proxy
         .as_ref()
@@ -755,6 +771,7 @@ fn dns_config(
     path: &Path,
     source: &str,
     raw: &Spanned<RawDns>,
+    accounts: &dyn Accounts,
     errors: &mut Vec<Diagnostic>,
 ) -> DnsConfig {
     let mut err = |span: Range<usize>, msg: String, hint: &str| {
@@ -781,6 +798,18 @@ fn dns_config(
             Some(a) if Some(a) == listen => err(u.span(), format!("upstream {a} is the guard itself"), "name the resolvers the guard forwards to, not its own listen address"),
             Some(a) => upstream.push(a),
             None => err(u.span(), format!("invalid upstream resolver {:?}", u.get_ref()), "write an IP address, optionally with a port: \"192.0.2.53\", \"192.0.2.53:5353\", \"[2001:db8::53]:53\""),
+        }
+    }
+    if let Some(l) = listen.filter(|l| l.ip().is_unspecified()) {
+        // A guard on the wildcard holds its port on every local address, so
+        // a cache cannot share it, and the ruleset could not tell the two apart.
+        for u in &d.upstream {
+            let Some(a) = parse_socket_addr(u.get_ref()) else {
+                continue;
+            };
+            if a.ip().is_loopback() && a.port() == l.port() {
+                err(u.span(), format!("the guard listens on {l}, every local address: a local cache at {a} cannot share port {}", l.port()), "give the local cache another port (e.g. \"127.0.0.2:5353\"), or the guard a specific address (\"127.0.0.1:53\")");
+            }
         }
     }
     if d.upstream.is_empty() {
@@ -823,6 +852,17 @@ fn dns_config(
             }
         },
     };
+    let cache_user = d.cache_user.as_ref().and_then(|u| {
+        let name = u.get_ref();
+        let uid = name.parse::<u32>().ok().or_else(|| accounts.uid(name));
+        if uid.is_none() {
+            err(u.span(), format!("unknown user {name:?}"), "name the user the local cache runs as (unbound: \"unbound\", systemd-resolved: \"systemd-resolve\")");
+        }
+        if !upstream.iter().any(|a| a.ip().is_loopback()) {
+            err(u.span(), "cache_user names the user of a local cache, but no upstream is on this host".into(), "list the cache's loopback address in upstream (e.g. \"127.0.0.53\"), or remove cache_user");
+        }
+        uid
+    });
     let intercept = d.intercept.as_ref().is_some_and(|i| *i.get_ref());
     if let (Some(i), Some(l)) = (&d.intercept, listen) {
         if *i.get_ref() && !(l.ip().is_loopback() || l.ip().is_unspecified()) {
@@ -852,6 +892,7 @@ fn dns_config(
         grace,
         intercept,
         revalidate: d.revalidate.unwrap_or(true),
+        cache_user,
     }
 }
 
@@ -1321,6 +1362,38 @@ units = ["borg.service"]
         assert!(first_error("[metrics]\nport = 1\n")
             .message
             .contains("unknown field"));
+    }
+
+    /// A local cache as upstream: its user by name or number (and only with
+    /// a local upstream); a guard on the wildcard cannot share its port; the
+    /// cache's mark (mark xor 1) may not be 0.
+    #[test]
+    fn a_local_cache_upstream_and_its_user() {
+        let p = parse("[dns]\nupstream = [\"127.0.0.53\"]\ncache_user = \"backup\"\n").unwrap();
+        let dns = p.dns.unwrap();
+        assert_eq!(dns.cache_user, Some(34));
+        assert_eq!(
+            dns.local_upstream(),
+            ["127.0.0.53:53".parse::<SocketAddr>().unwrap()]
+        );
+        let p =
+            parse("[dns]\nupstream = [\"127.0.0.2:5353\", \"192.0.2.53\"]\ncache_user = \"991\"\n")
+                .unwrap();
+        assert_eq!(p.dns.unwrap().cache_user, Some(991));
+        let d = first_error("[dns]\nupstream = [\"127.0.0.53\"]\ncache_user = \"no-such-user\"\n");
+        assert!(d.message.contains("unknown user"), "{}", d.message);
+        let d = first_error("[dns]\nupstream = [\"192.0.2.53\"]\ncache_user = \"backup\"\n");
+        assert!(
+            d.message.contains("no upstream is on this host"),
+            "{}",
+            d.message
+        );
+        let d = first_error("[dns]\nlisten = \"0.0.0.0:53\"\nupstream = [\"127.0.0.2\"]\n");
+        assert!(d.message.contains("cannot share port 53"), "{}", d.message);
+        assert!(parse("[dns]\nlisten = \"0.0.0.0:53\"\nupstream = [\"127.0.0.2:5353\"]\n").is_ok());
+        let d = first_error("mark = 1\n[dns]\nupstream = [\"127.0.0.2\"]\n");
+        assert!(d.message.contains("cache's mark"), "{}", d.message);
+        assert!(parse("mark = 1\n[dns]\nupstream = [\"192.0.2.53\"]\n").is_ok());
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         container_input: Vec::new(),
         allow_chains: Vec::new(),
     };
+    // Before the baseline's loopback rule: the cache is reached over lo.
+    c.local_cache(policy);
     c.baseline(&input.open_flows);
     c.dns_guard(policy);
     c.proxy(policy);
@@ -334,16 +336,24 @@ impl Compiler {
             v.dedup();
             v
         };
-        let upstream_ports: Vec<u16> = dns.upstream.iter().map(|a| a.port()).collect();
-        let svc = self.add_set(
-            "dns_upstream_svc".into(),
-            vec![Field::L4Proto, Field::Port],
-            true,
-            ports(&upstream_ports),
-        );
+        // A local cache is reached over lo, before the baseline (`local_cache`).
+        let remote: Vec<&std::net::SocketAddr> = dns
+            .upstream
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
+        let upstream_ports: Vec<u16> = remote.iter().map(|a| a.port()).collect();
+        let svc = (!remote.is_empty()).then(|| {
+            self.add_set(
+                "dns_upstream_svc".into(),
+                vec![Field::L4Proto, Field::Port],
+                true,
+                ports(&upstream_ports),
+            )
+        });
         for family in [Family::V4, Family::V6] {
-            let mut ips: Vec<Element> = dns
-                .upstream
+            let Some(svc) = &svc else { break };
+            let mut ips: Vec<Element> = remote
                 .iter()
                 .filter(|a| Family::of(&a.ip()) == family)
                 .map(|a| Element::single(vec![ip_to_u128(&a.ip())]))
@@ -373,12 +383,101 @@ impl Compiler {
             self.dns_intercept(policy);
         }
         let dns_ports = self.dns_ports_set();
+        if !dns.local_upstream().is_empty() {
+            self.rules.push(rule(
+                vec![
+                    Match::Mark(cache_mark(policy.mark)),
+                    Match::ProtoDport(dns_ports.clone()),
+                ],
+                Verdict::Accept,
+                "dns guard: its local cache's upstream queries",
+            ));
+            if let Some(uid) = dns.cache_user {
+                self.rules.push(rule(
+                    vec![
+                        Match::SkUid(IdMatch::Eq(uid)),
+                        Match::ProtoDport(dns_ports.clone()),
+                    ],
+                    Verdict::Accept,
+                    "dns guard: its local cache's upstream queries (cache_user)",
+                ));
+            }
+        }
         self.log_then(
             vec![Match::ProtoDport(dns_ports)],
             policy.mode,
             policy,
             DNS_BYPASS_RULE,
             "dns guard: DNS sent around the guard".into(),
+        );
+    }
+
+    /// A local cache behind the guard (`upstream` on loopback): programs ->
+    /// guard -> cache -> world. Only the guard may ask the cache: the guard's
+    /// new queries to the cache's port over lo (its mark) are accepted and
+    /// their conntrack entry gets the cache mark, which dnsmasq `--conntrack`
+    /// copies onto the upstream queries it makes for them (`dns_guard`
+    /// accepts those); programs still reach the guard on its own address;
+    /// every other new query to the cache's port, on any local address, is
+    /// `dns-bypass`. Goes before the baseline's `oifname "lo"` accept.
+    fn local_cache(&mut self, policy: &Policy) {
+        let Some(dns) = &policy.dns else { return };
+        let local = dns.local_upstream();
+        if local.is_empty() {
+            return;
+        }
+        let ports: Vec<u16> = local.iter().map(|a| a.port()).collect();
+        let svc = self.port_set("dns_cache_svc", &ports);
+        let new_on_lo = || vec![Match::OifName("lo".into()), Match::CtState(CT_NEW)];
+        let mut guard = new_on_lo();
+        guard.extend([
+            Match::Mark(policy.mark),
+            Match::ProtoDport(svc.clone()),
+            Match::CtMarkSet(cache_mark(policy.mark)),
+        ]);
+        self.rules.push(rule(
+            guard,
+            Verdict::Accept,
+            "dns guard: its queries to the local cache",
+        ));
+        // The guard itself may share the cache's port on another address.
+        let listen = dns.listen;
+        if ports.contains(&listen.port()) && !listen.ip().is_unspecified() {
+            let family = Family::of(&listen.ip());
+            let (name, field) = match family {
+                Family::V4 => ("dns_listen_v4", Field::Ipv4),
+                Family::V6 => ("dns_listen_v6", Field::Ipv6),
+            };
+            let addr = self.add_set(
+                name.into(),
+                vec![field],
+                false,
+                vec![Element::single(vec![ip_to_u128(&listen.ip())])],
+            );
+            let listen_svc = self.port_set("dns_listen_svc", &[listen.port()]);
+            let mut to_guard = new_on_lo();
+            to_guard.extend([
+                Match::NfProto(family),
+                Match::Daddr(family, addr),
+                Match::ProtoDport(listen_svc),
+            ]);
+            self.rules.push(Rule {
+                counter: None,
+                ..rule(
+                    to_guard,
+                    Verdict::Accept,
+                    "baseline: loopback, to the DNS guard",
+                )
+            });
+        }
+        let mut around = new_on_lo();
+        around.push(Match::ProtoDport(svc));
+        self.log_then(
+            around,
+            policy.mode,
+            policy,
+            DNS_BYPASS_RULE,
+            "dns guard: its local cache asked around the guard".into(),
         );
     }
 
@@ -433,6 +532,22 @@ impl Compiler {
                 "dns guard: its own queries",
             )
         });
+        if !dns.local_upstream().is_empty() {
+            let mut exempt = vec![vec![Match::Mark(cache_mark(policy.mark))]];
+            if let Some(uid) = dns.cache_user {
+                exempt.push(vec![Match::SkUid(IdMatch::Eq(uid))]);
+            }
+            for matches in exempt {
+                self.nat_rules.push(Rule {
+                    counter: None,
+                    ..rule(
+                        matches,
+                        Verdict::Accept,
+                        "dns guard: its local cache's queries",
+                    )
+                });
+            }
+        }
         for family in families {
             self.nat_rules.push(rule(
                 vec![Match::NfProto(family), Match::ProtoDport(plain.clone())],
@@ -545,6 +660,7 @@ impl Compiler {
             })
             .collect();
         elements.sort();
+        elements.dedup();
         self.add_set(
             name.into(),
             vec![Field::L4Proto, Field::Port],
@@ -1228,6 +1344,7 @@ mod tests {
                 intercept: false,
                 revalidate: true,
                 container_listen: "0.0.0.0:10053".parse().unwrap(),
+                cache_user: None,
             }),
             ..policy(rules)
         }
@@ -1395,6 +1512,87 @@ mod tests {
         );
         // No [dns]: none of it.
         assert!(!text(&policy(vec![])).contains("dns"));
+    }
+
+    /// A local cache as the guard's upstream: before the loopback baseline,
+    /// the guard's new queries to the cache's port hand the cache mark to
+    /// conntrack, programs still reach the guard, anything else to that port
+    /// over lo is dns-bypass; the cache's marked upstream queries (and its
+    /// user's, with cache_user) leave, before DNS around the guard is blocked;
+    /// intercept does not redirect them back to the guard.
+    #[test]
+    fn a_local_cache_is_asked_by_the_guard_only_and_its_marked_queries_leave() {
+        let mut p = with_dns(vec![]);
+        if let Some(d) = p.dns.as_mut() {
+            d.upstream = vec!["127.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()];
+        }
+        let t = text(&p);
+        let guard = t
+            .find("oifname \"lo\" ct state new meta mark 0x65677274 meta l4proto . th dport @dns_cache_svc ct mark set 0x65677275 counter accept")
+            .expect(&t);
+        let programs = t
+            .find("oifname \"lo\" ct state new meta nfproto ipv4 ip daddr @dns_listen_v4 meta l4proto . th dport @dns_listen_svc accept")
+            .expect(&t);
+        let around = t
+            .find("oifname \"lo\" ct state new meta l4proto . th dport @dns_cache_svc counter log prefix \"egret:blocked:dns-bypass\" group 5 drop")
+            .expect(&t);
+        let lo = t.find("oifname \"lo\" accept").expect(&t);
+        assert!(guard < programs && programs < around && around < lo, "{t}");
+        let cache = t
+            .find("meta mark 0x65677275 meta l4proto . th dport @dns_ports counter accept")
+            .expect(&t);
+        let bypass = t
+            .find("meta l4proto . th dport @dns_ports counter log prefix \"egret:blocked:dns-bypass\"")
+            .expect(&t);
+        assert!(lo < cache && cache < bypass, "{t}");
+        // The cache is not an upstream reached off the host.
+        assert!(!t.contains("dns_upstream"), "{t}");
+        let rs = compile(&p, &CompileInput::default());
+        let keys = |set: &str| -> Vec<Vec<u128>> {
+            rs.set(set)
+                .unwrap()
+                .elements
+                .iter()
+                .map(|e| e.key.clone())
+                .collect()
+        };
+        assert_eq!(keys("dns_cache_svc"), [vec![6, 53], vec![17, 53]]);
+        assert_eq!(keys("dns_listen_v4"), [vec![0x7f00_0001]]);
+
+        // A cache on its own port: no rule for the guard's address is needed.
+        let mut own_port = p.clone();
+        if let Some(d) = own_port.dns.as_mut() {
+            d.upstream = vec!["127.0.0.1:5353".parse().unwrap()];
+        }
+        let t = text(&own_port);
+        assert!(!t.contains("dns_listen"), "{t}");
+        assert!(t.contains("udp . 5353"), "{t}");
+
+        // cache_user: that user's DNS leaves too; intercept spares both.
+        if let Some(d) = p.dns.as_mut() {
+            d.cache_user = Some(991);
+            d.intercept = true;
+        }
+        let t = text(&p);
+        assert!(
+            t.contains("meta skuid 991 meta l4proto . th dport @dns_ports counter accept"),
+            "{t}"
+        );
+        let nat = &t[t.find("chain dns_intercept {").expect(&t)..];
+        let redirect = nat.find("redirect to").expect(nat);
+        for exempt in ["meta mark 0x65677275 accept", "meta skuid 991 accept"] {
+            assert!(nat.find(exempt).expect(nat) < redirect, "{nat}");
+        }
+
+        // Audit mode: asking the cache around the guard is logged, not blocked.
+        let audit = text(&Policy {
+            mode: Mode::Audit,
+            ..own_port
+        });
+        assert!(
+            audit.contains("dport @dns_cache_svc counter log prefix \"egret:would-block:dns-bypass\" group 5 accept"),
+            "{audit}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::policy::cache_mark;
 pub use compile::{compile, unit_default_level, CompileInput, UnitCgroups};
 pub use merge::merge_ranges;
 pub use render::{render, render_rule};
@@ -424,6 +425,10 @@ pub enum Match {
     FiveTuple(Family, String),
     /// `tcp flags & MASK == 0` (after `meta l4proto tcp`): none of these flags set.
     TcpFlagsZero(u8),
+    /// `ct mark set 0x...`: a statement, not a test (it always matches);
+    /// written after the rule's matches. The guard's queries to a local cache
+    /// hand [`cache_mark`] to the cache this way (see docs/dns.md).
+    CtMarkSet(u32),
 }
 
 /// The SYN bit of `tcp flags`.
@@ -431,6 +436,7 @@ pub const TCP_SYN: u8 = 0x02;
 
 pub const CT_ESTABLISHED: u32 = 2;
 pub const CT_RELATED: u32 = 4;
+pub const CT_NEW: u32 = 8;
 
 /// A connection that exists before a ruleset is applied (local end first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

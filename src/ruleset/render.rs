@@ -248,6 +248,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
                     many => format!("tcp flags & ({}) == 0", many.join(" | ")),
                 }
             }
+            Match::CtMarkSet(mark) => format!("ct mark set {mark:#010x}"),
         })
         .collect();
     if let Some(c) = &rule.counter {

@@ -4,7 +4,7 @@ use super::*;
 use crate::policy::{BlockAction, DnsConfig, HostPattern, PortRange, Refusal, Scope};
 use crate::ruleset::{
     compile, ip_to_u128, CompileInput, Element, Family, IdMatch, Match, Ruleset, Set, Verdict,
-    OUTPUT_CHAIN, PREFIX_WOULD_BLOCK,
+    CT_NEW, OUTPUT_CHAIN, PREFIX_WOULD_BLOCK,
 };
 
 fn allow(name: &str) -> AllowRule {
@@ -22,6 +22,7 @@ fn policy(mode: Mode, dns: bool, rules: Vec<AllowRule>) -> Policy {
             intercept: false,
             revalidate: true,
             container_listen: "0.0.0.0:10053".parse().unwrap(),
+            cache_user: None,
         }),
         rules,
         mode,
@@ -117,6 +118,34 @@ fn baseline_and_dns_guard_come_before_the_rules() {
         evaluate(&intercept, &tcp("192.0.2.1", 53)).rule,
         DNS_GUARD_RULE
     );
+}
+
+/// A local cache behind the guard: over loopback, only the guard may ask
+/// it (on any local address); programs still reach the guard on the same
+/// port; the compiled ruleset says the same.
+#[test]
+fn only_the_guard_may_ask_its_local_cache() {
+    let mut p = policy(Mode::Enforce, true, vec![]);
+    if let Some(d) = p.dns.as_mut() {
+        d.upstream = vec!["127.0.0.2:53".parse().unwrap()];
+    }
+    let rs = compile(&p, &CompileInput::default());
+    let udp = |dst: &str, port: u16| Attempt {
+        protocol: IPPROTO_UDP,
+        ..tcp(dst, port)
+    };
+    for (flow, rule) in [
+        (udp("127.0.0.2", 53), "dns-bypass"),
+        (tcp("127.0.0.2", 53), "dns-bypass"),
+        (udp("127.0.0.53", 53), "dns-bypass"),
+        (udp("::1", 53), "dns-bypass"),
+        (udp("127.0.0.1", 53), BASELINE_RULE),
+        (tcp("127.0.0.2", 80), BASELINE_RULE),
+    ] {
+        let d = evaluate(&p, &flow);
+        assert_eq!(d.rule, rule, "{flow:?}");
+        assert_eq!((d.outcome, d.rule), interpret(&rs, &p, &flow), "{flow:?}");
+    }
 }
 
 #[test]
@@ -266,11 +295,11 @@ fn walk(rs: &Ruleset, chain: &str, policy: &Policy, flow: &Attempt) -> Option<(O
         let hit = rule.matches.iter().all(|m| match m {
             Match::OifName(n) => n == "lo" && dst.is_loopback(),
             // A flow's first packet: a SYN for TCP, never seeded.
-            Match::IifName(_)
-            | Match::CtState(_)
-            | Match::Mark(_)
-            | Match::FiveTuple(..)
-            | Match::TcpFlagsZero(_) => false,
+            Match::IifName(_) | Match::Mark(_) | Match::FiveTuple(..) | Match::TcpFlagsZero(_) => {
+                false
+            }
+            Match::CtState(bits) => bits & CT_NEW != 0,
+            Match::CtMarkSet(_) => true,
             Match::NfProto(f) => *f == family,
             Match::L4Proto(p) => *p == flow.protocol,
             Match::L4ProtoIn(s) => in_set(set(s), &[flow.protocol as u128]),

@@ -29,6 +29,7 @@ fn with_dns() -> Policy {
             intercept: false,
             revalidate: true,
             container_listen: "0.0.0.0:10053".parse().unwrap(),
+            cache_user: None,
         }),
         ..Policy::audit_default()
     }

@@ -15,6 +15,10 @@ const META_L4PROTO: u32 = 16;
 const CT_DREG: u16 = 1;
 const CT_KEY: u16 = 2;
 const CT_STATE: u32 = 0;
+const CT_SREG: u16 = 4;
+const CT_MARK: u32 = 3;
+const IMMEDIATE_DREG: u16 = 1;
+const IMMEDIATE_DATA: u16 = 2;
 const BITWISE_SREG: u16 = 1;
 const BITWISE_DREG: u16 = 2;
 const BITWISE_LEN: u16 = 3;
@@ -72,6 +76,7 @@ impl Batch {
             Match::Cgroup { level, set } => self.encode_cgroup(*level, set),
             Match::FiveTuple(f, set) => self.encode_flow(*f, set),
             Match::TcpFlagsZero(mask) => self.encode_tcp_flags_zero(*mask),
+            Match::CtMarkSet(mark) => self.encode_ct_mark_set(*mark),
         }
     }
 }
@@ -105,6 +110,13 @@ pub(super) fn decode_match(x: &[Expr], family: Option<Family>) -> Option<Decoded
             }
         }
         "ct" => decode_ct_state(x),
+        // A value loaded into register 1 for `ct mark set`; any other
+        // immediate is a verdict (or a redirect's port), not a match.
+        "immediate"
+            if e.u32(IMMEDIATE_DREG) == Some(REG_1) && x.get(1).is_some_and(|n| n.is("ct")) =>
+        {
+            decode_ct_mark_set(x)
+        }
         "payload" if is_tcp_flags(x) => decode_tcp_flags_zero(x),
         "payload" => decode_daddr(x)
             .or_else(|| decode_icmp_type(x, family))
@@ -438,5 +450,29 @@ fn decode_tcp_flags_zero(x: &[Expr]) -> Decoded {
     ) {
         (Some(&[mask]), Some(&[0])) => Ok((Match::TcpFlagsZero(mask), 3)),
         _ => Err(not_written("a tcp flags match")),
+    }
+}
+
+// `ct mark set 0x...`: immediate (the mark into register 1) → ct set.
+
+impl Batch {
+    fn encode_ct_mark_set(&mut self, mark: u32) {
+        self.expr("immediate", |b| {
+            b.attr_u32(IMMEDIATE_DREG, REG_1);
+            data_attr(b, IMMEDIATE_DATA, &mark.to_ne_bytes());
+        });
+        self.expr("ct", |b| {
+            b.attr_u32(CT_KEY, CT_MARK);
+            b.attr_u32(CT_SREG, REG_1);
+        });
+    }
+}
+
+fn decode_ct_mark_set(x: &[Expr]) -> Decoded {
+    let value = x[0].data(IMMEDIATE_DATA).as_deref().and_then(ne_u32);
+    let ct = &x[1];
+    match (value, ct.u32(CT_KEY), ct.u32(CT_SREG)) {
+        (Some(mark), Some(CT_MARK), Some(REG_1)) => Ok((Match::CtMarkSet(mark), 2)),
+        _ => Err(not_written("a ct statement")),
     }
 }

@@ -173,9 +173,10 @@ fn match_kind(m: &Match) -> usize {
         Match::Cgroup { .. } => 12,
         Match::FiveTuple(..) => 13,
         Match::TcpFlagsZero(_) => 14,
+        Match::CtMarkSet(_) => 15,
     }
 }
-const MATCH_KINDS: usize = 15;
+const MATCH_KINDS: usize = 16;
 
 /// One rule per match kind and spelling (each family, each id form), each
 /// preceded by what the decoder reads it with (an ICMP type's `nfproto`).
@@ -191,6 +192,7 @@ fn every_match() -> Vec<Vec<Match>> {
         vec![Match::L4Proto(6), Match::TcpFlagsZero(TCP_SYN)],
         vec![Match::TcpFlagsZero(0x14)],
         vec![Match::Mark(0x6567_7274)],
+        vec![Match::Mark(0x6567_7274), Match::CtMarkSet(0x6567_7275)],
         vec![Match::L4ProtoIn(set("protos"))],
         vec![Match::ProtoDport(set("svc"))],
         vec![Match::SkUid(IdMatch::Eq(33))],
