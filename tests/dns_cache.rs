@@ -180,3 +180,28 @@ fn unbound_as_the_cache_by_its_user() {
     );
     drop(run);
 }
+
+/// With `intercept = true` too: a program asking a resolver out there is
+/// answered by the guard, whose cache's marked upstream queries are not
+/// redirected back to the guard (they would loop) but leave.
+#[test]
+fn intercept_spares_the_caches_own_queries() {
+    let lab = lab();
+    let a = &lab.pair.a;
+    let _cache = cache(a, &[CACHE], &["--conntrack"]);
+    wait_listening(a, CACHE);
+    let policy = PolicyFile::new(&POLICY.replace(
+        "upstream = [\"127.0.0.2\"]",
+        "upstream = [\"127.0.0.2\"]\nintercept = true",
+    ));
+    let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
+    let (_, out) = lab.program(&lab.resolv_conf(B4), "allowed.test");
+    assert!(out.contains(&format!("connected {ALLOWED4} True")), "{out}");
+    assert!(rule_packets(a, CACHE_QUERIES) >= 1);
+    let (_, out) = lab.program(&lab.resolv_conf(B4), "x1y2z3.test");
+    assert!(out.contains("unresolved"), "{out}");
+    run.wait_event(10, "dns-refused x1y2z3.test", |e| {
+        at(e, "/event/action") == "dns-refused" && at(e, "/dns/question/name") == "x1y2z3.test"
+    });
+    drop(run);
+}
