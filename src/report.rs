@@ -309,7 +309,8 @@ pub fn status_from<'a>(
         let action = match (&rule.log, &rule.verdict) {
             (Some(l), _) if l.prefix.starts_with(PREFIX_WOULD_BLOCK) => "would-block",
             (Some(_), _) => "block",
-            (None, Some(Verdict::Accept)) => "allow",
+            // A jump from the output chain is to an allow rule's novelty chain.
+            (None, Some(Verdict::Accept | Verdict::Jump(_))) => "allow",
             (None, _) => "block",
         };
         rules.push(RuleStatus {

@@ -166,8 +166,13 @@ pub fn lint(policy: &Policy, hits: Option<&BTreeMap<String, u64>>) -> Vec<Warnin
 pub fn hits(rs: &crate::ruleset::Ruleset) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for rule in rs.counted_rules() {
-        let (Some(c), Some(name), None, Some(crate::ruleset::Verdict::Accept)) =
-            (&rule.counter, &rule.comment, &rule.log, &rule.verdict)
+        // An allow rule accepts, or jumps to its novelty chain (which accepts).
+        let (
+            Some(c),
+            Some(name),
+            None,
+            Some(crate::ruleset::Verdict::Accept | crate::ruleset::Verdict::Jump(_)),
+        ) = (&rule.counter, &rule.comment, &rule.log, &rule.verdict)
         else {
             continue;
         };

@@ -82,7 +82,53 @@ pub struct Policy {
     /// With `Scope::HostAndContainers`: the Docker-API socket that names
     /// containers by address. `None`: the usual Docker, then podman, socket.
     pub container_runtime: Option<PathBuf>,
+    /// `[novelty]`: first-seen allowed flows (docs/policy.md).
+    pub novelty: Novelty,
     pub rules: Vec<AllowRule>,
+}
+
+/// `[novelty]`: report what an allow rule lets through for the first time
+/// per identity. The kernel filters what it already reported (a dynamic set
+/// per rule and family); egret's store holds the long memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Novelty {
+    pub enabled: bool,
+    /// Rules not tracked: `novelty = false` on the rule, or `exclude_rules`.
+    pub exclude_rules: Vec<String>,
+    /// Identities never reported (an executable path, `unit:NAME`, `uid:N`).
+    pub exclude_identities: Vec<String>,
+    /// After the first start with novelty on, flows are recorded but not
+    /// alerted for this long (so a new install is not a flood).
+    pub learn: Duration,
+    /// How long the kernel remembers a reported flow key; after that its
+    /// next packet is logged once more and the store decides.
+    pub kernel_timeout: Duration,
+    /// Elements per novelty set (per rule and family); past it new flows
+    /// are accepted uncounted by the kernel filter but counted as overflow.
+    pub set_size: u32,
+}
+
+pub const DEFAULT_NOVELTY_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_NOVELTY_SET_SIZE: u32 = 65_536;
+
+impl Default for Novelty {
+    fn default() -> Self {
+        Novelty {
+            enabled: true,
+            exclude_rules: Vec::new(),
+            exclude_identities: Vec::new(),
+            learn: Duration::ZERO,
+            kernel_timeout: DEFAULT_NOVELTY_TIMEOUT,
+            set_size: DEFAULT_NOVELTY_SET_SIZE,
+        }
+    }
+}
+
+impl Novelty {
+    /// Whether rule `name`'s accepted flows are tracked.
+    pub fn tracks(&self, name: &str) -> bool {
+        self.enabled && !self.exclude_rules.iter().any(|r| r == name)
+    }
 }
 
 /// `[dns]`: the guard that turns host names into kernel set elements.
@@ -248,6 +294,7 @@ impl Policy {
             scope: Scope::Host,
             container_interfaces: Vec::new(),
             container_runtime: None,
+            novelty: Novelty::default(),
             rules: Vec::new(),
         }
     }

@@ -60,6 +60,7 @@ struct RawMain {
     alerts: Vec<super::alerts::RawAlert>,
     container_interfaces: Option<Vec<Spanned<String>>>,
     container_runtime: Option<Spanned<String>>,
+    novelty: Option<RawNovelty>,
     #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -79,6 +80,19 @@ struct RawDns {
     revalidate: Option<bool>,
     container_listen: Option<Spanned<String>>,
     cache_user: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNovelty {
+    enabled: Option<bool>,
+    learn: Option<Spanned<String>>,
+    kernel_timeout: Option<Spanned<String>>,
+    set_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    exclude_rules: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_identities: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +150,8 @@ struct RawRule {
     #[serde(default)]
     units: Vec<Spanned<String>>,
     mode: Option<Spanned<Mode>>,
+    /// `novelty = false`: this rule's first-seen flows are not reported.
+    novelty: Option<bool>,
 }
 
 /// Reads and validates the policy at `path`, with its includes.
@@ -356,6 +372,7 @@ pub(super) fn parse_with(
         rules: Vec::new(),
         errors,
         hosts_without_dns: Vec::new(),
+        no_novelty: Vec::new(),
     };
     for rule in raw.allow {
         checker.rule(path, source, rule);
@@ -386,6 +403,28 @@ pub(super) fn parse_with(
         }
     }
 
+    let mut novelty = raw
+        .novelty
+        .as_ref()
+        .map(|n| novelty_config(path, source, n, &mut checker.errors))
+        .unwrap_or_default();
+    if let Some(n) = &raw.novelty {
+        for r in &n.exclude_rules {
+            if !checker.rules.iter().any(|a| &a.name == r.get_ref()) {
+                checker.err(
+                    path,
+                    source,
+                    r.span(),
+                    format!("exclude_rules names no rule: {:?}", r.get_ref()),
+                    "name an [[allow]] rule of this policy, or remove it",
+                );
+            }
+        }
+    }
+    novelty.exclude_rules.append(&mut checker.no_novelty);
+    novelty.exclude_rules.sort();
+    novelty.exclude_rules.dedup();
+
     if checker.errors.is_empty() {
         Ok(Policy {
             mode,
@@ -407,10 +446,84 @@ pub(super) fn parse_with(
                 Vec::new()
             },
             container_runtime,
+            novelty,
             rules: checker.rules,
         })
     } else {
         Err(PolicyErrors(checker.errors))
+    }
+}
+
+/// `[novelty]`, its errors pushed to `errors`.
+fn novelty_config(
+    path: &Path,
+    source: &str,
+    raw: &RawNovelty,
+    errors: &mut Vec<Diagnostic>,
+) -> super::Novelty {
+    let d = super::Novelty::default();
+    let mut duration = |v: &Option<Spanned<String>>, default, zero_ok| {
+        duration_field(v, default, zero_ok).unwrap_or_else(|(span, msg)| {
+            errors.push(
+                Diagnostic::at(path, source, Some(span), msg)
+                    .with_hint("write a duration such as \"7d\" or \"1h\""),
+            );
+            default
+        })
+    };
+    let learn = duration(&raw.learn, d.learn, true);
+    let kernel_timeout = duration(&raw.kernel_timeout, d.kernel_timeout, false);
+    // The kernel takes a dynset timeout in milliseconds; egret writes whole
+    // seconds, and a day is plenty for a filter the store stands behind.
+    let kernel_timeout = if kernel_timeout.as_secs() == 0 || kernel_timeout.as_secs() > 7 * 86_400 {
+        if let Some(t) = &raw.kernel_timeout {
+            errors.push(
+                Diagnostic::at(
+                    path,
+                    source,
+                    Some(t.span()),
+                    format!("kernel_timeout {:?} is out of range", t.get_ref()),
+                )
+                .with_hint("from \"1s\" to \"7d\""),
+            );
+        }
+        d.kernel_timeout
+    } else {
+        std::time::Duration::from_secs(kernel_timeout.as_secs())
+    };
+    let set_size = match &raw.set_size {
+        None => d.set_size,
+        Some(n) => match u32::try_from(*n.get_ref()) {
+            Ok(v) if (1..=16_777_216).contains(&v) => v,
+            _ => {
+                errors.push(
+                    Diagnostic::at(
+                        path,
+                        source,
+                        Some(n.span()),
+                        format!("set_size {} is out of range", n.get_ref()),
+                    )
+                    .with_hint("from 1 to 16777216 elements per rule and address family"),
+                );
+                d.set_size
+            }
+        },
+    };
+    super::Novelty {
+        enabled: raw.enabled.unwrap_or(true),
+        exclude_rules: raw
+            .exclude_rules
+            .iter()
+            .map(|r| r.get_ref().clone())
+            .collect(),
+        exclude_identities: raw
+            .exclude_identities
+            .iter()
+            .map(|r| r.get_ref().clone())
+            .collect(),
+        learn,
+        kernel_timeout,
+        set_size,
     }
 }
 
@@ -435,6 +548,8 @@ struct RuleChecker<'a> {
     errors: Vec<Diagnostic>,
     /// Where `hosts` (or `via`) appeared, checked against `[dns]` and `[proxy]` at the end.
     hosts_without_dns: Vec<(PathBuf, String, Range<usize>, Via)>,
+    /// Rules with `novelty = false`.
+    no_novelty: Vec<String>,
 }
 
 impl RuleChecker<'_> {
@@ -648,6 +763,9 @@ impl RuleChecker<'_> {
         }
 
         if self.errors.len() == errors_before {
+            if raw.novelty == Some(false) {
+                self.no_novelty.push(name.clone());
+            }
             self.rules.push(AllowRule {
                 name,
                 comment: raw.comment,

@@ -45,6 +45,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
         container_nat: Vec::new(),
         container_input: Vec::new(),
         allow_chains: Vec::new(),
+        novelty_chains: Vec::new(),
     };
     // Before the baseline's loopback rule: the cache is reached over lo.
     c.local_cache(policy);
@@ -54,12 +55,15 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
     c.alert_sinks(policy);
     let mut allowed = Vec::with_capacity(policy.rules.len());
     for rule in &policy.rules {
-        let a = c.allow_rule(rule, input, policy.dns.is_some());
+        let mut a = c.allow_rule(rule, input, policy.dns.is_some());
         // Forwarded packets have no local socket: rules that name users,
         // groups or units cannot apply to them.
         if containers && !rule.has_subject() {
             c.container_rules.extend(a.rules.iter().cloned());
         }
+        // After the copy: forwarded packets have no socket, so no uid to
+        // key a first-seen flow on; the container chain accepts plainly.
+        c.novelty(rule, policy, &mut a.rules);
         allowed.push((rule.name.as_str(), a));
     }
     c.place_allow_rules(allowed);
@@ -204,6 +208,7 @@ pub fn compile(policy: &Policy, input: &CompileInput) -> Ruleset {
             rules: std::mem::take(&mut c.container_input),
         });
     }
+    chains.append(&mut c.novelty_chains);
     if !c.nat_rules.is_empty() {
         chains.push(Chain {
             name: DNS_INTERCEPT_CHAIN.to_string(),
@@ -237,6 +242,8 @@ struct Compiler {
     container_input: Vec<Rule>,
     /// Dispatched allow rules' chains and the chains for overlapping ones.
     allow_chains: Vec<Chain>,
+    /// One chain per allow rule with novelty on (`novelty_chain_name`).
+    novelty_chains: Vec<Chain>,
 }
 
 /// The kernel rules of one allow rule, and where they can match.
@@ -252,6 +259,10 @@ struct AllowRules {
 /// reached through a verdict map on the destination instead of in turn; a
 /// few rules cost little walked in turn, and `plan` reads better linearly.
 const DISPATCH_MIN_RULES: usize = 8;
+
+/// The static set of the protocols whose flows novelty tracks: those with a
+/// destination port (for others `th dport` is not a port).
+const NOVELTY_PROTOS: &str = "novelty_protos";
 
 /// Below this many single addresses beside ranges, they stay in the interval set.
 const HASHED_ADDRESSES_MIN: usize = 16;
@@ -1160,6 +1171,87 @@ impl Compiler {
         }
     }
 
+    /// With `[novelty]` on for `r`: its accepting kernel rules (those pushed
+    /// since `from`) jump to a chain that logs a flow the kernel has not seen
+    /// for this rule (`egret:allowed-new:<rule>`), remembers it in a dynamic
+    /// set, and accepts. The allow rules keep their counters; a full set
+    /// lands in a rule of its own whose counter is the overflow.
+    fn novelty(&mut self, r: &AllowRule, policy: &Policy, kernel_rules: &mut [Rule]) {
+        if !policy.novelty.tracks(&r.name) {
+            return;
+        }
+        let chain = novelty_chain_name(&r.name);
+        let mut any = false;
+        for k in kernel_rules {
+            if k.verdict == Some(Verdict::Accept) && k.comment.as_deref() == Some(&r.name) {
+                k.verdict = Some(Verdict::Jump(chain.clone()));
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        if !self.sets.iter().any(|s| s.name == NOVELTY_PROTOS) {
+            self.add_set(
+                NOVELTY_PROTOS.into(),
+                vec![Field::L4Proto],
+                false,
+                singles(&[IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP]),
+            );
+        }
+        let timeout = u32::try_from(policy.novelty.kernel_timeout.as_secs()).unwrap_or(u32::MAX);
+        let mut rules = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let set = novelty_set_name(&r.name, family);
+            self.sets.push(Set {
+                name: set.clone(),
+                key: novelty_key(family),
+                interval: false,
+                timeout: true,
+                size: Some(policy.novelty.set_size),
+                verdict_map: false,
+                elements: Vec::new(),
+            });
+            let matches = |add_timeout| {
+                vec![
+                    Match::NfProto(family),
+                    Match::L4ProtoIn(NOVELTY_PROTOS.into()),
+                    Match::FirstSeen {
+                        family,
+                        set: set.clone(),
+                        add_timeout,
+                    },
+                ]
+            };
+            rules.push(Rule {
+                log: Some(Log {
+                    group: policy.log_group,
+                    prefix: format!("{PREFIX_ALLOWED_NEW}:{}", r.name),
+                }),
+                ..rule(
+                    matches(Some(timeout)),
+                    Verdict::Accept,
+                    format!("{}: first seen", r.name),
+                )
+            });
+            // Reached only when the add above failed: the set is full.
+            rules.push(rule(
+                matches(None),
+                Verdict::Accept,
+                format!("{}: {NOVELTY_OVERFLOW}", r.name),
+            ));
+        }
+        rules.push(Rule {
+            counter: None,
+            ..rule(vec![], Verdict::Accept, r.name.clone())
+        });
+        self.novelty_chains.push(Chain {
+            name: chain,
+            base: None,
+            rules,
+        });
+    }
+
     /// A rule whose mode differs from the policy's: what its subject sends that no
     /// rule allowed is logged under the rule's name and then handled per the rule's mode.
     fn subject_override(
@@ -1326,6 +1418,12 @@ mod tests {
             scope: crate::policy::Scope::Host,
             container_interfaces: vec![],
             container_runtime: None,
+            // The rule texts below are about the allow rules themselves;
+            // `novelty_*` tests turn it on.
+            novelty: crate::policy::Novelty {
+                enabled: false,
+                ..Default::default()
+            },
             rules,
         }
     }

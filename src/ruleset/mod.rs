@@ -59,6 +59,7 @@ pub const DNS_GUARD_RULE: &str = "dns-guard";
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// The set of a rule's unit cgroup ids at one level of the hierarchy.
@@ -76,6 +77,33 @@ pub fn host_set_name(rule: &str, family: Family) -> String {
 
 /// What the names of [`host_set_name`]'s sets begin with; no other set's does.
 pub const HOST_SET_PREFIX: &str = "h_";
+
+/// The dynamic set of a rule's flows already reported as first seen (filled
+/// by the kernel from the packet path, see docs/policy.md, `[novelty]`).
+pub fn novelty_set_name(rule: &str, family: Family) -> String {
+    match family {
+        Family::V4 => format!("{NOVELTY_PREFIX}{rule}_v4"),
+        Family::V6 => format!("{NOVELTY_PREFIX}{rule}_v6"),
+    }
+}
+
+/// The chain a rule's accepted packets jump to, where first-seen flows are
+/// logged (`egret:allowed-new:<rule>`) before being accepted.
+pub fn novelty_chain_name(rule: &str) -> String {
+    format!("{NOVELTY_PREFIX}{rule}")
+}
+
+/// What the names of novelty sets and chains begin with; no other's does.
+/// Sets with this prefix are the only ones the kernel itself writes to
+/// (`flags dynamic`).
+pub const NOVELTY_PREFIX: &str = "n_";
+
+/// The comment suffix of a novelty chain's rule that counts new flows its
+/// full set could not remember (`<rule>: novelty set full`).
+pub const NOVELTY_OVERFLOW: &str = "novelty set full";
+
+/// The NFLOG prefix of a first-seen allowed flow: `egret:allowed-new:<rule>`.
+pub const PREFIX_ALLOWED_NEW: &str = "egret:allowed-new";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Family {
@@ -208,6 +236,12 @@ impl Set {
     /// such set has and no other set has.
     pub fn is_cgroup(&self) -> bool {
         self.key == [Field::CgroupId]
+    }
+
+    /// A set the packet path adds to (`add @set {...}` in a rule): a
+    /// novelty set, known by its name's prefix.
+    pub fn is_dynamic(&self) -> bool {
+        self.name.starts_with(NOVELTY_PREFIX)
     }
 }
 
@@ -429,6 +463,25 @@ pub enum Match {
     /// written after the rule's matches. The guard's queries to a local cache
     /// hand [`cache_mark`] to the cache this way (see docs/dns.md).
     CtMarkSet(u32),
+    /// A flow not yet in a novelty set, keyed by what the kernel knows of
+    /// its sender and destination:
+    /// `meta skuid . ip daddr . meta l4proto . th dport != @set`, and with
+    /// `add_timeout` (seconds) then `add @set { <the key> timeout Ns }`,
+    /// which does not match when the set is full (the kernel's NFT_BREAK).
+    FirstSeen {
+        family: Family,
+        set: String,
+        add_timeout: Option<u32>,
+    },
+}
+
+/// The key of a novelty set for `family`.
+pub fn novelty_key(family: Family) -> Vec<Field> {
+    let addr = match family {
+        Family::V4 => Field::Ipv4,
+        Family::V6 => Field::Ipv6,
+    };
+    vec![Field::Uid, addr, Field::L4Proto, Field::Port]
 }
 
 /// The SYN bit of `tcp flags`.

@@ -77,7 +77,10 @@ fn render_set(out: &mut String, set: &Set, cgroup_level: Option<u32>) {
     if set.interval {
         let _ = writeln!(out, "\t\tflags interval");
     }
-    if set.timeout {
+    if set.is_dynamic() {
+        // Filled by the kernel from the packet path (first-seen flows).
+        let _ = writeln!(out, "\t\tflags dynamic,timeout");
+    } else if set.timeout {
         // Its elements are the DNS guard's run-time state, not part of the plan.
         let _ = writeln!(out, "\t\tflags timeout");
     }
@@ -235,6 +238,20 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
             Match::FiveTuple(f, set) => {
                 let kw = family_kw(*f);
                 format!("meta l4proto . {kw} saddr . th sport . {kw} daddr . th dport @{set}")
+            }
+            Match::FirstSeen {
+                family,
+                set,
+                add_timeout,
+            } => {
+                let key = format!(
+                    "meta skuid . {} daddr . meta l4proto . th dport",
+                    family_kw(*family)
+                );
+                match add_timeout {
+                    None => format!("{key} != @{set}"),
+                    Some(t) => format!("{key} != @{set} add @{set} {{ {key} timeout {t}s }}"),
+                }
             }
             Match::TcpFlagsZero(mask) => {
                 let names: Vec<&str> = ["fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"]

@@ -20,6 +20,18 @@ const LOOKUP_SET: u16 = 1;
 const LOOKUP_SREG: u16 = 2;
 const LOOKUP_DREG: u16 = 3;
 const LOOKUP_SET_ID: u16 = 4;
+pub(super) const LOOKUP_FLAGS: u16 = 5;
+/// NFT_LOOKUP_F_INV: the lookup matches when the key is *not* in the set.
+pub(super) const LOOKUP_F_INV: u32 = 1;
+pub(super) const DYNSET_SET_NAME: u16 = 1;
+const DYNSET_SET_ID: u16 = 2;
+pub(super) const DYNSET_OP: u16 = 3;
+pub(super) const DYNSET_SREG_KEY: u16 = 4;
+pub(super) const DYNSET_TIMEOUT: u16 = 6;
+pub(super) const DYNSET_EXPR: u16 = 7;
+pub(super) const DYNSET_FLAGS: u16 = 9;
+pub(super) const DYNSET_EXPRESSIONS: u16 = 10;
+pub(super) const DYNSET_OP_ADD: u32 = 0;
 pub(super) const CMP_EQ: u32 = 0;
 pub(super) const CMP_NEQ: u32 = 1;
 pub(super) const REG_VERDICT: u32 = 0;
@@ -62,15 +74,20 @@ impl Batch {
     }
 
     pub(super) fn lookup(&mut self, set: &str, sreg: u32) {
-        self.lookup_into(set, sreg, None);
+        self.lookup_into(set, sreg, None, 0);
     }
 
     /// A lookup in a verdict map: the element's verdict is the rule's.
     pub(super) fn lookup_verdict(&mut self, map: &str, sreg: u32) {
-        self.lookup_into(map, sreg, Some(REG_VERDICT));
+        self.lookup_into(map, sreg, Some(REG_VERDICT), 0);
     }
 
-    fn lookup_into(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
+    /// A lookup; with [`LOOKUP_F_INV`] it matches keys not in the set.
+    pub(super) fn lookup_flags(&mut self, set: &str, sreg: u32, flags: u32) {
+        self.lookup_into(set, sreg, None, flags);
+    }
+
+    fn lookup_into(&mut self, set: &str, sreg: u32, dreg: Option<u32>, flags: u32) {
         let id = self.set_ids.get(set).copied();
         self.expr("lookup", |b| {
             b.attr_str(LOOKUP_SET, set);
@@ -81,6 +98,24 @@ impl Batch {
             if let Some(id) = id {
                 b.attr_u32(LOOKUP_SET_ID, id);
             }
+            if flags != 0 {
+                b.attr_u32(LOOKUP_FLAGS, flags);
+            }
+        });
+    }
+
+    /// `add @set { <key in sreg> timeout T }`: the kernel adds the element
+    /// from the packet path; a full set makes the rule stop here (NFT_BREAK).
+    pub(super) fn dynset_add(&mut self, set: &str, sreg: u32, timeout_ms: u64) {
+        let id = self.set_ids.get(set).copied();
+        self.expr("dynset", |b| {
+            b.attr_str(DYNSET_SET_NAME, set);
+            if let Some(id) = id {
+                b.attr_u32(DYNSET_SET_ID, id);
+            }
+            b.attr_u32(DYNSET_OP, DYNSET_OP_ADD);
+            b.attr_u32(DYNSET_SREG_KEY, sreg);
+            b.attr_u64(DYNSET_TIMEOUT, timeout_ms);
         });
     }
 }
@@ -132,17 +167,31 @@ impl Expr<'_> {
     }
 }
 
-/// The set an expression looks its register up in, if `e` is a membership
-/// lookup (a map lookup writing a register is no match).
+/// The set an expression looks its register up in, if `e` is a plain
+/// membership lookup (not inverted; a map lookup writing a register is no match).
 pub(super) fn lookup_set(e: Option<&Expr>) -> Option<String> {
-    e.filter(|e| e.is("lookup") && e.raw(LOOKUP_DREG).is_none())
-        .and_then(|e| e.string(LOOKUP_SET))
+    e.filter(|e| {
+        e.is("lookup") && e.raw(LOOKUP_DREG).is_none() && e.u32(LOOKUP_FLAGS).unwrap_or(0) == 0
+    })
+    .and_then(|e| e.string(LOOKUP_SET))
+}
+
+/// The set of an inverted lookup (`!= @set`), if `e` is one.
+pub(super) fn lookup_inv_set(e: Option<&Expr>) -> Option<String> {
+    e.filter(|e| {
+        e.is("lookup") && e.raw(LOOKUP_DREG).is_none() && e.u32(LOOKUP_FLAGS) == Some(LOOKUP_F_INV)
+    })
+    .and_then(|e| e.string(LOOKUP_SET))
 }
 
 /// The map a lookup into the verdict register reads, if `e` is one.
 pub(super) fn verdict_lookup_set(e: Option<&Expr>) -> Option<String> {
-    e.filter(|e| e.is("lookup") && e.u32(LOOKUP_DREG) == Some(REG_VERDICT))
-        .and_then(|e| e.string(LOOKUP_SET))
+    e.filter(|e| {
+        e.is("lookup")
+            && e.u32(LOOKUP_DREG) == Some(REG_VERDICT)
+            && e.u32(LOOKUP_FLAGS).unwrap_or(0) == 0
+    })
+    .and_then(|e| e.string(LOOKUP_SET))
 }
 
 /// The value a `cmp` with operator `op` compares against, if `e` is one.

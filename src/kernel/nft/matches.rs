@@ -77,6 +77,11 @@ impl Batch {
             Match::FiveTuple(f, set) => self.encode_flow(*f, set),
             Match::TcpFlagsZero(mask) => self.encode_tcp_flags_zero(*mask),
             Match::CtMarkSet(mark) => self.encode_ct_mark_set(*mark),
+            Match::FirstSeen {
+                family,
+                set,
+                add_timeout,
+            } => self.encode_first_seen(*family, set, *add_timeout),
         }
     }
 }
@@ -104,6 +109,9 @@ pub(super) fn decode_match(x: &[Expr], family: Option<Family>) -> Option<Decoded
                 }
                 (META_L4PROTO, REG_1) => decode_l4proto(x),
                 (META_MARK, REG_1) => decode_mark(x),
+                (META_SKUID, REG_1 | REG32_00) if x.get(1).is_some_and(|n| n.is("payload")) => {
+                    decode_first_seen(x)
+                }
                 (META_SKUID, REG_1) => decode_id(x, Match::SkUid),
                 (META_SKGID, REG_1) => decode_id(x, Match::SkGid),
                 _ => Err(format!("meta key {key}, which egret does not write")),
@@ -373,6 +381,83 @@ fn decode_flow(x: &[Expr]) -> Decoded {
         Some(set) => Ok((Match::FiveTuple(f, set), 6)),
         None => Err(not_written("a flow match")),
     }
+}
+
+// `meta skuid . ip daddr . meta l4proto . th dport != @set` then, optionally,
+// `add @set { <the same key> timeout Ns }`: four loads into consecutive
+// 32-bit registers → inverted lookup → dynset (reusing the registers).
+
+impl Batch {
+    fn encode_first_seen(&mut self, f: Family, set: &str, add_timeout: Option<u32>) {
+        let (daddr_off, len) = daddr(f);
+        let words = len / 4;
+        self.meta(META_SKUID, REG32_00);
+        self.payload(PAYLOAD_NETWORK, daddr_off, len, REG32_00 + 1);
+        self.meta(META_L4PROTO, REG32_00 + 1 + words);
+        let (dport_off, dport_len) = TH_DPORT;
+        self.payload(
+            PAYLOAD_TRANSPORT,
+            dport_off,
+            dport_len,
+            REG32_00 + 2 + words,
+        );
+        self.lookup_flags(set, REG32_00, LOOKUP_F_INV);
+        if let Some(secs) = add_timeout {
+            self.dynset_add(set, REG32_00, u64::from(secs) * 1000);
+        }
+    }
+}
+
+fn decode_first_seen(x: &[Expr]) -> Decoded {
+    let at = payload_at(&x[1]);
+    let Some(f) = [Family::V4, Family::V6]
+        .into_iter()
+        .find(|f| at == (Some(PAYLOAD_NETWORK), Some(daddr(*f))))
+    else {
+        return Err(not_written("a first-seen key"));
+    };
+    let proto = x
+        .get(2)
+        .is_some_and(|e| e.is("meta") && e.u32(META_KEY) == Some(META_L4PROTO));
+    let port = x
+        .get(3)
+        .is_some_and(|e| payload_at(e) == (Some(PAYLOAD_TRANSPORT), Some(TH_DPORT)));
+    let Some(set) = lookup_inv_set(x.get(4)).filter(|_| proto && port) else {
+        return Err(not_written("a first-seen match"));
+    };
+    let add = x.get(5).filter(|e| e.is("dynset"));
+    let Some(add) = add else {
+        return Ok((
+            Match::FirstSeen {
+                family: f,
+                set,
+                add_timeout: None,
+            },
+            5,
+        ));
+    };
+    let timeout_ms = add.raw(DYNSET_TIMEOUT).and_then(be_u64);
+    match (add.string(DYNSET_SET_NAME), add.u32(DYNSET_OP), timeout_ms) {
+        (Some(s), Some(DYNSET_OP_ADD), Some(ms)) if s == set && ms % 1000 == 0 && plain(add) => {
+            Ok((
+                Match::FirstSeen {
+                    family: f,
+                    set,
+                    add_timeout: Some(u32::try_from(ms / 1000).unwrap_or(u32::MAX)),
+                },
+                6,
+            ))
+        }
+        _ => Err(not_written("a dynset")),
+    }
+}
+
+/// A dynset with nothing egret does not write: no flags, no expressions
+/// attached to its elements.
+fn plain(add: &Expr) -> bool {
+    add.u32(DYNSET_FLAGS).unwrap_or(0) == 0
+        && add.raw(DYNSET_EXPR).is_none()
+        && add.raw(DYNSET_EXPRESSIONS).is_none()
 }
 
 // `meta skuid 33`, `meta skgid @set`: meta → cmp eq or lookup.

@@ -275,7 +275,9 @@ pub fn logged_total(rules: &[(String, Rule)]) -> u64 {
         .iter()
         .filter(|(_, r)| {
             r.log.as_ref().is_some_and(|l| {
-                l.prefix.starts_with(PREFIX_BLOCKED) || l.prefix.starts_with(PREFIX_WOULD_BLOCK)
+                l.prefix.starts_with(PREFIX_BLOCKED)
+                    || l.prefix.starts_with(PREFIX_WOULD_BLOCK)
+                    || l.prefix.starts_with(PREFIX_ALLOWED_NEW)
             })
         })
         .filter_map(|(_, r)| r.counter.map(|c| c.packets))

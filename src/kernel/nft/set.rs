@@ -19,6 +19,8 @@ const SET_FIELD_LEN: u16 = 1;
 const SET_F_INTERVAL: u32 = 0x4;
 const SET_F_MAP: u32 = 0x8;
 const SET_F_TIMEOUT: u32 = 0x10;
+/// NFT_SET_EVAL (`flags dynamic`): rules add elements from the packet path.
+const SET_F_EVAL: u32 = 0x20;
 const SET_F_CONCAT: u32 = 0x80;
 const ELEM_LIST_TABLE: u16 = 1;
 pub(super) const ELEM_LIST_SET: u16 = 2;
@@ -101,6 +103,9 @@ impl Batch {
         let mut flags = 0;
         if set.timeout {
             flags |= SET_F_TIMEOUT;
+        }
+        if set.is_dynamic() {
+            flags |= SET_F_EVAL;
         }
         if set.interval {
             flags |= SET_F_INTERVAL;
@@ -197,6 +202,11 @@ pub(super) fn decode_set(payload: &[u8]) -> Result<Set> {
     if verdict_map && data_type != Some(DATA_TYPE_VERDICT) {
         return Err(NftError::Foreign(format!(
             "set {name} is a map egret does not write"
+        )));
+    }
+    if (flags & SET_F_EVAL != 0) != name.starts_with(NOVELTY_PREFIX) {
+        return Err(NftError::Foreign(format!(
+            "set {name} has flags egret does not write ({flags:#x})"
         )));
     }
     if !field_lens.is_empty() && field_lens.len() != key.len() {

@@ -174,9 +174,10 @@ fn match_kind(m: &Match) -> usize {
         Match::FiveTuple(..) => 13,
         Match::TcpFlagsZero(_) => 14,
         Match::CtMarkSet(_) => 15,
+        Match::FirstSeen { .. } => 16,
     }
 }
-const MATCH_KINDS: usize = 16;
+const MATCH_KINDS: usize = 17;
 
 /// One rule per match kind and spelling (each family, each id form), each
 /// preceded by what the decoder reads it with (an ICMP type's `nfproto`).
@@ -212,6 +213,13 @@ fn every_match() -> Vec<Vec<Match>> {
         rules.push(vec![Match::NfProto(f), Match::Daddr(f, set(addrs))]);
         rules.push(vec![Match::NfProto(f), Match::IcmpType(f, set(icmp))]);
         rules.push(vec![Match::FiveTuple(f, set(flows))]);
+        for add_timeout in [Some(3600), None] {
+            rules.push(vec![Match::FirstSeen {
+                family: f,
+                set: novelty_set_name("r", f),
+                add_timeout,
+            }]);
+        }
     }
     rules
 }
@@ -336,6 +344,14 @@ fn every_match_and_verdict_survives_encode_and_decode() {
             ]),
         ),
     ];
+    let mut sets = sets;
+    for f in [Family::V4, Family::V6] {
+        sets.push(Set {
+            timeout: true,
+            size: Some(1000),
+            ..named(&novelty_set_name("r", f), key(&novelty_key(f)))
+        });
+    }
     let rs = Ruleset {
         comment: "egret mode=enforce log_group=5".into(),
         sets,
