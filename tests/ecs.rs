@@ -276,6 +276,7 @@ fn icmp(src: &str, dst: &str, protocol: u8, kind: u8) -> Flow {
 enum Seen {
     Packet(Flow),
     Revalidated(Flow),
+    AllowedNew(Flow),
     Question(DnsQuestion),
     Proxy(ProxyRequest),
 }
@@ -300,6 +301,7 @@ fn observed(
         Question(q) => Subject::DnsQuery(Box::new(q)),
         Proxy(p) => Subject::ProxyRequest(Box::new(p)),
         Revalidated(f) => Subject::Revalidated(f),
+        AllowedNew(f) => Subject::AllowedNew(f),
     };
     let mut agg = Aggregator::new(7);
     let inc = agg
@@ -378,6 +380,7 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("proxy would deny", proxy(false, "nope.test", None)),
         ("container, bridge", observed(true, Some("containers"), Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::Bridge), None, false)),
         ("container, runtime", observed(true, None, Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::ContainerRuntime), None, false)),
+        ("allowed-new", observed(false, Some("web"), AllowedNew(ports(v4, dst4, 6, 443)), process_who(), Some(resolved.clone()), false)),
         ("preexisting", preexisting()),
         ("flood", flood()),
         ("tamper restored", event::tamper(when(), "deleted", true, "web1")),
@@ -529,6 +532,14 @@ fn categorization_follows_the_ecs_guide() {
     assert_eq!(at(&f, "/error/message"), "connection refused");
     assert_eq!(at(&f, "/event/outcome"), "failure");
     assert_eq!(at(&by("nflog-taken"), "/event/outcome"), "failure");
+    let n = by("allowed-new");
+    assert_eq!(at(&n, "/event/action"), "allowed-new");
+    assert_eq!(at(&n, "/event/outcome"), "success");
+    assert_eq!(
+        at(&n, "/event/type"),
+        &serde_json::json!(["connection", "allowed"])
+    );
+    assert_eq!(at(&n, "/rule/name"), "web");
 }
 
 // --- everything a real egret run makes --------------------------------------

@@ -39,6 +39,17 @@ fn revalidated_grade(rules: &SeverityRules) -> Severity {
         .unwrap_or(Severity::Low)
 }
 
+/// A first-seen allowed flow (`[novelty]`): medium unless `[severity]
+/// actions` says otherwise (then exactly that: it is the kind's grade, not a
+/// floor); its novelty was already decided by `monitor::novelty`.
+fn allowed_new_grade(rules: &SeverityRules) -> Severity {
+    rules
+        .actions
+        .get(Action::AllowedNew.as_str())
+        .copied()
+        .unwrap_or(Severity::Medium)
+}
+
 /// (identity, destination, port, protocol): what "tried before" means.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeenKey {
@@ -117,6 +128,9 @@ impl Classifier {
             self.graded.insert(inc.id, s);
             return s;
         }
+        if inc.action() == Action::AllowedNew {
+            return allowed_new_grade(&self.rules);
+        }
         let key = SeenKey::of(inc);
         let hash = self.hasher.hash_one(&key);
         let fresh = self.known.get(&hash).is_some_and(|&t| {
@@ -164,6 +178,9 @@ impl Classifier {
     pub fn of(&self, inc: &Incident) -> Severity {
         if inc.action() == Action::DnsRevalidated {
             return revalidated_grade(&self.rules);
+        }
+        if inc.action() == Action::AllowedNew {
+            return allowed_new_grade(&self.rules);
         }
         self.graded.get(&inc.id).copied().unwrap_or_else(|| {
             grade(

@@ -240,7 +240,7 @@ pub fn describe(subject: &Subject) -> String {
     let mut s = match subject {
         Subject::ProxyRequest(p) => format!("{}:{} (proxy)", p.host, p.port),
         Subject::DnsQuery(q) => format!("{} {} (dns)", q.name, q.qtype),
-        Subject::Packet(Some(f)) | Subject::Revalidated(f) => {
+        Subject::Packet(Some(f)) | Subject::Revalidated(f) | Subject::AllowedNew(f) => {
             let ip = match f.dst {
                 std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),
                 other => other.to_string(),

@@ -16,6 +16,7 @@ pub mod flood;
 pub mod held;
 pub mod incident;
 pub mod nflog;
+pub mod novelty;
 pub mod packet;
 pub mod store;
 pub mod systemd;

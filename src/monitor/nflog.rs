@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub use crate::kernel::nflog::{BindError, NflogConfig, COPY_BYTES};
 use crate::kernel::nflog::{NflogSocket, Received};
 use crate::monitor::packet::{self, Flow};
-use crate::ruleset::{PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
+use crate::ruleset::{PREFIX_ALLOWED_NEW, PREFIX_BLOCKED, PREFIX_WOULD_BLOCK};
 
 /// What a logged packet's prefix says: blocked or would-block, and which
 /// rule (not what a rule does: that is `ruleset::Verdict`).
@@ -44,6 +44,17 @@ impl LoggedVerdict {
         }
         None
     }
+
+    /// `egret:allowed-new:<rule>`: a flow the rule accepted that the
+    /// kernel's novelty filter had not seen.
+    pub fn parse_allowed_new(prefix: &[u8]) -> Option<LoggedVerdict> {
+        let prefix = std::str::from_utf8(prefix).ok()?.trim_end_matches('\0');
+        let rule = prefix.strip_prefix(PREFIX_ALLOWED_NEW)?.strip_prefix(':')?;
+        (!rule.is_empty()).then(|| LoggedVerdict {
+            blocked: false,
+            rule: Some(rule.to_string()),
+        })
+    }
 }
 
 /// One packet egret's ruleset logged, as received.
@@ -56,6 +67,9 @@ pub struct LoggedPacket {
     pub gid: Option<u32>,
     /// Input interface index, for forwarded packets.
     pub indev: Option<u32>,
+    /// Logged by a novelty chain (`egret:allowed-new:<rule>`): accepted,
+    /// first seen by the kernel's filter.
+    pub first_seen: bool,
 }
 
 /// Counters the reader keeps; shared with the daemon for accounting.
@@ -124,8 +138,12 @@ fn take(stats: &NflogStats, r: Received<'_>, sink: &mut dyn FnMut(LoggedPacket))
         Received::Overrun => count(&stats.enobufs, 1),
         Received::Malformed => count(&stats.malformed, 1),
         Received::Packet(received, rec) => {
-            let Some(verdict) = LoggedVerdict::parse(rec.prefix) else {
-                return count(&stats.foreign, 1);
+            let (verdict, first_seen) = match LoggedVerdict::parse(rec.prefix) {
+                Some(v) => (v, false),
+                None => match LoggedVerdict::parse_allowed_new(rec.prefix) {
+                    Some(v) => (v, true),
+                    None => return count(&stats.foreign, 1),
+                },
             };
             count(&stats.received, 1);
             sink(LoggedPacket {
@@ -135,6 +153,7 @@ fn take(stats: &NflogStats, r: Received<'_>, sink: &mut dyn FnMut(LoggedPacket))
                 uid: rec.uid,
                 gid: rec.gid,
                 indev: rec.indev,
+                first_seen,
             });
         }
     }

@@ -403,6 +403,15 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Rows of the novelty memory (`monitor::novelty`) in the `seen` table.
+    pub fn first_seen_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM seen WHERE protocol LIKE 'allowed:%'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
     /// Rows in the `seen` table.
     pub fn seen_count(&self) -> Result<u64> {
         Ok(self

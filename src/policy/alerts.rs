@@ -92,6 +92,7 @@ pub const ACTIONS: &[&str] = &[
     "dns-would-refuse",
     "proxy-denied",
     "dns-revalidated",
+    "allowed-new",
     "flood",
     "preexisting",
     "tamper",

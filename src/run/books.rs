@@ -88,6 +88,9 @@ impl Daemon {
         match self.nft.live_rules() {
             Ok(Some(rules)) => {
                 let live = crate::kernel::nft::logged_total(&rules);
+                self.services
+                    .metrics
+                    .set_novelty_overflow(crate::kernel::nft::novelty_overflow(&rules));
                 let (now_ms, counts) = (self.books.now_ms(), self.books.counts());
                 if self.books.reader_stopped {
                     self.books.accounting.final_reading(live, counts);
@@ -188,6 +191,10 @@ impl Daemon {
     /// Set sizes for the metrics: compiled counts, and the kernel's for the
     /// timeout sets the DNS guard fills.
     pub fn count_set_elements(&mut self) {
+        match self.store.first_seen_count() {
+            Ok(n) => self.services.metrics.set_novelty_memory(n),
+            Err(e) => warn!("counting the novelty memory: {e:#}"),
+        }
         let mut sizes = std::collections::BTreeMap::new();
         for (set, n) in &self.table.sets {
             let n = if set.timeout {

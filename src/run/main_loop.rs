@@ -149,6 +149,8 @@ pub(super) struct Daemon {
     pub new_since_prune: u64,
     /// Blocked packets waiting for the DNS guard's revalidation verdict.
     pub held: Held<HeldPacket>,
+    /// What each identity's allowed flows were (`[novelty]`).
+    pub novelty: crate::monitor::novelty::Memory,
 }
 
 impl Daemon {
@@ -305,7 +307,9 @@ impl Daemon {
     }
 
     fn packet(&mut self, p: LoggedPacket) {
-        self.services.metrics.packet(p.verdict.blocked);
+        if !p.first_seen {
+            self.services.metrics.packet(p.verdict.blocked);
+        }
         let flow = p.flow.as_ref().ok();
         let mut who = self.attributor.attribute(flow, p.uid, p.gid);
         if let (Some(index), Some(f), None) = (p.indev, flow, p.uid) {
@@ -320,6 +324,9 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&f.dst, Instant::now())
         });
+        if p.first_seen {
+            return self.first_seen(&p, &who, resolved.as_ref());
+        }
         if let (true, Some(f)) = (p.verdict.blocked, flow) {
             match self.hold_for_revalidation(&p.verdict, f, &who, p.received) {
                 Hold::Held => return,
@@ -359,6 +366,39 @@ impl Daemon {
         if cut {
             who.truncated.push("container.image.name");
         }
+    }
+
+    /// A flow an allow rule accepted that the kernel's filter had not seen:
+    /// reported once per (identity, destination, port, protocol), ever.
+    fn first_seen(
+        &mut self,
+        p: &LoggedPacket,
+        who: &crate::monitor::attribution::Attribution,
+        resolved: Option<&crate::monitor::event::ResolvedName>,
+    ) {
+        use crate::monitor::novelty::Verdict;
+        let Ok(flow) = &p.flow else {
+            self.services.metrics.novelty(Verdict::Excluded);
+            return;
+        };
+        let verdict = self.novelty.judge(
+            &self.policy.novelty,
+            &who.identity(),
+            flow,
+            p.received,
+            &mut self.store,
+        );
+        self.services.metrics.novelty(verdict);
+        if verdict != Verdict::New {
+            return;
+        }
+        self.record(Observation {
+            verdict: &p.verdict,
+            subject: Subject::AllowedNew(*flow),
+            attribution: who,
+            resolved,
+            at: p.received,
+        });
     }
 
     fn refused_query(&mut self, mut q: RefusedQuery) {
@@ -403,8 +443,13 @@ impl Daemon {
             let mut doc = event::incident(inc, false, &self.host);
             let severity = self.classifier.new_incident(inc, &mut self.store);
             event::set_severity(&mut doc, severity);
+            // During `[novelty] learn`, first-seen flows are recorded only.
+            let learning = inc.action() == event::Action::AllowedNew
+                && self
+                    .novelty
+                    .learning(&self.policy.novelty, inc.first_seen, &mut self.store);
             let route = Route {
-                alert: true,
+                alert: !learning,
                 flush: true,
                 keep: Keep::Incident(Box::new(inc.clone())),
             };

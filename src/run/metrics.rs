@@ -31,6 +31,14 @@ pub struct Metrics {
     /// Per logged packet: atomics, no lock on the packet path.
     blocked_packets: AtomicU64,
     would_block_packets: AtomicU64,
+    /// First-seen packets from the novelty chains, by what the memory said:
+    /// new, known, excluded (or undecodable).
+    first_seen: [AtomicU64; 3],
+    /// New flows the kernel accepted without remembering (a full novelty
+    /// set), from the overflow rules' counters.
+    novelty_overflow: AtomicU64,
+    /// Flows the novelty memory holds (the store's `allowed:` rows).
+    novelty_memory: AtomicU64,
     counts: Mutex<Counts>,
     started: SystemTime,
     pub guard: OnceLock<Arc<GuardStats>>,
@@ -44,6 +52,9 @@ impl Default for Metrics {
         Metrics {
             blocked_packets: AtomicU64::new(0),
             would_block_packets: AtomicU64::new(0),
+            first_seen: Default::default(),
+            novelty_overflow: AtomicU64::new(0),
+            novelty_memory: AtomicU64::new(0),
             counts: Mutex::new(Counts::default()),
             started: SystemTime::now(),
             guard: OnceLock::new(),
@@ -71,6 +82,27 @@ impl Metrics {
             &self.would_block_packets
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the novelty memory said of a first-seen packet.
+    pub fn novelty(&self, v: crate::monitor::novelty::Verdict) {
+        use crate::monitor::novelty::Verdict;
+        let i = match v {
+            Verdict::New => 0,
+            Verdict::Known => 1,
+            Verdict::Excluded => 2,
+        };
+        self.first_seen[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The novelty overflow rules' packet count (read with the log counters).
+    pub fn set_novelty_overflow(&self, packets: u64) {
+        self.novelty_overflow.store(packets, Ordering::Relaxed);
+    }
+
+    /// Flows in the novelty memory.
+    pub fn set_novelty_memory(&self, flows: u64) {
+        self.novelty_memory.store(flows, Ordering::Relaxed);
     }
 
     /// An incident was opened.
@@ -114,6 +146,35 @@ impl Metrics {
                 (labels(&[("action", "blocked")]), self.blocked_packets.load(Ordering::Relaxed) as f64),
                 (labels(&[("action", "would-block")]), self.would_block_packets.load(Ordering::Relaxed) as f64),
             ],
+        );
+        let first_seen = |i: usize| self.first_seen[i].load(Ordering::Relaxed) as f64;
+        counter(
+            &mut out,
+            "egret_first_seen_packets_total",
+            "Allowed flows the kernel's novelty filter reported, by what egret's memory said of them.",
+            &[
+                (labels(&[("outcome", "new")]), first_seen(0)),
+                (labels(&[("outcome", "known")]), first_seen(1)),
+                (labels(&[("outcome", "excluded")]), first_seen(2)),
+            ],
+        );
+        counter(
+            &mut out,
+            "egret_novelty_overflow_packets_total",
+            "New allowed flows a full novelty set could not remember (accepted, not reported).",
+            &[(
+                String::new(),
+                self.novelty_overflow.load(Ordering::Relaxed) as f64,
+            )],
+        );
+        gauge(
+            &mut out,
+            "egret_novelty_memory_flows",
+            "(identity, destination, port, protocol) tuples the novelty memory holds.",
+            &[(
+                String::new(),
+                self.novelty_memory.load(Ordering::Relaxed) as f64,
+            )],
         );
         counter(
             &mut out,

@@ -184,6 +184,7 @@ fn run_inner(opts: RunOptions, policy: Policy, mut store: Store, signals: Signal
         table: table::Loaded::new(&rs),
         new_since_prune: 0,
         held: Default::default(),
+        novelty: Default::default(),
     };
     daemon.report_preexisting(&preexisting);
     // At once, so `status` shows this daemon (its pid) from its first moment.

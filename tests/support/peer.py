@@ -159,6 +159,16 @@ def flood_udp(host, port, n):
     return 0
 
 
+def udp_ports(host, first, n):
+    """One datagram to each of n ports from `first` on, then hold the socket."""
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    for port in range(first, first + int(n)):
+        s.sendto(b"x", (host, port))
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    return 0
+
+
 def https_server(host, port, cert, key):
     import http.server
     import ssl
@@ -270,7 +280,7 @@ def main():
     mode, host, port, rest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     run = {"tcp-server": tcp_server, "udp-server": udp_server, "tcp-connect": tcp_connect,
            "udp-send": udp_send, "hold": hold, "try-tcp": try_tcp, "try-udp": try_udp,
-           "flood-udp": flood_udp, "https-server": https_server, "proxy-hold": proxy_hold,
+           "flood-udp": flood_udp, "udp-ports": udp_ports, "https-server": https_server, "proxy-hold": proxy_hold,
            "proxy-raw": proxy_raw, "proxy-tls": proxy_tls, "proxy-keepalive": proxy_keepalive}[mode]
     sys.exit(run(host, port, *rest) or 0)
 

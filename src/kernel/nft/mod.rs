@@ -284,6 +284,21 @@ pub fn logged_total(rules: &[(String, Rule)]) -> u64 {
         .sum()
 }
 
+/// Packets the novelty chains' overflow rules counted: new flows accepted
+/// while their rule's set was full (not reported as first seen).
+pub fn novelty_overflow(rules: &[(String, Rule)]) -> u64 {
+    rules
+        .iter()
+        .filter(|(chain, r)| {
+            chain.starts_with(NOVELTY_PREFIX)
+                && r.comment
+                    .as_deref()
+                    .is_some_and(|c| c.ends_with(NOVELTY_OVERFLOW))
+        })
+        .filter_map(|(_, r)| r.counter.map(|c| c.packets))
+        .sum()
+}
+
 fn msg_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | msg
 }

@@ -60,6 +60,12 @@ pub fn summary(inc: &Incident) -> String {
             who(inc),
             destination(inc).unwrap_or_else(|| "?".into())
         ),
+        Subject::AllowedNew(_) => format!(
+            "first seen {} → {}, allowed by rule {}",
+            who(inc),
+            destination(inc).unwrap_or_else(|| "?".into()),
+            inc.key.verdict.rule.as_deref().unwrap_or("?")
+        ),
     }
 }
 
@@ -103,7 +109,7 @@ pub fn destination(inc: &Incident) -> Option<String> {
             return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype))
         }
         Subject::Packet(f) => f.as_ref()?,
-        Subject::Revalidated(f) => f,
+        Subject::Revalidated(f) | Subject::AllowedNew(f) => f,
     };
     let ip = match f.dst {
         std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),

@@ -68,13 +68,18 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             flood = Some(&**f);
             "egret.flood"
         }
-        Subject::Revalidated(f) => {
+        Subject::Revalidated(f) | Subject::AllowedNew(f) => {
             flow = Some(f);
             "egret.egress"
         }
     };
-    // A revalidated packet passed because the policy allows its name.
-    let enforced = blocked || matches!(inc.subject, Subject::Revalidated(_));
+    // A revalidated packet passed because the policy allows its name; a
+    // first-seen one because a rule allows it.
+    let enforced = blocked
+        || matches!(
+            inc.subject,
+            Subject::Revalidated(_) | Subject::AllowedNew(_)
+        );
     let a = &inc.attribution;
     let p = a.process.as_ref();
     let (icmp_type, icmp_code) = match flow.map(|f| f.l4) {

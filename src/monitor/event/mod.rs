@@ -45,6 +45,10 @@ pub enum Subject {
     /// (`dns::revalidate`). The name and the verdict are in the incident's
     /// [`ResolvedName`].
     Revalidated(Flow),
+    /// A flow an allow rule accepted that this identity never sent before
+    /// (`[novelty]`): reported once per (identity, destination, port,
+    /// protocol). The rule is the incident's verdict's.
+    AllowedNew(Flow),
 }
 
 impl Subject {
@@ -54,6 +58,7 @@ impl Subject {
         match (self, blocked) {
             (Subject::Flood(_), _) => Action::Flood,
             (Subject::Revalidated(_), _) => Action::DnsRevalidated,
+            (Subject::AllowedNew(_), _) => Action::AllowedNew,
             (Subject::DnsQuery(_), true) => Action::DnsRefused,
             (Subject::DnsQuery(_), false) => Action::DnsWouldRefuse,
             (Subject::ProxyRequest(_), true) => Action::ProxyDenied,
@@ -73,7 +78,7 @@ impl Subject {
                 protocol: flow.map(|f| f.protocol),
             },
             // Told apart from the blocks of the same destination by the verdict.
-            Subject::Revalidated(f) => SubjectKey::Packet {
+            Subject::Revalidated(f) | Subject::AllowedNew(f) => SubjectKey::Packet {
                 destination: Some(f.dst),
                 port: f.dst_port(),
                 protocol: Some(f.protocol),
@@ -94,7 +99,7 @@ impl Subject {
     pub fn flow(&self) -> Option<&Flow> {
         match self {
             Subject::Packet(f) => f.as_ref(),
-            Subject::Revalidated(f) => Some(f),
+            Subject::Revalidated(f) | Subject::AllowedNew(f) => Some(f),
             _ => None,
         }
     }
@@ -189,6 +194,8 @@ pub enum Action {
     ProxyDenied,
     /// A kept address whose name still resolves there, let through again.
     DnsRevalidated,
+    /// A flow an allow rule accepted, first seen for its identity.
+    AllowedNew,
     Flood,
     /// A connection older than egret's table that the policy would not allow.
     Preexisting,
@@ -201,13 +208,14 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Blocked,
         Action::WouldBlock,
         Action::DnsRefused,
         Action::DnsWouldRefuse,
         Action::ProxyDenied,
         Action::DnsRevalidated,
+        Action::AllowedNew,
         Action::Flood,
         Action::Preexisting,
         Action::Tamper,
@@ -226,6 +234,7 @@ impl Action {
             Action::DnsWouldRefuse => "dns-would-refuse",
             Action::ProxyDenied => "proxy-denied",
             Action::DnsRevalidated => "dns-revalidated",
+            Action::AllowedNew => "allowed-new",
             Action::Flood => "flood",
             Action::Preexisting => "preexisting",
             Action::Tamper => "tamper",
