@@ -291,13 +291,19 @@ impl Netns {
             .into_owned()
     }
 
-    /// The ruleset with counter values blanked: for comparing rule structure
-    /// while background traffic (IPv6 neighbour discovery) moves counters.
+    /// The ruleset with counter values and element expiry blanked: for
+    /// comparing rule structure while background traffic (IPv6 neighbour
+    /// discovery) moves counters and time runs down the novelty sets'
+    /// elements.
     pub fn nft_rules_only(&self) -> String {
         let text = self.nft_ruleset();
         let mut tokens = text.split_whitespace().peekable();
         let mut out = Vec::new();
         while let Some(t) = tokens.next() {
+            if t == "expires" {
+                tokens.next(); // the time left, and its trailing comma if any
+                continue;
+            }
             out.push(t);
             if t == "counter" && tokens.peek() == Some(&"packets") {
                 tokens.nth(3); // packets N bytes M

@@ -9,6 +9,7 @@ const COLORS = {
   "dns-refused": "#7d3c98",
   "dns-would-refuse": "#a569bd",
   "proxy-denied": "#1f618d",
+  "allowed-new": "#1e8449",
 };
 const FEED_ROWS = 200;
 const SVG = "http://www.w3.org/2000/svg";

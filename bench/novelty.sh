@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# What [novelty] (first-seen allowed flows, issue 20) costs. bench/conn_rate.sh's
+# setup: namespaces A (10.1.0.1) and B (10.1.0.2:5201) joined by a veth pair,
+# the firewall in A's output path, 100,000 allowed entries (the server last).
+#   1. new TCP connections per second with novelty off and on, interleaved
+#      rounds (median of ROUNDS runs of DURATION seconds): goal on/off >= 0.97;
+#   2. messages from the kernel while those connections run (all to one
+#      destination, so after the first the kernel's set filters them): the
+#      first-seen log rules' counters before and after, per second: goal ~0;
+#   3. daemon CPU per 1,000 first-seen flows: `egret run` in A, NEW distinct
+#      (port) flows as one UDP client, the daemon's utime+stime before and
+#      after (from /proc), per 1,000.
+# Runs in namespaces it creates and deletes; traffic only between them.
+#
+#   sudo bash bench/novelty.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+ROUNDS=${ROUNDS:-5} SECONDS_PER_RUN=${DURATION:-5} THREADS=${THREADS:-2} NEW=${NEW:-10000}
+cargo build --release -q --bin egret --example conn_rate
+T=${CARGO_TARGET_DIR:-target}/release
+E=$PWD/$T/egret LOAD=$PWD/$T/examples/conn_rate
+A=egret-nv-a-$$ B=egret-nv-b-$$ TMP=$(mktemp -d)
+cleanup() {
+  for ns in "$A" "$B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
+  sleep 0.2; ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; rm -rf "$TMP"
+}
+trap cleanup EXIT
+ip netns add "$A"; ip netns add "$B"
+ip -n "$A" link add va type veth peer name vb netns "$B"
+ip -n "$A" addr add 10.1.0.1/24 dev va; ip -n "$B" addr add 10.1.0.2/24 dev vb
+for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
+ip -n "$A" link set va up; ip -n "$B" link set vb up
+in_a() { nsenter --net=/run/netns/"$A" -- "$@"; }
+in_b() { nsenter --net=/run/netns/"$B" -- "$@"; }
+(in_b "$LOAD" server 10.1.0.2:5201 "$THREADS" > "$TMP/server.out" &) 2>/dev/null
+for _ in $(seq 50); do grep -q listening "$TMP/server.out" 2>/dev/null && break; sleep 0.1; done
+
+python3 - "$TMP" <<'PY'
+import random, sys
+random.seed(7)
+nets = set()
+while len(nets) < 100000 - 1:
+    a, b, c = random.randrange(11, 223), random.randrange(256), random.randrange(256)
+    if a == 127:
+        continue
+    nets.add(f"{a}.{b}.{c}.0/24" if len(nets) % 2 else f"{a}.{b}.{c}.{random.randrange(1, 255)}")
+nets = sorted(nets)
+cidrs = 'cidrs = [\n' + ",\n".join(f'"{x}"' for x in nets + ["10.1.0.2"]) + "\n]\n"
+rule = '[[allow]]\nname = "bulk"\nprotocol = "tcp"\nports = [5201]\n' + cidrs
+udp = '[[allow]]\nname = "udp"\nprotocol = "udp"\nports = ["20000-60000"]\ncidrs = ["10.1.0.2"]\n'
+for name, novelty in (("off", "[novelty]\nenabled = false\n"), ("on", "")):
+    with open(f"{sys.argv[1]}/{name}.toml", "w") as f:
+        f.write('mode = "enforce"\n' + novelty + rule + udp)
+PY
+
+# Packets the first-seen log rules counted (the messages the kernel sent).
+logged() { in_a nft list ruleset | grep 'egret:allowed-new' | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | awk '{s+=$1} END{print s+0}'; }
+measure() { in_a "$LOAD" client 10.1.0.2:5201 "$SECONDS_PER_RUN" "$THREADS" | awk '{print $1}'; }
+
+echo "== 1, 2: new TCP connections/s, 100k entries, novelty off vs on ($ROUNDS interleaved rounds of ${SECONDS_PER_RUN}s, $THREADS threads)"
+for r in $(seq "$ROUNDS"); do
+  for s in off on; do
+    in_a "$E" apply "$TMP/$s.toml" >/dev/null
+    # Warm-up: the one flow (uid 0 -> 10.1.0.2:5201/tcp) is first seen here.
+    in_a "$LOAD" client 10.1.0.2:5201 1 1 >/dev/null
+    before=$(logged)
+    rate=$(measure)
+    after=$(logged)
+    in_a nft flush ruleset
+    echo "$s $rate $((after - before))" | tee -a "$TMP/results"
+  done
+done
+median() { grep "^$1 " "$TMP/results" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+off=$(median off) on=$(median on)
+msgs=$(grep '^on ' "$TMP/results" | awk '{s+=$3} END{print s+0}')
+awk -v a="$on" -v b="$off" -v m="$msgs" -v t="$((ROUNDS * SECONDS_PER_RUN))" 'BEGIN{
+  printf "\noff %s conn/s, on %s conn/s: on / off = %.3f (goal >= 0.97)\n", b, a, a/b
+  printf "kernel messages after warm-up: %d in %d s = %.2f/s (goal ~0)\n", m, t, m/t }'
+awk '$1=="on"{on[++i]=$2} $1=="off"{off[++j]=$2} END{for(k=1;k<=i;k++) printf "round %d: on/off = %.3f\n", k, on[k]/off[k]}' "$TMP/results"
+
+echo
+echo "== 3: daemon CPU per 1,000 first-seen flows ($NEW distinct UDP ports, one client)"
+in_a "$E" apply "$TMP/on.toml" >/dev/null
+(in_a "$E" run --policy "$TMP/on.toml" --state-dir "$TMP/state" > /dev/null 2> "$TMP/run.err" &)
+for _ in $(seq 100); do
+  [ -n "$(in_a "$E" status --json --state-dir "$TMP/state" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("monitor") or "")' 2>/dev/null)" ] && break
+  sleep 0.1
+done
+pid=$(pgrep -f -n -- "--state-dir $TMP/state") || { cat "$TMP/run.err"; exit 1; }
+cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+received() { in_a "$E" status --json --state-dir "$TMP/state" | python3 -c 'import json,sys; print(json.load(sys.stdin)["monitor"]["loss"]["received"])'; }
+c0=$(cpu) r0=$(received)
+in_a python3 - "$NEW" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in range(20000, 20000 + int(sys.argv[1])):
+    s.sendto(b"x", ("10.1.0.2", port))
+PY
+for _ in $(seq 300); do
+  [ "$(received)" -ge $((r0 + NEW)) ] && break
+  sleep 0.2
+done
+sleep 2 # the loop's last batch and the store's flush
+c1=$(cpu) r1=$(received)
+hz=$(getconf CLK_TCK)
+awk -v c=$((c1 - c0)) -v n=$((r1 - r0)) -v hz="$hz" 'BEGIN{printf "%d first-seen messages received, daemon CPU %.2f s: %.1f ms per 1,000\n", n, c/hz, 1e6*c/hz/n}'
+kill "$pid"
