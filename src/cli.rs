@@ -215,6 +215,9 @@ pub enum Command {
         policy: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Where `egret run` keeps its store (who the flow is known for).
+        #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Check what egret needs from this host, and say how to fix each problem.
     /// Exit 3 when something keeps egret from working.
@@ -466,6 +469,7 @@ fn dispatch(command: Command) -> Result<u8> {
             unit,
             policy,
             json,
+            state_dir,
         } => explain(
             &policy,
             &crate::audit::commands::ExplainArgs {
@@ -474,6 +478,7 @@ fn dispatch(command: Command) -> Result<u8> {
                 user: user.as_deref(),
                 unit: unit.as_deref(),
                 json,
+                state_dir: &state_dir,
             },
         ),
         Command::Doctor {

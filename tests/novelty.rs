@@ -112,6 +112,24 @@ fn a_first_seen_flow_is_reported_once_per_identity_and_never_after_a_restart() {
         seen
     });
 
+    // `egret explain` says for whom the flow is known.
+    let explained = pair.a.egret_ok(&[
+        "explain",
+        &format!("{B4}:443"),
+        "--policy",
+        policy.path(),
+        "--state-dir",
+        &state_dir,
+    ]);
+    assert!(
+        explained.contains(&format!("first seen: exe:{} → {B4}", python_exe())),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("first seen: exe:/usr/bin/bash"),
+        "{explained}"
+    );
+
     // The store has it; `egret events --action allowed-new` lists it.
     let listed = pair.a.egret_ok(&[
         "events",

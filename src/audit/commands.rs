@@ -256,6 +256,35 @@ pub struct ExplainArgs<'a> {
     pub user: Option<&'a str>,
     pub unit: Option<&'a str>,
     pub json: bool,
+    /// Where `egret run` keeps its store: who the flow is known for.
+    pub state_dir: &'a Path,
+}
+
+/// Identities shown per destination by `explain`.
+const FIRST_SEEN_SHOWN: usize = 20;
+
+/// (destination, identity, first seen) the novelty memory holds for these
+/// destinations; empty when the store cannot be read (no privileges, no run yet).
+fn first_seen_by(
+    state_dir: &Path,
+    dests: &[IpAddr],
+    port: u16,
+    protocol: u8,
+) -> Vec<(IpAddr, String, String)> {
+    let Ok(Some(store)) = crate::monitor::store::Store::open_read_only(state_dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for d in dests {
+        for (who, ms) in store
+            .first_seen_by(&d.to_string(), port, protocol, FIRST_SEEN_SHOWN)
+            .unwrap_or_default()
+        {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            out.push((*d, who, crate::monitor::event::timestamp(at)));
+        }
+    }
+    out
 }
 
 /// What `name` maps to now. With `[dns]`, the guard is asked, and only for
@@ -332,10 +361,27 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
     // Live kernel facts are a bonus: without privileges the policy still answers.
     let live = explain::live_host_sets().ok();
     let e = explain::explain(policy, &target, &base, &resolved, live.as_deref());
+    let dests = match &target {
+        Target::Ip(ip) => vec![*ip],
+        Target::Name(_) => resolved.addresses.clone(),
+    };
+    let known = first_seen_by(a.state_dir, &dests, base.port.unwrap_or(0), protocol);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        let mut v = serde_json::to_value(&e)?;
+        v["first_seen"] = known
+            .iter()
+            .map(|(d, who, at)| serde_json::json!({"destination": d, "identity": who, "first_seen": at}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", crate::text::printable_lines(&explain::render(&e)));
+        let mut text = explain::render(&e);
+        if known.is_empty() {
+            text.push_str("first seen: no identity's allowed flow to it is known (egret run's novelty memory)\n");
+        }
+        for (d, who, at) in &known {
+            text.push_str(&format!("first seen: {who} → {d}, {at}\n"));
+        }
+        print!("{}", crate::text::printable_lines(&text));
     }
     Ok(if e.allowed() {
         exit::OK

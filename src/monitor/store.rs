@@ -412,6 +412,34 @@ impl Store {
         )? as u64)
     }
 
+    /// Identities whose allowed flows to (destination, port, protocol) the
+    /// novelty memory knows, with when each was first seen (unix ms).
+    pub fn first_seen_by(
+        &self,
+        destination: &str,
+        port: u16,
+        protocol: u8,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT identity, first_seen FROM seen
+             WHERE destination = ?1 AND port = ?2 AND protocol = ?3
+             ORDER BY first_seen LIMIT ?4",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    destination,
+                    port,
+                    format!("allowed:{protocol}"),
+                    limit as i64
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     /// Rows in the `seen` table.
     pub fn seen_count(&self) -> Result<u64> {
         Ok(self
