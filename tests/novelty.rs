@@ -244,7 +244,8 @@ fn a_flood_of_new_allowed_destinations_folds_with_balanced_books() {
     let received = at(&m, "/loss/received").as_u64().unwrap();
     // Each received first-seen packet is one incident of its own or one
     // count of a flood incident: one, or a few when attribution degrades to
-    // the uid under the flood (as for blocks, tests/adversary_flood.rs).
+    // the uid under the flood or the flood pauses past the limiter's quiet
+    // time on a loaded machine (as for blocks, tests/adversary_flood.rs).
     daemon.wait_until("every flow accounted for", 30, || {
         let snap = daemon.snapshot();
         let new = snap.iter().filter(|e| first_seen(e)).count() as u64;
@@ -255,7 +256,11 @@ fn a_flood_of_new_allowed_destinations_folds_with_balanced_books() {
             *c = count.max(*c);
         }
         let folded: u64 = floods.values().sum();
-        (1..=3).contains(&floods.len()) && new + folded == received
+        let done = !floods.is_empty() && new + folded == received;
+        if !done {
+            eprintln!("{new} incidents + {folded} folded in {floods:?}, {received} received");
+        }
+        done
     });
     let new = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
     assert!(new < 1000, "{new} incidents: the flood did not fold");
