@@ -17,9 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-5} SECONDS_PER_RUN=${DURATION:-5} THREADS=${THREADS:-2} NEW=${NEW:-10000}
-cargo build --release -q --bin egret --example conn_rate
+# EGRET and CONN_RATE name prebuilt binaries (a debug egret only changes (3)).
 T=${CARGO_TARGET_DIR:-target}/release
-E=$PWD/$T/egret LOAD=$PWD/$T/examples/conn_rate
+E=${EGRET:-$PWD/$T/egret} LOAD=${CONN_RATE:-$PWD/$T/examples/conn_rate}
+[ -n "${EGRET:-}" ] && [ -n "${CONN_RATE:-}" ] || cargo build --release -q --bin egret --example conn_rate
 A=egret-nv-a-$$ B=egret-nv-b-$$ TMP=$(mktemp -d)
 cleanup() {
   for ns in "$A" "$B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
@@ -49,7 +50,7 @@ nets = sorted(nets)
 cidrs = 'cidrs = [\n' + ",\n".join(f'"{x}"' for x in nets + ["10.1.0.2"]) + "\n]\n"
 rule = '[[allow]]\nname = "bulk"\nprotocol = "tcp"\nports = [5201]\n' + cidrs
 udp = '[[allow]]\nname = "udp"\nprotocol = "udp"\nports = ["20000-60000"]\ncidrs = ["10.1.0.2"]\n'
-for name, novelty in (("off", "[novelty]\nenabled = false\n"), ("on", "")):
+for name, novelty in (("off", "[novelty]\nenabled = false\n"), ("on", "[novelty]\n")):
     with open(f"{sys.argv[1]}/{name}.toml", "w") as f:
         f.write('mode = "enforce"\n' + novelty + rule + udp)
 PY

@@ -206,7 +206,13 @@ fn dispatched_policies_decide_and_count_as_the_evaluator_says() {
     let mut rng = Rng(0xd15_7a7c);
     let mut checked = 0;
     for round in 0..4 {
-        let text = random_long_policy(&mut rng);
+        let mut text = random_long_policy(&mut rng);
+        // Every other round with `[novelty]`: each accept becomes a jump to
+        // the rule's first-seen chain, inside the dispatched chains too.
+        let novelty = round % 2 == 1;
+        if novelty {
+            text.push_str("[novelty]\n");
+        }
         let file = PolicyFile::new(&text);
         let policy = egret::policy::load(&file.path, &egret::policy::SystemAccounts)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -214,6 +220,11 @@ fn dispatched_policies_decide_and_count_as_the_evaluator_says() {
         assert!(
             a.nft_ruleset().contains("daddr vmap @dispatch0_v"),
             "round {round} is dispatched:\n{text}"
+        );
+        assert_eq!(
+            a.nft_ruleset().contains("jump n_r0"),
+            novelty,
+            "round {round}:\n{text}"
         );
         for _ in 0..8 {
             let host = *rng.pick(&hosts);

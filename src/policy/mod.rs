@@ -111,10 +111,12 @@ pub struct Novelty {
 pub const DEFAULT_NOVELTY_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NOVELTY_SET_SIZE: u32 = 65_536;
 
+/// Without `[novelty]`: off, so a policy written before it (and its
+/// alerts) behaves as it did; an empty `[novelty]` section turns it on.
 impl Default for Novelty {
     fn default() -> Self {
         Novelty {
-            enabled: true,
+            enabled: false,
             exclude_rules: Vec::new(),
             exclude_identities: Vec::new(),
             learn: Duration::ZERO,

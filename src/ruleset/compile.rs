@@ -2146,6 +2146,91 @@ mod tests {
     }
 
     #[test]
+    fn novelty_jumps_from_each_accept_linear_or_dispatched_and_counts_stay_put() {
+        let mut rules: Vec<AllowRule> = (0..DISPATCH_MIN_RULES)
+            .map(|i| confined(&format!("r{i}"), &[&format!("10.{i}.0.0/24")], 443, 1000))
+            .collect();
+        // Overlapping r1: the dispatch chain tries r1, then wide.
+        rules.push(confined("wide", &["10.0.0.0/8"], 22, 0));
+        // Not confined to CIDRs: walked in the output chain.
+        let mut any = allow("any");
+        any.ports = vec![PortRange {
+            first: 53,
+            last: 53,
+        }];
+        rules.push(any);
+        let mut p = policy(rules);
+        p.novelty = crate::policy::Novelty {
+            enabled: true,
+            exclude_rules: vec!["r5".into()],
+            ..Default::default()
+        };
+        let rs = compile(&p, &CompileInput::default());
+        let t = render(&rs);
+        let chain = |name: &str| {
+            rs.chains
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("no chain {name}: {t}"))
+        };
+        assert_eq!(
+            render_rule(&chain("allow_r3").rules[0], false),
+            "meta nfproto ipv4 ip daddr @a_r3_v4 meta l4proto . th dport @a_r3_svc meta skuid 1000 counter jump n_r3 comment \"r3\""
+        );
+        // Excluded: accepted as before, no chain, no sets.
+        assert!(render_rule(&chain("allow_r5").rules[0], false)
+            .ends_with("counter accept comment \"r5\""));
+        assert!(!rs.chains.iter().any(|c| c.name == "n_r5"), "{t}");
+        assert!(rs.set("n_r5_v4").is_none(), "{t}");
+        // The linear rule jumps from the output chain.
+        assert!(
+            chain(OUTPUT_CHAIN)
+                .rules
+                .iter()
+                .any(|r| r.comment.as_deref() == Some("any")
+                    && r.verdict == Some(Verdict::Jump("n_any".into()))),
+            "{t}"
+        );
+        // The novelty chain: per family, log + add when first seen, the
+        // overflow's own counter, then accept whatever else arrives.
+        let n = &chain("n_r3").rules;
+        assert_eq!(n.len(), 5, "{t}");
+        let first = render_rule(&n[0], false);
+        assert!(
+            first.contains(
+                "meta skuid . ip daddr . meta l4proto . th dport != @n_r3_v4 add @n_r3_v4"
+            ),
+            "{first}"
+        );
+        assert!(first.contains("egret:allowed-new:r3"), "{first}");
+        assert!(
+            first.ends_with("accept comment \"r3: first seen\""),
+            "{first}"
+        );
+        assert_eq!(n[1].comment.as_deref(), Some("r3: novelty set full"));
+        assert!(n[1].log.is_none() && n[1].counter.is_some());
+        assert!(render_rule(&n[2], false).contains("!= @n_r3_v6 add @n_r3_v6"));
+        assert_eq!(render_rule(&n[4], false), "accept comment \"r3\"");
+        let set = rs.set("n_r3_v4").unwrap();
+        assert!(set.is_dynamic() && set.timeout && set.size == Some(p.novelty.set_size));
+        assert!(t.contains("flags dynamic,timeout"), "{t}");
+        // `status` and `check --lint` still find every rule's counter where
+        // it was: the jumps are counted as the accepts were.
+        let counted: Vec<String> = rs
+            .counted_rules()
+            .iter()
+            .filter_map(|r| r.counter.and(r.comment.clone()))
+            .collect();
+        for name in ["r0", "r3", "r5", "wide", "any"] {
+            assert!(counted.contains(&name.to_string()), "{name}: {counted:?}");
+        }
+        assert!(
+            !counted.iter().any(|c| c.contains("first seen")),
+            "{counted:?}"
+        );
+    }
+
+    #[test]
     fn cover_splits_overlaps_and_keeps_the_top_of_the_space() {
         let a: &[(u128, u128)] = &[(0, 9), (20, 29)];
         let b: &[(u128, u128)] = &[(5, u128::MAX)];

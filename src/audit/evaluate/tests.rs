@@ -403,13 +403,26 @@ prop_compose! {
     }
 }
 
+/// `[novelty]` on: every accept of an allow rule becomes a jump to its
+/// first-seen chain, which accepts; the decision and its rule stay.
+fn with_novelty(p: Policy, on: bool) -> Policy {
+    Policy {
+        novelty: crate::policy::Novelty {
+            enabled: on,
+            ..Default::default()
+        },
+        ..p
+    }
+}
+
 pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
     (
         prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)],
         any::<bool>(),
         (0..4usize).prop_flat_map(|n| (0..n).map(arb_rule).collect::<Vec<_>>()),
+        any::<bool>(),
     )
-        .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
+        .prop_map(|(mode, dns, rules, novelty)| with_novelty(policy(mode, dns, rules), novelty))
 }
 
 prop_compose! {
@@ -449,8 +462,9 @@ fn arb_long_policy() -> impl Strategy<Value = Policy> {
         prop_oneof![Just(Mode::Audit), Just(Mode::Enforce)],
         any::<bool>(),
         (8..40usize).prop_flat_map(|n| (0..n).map(arb_listed_rule).collect::<Vec<_>>()),
+        any::<bool>(),
     )
-        .prop_map(|(mode, dns, rules)| policy(mode, dns, rules))
+        .prop_map(|(mode, dns, rules, novelty)| with_novelty(policy(mode, dns, rules), novelty))
 }
 
 /// Flows to the edges of `arb_listed_rule`'s CIDRs.
