@@ -151,6 +151,10 @@ pub enum Command {
         since: Duration,
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        /// Only this action's incidents (e.g. allowed-new: who opened new
+        /// allowed flows, and to where) instead of the blocked traffic.
+        #[arg(long)]
+        action: Option<String>,
         #[arg(long, default_value = apply::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -426,8 +430,9 @@ fn dispatch(command: Command) -> Result<u8> {
         Command::Top {
             since,
             limit,
+            action,
             state_dir,
-        } => crate::report::top(&state_dir, since, limit),
+        } => crate::report::top(&state_dir, since, limit, action.as_deref()),
         Command::Suggest {
             since,
             state_dir,

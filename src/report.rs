@@ -210,23 +210,55 @@ pub fn print_event_line(doc: &Value, as_json: bool) {
     );
 }
 
-pub fn top(state_dir: &Path, since: Duration, limit: usize) -> Result<u8> {
+/// The actions `egret top` lists apart, after the blocked tables, when the
+/// window has any: what the allow rules let through for the first time.
+const FIRST_SEEN_ACTIONS: &[crate::monitor::event::Action] =
+    &[crate::monitor::event::Action::AllowedNew];
+
+/// `egret top`: the blocked traffic by process and by destination, then
+/// (when there are any) the first-seen allowed flows by process; with
+/// `action`, that action's incidents only.
+pub fn top(state_dir: &Path, since: Duration, limit: usize, action: Option<&str>) -> Result<u8> {
     let Some(store) = open(state_dir)? else {
         return Ok(crate::exit::OK);
     };
+    let since = since_time(since);
     for (title, by) in [
         ("by process", TopBy::Process),
         ("by destination", TopBy::Destination),
     ] {
-        let rows = store.top(by, since_time(since), limit)?;
-        println!("{title}:");
+        let rows = store.top(by, since, limit, action)?;
+        match action {
+            Some(a) => println!("{} {title}:", printable(a)),
+            None => println!("{title}:"),
+        }
         println!("{:>10} {:>10}", "packets", "incidents");
         for (label, packets, incidents) in &rows {
             println!("{packets:>10} {incidents:>10}  {}", printable(label));
         }
         if rows.is_empty() {
-            println!("{:>10} {:>10}  (nothing blocked)", 0, 0);
+            match action {
+                Some(_) => println!("{:>10} {:>10}  (none)", 0, 0),
+                None => println!("{:>10} {:>10}  (nothing blocked)", 0, 0),
+            }
         }
+        println!();
+    }
+    if action.is_some() {
+        return Ok(crate::exit::OK);
+    }
+    for a in FIRST_SEEN_ACTIONS {
+        let rows = store.top(TopBy::Process, since, limit, Some(a.as_str()))?;
+        if rows.is_empty() {
+            continue;
+        }
+        // One incident per new (identity, destination, port, protocol).
+        println!("first seen, allowed ({}), by process:", a.as_str());
+        println!("{:>10}", "new flows");
+        for (label, _, incidents) in &rows {
+            println!("{incidents:>10}  {}", printable(label));
+        }
+        println!("(egret top --action {} for their destinations)", a.as_str());
         println!();
     }
     Ok(crate::exit::OK)

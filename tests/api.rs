@@ -15,7 +15,9 @@ use serde_json::Value;
 
 const API: &str = "http://127.0.0.1:9465";
 
+/// With the dashboard, `[novelty]` too: its first-seen table is checked.
 fn policy(dashboard: bool) -> String {
+    let novelty = if dashboard { "[novelty]" } else { "" };
     format!(
         r#"
 mode = "enforce"
@@ -23,6 +25,8 @@ mode = "enforce"
 [api]
 listen = "127.0.0.1:9465"
 dashboard = {dashboard}
+
+{novelty}
 
 [[allow]]
 name = "web"
@@ -282,6 +286,7 @@ fn api_serves_status_rules_events_top_timeline_and_a_live_feed() {
 fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
     let pair = Pair::new();
     let a = &pair.a;
+    let _web = pair.b.server("tcp", B4, 80);
     let policy = PolicyFile::new(&policy(true));
     let run = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
 
@@ -290,6 +295,20 @@ fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
     run.wait_event(10, "the first incident", |e| {
         e.pointer("/destination/port") == Some(&Value::from(1389))
     });
+    // A flow rule web allows, first seen: its own table, and a top of its own.
+    assert!(a.tcp_ok(None, B4, 80));
+    run.wait_event(10, "the first-seen flow", |e| {
+        e.pointer("/event/action") == Some(&Value::from("allowed-new"))
+    });
+    let top = wait_json(a, "/api/v1/top?by=destination&action=allowed-new", |v| {
+        v["top"].as_array().is_some_and(|t| !t.is_empty())
+    });
+    assert_eq!(top["top"][0]["label"], format!("{B4}:80/tcp"), "{top:#}");
+    let blocked_top = get_json(a, "/api/v1/top?by=destination");
+    assert!(
+        !blocked_top.to_string().contains(":80/tcp"),
+        "allowed flows stay out of the blocked top: {blocked_top:#}"
+    );
     let (code, page) = get(a, "/", &[]);
     assert_eq!(code, 200);
     assert!(page.contains("<title>egret</title>"), "{page}");
@@ -306,6 +325,7 @@ fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
                 ":1389/",
                 B4,
                 "6379",
+                &format!("{B4}:80/tcp"),
             ],
         )
         .output()
@@ -353,6 +373,21 @@ fn dashboard_in_headless_chromium_shows_stored_and_pushed_incidents() {
     );
     assert!(
         seen["health"].as_str().unwrap().contains("live: on"),
+        "{seen:#}"
+    );
+    // The first-seen table names the rule that allowed the flow; the feed's
+    // filter leaves only first-seen rows.
+    let first = seen["first_seen"].as_str().unwrap_or_default();
+    assert!(
+        first.contains("allowed-new") && first.contains("web"),
+        "{seen:#}"
+    );
+    let filtered = seen["filtered"].as_array().unwrap();
+    assert!(!filtered.is_empty(), "{seen:#}");
+    assert!(
+        filtered
+            .iter()
+            .all(|r| r.as_str().unwrap().contains("allowed-new")),
         "{seen:#}"
     );
     let png = std::fs::read(&shot).expect("screenshot");

@@ -140,6 +140,38 @@ fn a_first_seen_flow_is_reported_once_per_identity_and_never_after_a_restart() {
         &state_dir,
     ]);
     assert_eq!(listed.lines().count(), 2, "{listed}");
+    let table = pair.a.egret_ok(&[
+        "events",
+        "--action",
+        "allowed-new",
+        "--state-dir",
+        &state_dir,
+    ]);
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("allowed-new"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows.iter().all(|r| r.trim_end().ends_with(" web")),
+        "{table}"
+    );
+    // `egret top` lists them apart from the blocked traffic; `--action`
+    // gives their destinations.
+    let top = pair.a.egret_ok(&["top", "--state-dir", &state_dir]);
+    let (blocked, first) = top
+        .split_once("first seen, allowed (allowed-new), by process:")
+        .unwrap_or_else(|| panic!("{top}"));
+    assert!(!blocked.contains(&python_exe()), "{top}");
+    assert!(first.contains(&python_exe()), "{top}");
+    assert!(first.contains("/usr/bin/bash"), "{top}");
+    let top = pair
+        .a
+        .egret_ok(&["top", "--action", "allowed-new", "--state-dir", &state_dir]);
+    assert!(
+        top.contains(&format!("         2  {B4}:443/tcp")),
+        "two identities' new flows to it: {top}"
+    );
 
     // Restart: the kernel reports the flow again, egret does not.
     assert!(daemon.stop().success());
@@ -264,4 +296,69 @@ fn a_flood_of_new_allowed_destinations_folds_with_balanced_books() {
     });
     let new = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
     assert!(new < 1000, "{new} incidents: the flood did not fold");
+}
+
+#[test]
+fn a_dispatched_rule_reports_its_first_seen_flow_and_counts_every_connection() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 443);
+    // Eight rules confined to CIDRs before it: the run is dispatched by a
+    // verdict map, and `web` lives in its own chain `allow_web`.
+    let padding: String = (0..8)
+        .map(|i| {
+            format!(
+                "[[allow]]\nname = \"pad{i}\"\ncidrs = [\"198.18.{i}.0/24\"]\nports = [{}]\nprotocol = \"tcp\"\n",
+                9000 + i
+            )
+        })
+        .collect();
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[novelty]\n{padding}\
+         [[allow]]\nname = \"web\"\ncidrs = [\"{B4}\"]\nports = [443]\nprotocol = \"tcp\"\n"
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let ruleset = pair.a.nft_ruleset();
+    assert!(ruleset.contains("ip daddr vmap @dispatch0_v4"), "{ruleset}");
+    assert!(ruleset.contains("jump n_web"), "{ruleset}");
+    for _ in 0..3 {
+        assert!(pair.a.tcp_ok(Some(NOBODY), B4, 443));
+    }
+    let e = daemon.wait_event(10, "allowed-new through the map", first_seen);
+    assert_eq!(at(&e, "/rule/name"), "web");
+    assert_eq!(at(&e, "/destination/port"), 443);
+    daemon.wait_until("egret to receive all the kernel logged", 20, || {
+        let (k, r) = books(&daemon);
+        k >= 1 && r == k
+    });
+    let news = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
+    assert_eq!(news, 1, "{:#?}", daemon.snapshot());
+    let web: u64 = pair.a.status_json()["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["rule"] == "web")
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(web, 3, "the dispatched rule counts every new connection");
+    // The live table (the kernel's own dump, with an element the packet
+    // path added) reads back as what was compiled: `plan` sees no change,
+    // nft accepts what it prints, and the daemon saw no tampering.
+    let plan = pair.a.egret_ok(&["plan", policy.path()]);
+    assert!(plan.contains("no change"), "{plan}");
+    let nft_text = PolicyFile::new(
+        &plan
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    run_ok(&mut pair.a.cmd("nft", &["-c", "-f", nft_text.path()]));
+    assert!(
+        !daemon
+            .snapshot()
+            .iter()
+            .any(|e| at(e, "/event/action") == "tamper"),
+        "{:#?}",
+        daemon.snapshot()
+    );
 }

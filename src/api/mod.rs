@@ -5,7 +5,7 @@
 //! and `GET /api/v1/status` agree; the live feed is the daemon's own stdout.
 //!
 //! Endpoints (GET only): `/api/v1/status`, `/api/v1/rules`,
-//! `/api/v1/events?since=&limit=&action=&rule=&q=`, `/api/v1/top?by=&since=&limit=`,
+//! `/api/v1/events?since=&limit=&action=&rule=&q=`, `/api/v1/top?by=&since=&limit=&action=`,
 //! `/api/v1/timeline?since=`, `/api/v1/stream` (Server-Sent Events), and with
 //! `dashboard = true` the page at `/`.
 
@@ -157,8 +157,9 @@ impl Api {
                 self.blocking(move |api| api.events(&filter)).await
             }
             "/api/v1/top" => {
-                let (by, since, limit) = query.top()?;
-                self.blocking(move |api| api.top(by, since, limit)).await
+                let (by, since, limit, action) = query.top()?;
+                self.blocking(move |api| api.top(by, since, limit, action.as_deref()))
+                    .await
             }
             "/api/v1/timeline" => {
                 let since = query.since(Duration::from_secs(3600))?;
@@ -247,9 +248,15 @@ impl Api {
         Ok(json!({ "events": events }))
     }
 
-    fn top(&self, by: TopBy, since: SystemTime, limit: usize) -> Result<Value, Refusal> {
+    fn top(
+        &self,
+        by: TopBy,
+        since: SystemTime,
+        limit: usize,
+        action: Option<&str>,
+    ) -> Result<Value, Refusal> {
         let rows = match self.store()? {
-            Some(store) => store.top(by, since, limit).map_err(internal)?,
+            Some(store) => store.top(by, since, limit, action).map_err(internal)?,
             None => Vec::new(),
         };
         let top: Vec<Value> = rows
@@ -370,7 +377,9 @@ impl Query {
         })
     }
 
-    fn top(&self) -> Result<(TopBy, SystemTime, usize), Refusal> {
+    /// `by`, `since`, `limit`, and `action` (that action's incidents, e.g.
+    /// `allowed-new`, instead of the blocked traffic).
+    fn top(&self) -> Result<(TopBy, SystemTime, usize, Option<String>), Refusal> {
         let by = match self.get("by") {
             None | Some("process") => TopBy::Process,
             Some("destination") => TopBy::Destination,
@@ -384,6 +393,7 @@ impl Query {
             by,
             self.since(Duration::from_secs(24 * 3600))?,
             self.limit(10)?,
+            self.get("action").map(str::to_string),
         ))
     }
 }
@@ -431,7 +441,11 @@ mod tests {
         assert!(Query::parse("by=pid").top().is_err());
         assert!(matches!(
             Query::parse("by=destination").top(),
-            Ok((TopBy::Destination, _, 10))
+            Ok((TopBy::Destination, _, 10, None))
+        ));
+        assert!(matches!(
+            Query::parse("by=process&action=allowed-new").top(),
+            Ok((TopBy::Process, _, 10, Some(a))) if a == "allowed-new"
         ));
     }
 }

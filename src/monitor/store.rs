@@ -591,12 +591,15 @@ impl Store {
         Ok(docs)
     }
 
-    /// (label, packets, incidents) grouped by `column`, biggest first.
+    /// (label, packets, incidents) grouped by `column`, biggest first: of
+    /// the traffic incidents, or with `action` of that action's only (e.g.
+    /// `allowed-new`: who opened new allowed flows, and to where).
     pub fn top(
         &self,
         column: TopBy,
         since: SystemTime,
         limit: usize,
+        action: Option<&str>,
     ) -> Result<Vec<(String, i64, i64)>> {
         let col = match column {
             TopBy::Process => "who",
@@ -604,12 +607,13 @@ impl Store {
         };
         let sql = format!(
             "SELECT {col}, sum(count), count(*) FROM events
-             WHERE last_seen >= ?1 AND action IN {TRAFFIC_ACTIONS}
+             WHERE last_seen >= ?1
+               AND CASE WHEN ?3 IS NULL THEN action IN {TRAFFIC_ACTIONS} ELSE action = ?3 END
              GROUP BY {col} ORDER BY sum(count) DESC, {col} LIMIT ?2"
         );
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt
-            .query_map(params![unix_ms(since), limit as i64], |r| {
+            .query_map(params![unix_ms(since), limit as i64, action], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -679,9 +683,9 @@ mod tests {
         let doc: Value = serde_json::from_str(&rows[0].doc).unwrap();
         assert!(doc.pointer("/event/action").is_some());
 
-        let top = store.top(TopBy::Destination, old, 10).unwrap();
+        let top = store.top(TopBy::Destination, old, 10, None).unwrap();
         assert_eq!(top[0], ("192.0.2.7:1389/tcp".to_string(), 11, 2));
-        let top = store.top(TopBy::Process, old, 10).unwrap();
+        let top = store.top(TopBy::Process, old, 10, None).unwrap();
         assert_eq!(top[0], ("user 1000".to_string(), 11, 2));
 
         assert_eq!(
@@ -764,6 +768,74 @@ mod tests {
     }
 
     #[test]
+    fn top_of_one_action_lists_first_seen_allowed_flows_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut agg = Aggregator::new(1);
+        let now = SystemTime::now();
+        let blocked = sample(&mut agg, 1389, 1000, now);
+        let who = Attribution {
+            method: Method::UidOnly,
+            uid: Some(1000),
+            ..Attribution::unknown()
+        };
+        let allowed = LoggedVerdict {
+            blocked: false,
+            rule: Some("web".into()),
+        };
+        let mut new = Vec::new();
+        for port in [443, 8443] {
+            let flow = Flow {
+                src: "10.1.0.1".parse().unwrap(),
+                dst: "192.0.2.9".parse().unwrap(),
+                protocol: 6,
+                l4: L4Header::Ports { src: 1, dst: port },
+            };
+            let inc = agg
+                .record(crate::monitor::incident::Observation {
+                    verdict: &allowed,
+                    subject: event::Subject::AllowedNew(flow),
+                    attribution: &who,
+                    resolved: None,
+                    at: now,
+                })
+                .unwrap()
+                .clone();
+            assert_eq!(inc.action(), Action::AllowedNew);
+            new.push(inc);
+        }
+        for inc in new.iter().chain([&blocked]) {
+            store
+                .upsert(&[(inc, &event::incident(inc, false, "h"))])
+                .unwrap();
+        }
+        let since = now - Duration::from_secs(60);
+        // The blocked tables stay what they were.
+        let top = store.top(TopBy::Process, since, 10, None).unwrap();
+        assert_eq!(top, [("user 1000".to_string(), 1, 1)]);
+        let top = store
+            .top(TopBy::Process, since, 10, Some("allowed-new"))
+            .unwrap();
+        assert_eq!(top, [("user 1000".to_string(), 2, 2)]);
+        let top = store
+            .top(TopBy::Destination, since, 10, Some("allowed-new"))
+            .unwrap();
+        assert_eq!(top.len(), 2, "{top:?}");
+        assert!(
+            top.iter().any(|(d, ..)| d == "192.0.2.9:8443/tcp"),
+            "{top:?}"
+        );
+        let mut f = EventFilter::since(since, 10);
+        f.action = Some("allowed-new".into());
+        let rows = store.events(&f).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows.iter().all(|r| r.rule == "web"),
+            "the rule that allowed it"
+        );
+    }
+
+    #[test]
     fn top_tables_leave_out_egrets_own_events() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
@@ -792,7 +864,7 @@ mod tests {
         }
         let since = now - Duration::from_secs(60);
         for by in [TopBy::Process, TopBy::Destination] {
-            let top = store.top(by, since, 10).unwrap();
+            let top = store.top(by, since, 10, None).unwrap();
             assert_eq!(top.len(), 1, "{by:?}: {top:?}");
             assert_eq!(top[0].1, 1, "{by:?}: {top:?}");
         }

@@ -4,7 +4,7 @@
 test's network namespace, so the browser reaches the API on that namespace's
 loopback and nothing else.
 
-usage: dashboard.py URL SCREENSHOT_PNG EXPECT_BEFORE TRIGGER_HOST TRIGGER_PORT
+usage: dashboard.py URL SCREENSHOT_PNG EXPECT_BEFORE TRIGGER_HOST TRIGGER_PORT [EXPECT_FIRST_SEEN]
 
 1. load URL; wait until the incident feed shows EXPECT_BEFORE (an incident
    made before the page loaded, so it came from /api/v1/events) and the live
@@ -13,7 +13,10 @@ usage: dashboard.py URL SCREENSHOT_PNG EXPECT_BEFORE TRIGGER_HOST TRIGGER_PORT
 3. make a new blocked connection from this process to TRIGGER_HOST:TRIGGER_PORT;
 4. wait until a row with TRIGGER_PORT appears, pushed (no reload: the marker
    is still there) and the timeline has bars;
-5. save a screenshot, print one JSON line with what was seen.
+5. save a screenshot;
+6. with EXPECT_FIRST_SEEN: wait until the first-seen table shows it, then
+   filter the feed to `allowed-new` and read the rows left visible;
+7. print one JSON line with what was seen.
 """
 import base64
 import json
@@ -163,6 +166,20 @@ def main():
         png = base64.b64decode(d.s("GET", "/screenshot"))
         with open(shot, "wb") as f:
             f.write(png)
+        first_seen, filtered = None, None
+        if len(sys.argv) > 6:
+            first_seen = d.wait(
+                "the first-seen table",
+                "const t = document.querySelector('#first-seen tbody').innerText; return t.includes(arguments[0]) ? t : null",
+                sys.argv[6],
+            )
+            filtered = d.js(
+                """const s = document.getElementById('feed-filter');
+                s.value = 'allowed-new';
+                s.dispatchEvent(new Event('change'));
+                return [...document.querySelectorAll('#feed tbody tr')]
+                  .filter(tr => !tr.hidden).map(tr => tr.innerText);"""
+            )
         print(
             json.dumps(
                 {
@@ -176,6 +193,8 @@ def main():
                     "top_destinations": top,
                     "health": health,
                     "screenshot_bytes": len(png),
+                    "first_seen": first_seen,
+                    "filtered": filtered,
                 }
             )
         )

@@ -12,6 +12,10 @@ const COLORS = {
   "allowed-new": "#1e8449",
 };
 const FEED_ROWS = 200;
+// What the allow rules let through for the first time ([novelty]): listed
+// apart, with when it was first seen and the rule that allowed it.
+const FIRST_SEEN = ["allowed-new"];
+const FIRST_SEEN_ROWS = 50;
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
@@ -72,7 +76,10 @@ function upsertIncident(d, fresh) {
   const action = (d.event && d.event.action) || "?";
   const tr = el("tr");
   tr.dataset.id = id;
+  tr.dataset.action = action;
+  tr.hidden = !shown(action);
   tr.title = d.message || "";
+  addFilterOption(action);
   tr.append(
     el("td", time((d.egret && d.egret.last_seen) || d["@timestamp"])),
     (() => {
@@ -100,6 +107,25 @@ function upsertIncident(d, fresh) {
   }
   $("feed-empty").hidden = body.rows.length > 0;
   $("feed-count").textContent = "(" + body.rows.length + " shown, " + liveEvents + " pushed live)";
+}
+
+function shown(action) {
+  const want = $("feed-filter").value;
+  return !want || want === action;
+}
+
+function addFilterOption(action) {
+  const select = $("feed-filter");
+  if ([...select.options].some((o) => o.value === action)) return;
+  select.append(Object.assign(el("option", action), { value: action }));
+}
+
+function applyFilter() {
+  for (const tr of $("feed").tBodies[0].rows) tr.hidden = !shown(tr.dataset.action);
+}
+
+function firstSeen(d) {
+  return (d.egret && d.egret.first_seen) || d["@timestamp"] || "";
 }
 
 function fillTable(id, rows, cells) {
@@ -211,6 +237,23 @@ const refreshTop = later(() => {
   get("api/v1/top?by=process&since=24h").then((r) => fillTable("top-process", r.top, (x) => [[x.packets, "num"], [x.incidents, "num"], [x.label]])).catch(report);
   get("api/v1/top?by=destination&since=24h").then((r) => fillTable("top-destination", r.top, (x) => [[x.packets, "num"], [x.incidents, "num"], [x.label]])).catch(report);
 }, 1000);
+const refreshFirstSeen = later(() => {
+  Promise.all(FIRST_SEEN.map((a) => get("api/v1/events?since=24h&limit=" + FIRST_SEEN_ROWS + "&action=" + a)))
+    .then((answers) => {
+      const rows = answers.flatMap((r) => r.events)
+        .sort((x, y) => firstSeen(y).localeCompare(firstSeen(x)))
+        .slice(0, FIRST_SEEN_ROWS);
+      fillTable("first-seen", rows, (d) => [
+        [time(firstSeen(d))],
+        [(d.egret && d.egret.severity) || "", "sev s-" + ((d.egret && d.egret.severity) || "")],
+        [(d.event && d.event.action) || ""],
+        [who(d)],
+        [destination(d)],
+        [(d.rule && d.rule.name) || ""],
+      ]);
+    })
+    .catch(report);
+}, 1000);
 const refreshStatus = later(() => get("api/v1/status").then(showStatus).catch(report), 500);
 
 function report(e) {
@@ -226,6 +269,7 @@ function onEvent(d) {
     return;
   }
   upsertIncident(d, true);
+  if (FIRST_SEEN.includes(action)) refreshFirstSeen();
   refreshTimeline();
   refreshTop();
   refreshStatus();
@@ -257,9 +301,10 @@ async function start() {
     }
     $("feed-empty").hidden = $("feed").tBodies[0].rows.length > 0;
   } catch (e) { report(e); }
-  refreshTimeline(); refreshTop(); refreshStatus();
+  $("feed-filter").addEventListener("change", applyFilter);
+  refreshTimeline(); refreshTop(); refreshStatus(); refreshFirstSeen();
   connect();
-  setInterval(() => { refreshTimeline(); refreshTop(); refreshStatus(); }, 15000);
+  setInterval(() => { refreshTimeline(); refreshTop(); refreshStatus(); refreshFirstSeen(); }, 15000);
   document.body.dataset.ready = "1";
 }
 
