@@ -24,6 +24,8 @@
 # egret's code. Debian 12 ships neither; they go to /usr/local.
 # unbound is a local cache behind the DNS guard (tests/dns_cache.rs), run with
 # its own config in a test namespace; the system's unbound is not started.
+# podman with netavark and aardvark-dns (runc, from docker.io): a real rootful podman service in
+# a test's own network and mount namespaces (tests/podman.rs); no recommends.
 set -euo pipefail
 need=()
 for pkg_cmd in nftables:nft iproute2:ip python3:/usr/bin/python3 util-linux:nsenter util-linux:setpriv iptables:iptables build-essential:cc dnsmasq-base:dnsmasq bind9-dnsutils:dig curl:curl python3-pip:/usr/bin/pip3 openssl:openssl systemd:systemd-analyze lintian:lintian chromium:chromium chromium-driver:chromedriver; do
@@ -35,7 +37,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ] || [ ! -x /usr/sbin/rsyslogd ] || [ ! -x /usr/bin/promtool ] || [ ! -x /usr/sbin/nginx ] || [ ! -x /usr/bin/javac ] || [ ! -x /usr/sbin/unbound ]; then
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/bin/systemd-nspawn ] || [ ! -x /usr/sbin/rsyslogd ] || [ ! -x /usr/bin/promtool ] || [ ! -x /usr/sbin/nginx ] || [ ! -x /usr/bin/javac ] || [ ! -x /usr/sbin/unbound ] || [ ! -x /usr/bin/podman ] || [ ! -x /usr/lib/podman/aardvark-dns ]; then
   export DEBIAN_FRONTEND=noninteractive
   [ ${#need[@]} -gt 0 ] || apt-get update -qq
   # policy-rc.d: no daemon is started in this machine's root namespace by the install.
@@ -46,7 +48,7 @@ if [ ! -x /usr/sbin/dockerd ] || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/deboo
     blocker=/usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container rsyslog prometheus nginx-light default-jdk-headless unbound >/dev/null
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static debootstrap systemd-container rsyslog prometheus nginx-light default-jdk-headless unbound podman netavark aardvark-dns >/dev/null
   [ -z "$blocker" ] || rm -f "$blocker"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "egret needs a Rust stable toolchain (rustup) on PATH" >&2; exit 1; }

@@ -941,12 +941,16 @@ fn container_dns(policy: &Policy) -> Check {
         .dns
         .as_ref()
         .is_some_and(|d| udp_listening(d.container_listen.port()));
+    // Only one serving this network namespace's bridges.
+    let here = std::fs::read_link("/proc/self/ns/net").ok();
     let aardvark = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .any(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "aardvark-dns")
+                && here.is_some()
+                && std::fs::read_link(e.path().join("ns/net")).ok() == here
         });
     judge_container_dns(
         policy,
@@ -1002,10 +1006,16 @@ fn judge_container_dns(
             _ => None,
         })
     });
-    let podman = if aardvark {
-        " podman's aardvark-dns is running: queries to it from containers are redirected to the guard too, so container names of podman networks do not resolve (docs/deployment.md)"
-    } else {
-        ""
+    // A table an older egret loaded redirects aardvark-dns's queries too.
+    let resolvers_kept = redirect.is_some_and(|c| {
+        c.rules
+            .iter()
+            .any(|r| r.matches.contains(&crate::ruleset::Match::BoundSocket))
+    });
+    let podman = match (aardvark, resolvers_kept || live.is_none()) {
+        (false, _) => "",
+        (true, true) => " podman's aardvark-dns is running: it answers the containers of its networks (container names included) and forwards other names from this host, so the guard sees those as aardvark-dns's queries, and refused ones name aardvark-dns, not the container (docs/deployment.md)",
+        (true, false) => " podman's aardvark-dns is running: the loaded table redirects queries to it from containers to the guard too, so container names of podman networks do not resolve (docs/deployment.md)",
     };
     match (live, redirected_to) {
         (None, _) => check(
@@ -1040,7 +1050,7 @@ fn judge_container_dns(
                 policy.container_interfaces.join(", ")
             ),
             if aardvark {
-                "create podman networks with --disable-dns, or address containers by IP"
+                "let aardvark-dns's forwards reach the guard (the host's resolver is the guard, or [dns] intercept = true); for reports naming the container, create podman networks with --disable-dns (containers then ask the guard, and address each other by IP)"
             } else {
                 ""
             },
@@ -1240,10 +1250,9 @@ mod tests {
             judge_container_dns(&p, Some(&loaded), false, false).status,
             Status::Fail
         );
-        assert_eq!(
-            judge_container_dns(&p, Some(&loaded), true, true).status,
-            Status::Warn
-        );
+        let c = judge_container_dns(&p, Some(&loaded), true, true);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("forwards other names"), "{c:?}");
         assert_eq!(
             judge_container_dns(&p, None, true, false).status,
             Status::Warn

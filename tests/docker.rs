@@ -40,15 +40,38 @@ fn require_docker() {
     }
 }
 
+/// Debian trixie's dockerd (Docker 26 and later), unpacked by
+/// scripts/fetch-docker-trixie.sh (or `EGRET_DOCKERD`); `None`, with the
+/// reason printed, when it is not there.
+fn newer_dockerd() -> Option<PathBuf> {
+    let path = std::env::var_os("EGRET_DOCKERD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/docker-trixie/root/usr/sbin/dockerd")
+        });
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipped: no newer dockerd at {} (scripts/fetch-docker-trixie.sh unpacks Debian trixie's docker.io there)",
+            path.display()
+        );
+        None
+    }
+}
+
 /// dockerd in `ns`, all of its state under a temporary directory.
 struct Dockerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
     ns_path: String,
+    dockerd: PathBuf,
 }
 
 impl Dockerd {
-    fn start(ns: &Netns) -> Dockerd {
+    /// With this dockerd; its helpers (docker-proxy, docker-init) from its
+    /// own directory first.
+    fn start_with(ns: &Netns, dockerd: &Path) -> Dockerd {
         require_docker();
         let dir = tempfile::Builder::new()
             .prefix("egret-docker")
@@ -59,6 +82,7 @@ impl Dockerd {
             dir,
             child: None,
             ns_path: format!("/run/netns/{}", ns.name),
+            dockerd: dockerd.to_path_buf(),
         };
         d.launch();
         d
@@ -90,10 +114,16 @@ impl Dockerd {
             .append(true)
             .open(self.path("dockerd.log"))
             .unwrap();
+        let helpers = self.dockerd.parent().unwrap_or(Path::new("/usr/sbin"));
+        let path = format!(
+            "{}:{}",
+            helpers.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path))
             .args(["--", "unshare", "--mount", "--propagation", "private", "--"])
-            .arg(DOCKERD)
+            .arg(&self.dockerd)
             .args(["--config-file", &p("daemon.json")])
             .args(["--data-root", &p("data")])
             .args(["--exec-root", &p("exec")])
@@ -101,6 +131,7 @@ impl Dockerd {
             .args(["--host", &format!("unix://{}", p("docker.sock"))])
             .args(["--storage-driver", "vfs"])
             .args(["--cgroup-parent", &self.cgroup_parent()])
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -375,6 +406,17 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 
 #[test]
 fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
+    coexists(Path::new(DOCKERD));
+}
+
+#[test]
+fn egret_coexists_with_a_newer_docker_daemon_and_names_its_containers() {
+    if let Some(dockerd) = newer_dockerd() {
+        coexists(&dockerd);
+    }
+}
+
+fn coexists(dockerd: &Path) {
     let (host, outside) = (Netns::new(), Netns::new());
     let id = std::process::id() % 10_000;
     let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
@@ -404,7 +446,7 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
         outside.server("tcp", BLOCKED, 8080),
     ];
     // Declared after the namespaces: dropped (stopped, cleaned) before them.
-    let mut docker = Dockerd::start(&host);
+    let mut docker = Dockerd::start_with(&host, dockerd);
     docker.import_busybox();
     start_containers(&docker);
 
@@ -615,6 +657,19 @@ fn connects_by_name(d: &Dockerd, container: &str) -> bool {
 
 #[test]
 fn containers_resolve_through_the_guard_and_are_named_in_its_reports() {
+    resolve_through_the_guard(Path::new(DOCKERD));
+}
+
+/// The same with Docker 26 or later (Debian trixie's docker.io), whose
+/// embedded resolver may forward from the host's namespace.
+#[test]
+fn containers_of_a_newer_docker_resolve_through_the_guard_and_are_named() {
+    if let Some(dockerd) = newer_dockerd() {
+        resolve_through_the_guard(&dockerd);
+    }
+}
+
+fn resolve_through_the_guard(dockerd: &Path) {
     let (host, outside) = (Netns::new(), Netns::new());
     let id = std::process::id() % 10_000;
     let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
@@ -668,7 +723,7 @@ fn containers_resolve_through_the_guard_and_are_named_in_its_reports() {
         outside.server("tcp", RESOLVER, 853),
         outside.server("tcp", BLOCKED, 8000),
     ];
-    let docker = Dockerd::start(&host);
+    let docker = Dockerd::start_with(&host, dockerd);
     docker.import_busybox();
     start_containers(&docker);
     eventually("app reaches the allowed server", || {

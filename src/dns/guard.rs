@@ -643,6 +643,9 @@ async fn answer(
     limit: usize,
     listener: Listener,
 ) -> Vec<u8> {
+    // An IPv4 client of a dual-stack listener (`[::]:10053`) arrives as
+    // ::ffff:a.b.c.d: reported, and its socket looked up, as the IPv4 it is.
+    let client = SocketAddr::new(client.ip().to_canonical(), client.port());
     let rules = cfg.matching(&q.name);
     let listen = match (listener, &cfg.containers) {
         (Listener::Containers, Some((l, _))) => *l,

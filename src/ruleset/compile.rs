@@ -588,6 +588,24 @@ impl Compiler {
         let bypass = policy.dns.as_ref().map(|dns| {
             let listen = dns.container_listen;
             let plain = self.plain_dns_set();
+            // A resolver the runtime runs on the bridge's own address
+            // (podman's aardvark-dns, libvirt's dnsmasq) answers the names of
+            // its containers, which the guard cannot: it keeps its queries,
+            // and what it forwards leaves from this host, under the output
+            // rules (and `intercept`). Only a socket bound to that very
+            // address and port counts: the guard on a wildcard, or nothing
+            // listening, and the query is redirected as any other.
+            for i in &policy.container_interfaces {
+                self.container_nat.push(rule(
+                    vec![
+                        Match::IifName(i.clone()),
+                        Match::ProtoDport(plain.clone()),
+                        Match::BoundSocket,
+                    ],
+                    Verdict::Accept,
+                    format!("dns guard: the resolver bound on {i}'s address answers it"),
+                ));
+            }
             for family in listen_families(listen.ip()) {
                 for i in &policy.container_interfaces {
                     self.container_nat.push(rule(
@@ -1480,6 +1498,14 @@ mod tests {
             assert!(nat.contains(&format!("iifname \"{i}\" meta nfproto ipv4 meta l4proto . th dport @dns_plain counter redirect to :10053")), "{nat}");
         }
         assert!(!nat.contains("ipv6"), "a v4 listener gets v4 only: {nat}");
+        // A resolver bound on a bridge's own address keeps its queries: the
+        // exception comes before every redirect.
+        for i in ["docker0", "br-*"] {
+            let keep = nat
+                .find(&format!("iifname \"{i}\" meta l4proto . th dport @dns_plain socket wildcard 0 counter accept"))
+                .expect(&nat);
+            assert!(keep < nat.find("redirect").expect(&nat), "{nat}");
+        }
         let input = chain(CONTAINER_SERVICES_CHAIN);
         assert!(
             input.contains("type filter hook input priority filter; policy accept;"),

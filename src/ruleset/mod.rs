@@ -473,6 +473,10 @@ pub enum Match {
         set: String,
         add_timeout: Option<u32>,
     },
+    /// `socket wildcard 0`: a local socket bound to the packet's very
+    /// destination address and port (not to a wildcard) would receive it,
+    /// e.g. a container runtime's resolver on a bridge's gateway address.
+    BoundSocket,
 }
 
 /// The key of a novelty set for `family`.

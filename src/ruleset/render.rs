@@ -235,6 +235,7 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
             Match::SkUid(m) => id_match("skuid", m),
             Match::SkGid(m) => id_match("skgid", m),
             Match::Cgroup { level, set } => format!("socket cgroupv2 level {level} @{set}"),
+            Match::BoundSocket => "socket wildcard 0".into(),
             Match::FiveTuple(f, set) => {
                 let kw = family_kw(*f);
                 format!("meta l4proto . {kw} saddr . th sport . {kw} daddr . th dport @{set}")

@@ -240,3 +240,77 @@ pub fn late_container(lab: &Lab, bridge: &str) -> Netns {
     );
     late
 }
+
+/// The bridge's own address: where a runtime's resolver (podman's
+/// aardvark-dns, libvirt's dnsmasq) listens for its containers.
+pub const GATEWAY: &str = "10.88.0.1";
+
+/// IPv6 in the lab: the bridge, the container and the uplink get addresses
+/// (no duplicate address detection: usable at once), the outside a server
+/// address, a resolver address and another one, routes both ways.
+pub const GATEWAY6: &str = "fd00:88::1";
+pub const CONTAINER6: &str = "fd00:88::2";
+pub const HOST_UPLINK6: &str = "2001:db8:100::1";
+pub const ALLOWED6: &str = "2001:db8:100::10";
+pub const OTHER6: &str = "2001:db8:100::11";
+pub const RESOLVER6: &str = "2001:db8:100::53";
+
+pub fn add_ipv6(lab: &Lab) {
+    let uplink = format!("vo{}", std::process::id() % 10_000);
+    let addr = |ns: &Netns, cidr: &str, dev: &str| {
+        ip(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+    };
+    addr(&lab.host, &format!("{GATEWAY6}/64"), "docker0");
+    addr(&lab.host, &format!("{HOST_UPLINK6}/64"), &uplink);
+    addr(&lab.container, &format!("{CONTAINER6}/64"), "eth0");
+    for a in [ALLOWED6, OTHER6, RESOLVER6] {
+        addr(&lab.outside, &format!("{a}/64"), "up0");
+    }
+    ip(
+        &lab.container,
+        &["-6", "route", "add", "default", "via", GATEWAY6],
+    );
+    ip(
+        &lab.outside,
+        &["-6", "route", "add", "fd00:88::/64", "via", HOST_UPLINK6],
+    );
+    run_ok(
+        &mut lab
+            .host
+            .cmd("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]),
+    );
+}
+
+/// `program args` in `ns` with `/etc/resolv.conf` replaced (in a mount
+/// namespace of its own) by one naming `nameserver`, written into `dir`:
+/// how a runtime hands a container its resolver.
+pub fn with_resolver(
+    ns: &Netns,
+    dir: &std::path::Path,
+    nameserver: &str,
+    program: &str,
+    args: &[&str],
+) -> std::process::Command {
+    let conf = dir.join(format!("resolv-{}.conf", nameserver.replace(':', "_")));
+    std::fs::write(
+        &conf,
+        format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+    )
+    .expect("writing resolv.conf");
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+        conf.display()
+    );
+    let mut a = vec![
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script.as_str(),
+        "sh",
+        program,
+    ];
+    a.extend_from_slice(args);
+    ns.cmd("unshare", &a)
+}

@@ -295,9 +295,11 @@ fn walk(rs: &Ruleset, chain: &str, policy: &Policy, flow: &Attempt) -> Option<(O
         let hit = rule.matches.iter().all(|m| match m {
             Match::OifName(n) => n == "lo" && dst.is_loopback(),
             // A flow's first packet: a SYN for TCP, never seeded.
-            Match::IifName(_) | Match::Mark(_) | Match::FiveTuple(..) | Match::TcpFlagsZero(_) => {
-                false
-            }
+            Match::IifName(_)
+            | Match::Mark(_)
+            | Match::FiveTuple(..)
+            | Match::TcpFlagsZero(_)
+            | Match::BoundSocket => false,
             Match::CtState(bits) => bits & CT_NEW != 0,
             Match::CtMarkSet(_) => true,
             // Only in novelty chains, which accept whatever they match.

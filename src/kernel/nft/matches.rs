@@ -27,6 +27,7 @@ const BITWISE_XOR: u16 = 5;
 const SOCKET_KEY: u16 = 1;
 const SOCKET_DREG: u16 = 2;
 const SOCKET_LEVEL: u16 = 3;
+const SOCKET_WILDCARD: u32 = 2;
 const SOCKET_CGROUPV2: u32 = 3;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -82,6 +83,7 @@ impl Batch {
                 set,
                 add_timeout,
             } => self.encode_first_seen(*family, set, *add_timeout),
+            Match::BoundSocket => self.encode_bound_socket(),
         }
     }
 }
@@ -129,6 +131,7 @@ pub(super) fn decode_match(x: &[Expr], family: Option<Family>) -> Option<Decoded
         "payload" => decode_daddr(x)
             .or_else(|| decode_icmp_type(x, family))
             .ok_or_else(|| "a payload match egret does not write".into()),
+        "socket" if x[0].u32(SOCKET_KEY) == Some(SOCKET_WILDCARD) => decode_bound_socket(x),
         "socket" => decode_cgroup(x),
         _ => return None,
     })
@@ -499,6 +502,29 @@ fn decode_cgroup(x: &[Expr]) -> Decoded {
     match (e.u32(SOCKET_KEY), e.u32(SOCKET_LEVEL), lookup_set(x.get(1))) {
         (Some(SOCKET_CGROUPV2), Some(level), Some(set)) => Ok((Match::Cgroup { level, set }, 2)),
         _ => Err(not_written("a socket match")),
+    }
+}
+
+// `socket wildcard 0`: socket (one byte: is the socket bound to a wildcard
+// address?) → cmp eq 0. No socket at all: the expression breaks, no match.
+
+impl Batch {
+    fn encode_bound_socket(&mut self) {
+        self.expr("socket", |b| {
+            b.attr_u32(SOCKET_KEY, SOCKET_WILDCARD);
+            b.attr_u32(SOCKET_DREG, REG_1);
+        });
+        self.cmp(CMP_EQ, &[0]);
+    }
+}
+
+fn decode_bound_socket(x: &[Expr]) -> Decoded {
+    match (
+        x[0].u32(SOCKET_LEVEL),
+        cmp_data(x.get(1), CMP_EQ).as_deref(),
+    ) {
+        (None, Some(&[0])) => Ok((Match::BoundSocket, 2)),
+        _ => Err(not_written("a socket wildcard match")),
     }
 }
 

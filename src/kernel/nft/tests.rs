@@ -175,9 +175,10 @@ fn match_kind(m: &Match) -> usize {
         Match::TcpFlagsZero(_) => 14,
         Match::CtMarkSet(_) => 15,
         Match::FirstSeen { .. } => 16,
+        Match::BoundSocket => 17,
     }
 }
-const MATCH_KINDS: usize = 17;
+const MATCH_KINDS: usize = 18;
 
 /// One rule per match kind and spelling (each family, each id form), each
 /// preceded by what the decoder reads it with (an ICMP type's `nfproto`).
@@ -192,6 +193,7 @@ fn every_match() -> Vec<Vec<Match>> {
         vec![Match::L4Proto(6)],
         vec![Match::L4Proto(6), Match::TcpFlagsZero(TCP_SYN)],
         vec![Match::TcpFlagsZero(0x14)],
+        vec![Match::ProtoDport(set("svc")), Match::BoundSocket],
         vec![Match::Mark(0x6567_7274)],
         vec![Match::Mark(0x6567_7274), Match::CtMarkSet(0x6567_7275)],
         vec![Match::L4ProtoIn(set("protos"))],
