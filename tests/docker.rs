@@ -40,6 +40,15 @@ fn require_docker() {
     }
 }
 
+/// The daemon's major version, as it answers.
+fn server_major(d: &Dockerd) -> u32 {
+    let v = d.docker_ok(&["version", "--format", "{{.Server.Version}}"]);
+    v.split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Debian trixie's dockerd (Docker 26 and later), unpacked by
 /// scripts/fetch-docker-trixie.sh (or `EGRET_DOCKERD`); `None`, with the
 /// reason printed, when it is not there.
@@ -412,11 +421,12 @@ fn egret_coexists_with_a_real_docker_daemon_and_names_its_containers() {
 #[test]
 fn egret_coexists_with_a_newer_docker_daemon_and_names_its_containers() {
     if let Some(dockerd) = newer_dockerd() {
-        coexists(&dockerd);
+        assert!(coexists(&dockerd) >= 26);
     }
 }
 
-fn coexists(dockerd: &Path) {
+/// Returns the daemon's major version.
+fn coexists(dockerd: &Path) -> u32 {
     let (host, outside) = (Netns::new(), Netns::new());
     let id = std::process::id() % 10_000;
     let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
@@ -614,7 +624,9 @@ fn coexists(dockerd: &Path) {
     assert!(app_connects(&docker, BLOCKED), "open again without egret");
     assert!(app_reaches_web(&docker));
     assert!(outside_reaches_published(&outside));
+    let major = server_major(&docker);
     drop(docker);
+    major
 }
 
 /// The outside namespace's resolver: the guard's upstream.
@@ -665,11 +677,12 @@ fn containers_resolve_through_the_guard_and_are_named_in_its_reports() {
 #[test]
 fn containers_of_a_newer_docker_resolve_through_the_guard_and_are_named() {
     if let Some(dockerd) = newer_dockerd() {
-        resolve_through_the_guard(&dockerd);
+        assert!(resolve_through_the_guard(&dockerd) >= 26);
     }
 }
 
-fn resolve_through_the_guard(dockerd: &Path) {
+/// Returns the daemon's major version.
+fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     let (host, outside) = (Netns::new(), Netns::new());
     let id = std::process::id() % 10_000;
     let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
@@ -845,7 +858,9 @@ fn resolve_through_the_guard(dockerd: &Path) {
         "{e:#}"
     );
     run.stop();
+    let major = server_major(&docker);
     drop(docker);
+    major
 }
 
 /// A TCP connection from `app` to `to:port`, and a round trip.
