@@ -57,3 +57,10 @@ if ! /usr/bin/python3 -c 'import opentelemetry.proto.collector.logs.v1.logs_serv
   /usr/bin/python3 -m pip install -q --disable-pip-version-check --break-system-packages \
     opentelemetry-proto==1.45.2 protobuf==7.36.2
 fi
+# Docker 26+ (Debian trixie's docker.io, unpacked under target/, never
+# installed) for tests/docker.rs's newer-Docker variants: ~30 MB and about a
+# minute and a half; those tests are skipped, with the reason, without it.
+here=$(cd "$(dirname "$0")" && pwd)
+if [ ! -x "$here/../target/docker-trixie/root/usr/sbin/dockerd" ]; then
+  "$here/fetch-docker-trixie.sh" >/dev/null || echo "warning: Debian trixie's docker.io was not fetched: tests/docker.rs skips its newer-Docker variants" >&2
+fi

@@ -27,5 +27,5 @@ if [ "$(cat "$root/.version" 2>/dev/null)" != "$version" ]; then
   dpkg-deb -x "$d"/debs/docker.io_*.deb "$root"
   echo "$version" >"$root/.version"
 fi
-rm -rf "$d/apt/state/lists" "$d/apt/cache"
+rm -rf "$d/apt/state/lists" "$d/apt/cache" "$d/debs"
 echo "$root/usr/sbin/dockerd"
