@@ -279,6 +279,9 @@ enum Seen {
     AllowedNew(Flow),
     Question(DnsQuestion),
     Proxy(ProxyRequest),
+    /// A name (or proxy host) only this wildcard allows, first asked.
+    NameNew(DnsQuestion, &'static str),
+    ProxyNew(ProxyRequest, &'static str),
 }
 use Seen::*;
 
@@ -302,6 +305,14 @@ fn observed(
         Proxy(p) => Subject::ProxyRequest(Box::new(p)),
         Revalidated(f) => Subject::Revalidated(f),
         AllowedNew(f) => Subject::AllowedNew(f),
+        NameNew(question, pattern) => Subject::NameNew(Box::new(event::NewName {
+            question,
+            pattern: pattern.into(),
+        })),
+        ProxyNew(request, pattern) => Subject::ProxyNew(Box::new(event::NewHost {
+            request,
+            pattern: pattern.into(),
+        })),
     };
     let mut agg = Aggregator::new(7);
     let inc = agg
@@ -381,6 +392,8 @@ fn documents() -> Vec<(&'static str, Value)> {
         ("container, bridge", observed(true, Some("containers"), Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::Bridge), None, false)),
         ("container, runtime", observed(true, None, Packet(ports("172.17.0.2", dst4, 6, 80)), container_who(Method::ContainerRuntime), None, false)),
         ("allowed-new", observed(false, Some("web"), AllowedNew(ports(v4, dst4, 6, 443)), process_who(), Some(resolved.clone()), false)),
+        ("name-new", observed(false, Some("web"), NameNew(DnsQuestion { name: "gist.githubusercontent.com".into(), qtype: "A".into(), client: "127.0.0.1:5300".parse().unwrap(), transport: "udp" }, "*.githubusercontent.com"), process_who(), None, false)),
+        ("proxy-new", observed(false, Some("web"), ProxyNew(ProxyRequest { host: "gist.githubusercontent.com".into(), port: 443, method: "CONNECT".into(), client: "127.0.0.1:41000".parse().unwrap(), reason: String::new(), ip: None }, "*.githubusercontent.com"), process_who(), None, false)),
         ("preexisting", preexisting()),
         ("flood", flood()),
         ("tamper restored", event::tamper(when(), "deleted", true, "web1")),
@@ -540,6 +553,19 @@ fn categorization_follows_the_ecs_guide() {
         &serde_json::json!(["connection", "allowed"])
     );
     assert_eq!(at(&n, "/rule/name"), "web");
+    for (what, dataset) in [("name-new", "egret.dns"), ("proxy-new", "egret.proxy")] {
+        let n = by(what);
+        assert_eq!(at(&n, "/event/action"), what);
+        assert_eq!(at(&n, "/event/kind"), "event");
+        assert_eq!(at(&n, "/event/dataset"), dataset);
+        assert_eq!(
+            at(&n, "/event/type"),
+            &serde_json::json!(["protocol", "allowed"])
+        );
+        assert_eq!(at(&n, "/egret/novelty/pattern"), "*.githubusercontent.com");
+        assert!(at(&n, "/egret/reason").is_null(), "{n:#}");
+        assert!(at(&n, "/dns/response_code").is_null(), "{n:#}");
+    }
 }
 
 // --- everything a real egret run makes --------------------------------------

@@ -50,6 +50,19 @@ fn allowed_new_grade(rules: &SeverityRules) -> Severity {
         .unwrap_or(Severity::Medium)
 }
 
+/// A new name under a wildcard (`name-new`, `proxy-new`): high unless
+/// `[severity] actions` says otherwise (exactly that, as for `allowed-new`):
+/// the signal of a second stage hiding behind an allowed domain.
+fn new_name_grade(rules: &SeverityRules, action: Action) -> Option<Severity> {
+    matches!(action, Action::NameNew | Action::ProxyNew).then(|| {
+        rules
+            .actions
+            .get(action.as_str())
+            .copied()
+            .unwrap_or(Severity::High)
+    })
+}
+
 /// (identity, destination, port, protocol): what "tried before" means.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeenKey {
@@ -131,6 +144,9 @@ impl Classifier {
         if inc.action() == Action::AllowedNew {
             return allowed_new_grade(&self.rules);
         }
+        if let Some(s) = new_name_grade(&self.rules, inc.action()) {
+            return s;
+        }
         let key = SeenKey::of(inc);
         let hash = self.hasher.hash_one(&key);
         let fresh = self.known.get(&hash).is_some_and(|&t| {
@@ -181,6 +197,9 @@ impl Classifier {
         }
         if inc.action() == Action::AllowedNew {
             return allowed_new_grade(&self.rules);
+        }
+        if let Some(s) = new_name_grade(&self.rules, inc.action()) {
+            return s;
         }
         self.graded.get(&inc.id).copied().unwrap_or_else(|| {
             grade(

@@ -287,6 +287,30 @@ fn first_seen_by(
     out
 }
 
+/// (identity, where, first seen) for the identities the novelty memory for
+/// names knows asked `name` (`monitor::names`): where is "the DNS guard" or
+/// "the proxy (port N)".
+fn name_asked_by(state_dir: &Path, name: &str) -> Vec<(String, String, String)> {
+    let Ok(Some(store)) = crate::monitor::store::Store::open_read_only(state_dir) else {
+        return Vec::new();
+    };
+    let wire = name.trim_end_matches('.').to_ascii_lowercase();
+    store
+        .name_seen_by(&wire, FIRST_SEEN_SHOWN)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(who, protocol, port, ms)| {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            let via = if protocol == crate::monitor::names::DNS_PROTOCOL {
+                "the DNS guard".to_string()
+            } else {
+                format!("the proxy (port {port})")
+            };
+            (who, via, crate::monitor::event::timestamp(at))
+        })
+        .collect()
+}
+
 /// What `name` maps to now. With `[dns]`, the guard is asked, and only for
 /// a name it answers: a refused name would be reported as an incident. Its
 /// answer puts the addresses in the kernel sets, as any client's would.
@@ -366,11 +390,19 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         Target::Name(_) => resolved.addresses.clone(),
     };
     let known = first_seen_by(a.state_dir, &dests, base.port.unwrap_or(0), protocol);
+    let asked = match &target {
+        Target::Name(n) => name_asked_by(a.state_dir, n),
+        Target::Ip(_) => Vec::new(),
+    };
     if a.json {
         let mut v = serde_json::to_value(&e)?;
         v["first_seen"] = known
             .iter()
             .map(|(d, who, at)| serde_json::json!({"destination": d, "identity": who, "first_seen": at}))
+            .collect();
+        v["name_first_asked"] = asked
+            .iter()
+            .map(|(who, via, at)| serde_json::json!({"identity": who, "of": via, "first_seen": at}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -380,6 +412,9 @@ pub fn explain(policy: &Policy, a: &ExplainArgs) -> Result<u8> {
         }
         for (d, who, at) in &known {
             text.push_str(&format!("first seen: {who} → {d}, {at}\n"));
+        }
+        for (who, via, at) in &asked {
+            text.push_str(&format!("name first asked: {who} of {via}, {at}\n"));
         }
         print!("{}", crate::text::printable_lines(&text));
     }

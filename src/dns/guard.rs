@@ -30,6 +30,7 @@ use super::upstream;
 use crate::monitor::attribution::{Attribution, Attributor};
 use crate::monitor::books::{LocalResolver, StubCounts};
 use crate::monitor::event::DnsQuestion;
+use crate::monitor::names::{self, Asked, NameSeen};
 use crate::policy::{DnsConfig, HostPattern, Mode, Policy, Scope};
 
 const TCP_CLIENT_IDLE: Duration = Duration::from_secs(10);
@@ -49,6 +50,11 @@ pub struct GuardConfig {
     pub audit: bool,
     /// Rules with `hosts`: name and patterns.
     pub rules: Vec<(String, Vec<HostPattern>)>,
+    /// Whether `[novelty]` tracks each of `rules` (same order): a name only
+    /// its wildcards allow is reported the first time an identity asks it.
+    pub tracked: Vec<bool>,
+    /// Some tracked rule has a wildcard: names are watched at all.
+    pub watching: bool,
     /// scope = "host+containers": the listener container bridges' DNS is
     /// redirected to, and the bridges (names, `*` patterns) that name a client.
     pub containers: Option<(SocketAddr, Vec<String>)>,
@@ -67,7 +73,33 @@ impl GuardConfig {
                 .host_rules()
                 .map(|r| (r.name.clone(), r.hosts.clone()))
                 .collect(),
+            tracked: p.host_rules().map(|r| p.novelty.tracks(&r.name)).collect(),
+            watching: p
+                .host_rules()
+                .any(|r| p.novelty.tracks(&r.name) && r.hosts.iter().any(|h| h.is_wildcard())),
         })
+    }
+
+    /// The tracked rule whose wildcard alone allows `name`, and the wildcard
+    /// (`monitor::names::watched`).
+    pub fn watched(&self, name: &str) -> Option<(&str, &HostPattern)> {
+        if !self.watching {
+            return None;
+        }
+        let rules = self
+            .rules
+            .iter()
+            .zip(&self.tracked)
+            .map(|((rule, patterns), t)| (rule.as_str(), &patterns[..], *t));
+        names::watched(rules, name)
+    }
+
+    /// The listener's address: `[dns] listen` or the containers'.
+    fn listen_for(&self, listener: Listener) -> SocketAddr {
+        match (listener, &self.containers) {
+            (Listener::Containers, Some((l, _))) => *l,
+            _ => self.dns.listen,
+        }
     }
 
     /// Does any rule allow `name` (wire form)?
@@ -113,6 +145,11 @@ pub struct GuardStats {
     /// Attributed queries asked by a local resolver (systemd-resolved,
     /// dnsmasq...): the program behind it is lost.
     pub via_stub: Mutex<StubCounts>,
+    /// Names only a wildcard allows, handed to the daemon the first time an
+    /// identity asked them (`[novelty]`; a full pipeline counts them lost).
+    pub names_new: AtomicU64,
+    /// (identity, name) pairs the guard's novelty filter holds.
+    pub names_held: AtomicU64,
 }
 
 impl GuardStats {
@@ -138,6 +175,7 @@ impl GuardStats {
 }
 
 type OnRefused = Box<dyn Fn(RefusedQuery) + Send + Sync>;
+type OnNewName = Box<dyn Fn(NameSeen) + Send + Sync>;
 
 struct Shared {
     config: RwLock<Arc<GuardConfig>>,
@@ -146,6 +184,10 @@ struct Shared {
     recent: Arc<Mutex<RecentNames>>,
     attributor: Arc<Mutex<Attributor>>,
     on_refused: OnRefused,
+    /// (identity, name) pairs already handed over as new; only the guard's
+    /// thread takes it.
+    names: Mutex<names::Filter>,
+    on_new_name: OnNewName,
     stats: Arc<GuardStats>,
     revalidator: Mutex<Revalidator>,
 }
@@ -205,6 +247,7 @@ impl Guard {
         config: GuardConfig,
         recent: Arc<Mutex<RecentNames>>,
         on_refused: OnRefused,
+        on_new_name: OnNewName,
     ) -> Result<Guard> {
         let (udp, tcp) = bind(config.dns.listen)?;
         let for_containers = match &config.containers {
@@ -225,6 +268,8 @@ impl Guard {
             recent,
             attributor: Arc::new(Mutex::new(Attributor::new())),
             on_refused,
+            names: Mutex::new(names::Filter::default()),
+            on_new_name,
             stats: Arc::clone(&stats),
             revalidator: Mutex::new(Revalidator::default()),
         });
@@ -402,6 +447,42 @@ impl Shared {
         Some(reply)
     }
 
+    /// A name only `watched`'s wildcard allows, asked by `who`: handed to the
+    /// daemon the first time this identity asks it (a hash lookup after that).
+    fn new_name(
+        &self,
+        (rule, pattern): (&str, &HostPattern),
+        q: &Query,
+        client: SocketAddr,
+        t: Transport,
+        who: &Attribution,
+    ) {
+        let first = {
+            let mut f = lock(&self.names);
+            let first = f.first(&who.identity(), &q.name, 0);
+            self.stats
+                .names_held
+                .store(f.len() as u64, Ordering::Relaxed);
+            first
+        };
+        if !first {
+            return;
+        }
+        self.stats.names_new.fetch_add(1, Ordering::Relaxed);
+        (self.on_new_name)(NameSeen {
+            asked: Asked::Dns(DnsQuestion {
+                name: q.name.clone(),
+                qtype: q.qtype.to_string(),
+                client,
+                transport: t.name(),
+            }),
+            rule: rule.to_string(),
+            pattern: pattern.to_string(),
+            attribution: who.clone(),
+            at: SystemTime::now(),
+        });
+    }
+
     /// Who holds the client's socket (blocking: sock_diag and /proc); for
     /// a container, whose socket is in another namespace, the bridge and
     /// its address (the pipeline asks the runtime for its name).
@@ -536,7 +617,37 @@ async fn serve_udp(
             };
             shared.stats.queries.fetch_add(1, Ordering::Relaxed);
             if let Some(reply) = shared.cached(&cfg, &q, q.udp_limit()) {
-                replies.push((reply, r.peer));
+                let Some(w) = cfg.watched(&q.name) else {
+                    replies.push((reply, r.peer));
+                    continue;
+                };
+                // A name only a wildcard allows: who asks it decides whether
+                // it is new for them.
+                let server = reachable(cfg.listen_for(listener), r.peer);
+                match shared.asker(r.peer, server, Transport::Udp, listener) {
+                    Asker::Known(a) => {
+                        shared.new_name(w, &q, r.peer, Transport::Udp, &a);
+                        replies.push((reply, r.peer));
+                    }
+                    pending => {
+                        // A socket not seen lately: looked up on the blocking
+                        // pool before the reply, as on a miss, because a
+                        // client may close it as soon as it has its answer.
+                        let (shared, sock, cfg, peer) = (
+                            Arc::clone(&shared),
+                            Arc::clone(&sock),
+                            Arc::clone(&cfg),
+                            r.peer,
+                        );
+                        tokio::spawn(async move {
+                            if let (Some(a), Some(w)) = (pending.get().await, cfg.watched(&q.name))
+                            {
+                                shared.new_name(w, &q, peer, Transport::Udp, &a);
+                            }
+                            let _ = sock.send_to(&reply, peer).await;
+                        });
+                    }
+                }
                 continue;
             }
             let (shared, sock, cfg, peer) = (
@@ -616,7 +727,16 @@ async fn tcp_client(
                 shared.stats.queries.fetch_add(1, Ordering::Relaxed);
                 let cfg = shared.config();
                 match shared.cached(&cfg, &q, u16::MAX as usize) {
-                    Some(r) => r,
+                    Some(r) => {
+                        if let Some(w) = cfg.watched(&q.name) {
+                            let server = reachable(cfg.listen_for(listener), peer);
+                            let asker = shared.asker(peer, server, Transport::Tcp, listener);
+                            if let Some(a) = asker.get().await {
+                                shared.new_name(w, &q, peer, Transport::Tcp, &a);
+                            }
+                        }
+                        r
+                    }
                     None => {
                         let limit = u16::MAX as usize;
                         answer(shared, cfg, *q, peer, Transport::Tcp, limit, listener).await
@@ -647,11 +767,8 @@ async fn answer(
     // ::ffff:a.b.c.d: reported, and its socket looked up, as the IPv4 it is.
     let client = SocketAddr::new(client.ip().to_canonical(), client.port());
     let rules = cfg.matching(&q.name);
-    let listen = match (listener, &cfg.containers) {
-        (Listener::Containers, Some((l, _))) => *l,
-        _ => cfg.dns.listen,
-    };
-    let server = reachable(listen, client);
+    let watched = cfg.watched(&q.name);
+    let server = reachable(cfg.listen_for(listener), client);
     if rules.is_empty() {
         // Attribute before replying: the asking socket may close right after.
         let attribution = shared
@@ -686,6 +803,13 @@ async fn answer(
             .stats
             .upstream_failures
             .fetch_add(1, Ordering::Relaxed);
+        // Asked all the same: a name under a wildcard need not resolve to
+        // carry data out.
+        if let Some(w) = watched {
+            if let Some(a) = asker.get().await {
+                shared.new_name(w, &q, client, transport, &a);
+            }
+        }
         return message::server_failure(&q);
     };
     let addrs = message::addresses(&response, &q.name);
@@ -704,10 +828,19 @@ async fn answer(
             }
         }
     }
+    // Who asked, looked up while the upstream answered; awaited before the
+    // reply, because a client like dig exits as soon as it has its answer.
+    // Needed for a name with addresses, and for any name only a wildcard
+    // allows (NXDOMAIN included: the question itself can carry data).
+    let asked_by = if !addrs.is_empty() || watched.is_some() {
+        asker.get().await
+    } else {
+        None
+    };
+    if let (Some(w), Some(a)) = (watched, &asked_by) {
+        shared.new_name(w, &q, client, transport, a);
+    }
     if !addrs.is_empty() {
-        // Who asked, looked up while the upstream answered; awaited before the
-        // reply, because a client like dig exits as soon as it has its answer.
-        let asked_by = asker.get().await;
         if let Some(a) = &asked_by {
             shared.stats.asked_by(a);
         }

@@ -53,6 +53,11 @@ pub struct GuardCounts {
     /// Attributed queries whose asker was a local resolver: the program
     /// behind it is lost (`egret doctor` warns).
     pub via_stub: StubCounts,
+    /// Names only a wildcard allows, handed to the daemon as first asked by
+    /// their identity (`[novelty]`; drops count in `loss.dns_dropped`).
+    pub new_names: u64,
+    /// (identity, name) pairs the guard's novelty filter holds.
+    pub novelty_filter: u64,
 }
 
 /// The local resolvers the guard recognises by the asking socket's
@@ -160,6 +165,11 @@ pub struct ProxyCounts {
     pub over_limit: u64,
     pub accept_errors: u64,
     pub allowed_by_rule: BTreeMap<String, u64>,
+    /// Hosts only a wildcard allows, handed to the daemon as first asked by
+    /// their identity (`[novelty]`; drops count in `loss.proxy_dropped`).
+    pub new_hosts: u64,
+    /// (identity, host, port) triples the proxy's novelty filter holds.
+    pub novelty_filter: u64,
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use crate::monitor::attribution::Identity;
 use crate::monitor::event::Subject;
 use crate::monitor::incident::IncidentKey;
 
-/// Reports the DNS guard and the proxy could not hand to the daemon.
+/// Reports the DNS guard and the proxy could not hand to the daemon:
+/// refusals, and new names under a wildcard (`[novelty]`).
 #[derive(Debug, Default)]
 pub struct Dropped {
     pub dns: AtomicU64,
@@ -239,7 +240,9 @@ impl Limiter {
 pub fn describe(subject: &Subject) -> String {
     let mut s = match subject {
         Subject::ProxyRequest(p) => format!("{}:{} (proxy)", p.host, p.port),
+        Subject::ProxyNew(n) => format!("{}:{} (proxy)", n.request.host, n.request.port),
         Subject::DnsQuery(q) => format!("{} {} (dns)", q.name, q.qtype),
+        Subject::NameNew(n) => format!("{} {} (dns)", n.question.name, n.question.qtype),
         Subject::Packet(Some(f)) | Subject::Revalidated(f) | Subject::AllowedNew(f) => {
             let ip = match f.dst {
                 std::net::IpAddr::V6(v6) if f.dst_port().is_some() => format!("[{v6}]"),

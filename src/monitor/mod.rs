@@ -15,6 +15,7 @@ pub mod event;
 pub mod flood;
 pub mod held;
 pub mod incident;
+pub mod names;
 pub mod nflog;
 pub mod novelty;
 pub mod packet;

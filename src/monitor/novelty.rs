@@ -38,6 +38,14 @@ pub fn identity_key(id: &Identity) -> String {
     }
 }
 
+/// Whether `[novelty] exclude_identities` names `identity` (spelled `who`
+/// by [`identity_key`]; an executable may also be named by its bare path).
+pub fn excluded(cfg: &Novelty, identity: &Identity, who: &str) -> bool {
+    cfg.exclude_identities
+        .iter()
+        .any(|x| *x == who || matches!(identity, Identity::Executable(e) if e == x))
+}
+
 /// What the memory says of one first-seen packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -68,11 +76,7 @@ impl Memory {
         store: &mut Store,
     ) -> Verdict {
         let who = identity_key(identity);
-        let excluded = cfg
-            .exclude_identities
-            .iter()
-            .any(|x| *x == who || matches!(identity, Identity::Executable(e) if e == x));
-        if excluded {
+        if excluded(cfg, identity, &who) {
             return Verdict::Excluded;
         }
         let port = flow.dst_port().unwrap_or(0);

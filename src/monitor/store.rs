@@ -440,6 +440,27 @@ impl Store {
         Ok(rows)
     }
 
+    /// Identities that asked `name` of the DNS guard or the proxy, as the
+    /// novelty memory for names (`monitor::names`) holds them: (identity,
+    /// protocol `name:dns` or `name:proxy`, port, first seen in unix ms).
+    pub fn name_seen_by(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, u16, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT identity, protocol, port, first_seen FROM seen
+             WHERE destination = ?1 AND protocol IN ('name:dns', 'name:proxy')
+             ORDER BY first_seen LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![name, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     /// Rows in the `seen` table.
     pub fn seen_count(&self) -> Result<u64> {
         Ok(self

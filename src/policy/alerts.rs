@@ -93,6 +93,8 @@ pub const ACTIONS: &[&str] = &[
     "proxy-denied",
     "dns-revalidated",
     "allowed-new",
+    "name-new",
+    "proxy-new",
     "flood",
     "preexisting",
     "tamper",

@@ -59,6 +59,12 @@ impl HostPattern {
         Ok(p)
     }
 
+    /// A pattern that matches more than one name (`*.example.com`,
+    /// `s3.*.amazonaws.com`), as opposed to a name the operator wrote out.
+    pub fn is_wildcard(&self) -> bool {
+        self.subdomains || self.labels.iter().any(|l| matches!(l, Label::Any))
+    }
+
     /// Does `name` (wire form: ASCII, any case, trailing dot allowed) match?
     /// On every query's path, so it walks the labels right to left without allocating.
     pub fn matches(&self, name: &str) -> bool {
@@ -166,6 +172,13 @@ mod tests {
         let both = p("*.s3.*.amazonaws.com");
         assert!(both.matches("bucket.s3.eu-west-1.amazonaws.com"));
         assert!(!both.matches("s3.eu-west-1.amazonaws.com"));
+    }
+
+    #[test]
+    fn wildcards_are_told_from_written_out_names() {
+        assert!(p("*.example.com").is_wildcard());
+        assert!(p("s3.*.amazonaws.com").is_wildcard());
+        assert!(!p("api.example.com").is_wildcard());
     }
 
     #[test]

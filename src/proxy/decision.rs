@@ -173,10 +173,13 @@ pub struct ProxyRule {
     users: Vec<u32>,
     groups: Vec<u32>,
     units: Vec<String>,
+    /// `[novelty]` tracks this rule: a host only its wildcards allow is
+    /// reported (`proxy-new`) the first time an identity asks for it.
+    tracked: bool,
 }
 
 impl ProxyRule {
-    fn from_rule(r: &AllowRule) -> Option<ProxyRule> {
+    fn from_rule(r: &AllowRule, tracked: bool) -> Option<ProxyRule> {
         // The proxy carries TCP only.
         if !(r.protocols.is_empty() || r.protocols.contains(&L4::Tcp)) {
             return None;
@@ -189,6 +192,7 @@ impl ProxyRule {
             users: r.users.clone(),
             groups: r.groups.clone(),
             units: r.units.clone(),
+            tracked,
         })
     }
 
@@ -247,7 +251,11 @@ pub struct ProxyRules {
 impl ProxyRules {
     pub fn from_policy(p: &Policy) -> ProxyRules {
         ProxyRules {
-            rules: p.rules.iter().filter_map(ProxyRule::from_rule).collect(),
+            rules: p
+                .rules
+                .iter()
+                .filter_map(|r| ProxyRule::from_rule(r, p.novelty.tracks(&r.name)))
+                .collect(),
             audit: p.mode == Mode::Audit,
             ssrf_guard: p.proxy.as_ref().map_or(true, |x| x.ssrf_guard),
         }
@@ -294,6 +302,24 @@ impl ProxyRules {
         }
     }
 
+    /// The wildcard of rule `rule` that alone allowed `t`'s host (a name),
+    /// when `[novelty]` tracks that rule and no rule writes the host out
+    /// (`monitor::names::watched`): then the request is `proxy-new` the first
+    /// time its identity asks for it.
+    pub fn watched(&self, rule: &str, t: &Target) -> Option<&HostPattern> {
+        let Host::Name(name) = &t.host else {
+            return None;
+        };
+        if !self.rules.iter().any(|r| r.name == rule && r.tracked) {
+            return None;
+        }
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), &r.hosts[..], r.name == rule));
+        crate::monitor::names::watched(rules, name).map(|(_, p)| p)
+    }
+
     /// Do special-purpose addresses need the client's identity to be judged?
     pub fn cidr_rules_need_subject(&self) -> bool {
         self.rules
@@ -329,6 +355,29 @@ mod tests {
 
     fn t(s: &str) -> Target {
         Target::parse(s, Some(80)).unwrap()
+    }
+
+    #[test]
+    fn only_a_tracked_rules_wildcard_makes_a_proxy_host_novel() {
+        let r = rules(
+            "[novelty]\nexclude_rules = [\"quiet\"]\n\
+             [[allow]]\nname = \"gh\"\nhosts = [\"*.githubusercontent.com\", \"api.github.com\"]\nports = [443]\n\
+             [[allow]]\nname = \"named\"\nhosts = [\"raw.githubusercontent.com\"]\nports = [443]\n\
+             [[allow]]\nname = \"quiet\"\nhosts = [\"*.cdn.test\"]\nports = [443]\n",
+        );
+        let w = |rule: &str, target: &str| r.watched(rule, &t(target)).map(|p| p.to_string());
+        assert_eq!(
+            w("gh", "gist.githubusercontent.com:443").as_deref(),
+            Some("*.githubusercontent.com")
+        );
+        assert_eq!(w("gh", "api.github.com:443"), None, "written out");
+        assert_eq!(
+            w("gh", "raw.githubusercontent.com:443"),
+            None,
+            "another rule names it"
+        );
+        assert_eq!(w("quiet", "x.cdn.test:443"), None, "excluded rule");
+        assert_eq!(w("gh", "192.0.2.7:443"), None, "an address is no name");
     }
 
     #[test]

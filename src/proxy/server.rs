@@ -38,6 +38,8 @@ use crate::dns::upstream;
 use crate::kernel::sockets::SockDiag;
 use crate::local_http::{Activity, Tracked};
 use crate::monitor::attribution::{Attribution, Attributor};
+use crate::monitor::event::ProxyRequest;
+use crate::monitor::names::{self, Asked, NameSeen};
 use crate::policy::{Policy, ProxyConfig};
 
 const IPPROTO_TCP: u8 = 6;
@@ -146,6 +148,11 @@ pub struct ProxyStats {
     pub over_limit: AtomicU64,
     /// Failed accepts (out of descriptors, memory): the proxy backs off and goes on.
     pub accept_errors: AtomicU64,
+    /// Hosts only a wildcard allows, handed to the daemon the first time an
+    /// identity asked for them (`[novelty]`; a full pipeline counts them lost).
+    pub hosts_new: AtomicU64,
+    /// (identity, host, port) triples the proxy's novelty filter holds.
+    pub hosts_held: AtomicU64,
     pub open: AtomicUsize,
     refusing: AtomicUsize,
     allowed: Mutex<HashMap<String, u64>>,
@@ -173,6 +180,7 @@ impl ProxyStats {
 }
 
 type OnDenied = Box<dyn Fn(ProxyDenial) + Send + Sync>;
+type OnNewHost = Box<dyn Fn(NameSeen) + Send + Sync>;
 
 struct Shared {
     state: RwLock<Arc<ProxyState>>,
@@ -185,6 +193,9 @@ struct Shared {
     /// sock_diag, for the uid of a local client's socket at accept.
     diag: Mutex<Option<SockDiag>>,
     on_denied: OnDenied,
+    /// (identity, host, port) already handed over as new.
+    seen_hosts: Mutex<names::Filter>,
+    on_new_host: OnNewHost,
     stats: Arc<ProxyStats>,
 }
 
@@ -206,7 +217,7 @@ impl Proxy {
     /// `threads` current-thread runtimes (one by default), each with its own
     /// listening socket on the same address (SO_REUSEPORT): the kernel spreads
     /// new connections, and no work moves between threads.
-    pub fn start(state: ProxyState, on_denied: OnDenied) -> Result<Proxy> {
+    pub fn start(state: ProxyState, on_denied: OnDenied, on_new_host: OnNewHost) -> Result<Proxy> {
         let listen = state.config.listen;
         let workers = state.config.threads;
         let mut sockets = Vec::new();
@@ -233,6 +244,8 @@ impl Proxy {
             local: Mutex::new(LocalAddrs::new()),
             diag: Mutex::new(SockDiag::open().ok()),
             on_denied,
+            seen_hosts: Mutex::new(names::Filter::default()),
+            on_new_host,
             stats: Arc::clone(&stats),
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -643,6 +656,9 @@ async fn handle(
     };
     if let Some(rule) = &rule {
         shared.stats.allowed(rule);
+        if let Some(pattern) = st.rules.watched(rule, &target) {
+            new_host(&ask, rule, &pattern.to_string()).await;
+        }
     }
     debug!(%peer, %target, rule = rule.as_deref().unwrap_or("-"), %method, "proxy: allowed");
     if !connect {
@@ -886,6 +902,49 @@ async fn report(
         reason,
         ip,
         blocked,
+        at: SystemTime::now(),
+    });
+}
+
+/// A host only `pattern` (of `rule`) allows: handed to the daemon the first
+/// time the client's identity asks for it (on this port).
+async fn new_host(ask: &Ask<'_>, rule: &str, pattern: &str) {
+    let Ask {
+        shared,
+        target,
+        method,
+        peer,
+        ..
+    } = *ask;
+    let Host::Name(host) = &target.host else {
+        return;
+    };
+    let who = ask.who().await;
+    let first = {
+        let mut f = lock(&shared.seen_hosts);
+        let first = f.first(&who.identity(), host, target.port);
+        shared
+            .stats
+            .hosts_held
+            .store(f.len() as u64, Ordering::Relaxed);
+        first
+    };
+    if !first {
+        return;
+    }
+    shared.stats.hosts_new.fetch_add(1, Ordering::Relaxed);
+    (shared.on_new_host)(NameSeen {
+        asked: Asked::Proxy(ProxyRequest {
+            host: host.clone(),
+            port: target.port,
+            method: method.to_string(),
+            client: peer,
+            reason: String::new(),
+            ip: None,
+        }),
+        rule: rule.to_string(),
+        pattern: pattern.to_string(),
+        attribution: who,
         at: SystemTime::now(),
     });
 }

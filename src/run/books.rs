@@ -227,6 +227,8 @@ fn guard_counts(g: &GuardStats) -> GuardCounts {
         tcp_refused: n(&g.tcp_refused),
         revalidation: g.revalidation(),
         via_stub: g.via_stub(),
+        new_names: n(&g.names_new),
+        novelty_filter: n(&g.names_held),
     }
 }
 
@@ -242,5 +244,7 @@ fn proxy_counts(p: &ProxyStats) -> ProxyCounts {
         over_limit: n(&p.over_limit),
         accept_errors: n(&p.accept_errors),
         allowed_by_rule: p.allowed_by_rule().into_iter().collect(),
+        new_hosts: n(&p.hosts_new),
+        novelty_filter: n(&p.hosts_held),
     }
 }

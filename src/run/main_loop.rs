@@ -259,6 +259,7 @@ impl Daemon {
             Input::Packet(p) => self.packet(p),
             Input::Query(q) => self.refused_query(*q),
             Input::Proxy(d) => self.proxy_denial(*d),
+            Input::Name(n) => self.new_name(*n),
             Input::Revalidated(r) => self.revalidated(*r),
         }
     }
@@ -401,6 +402,80 @@ impl Daemon {
         });
     }
 
+    /// A name (guard) or proxy host only a wildcard allows, which the
+    /// sender's filter had not seen this identity ask: reported once per
+    /// (identity, name), ever (the store decides).
+    fn new_name(&mut self, mut n: crate::monitor::names::NameSeen) {
+        use crate::monitor::event::{NewHost, NewName};
+        use crate::monitor::names::{self, Asked};
+        if let Some((_, src)) = n.attribution.ingress {
+            self.name_container(&mut n.attribution, src);
+        }
+        // Bounded like a refused query's name or a denied request's host.
+        let (name, field) = match &mut n.asked {
+            Asked::Dns(q) => (&mut q.name, "dns.question.name"),
+            Asked::Proxy(p) => (&mut p.host, "destination.domain"),
+        };
+        if text::bound(name, text::NAME_MAX) {
+            n.attribution.truncated.push(field);
+        }
+        if text::bound(&mut n.pattern, text::NAME_MAX) {
+            n.attribution.truncated.push("egret.novelty.pattern");
+        }
+        let identity = n.attribution.identity();
+        // An identity already flooding (DNS tunnelling through an allowed
+        // zone asks thousands of names a second) folds into its flood
+        // without a store write per name: the loop keeps up, and its names
+        // do not evict what the memory holds for everybody else. They are
+        // not remembered one by one.
+        let who = crate::monitor::flood::Who {
+            identity: identity.clone(),
+            uid: n.attribution.uid,
+            unit: n.attribution.unit.clone(),
+        };
+        let verdict = if self.agg.floods.flood_of(&who).is_some()
+            && !crate::monitor::novelty::excluded(
+                &self.policy.novelty,
+                &identity,
+                &crate::monitor::novelty::identity_key(&identity),
+            ) {
+            crate::monitor::novelty::Verdict::New
+        } else {
+            names::judge(&self.policy.novelty, &identity, &n, &mut self.store)
+        };
+        let dns = matches!(n.asked, Asked::Dns(_));
+        self.services.metrics.new_name(dns, verdict);
+        if verdict != crate::monitor::novelty::Verdict::New {
+            return;
+        }
+        let subject = match n.asked {
+            Asked::Dns(question) => Subject::NameNew(Box::new(NewName {
+                question,
+                pattern: n.pattern,
+            })),
+            Asked::Proxy(mut request) => {
+                if text::bound(&mut request.method, text::SHORT_MAX) {
+                    n.attribution.truncated.push("http.request.method");
+                }
+                Subject::ProxyNew(Box::new(NewHost {
+                    request,
+                    pattern: n.pattern,
+                }))
+            }
+        };
+        let verdict = LoggedVerdict {
+            blocked: false,
+            rule: Some(n.rule),
+        };
+        self.record(Observation {
+            verdict: &verdict,
+            subject,
+            attribution: &n.attribution,
+            resolved: None,
+            at: n.at,
+        });
+    }
+
     fn refused_query(&mut self, mut q: RefusedQuery) {
         if let Some((_, src)) = q.attribution.ingress {
             self.name_container(&mut q.attribution, src);
@@ -443,9 +518,13 @@ impl Daemon {
             let mut doc = event::incident(inc, false, &self.host);
             let severity = self.classifier.new_incident(inc, &mut self.store);
             event::set_severity(&mut doc, severity);
-            // During `[novelty] learn`, first-seen flows are recorded only.
-            let learning = inc.action() == event::Action::AllowedNew
-                && self
+            // During `[novelty] learn`, first-seen flows and names are
+            // recorded only.
+            let learning =
+                matches!(
+                    inc.action(),
+                    event::Action::AllowedNew | event::Action::NameNew | event::Action::ProxyNew
+                ) && self
                     .novelty
                     .learning(&self.policy.novelty, inc.first_seen, &mut self.store);
             let route = Route {

@@ -39,6 +39,9 @@ pub struct Metrics {
     novelty_overflow: AtomicU64,
     /// Flows the novelty memory holds (the store's `allowed:` rows).
     novelty_memory: AtomicU64,
+    /// New names the guard [0] and the proxy [1] handed over, by what the
+    /// store said: new, known, excluded.
+    new_names: [[AtomicU64; 3]; 2],
     counts: Mutex<Counts>,
     started: SystemTime,
     pub guard: OnceLock<Arc<GuardStats>>,
@@ -55,6 +58,7 @@ impl Default for Metrics {
             first_seen: Default::default(),
             novelty_overflow: AtomicU64::new(0),
             novelty_memory: AtomicU64::new(0),
+            new_names: Default::default(),
             counts: Mutex::new(Counts::default()),
             started: SystemTime::now(),
             guard: OnceLock::new(),
@@ -93,6 +97,18 @@ impl Metrics {
             Verdict::Excluded => 2,
         };
         self.first_seen[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the store said of a name the guard (`dns`) or the proxy handed
+    /// over as new.
+    pub fn new_name(&self, dns: bool, v: crate::monitor::novelty::Verdict) {
+        use crate::monitor::novelty::Verdict;
+        let i = match v {
+            Verdict::New => 0,
+            Verdict::Known => 1,
+            Verdict::Excluded => 2,
+        };
+        self.new_names[usize::from(!dns)][i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The novelty overflow rules' packet count (read with the log counters).
@@ -195,6 +211,20 @@ impl Metrics {
                 .collect::<Vec<_>>(),
         );
         let l = &c.loss;
+        let names = |s: usize, i: usize| self.new_names[s][i].load(Ordering::Relaxed) as f64;
+        counter(
+            &mut out,
+            "egret_new_names_total",
+            "Names only a wildcard allows that the DNS guard or the proxy handed over as first asked by their identity, by what egret's memory said of them.",
+            &[
+                (labels(&[("source", "dns"), ("outcome", "new")]), names(0, 0)),
+                (labels(&[("source", "dns"), ("outcome", "known")]), names(0, 1)),
+                (labels(&[("source", "dns"), ("outcome", "excluded")]), names(0, 2)),
+                (labels(&[("source", "proxy"), ("outcome", "new")]), names(1, 0)),
+                (labels(&[("source", "proxy"), ("outcome", "known")]), names(1, 1)),
+                (labels(&[("source", "proxy"), ("outcome", "excluded")]), names(1, 2)),
+            ],
+        );
         counter(
             &mut out,
             "egret_kernel_logged_packets_total",
@@ -205,7 +235,7 @@ impl Metrics {
         counter(
             &mut out,
             "egret_dropped_reports_total",
-            "Refusals of the DNS guard and the proxy whose report found egret's pipeline full (counted, never an event).",
+            "Refusals and new names of the DNS guard and the proxy whose report found egret's pipeline full (counted, never an event).",
             &[
                 (labels(&[("source", "dns")]), l.dns_dropped as f64),
                 (labels(&[("source", "proxy")]), l.proxy_dropped as f64),
@@ -285,6 +315,18 @@ impl Metrics {
                 "Upstream lookups revalidation made (capped; answers are reused for their TTL).",
                 &[(String::new(), r.lookups as f64)],
             );
+            counter(
+                &mut out,
+                "egret_dns_new_names_total",
+                "Names only a wildcard allows that the guard handed over as first asked by their identity ([novelty]).",
+                &[(String::new(), v(&g.names_new))],
+            );
+            gauge(
+                &mut out,
+                "egret_dns_novelty_filter_entries",
+                "(identity, name) pairs the guard's novelty filter holds (bounded; see docs/dns.md).",
+                &[(String::new(), v(&g.names_held))],
+            );
             let stubs = g.via_stub();
             counter(
                 &mut out,
@@ -337,6 +379,18 @@ impl Metrics {
                 "egret_proxy_over_limit_total",
                 "Connections refused by max_connections or max_per_client.",
                 &[(String::new(), v(&p.over_limit))],
+            );
+            counter(
+                &mut out,
+                "egret_proxy_new_hosts_total",
+                "Hosts only a wildcard allows that the proxy handed over as first asked by their identity ([novelty]).",
+                &[(String::new(), v(&p.hosts_new))],
+            );
+            gauge(
+                &mut out,
+                "egret_proxy_novelty_filter_entries",
+                "(identity, host, port) triples the proxy's novelty filter holds (bounded).",
+                &[(String::new(), v(&p.hosts_held))],
             );
             let allowed: Vec<(String, f64)> = p
                 .allowed_by_rule()

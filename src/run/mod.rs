@@ -63,6 +63,9 @@ pub enum Input {
     Packet(LoggedPacket),
     Query(Box<RefusedQuery>),
     Proxy(Box<ProxyDenial>),
+    /// A name (guard) or host (proxy) only a wildcard allows, first asked
+    /// by its identity as far as the sender's filter knows (`[novelty]`).
+    Name(Box<crate::monitor::names::NameSeen>),
     /// The DNS guard's verdict on a blocked address it once allowed.
     Revalidated(Box<crate::dns::Revalidation>),
 }

@@ -49,12 +49,16 @@ impl Services {
         let guard = match GuardConfig::from_policy(policy) {
             Some(gc) => {
                 let (tx, dropped) = (tx.clone(), Arc::clone(&dropped));
+                let (names_tx, names_dropped) = (tx.clone(), Arc::clone(&dropped));
                 let guard = Guard::start(
                     gc,
                     Arc::clone(&recent),
                     Box::new(move |q| {
                         // A full pipeline drops the report (counted), never the answer.
                         hand_over(&tx, Input::Query(Box::new(q)), &dropped.dns);
+                    }),
+                    Box::new(move |n| {
+                        hand_over(&names_tx, Input::Name(Box::new(n)), &names_dropped.dns);
                     }),
                 )?;
                 info!(listen = %guard.listen(), "DNS guard listening");
@@ -91,10 +95,14 @@ impl Services {
         let proxy = match ProxyState::from_policy(policy) {
             Some(state) => {
                 let (tx, dropped) = (tx.clone(), Arc::clone(&dropped));
+                let (hosts_tx, hosts_dropped) = (tx.clone(), Arc::clone(&dropped));
                 let proxy = Proxy::start(
                     state,
                     Box::new(move |d| {
                         hand_over(&tx, Input::Proxy(Box::new(d)), &dropped.proxy);
+                    }),
+                    Box::new(move |n| {
+                        hand_over(&hosts_tx, Input::Name(Box::new(n)), &hosts_dropped.proxy);
                     }),
                 )?;
                 info!(listen = %proxy.listen(), "proxy listening");

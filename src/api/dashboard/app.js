@@ -10,6 +10,8 @@ const COLORS = {
   "dns-would-refuse": "#a569bd",
   "proxy-denied": "#1f618d",
   "allowed-new": "#1e8449",
+  "name-new": "#117a65",
+  "proxy-new": "#148f77",
 };
 const FEED_ROWS = 200;
 // What the allow rules let through for the first time ([novelty]): listed

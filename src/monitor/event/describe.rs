@@ -66,6 +66,21 @@ pub fn summary(inc: &Incident) -> String {
             destination(inc).unwrap_or_else(|| "?".into()),
             inc.key.verdict.rule.as_deref().unwrap_or("?")
         ),
+        Subject::NameNew(n) => format!(
+            "new name {} asked by {}, allowed by {} of rule {}",
+            presentation_name(&n.question.name),
+            who(inc),
+            n.pattern,
+            inc.key.verdict.rule.as_deref().unwrap_or("?")
+        ),
+        Subject::ProxyNew(n) => format!(
+            "new proxy host {}:{} for {}, allowed by {} of rule {}",
+            n.request.host,
+            n.request.port,
+            who(inc),
+            n.pattern,
+            inc.key.verdict.rule.as_deref().unwrap_or("?")
+        ),
     }
 }
 
@@ -105,8 +120,15 @@ pub fn destination(inc: &Incident) -> Option<String> {
             ))
         }
         Subject::ProxyRequest(p) => return Some(format!("{}:{} (proxy)", p.host, p.port)),
+        Subject::ProxyNew(n) => {
+            return Some(format!("{}:{} (proxy)", n.request.host, n.request.port))
+        }
         Subject::DnsQuery(q) => {
             return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype))
+        }
+        Subject::NameNew(n) => {
+            let q = &n.question;
+            return Some(format!("{} {} (dns)", presentation_name(&q.name), q.qtype));
         }
         Subject::Packet(f) => f.as_ref()?,
         Subject::Revalidated(f) | Subject::AllowedNew(f) => f,

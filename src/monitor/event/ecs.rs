@@ -51,6 +51,8 @@ fn asker(a: &crate::monitor::attribution::Attribution) -> Value {
 pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
     let blocked = inc.key.verdict.blocked;
     let (mut flow, mut q, mut px, mut flood) = (None, None, None, None);
+    // A name-new or proxy-new incident: the wildcard that allowed the name.
+    let mut pattern = None;
     let dataset = match &inc.subject {
         Subject::Packet(f) => {
             flow = f.as_ref();
@@ -64,6 +66,16 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             px = Some(&**p);
             "egret.proxy"
         }
+        Subject::NameNew(n) => {
+            q = Some(&n.question);
+            pattern = Some(n.pattern.as_str());
+            "egret.dns"
+        }
+        Subject::ProxyNew(n) => {
+            px = Some(&n.request);
+            pattern = Some(n.pattern.as_str());
+            "egret.proxy"
+        }
         Subject::Flood(f) => {
             flood = Some(&**f);
             "egret.flood"
@@ -74,11 +86,14 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         }
     };
     // A revalidated packet passed because the policy allows its name; a
-    // first-seen one because a rule allows it.
+    // first-seen flow or name because a rule allows it.
     let enforced = blocked
         || matches!(
             inc.subject,
-            Subject::Revalidated(_) | Subject::AllowedNew(_)
+            Subject::Revalidated(_)
+                | Subject::AllowedNew(_)
+                | Subject::NameNew(_)
+                | Subject::ProxyNew(_)
         );
     let a = &inc.attribution;
     let p = a.process.as_ref();
@@ -132,7 +147,8 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
         "dns": q.map(|q| json!({
             "type": "query",
             "question": { "name": presentation_name(&q.name), "type": q.qtype },
-            "response_code": if blocked { "REFUSED" } else { "NOERROR" },
+            // A new name was answered by the upstream, whatever it said.
+            "response_code": pattern.is_none().then_some(if blocked { "REFUSED" } else { "NOERROR" }),
         })),
         "process": p.map(|p| json!({
             "pid": p.pid,
@@ -166,7 +182,8 @@ pub fn incident(inc: &Incident, update: bool, host: &str) -> Value {
             "unit": a.unit,
             "cgroup": a.cgroup,
             "icmp": { "type": icmp_type, "code": icmp_code },
-            "reason": px.map(|p| p.reason.clone()),
+            "reason": px.filter(|_| pattern.is_none()).map(|p| p.reason.clone()),
+            "novelty": pattern.map(|p| json!({ "pattern": p })),
             "truncated": (!a.truncated.is_empty()).then_some(&a.truncated),
             "flood": flood.map(|f| json!({
                 "destinations": f.destinations,
@@ -199,10 +216,12 @@ pub struct LossFigures {
     /// Logged while no egret daemon was listening.
     pub while_down: u64,
     pub enobufs: u64,
-    /// Queries the DNS guard refused whose report found the pipeline full.
+    /// Reports of the DNS guard (refused queries, new names under a
+    /// wildcard) that found the pipeline full.
     #[serde(default)]
     pub dns_dropped: u64,
-    /// Requests the proxy denied whose report found the pipeline full.
+    /// Reports of the proxy (denied requests, new hosts) that found the
+    /// pipeline full.
     #[serde(default)]
     pub proxy_dropped: u64,
 }

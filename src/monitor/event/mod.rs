@@ -49,6 +49,28 @@ pub enum Subject {
     /// (`[novelty]`): reported once per (identity, destination, port,
     /// protocol). The rule is the incident's verdict's.
     AllowedNew(Flow),
+    /// A name only a rule's wildcard allows, asked of the DNS guard by an
+    /// identity that never asked it before (`[novelty]`). The rule is the
+    /// incident's verdict's.
+    NameNew(Box<NewName>),
+    /// The same for a host asked of the proxy (with its port).
+    ProxyNew(Box<NewHost>),
+}
+
+/// A query for a name only a wildcard allows, first asked by its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewName {
+    pub question: DnsQuestion,
+    /// The rule's pattern that matched (`*.githubusercontent.com`).
+    pub pattern: String,
+}
+
+/// A proxy request for a host only a wildcard allows, first asked by its
+/// identity. The request's `reason` is empty: it was allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewHost {
+    pub request: ProxyRequest,
+    pub pattern: String,
 }
 
 impl Subject {
@@ -59,6 +81,8 @@ impl Subject {
             (Subject::Flood(_), _) => Action::Flood,
             (Subject::Revalidated(_), _) => Action::DnsRevalidated,
             (Subject::AllowedNew(_), _) => Action::AllowedNew,
+            (Subject::NameNew(_), _) => Action::NameNew,
+            (Subject::ProxyNew(_), _) => Action::ProxyNew,
             (Subject::DnsQuery(_), true) => Action::DnsRefused,
             (Subject::DnsQuery(_), false) => Action::DnsWouldRefuse,
             (Subject::ProxyRequest(_), true) => Action::ProxyDenied,
@@ -87,10 +111,20 @@ impl Subject {
                 name: q.name.clone(),
                 qtype: q.qtype.clone(),
             },
+            // Told apart from refusals of the same name by the verdict.
+            Subject::NameNew(n) => SubjectKey::DnsQuery {
+                name: n.question.name.clone(),
+                qtype: n.question.qtype.clone(),
+            },
             Subject::ProxyRequest(p) => SubjectKey::ProxyRequest {
                 host: p.host.clone(),
                 ip: p.ip,
                 port: p.port,
+            },
+            Subject::ProxyNew(n) => SubjectKey::ProxyRequest {
+                host: n.request.host.clone(),
+                ip: n.request.ip,
+                port: n.request.port,
             },
             Subject::Flood(_) => SubjectKey::Flood,
         }
@@ -196,6 +230,10 @@ pub enum Action {
     DnsRevalidated,
     /// A flow an allow rule accepted, first seen for its identity.
     AllowedNew,
+    /// A name only a wildcard allows, first asked of the DNS guard by its identity.
+    NameNew,
+    /// A host only a wildcard allows, first asked of the proxy by its identity.
+    ProxyNew,
     Flood,
     /// A connection older than egret's table that the policy would not allow.
     Preexisting,
@@ -208,7 +246,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 17] = [
         Action::Blocked,
         Action::WouldBlock,
         Action::DnsRefused,
@@ -216,6 +254,8 @@ impl Action {
         Action::ProxyDenied,
         Action::DnsRevalidated,
         Action::AllowedNew,
+        Action::NameNew,
+        Action::ProxyNew,
         Action::Flood,
         Action::Preexisting,
         Action::Tamper,
@@ -235,6 +275,8 @@ impl Action {
             Action::ProxyDenied => "proxy-denied",
             Action::DnsRevalidated => "dns-revalidated",
             Action::AllowedNew => "allowed-new",
+            Action::NameNew => "name-new",
+            Action::ProxyNew => "proxy-new",
             Action::Flood => "flood",
             Action::Preexisting => "preexisting",
             Action::Tamper => "tamper",
