@@ -19,6 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} NAMES=${NAMES:-1000} RATE=${RATE:-2000} BEFORE=${BEFORE:-}
+# BEFORE_POLICY: TOML appended to the BEFORE guard's policy, e.g. the same
+# build with a feature off: BEFORE=target/release/egret BEFORE_POLICY=$'[novelty]\nenabled = false'
+BEFORE_POLICY=${BEFORE_POLICY:-}
 [ -z "$BEFORE" ] || [ -x "$BEFORE" ] || { echo "BEFORE=$BEFORE is not an executable" >&2; exit 1; }
 command -v dnsperf >/dev/null && command -v dnsmasq >/dev/null || apt-get install -y -qq dnsperf dnsmasq-base >/dev/null
 cargo build --release -q --bin egret --example set_insert
@@ -58,7 +61,7 @@ done
   --bind-interfaces --listen-address=127.0.0.1 --port=53 --server=10.53.2.1 --cache-size=10000 \
   --dns-forward-max=1000 --user=root --pid-file= >/dev/null 2>&1 &)
 # G (and B): egret run; the guard forwards to U, allowed names go into the kernel sets.
-start_guard() { # NS BINARY UPSTREAM NAME
+start_guard() { # NS BINARY UPSTREAM NAME [EXTRA POLICY]
   cat > "$TMP/$4.toml" <<EOF
 mode = "enforce"
 [dns]
@@ -68,12 +71,13 @@ upstream = ["$3"]
 name = "bench"
 hosts = ["*.bench.test"]
 ports = [443]
+${5:-}
 EOF
   (in_ns "$1" "$2" run --policy "$TMP/$4.toml" --state-dir "$TMP/$4.state" >/dev/null 2>"$TMP/$4.err" &)
   for _ in $(seq 100); do grep -q "watching blocked egress" "$TMP/$4.err" 2>/dev/null && break; sleep 0.1; done
 }
 start_guard "$G" "$E" 10.53.1.1 guard
-[ -z "$BEFORE" ] || start_guard "$B" "$BEFORE" 10.53.3.1 before
+[ -z "$BEFORE" ] || start_guard "$B" "$BEFORE" 10.53.3.1 before "$BEFORE_POLICY"
 sleep 0.5
 
 echo "== kernel set insert latency (one address per transaction, with a timeout)"
