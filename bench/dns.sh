@@ -19,9 +19,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} NAMES=${NAMES:-1000} RATE=${RATE:-2000} BEFORE=${BEFORE:-}
-# BEFORE_POLICY: TOML appended to the BEFORE guard's policy, e.g. the same
-# build with a feature off: BEFORE=target/release/egret BEFORE_POLICY=$'[novelty]\nenabled = false'
-BEFORE_POLICY=${BEFORE_POLICY:-}
+# GUARD_POLICY, BEFORE_POLICY: TOML appended to the guard's and BEFORE's
+# policies, e.g. the same build with and without a feature:
+#   sudo BEFORE=target/release/egret GUARD_POLICY='[novelty]' bash bench/dns.sh
+GUARD_POLICY=${GUARD_POLICY:-} BEFORE_POLICY=${BEFORE_POLICY:-}
 [ -z "$BEFORE" ] || [ -x "$BEFORE" ] || { echo "BEFORE=$BEFORE is not an executable" >&2; exit 1; }
 command -v dnsperf >/dev/null && command -v dnsmasq >/dev/null || apt-get install -y -qq dnsperf dnsmasq-base >/dev/null
 cargo build --release -q --bin egret --example set_insert
@@ -76,7 +77,7 @@ EOF
   (in_ns "$1" "$2" run --policy "$TMP/$4.toml" --state-dir "$TMP/$4.state" >/dev/null 2>"$TMP/$4.err" &)
   for _ in $(seq 100); do grep -q "watching blocked egress" "$TMP/$4.err" 2>/dev/null && break; sleep 0.1; done
 }
-start_guard "$G" "$E" 10.53.1.1 guard
+start_guard "$G" "$E" 10.53.1.1 guard "$GUARD_POLICY"
 [ -z "$BEFORE" ] || start_guard "$B" "$BEFORE" 10.53.3.1 before "$BEFORE_POLICY"
 sleep 0.5
 

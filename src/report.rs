@@ -212,8 +212,11 @@ pub fn print_event_line(doc: &Value, as_json: bool) {
 
 /// The actions `egret top` lists apart, after the blocked tables, when the
 /// window has any: what the allow rules let through for the first time.
-const FIRST_SEEN_ACTIONS: &[crate::monitor::event::Action] =
-    &[crate::monitor::event::Action::AllowedNew];
+const FIRST_SEEN_ACTIONS: &[crate::monitor::event::Action] = &[
+    crate::monitor::event::Action::AllowedNew,
+    crate::monitor::event::Action::NameNew,
+    crate::monitor::event::Action::ProxyNew,
+];
 
 /// `egret top`: the blocked traffic by process and by destination, then
 /// (when there are any) the first-seen allowed flows by process; with
@@ -252,9 +255,14 @@ pub fn top(state_dir: &Path, since: Duration, limit: usize, action: Option<&str>
         if rows.is_empty() {
             continue;
         }
-        // One incident per new (identity, destination, port, protocol).
+        // One incident per new (identity, destination, port, protocol), or
+        // per new (identity, name).
         println!("first seen, allowed ({}), by process:", a.as_str());
-        println!("{:>10}", "new flows");
+        let what = match a {
+            crate::monitor::event::Action::AllowedNew => "new flows",
+            _ => "new names",
+        };
+        println!("{what:>10}");
         for (label, _, incidents) in &rows {
             println!("{incidents:>10}  {}", printable(label));
         }

@@ -44,6 +44,7 @@ fn policy() -> PolicyFile {
     PolicyFile::new(&format!(
         "mode = \"enforce\"\n\
          [dns]\nlisten = \"127.0.0.1:53\"\nupstream = [\"{B4}\"]\n\
+         [novelty]\n\
          [[allow]]\nname = \"cdn\"\nhosts = [\"*.exfil.test\", \"*.cdn.test\"]\nports = [443]\n"
     ))
 }

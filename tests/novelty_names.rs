@@ -87,7 +87,7 @@ fn policy(extra: &str) -> PolicyFile {
          [dns]\nlisten = \"127.0.0.1:53\"\nupstream = [\"{B4}\"]\n\
          [proxy]\nlisten = \"127.0.0.1:3128\"\n\
          [metrics]\nlisten = \"{METRICS}\"\n\
-         {extra}\n\
+         [novelty]\n{extra}\n\
          [[allow]]\nname = \"cdn\"\nhosts = [\"*.cdn.test\", \"www.cdn.test\"]\nports = [443]\n\
          [[allow]]\nname = \"web\"\nhosts = [\"*.cdn.test\"]\nvia = \"proxy\"\nports = [80]\n"
     ))
@@ -220,6 +220,13 @@ fn a_new_name_under_a_wildcard_is_reported_once_per_identity_and_never_after_a_r
         listed.lines().count() == 2
     });
 
+    let top = a.egret_ok(&["top", "--state-dir", &state_dir]);
+    assert!(
+        top.contains("first seen, allowed (name-new), by process:")
+            && top.contains("/usr/bin/host"),
+        "{top}"
+    );
+
     // Restart: the guard's filter starts empty and hands the name over
     // again; the store knows it.
     assert!(daemon.stop().success());
@@ -255,8 +262,7 @@ fn a_new_name_under_a_wildcard_is_reported_once_per_identity_and_never_after_a_r
 fn excluded_identities_and_rules_are_not_reported() {
     let lab = lab();
     let a = &lab.pair.a;
-    let policy =
-        policy("[novelty]\nexclude_identities = [\"/usr/bin/host\"]\nexclude_rules = [\"web\"]\n");
+    let policy = policy("exclude_identities = [\"/usr/bin/host\"]\nexclude_rules = [\"web\"]\n");
     let daemon = Running::start(a, &policy.state_dir(), &["--policy", policy.path()]);
     assert!(ask(a, "host", "quiet.cdn.test").contains(WEB));
     daemon.wait_until("the exclusion to be counted", 10, || {
@@ -288,7 +294,7 @@ fn during_the_learning_period_new_names_are_recorded_not_alerted() {
     let hook_dir = tempfile::tempdir().unwrap();
     let hook = hook_dir.path().join("alerts.jsonl");
     let policy = policy(&format!(
-        "[novelty]\nlearn = \"7d\"\n\
+        "learn = \"7d\"\n\
          [[alerts]]\nname = \"hook\"\ntype = \"exec\"\n\
          command = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\nmin_severity = \"info\"\n",
         hook.display()

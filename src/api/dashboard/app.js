@@ -16,7 +16,7 @@ const COLORS = {
 const FEED_ROWS = 200;
 // What the allow rules let through for the first time ([novelty]): listed
 // apart, with when it was first seen and the rule that allowed it.
-const FIRST_SEEN = ["allowed-new"];
+const FIRST_SEEN = ["allowed-new", "name-new", "proxy-new"];
 const FIRST_SEEN_ROWS = 50;
 const SVG = "http://www.w3.org/2000/svg";
 
