@@ -114,7 +114,7 @@ pub enum Command {
         json: bool,
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Only this action: blocked, would-block, dns-refused, proxy-denied, allowed-new, tamper, ...
+        /// Only this action: blocked, would-block, dns-refused, proxy-denied, allowed-new, name-new, proxy-new, tamper, ...
         #[arg(long)]
         action: Option<String>,
         /// Only events of this rule (`default` for the final block rule).
