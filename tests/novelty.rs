@@ -246,15 +246,21 @@ fn during_the_learning_period_first_seen_flows_are_recorded_not_alerted() {
     });
     let alerted = std::fs::read_to_string(&hook).unwrap();
     assert!(!alerted.contains("allowed-new"), "{alerted}");
-    // Recorded all the same.
-    let listed = pair.a.egret_ok(&[
-        "events",
-        "--json",
-        "--action",
-        "allowed-new",
-        "--state-dir",
-        &state_dir,
-    ]);
+    // Recorded all the same (once the store has written it).
+    let listed = || {
+        pair.a.egret_ok(&[
+            "events",
+            "--json",
+            "--action",
+            "allowed-new",
+            "--state-dir",
+            &state_dir,
+        ])
+    };
+    daemon.wait_until("the first-seen flow in the store", 20, || {
+        !listed().trim().is_empty()
+    });
+    let listed = listed();
     assert_eq!(listed.lines().count(), 1, "{listed}");
 }
 
