@@ -133,7 +133,7 @@ impl Drop for Parked {
 }
 
 fn wait_stderr(run: &Running, needle: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30 * time_scale());
     while run.stderr_text().matches(needle).count() < count {
         assert!(
             Instant::now() < deadline,
@@ -502,7 +502,7 @@ fn foreign_changes_to_the_table_are_reported_with_their_committer_and_undone() {
     });
     assert_eq!(at(&e, "/egret/restored"), false, "{e:#}");
     assert_eq!(at(&e, "/process/name"), "nft", "{e:#}");
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(2500 * time_scale()));
     assert_eq!(tampers(&run).len(), 1, "once: {:#?}", tampers(&run));
     run_ok(&mut pair.a.cmd(
         "nft",

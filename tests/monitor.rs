@@ -159,7 +159,8 @@ fn a_flood_keeps_the_books_exact_kernel_count_equals_received_plus_lost() {
     .unwrap();
     assert_eq!(sent, 20000, "every datagram was refused by the ruleset");
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(20 * common::time_scale());
     let books = loop {
         let status = pair
             .a
@@ -182,12 +183,213 @@ fn a_flood_keeps_the_books_exact_kernel_count_equals_received_plus_lost() {
         .unwrap();
     assert!(kernel >= sent, "kernel counted {kernel}, sent {sent}");
     assert_eq!(at(&books, "/loss/kernel_logged").as_u64(), Some(kernel));
+    // Whether this flood overflows depends on how fast the sender is against
+    // the reader: an emulated kernel's sender is too slow (the books then
+    // balance with nothing lost). Loss itself, whatever the speed, is
+    // a_stalled_reader_books_every_lost_message_whatever_the_host_speed's.
+    if common::time_scale() > 1 {
+        note(&format!(
+            "a_flood_keeps_the_books_exact: the books balanced; loss is not asserted on an emulated kernel (lost {})",
+            at(&books, "/lost")
+        ));
+        return;
+    }
     assert!(
         at(&books, "/lost").as_u64().unwrap() > 0,
         "the tiny buffer overflowed: {books:#}"
     );
     let loss = daemon.wait_event(10, "data-loss", |e| at(e, "/event/action") == "data-loss");
     assert!(at(&loss, "/egret/lost").as_u64().unwrap() > 0);
+}
+
+/// A line in the test's output even when the harness captures it (the
+/// kernel matrix's logs show why a test did less than it could).
+fn note(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "note: {text}");
+}
+
+/// `units` rules need `socket cgroupv2` (5.13+). Below it egret refuses them
+/// before loading anything (tests/enforcement.rs checks that refusal), so a
+/// test of what they do has nothing to run: it says so and passes.
+fn lacks_unit_rules(test: &str) -> bool {
+    let release = egret::kernel::features::running_release();
+    if egret::kernel::features::has(egret::kernel::features::SOCKET_CGROUPV2, &release) {
+        return false;
+    }
+    note(&format!(
+        "{test}: skipped: kernel {release} has no `socket cgroupv2` (5.13+), which `units` rules need"
+    ));
+    true
+}
+
+/// The NFLOG socket holding `group` in `ns`, as the kernel shows it:
+/// (bytes queued on it, messages the kernel dropped because it was full).
+/// Independent of egret: nfnetlink_log's port, then that port's row in
+/// /proc/net/netlink (Rmem, Drops).
+fn nflog_socket(ns: &Netns, group: u16) -> Option<(u64, u64)> {
+    let read = |path: &str| {
+        String::from_utf8_lossy(&run_ok(&mut ns.cmd("cat", &[path])).stdout).into_owned()
+    };
+    let port: u32 = read("/proc/net/netfilter/nfnetlink_log")
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let g: u16 = f.next()?.parse().ok()?;
+            (g == group).then_some(())?;
+            f.next()?.parse().ok()
+        })?;
+    read("/proc/net/netlink").lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (proto, pid) = (f.get(1)?, f.get(2)?.parse::<u32>().ok()?);
+        (*proto == "12" && pid == port).then_some(())?;
+        Some((f.get(4)?.parse().ok()?, f.get(8)?.parse().ok()?))
+    })
+}
+
+/// Every thread of `pid` is stopped (SIGSTOP is delivered asynchronously).
+fn all_threads_stopped(pid: u64) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| matches!(r.trim_start().chars().next(), Some('T' | 't')))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Sends SIGCONT on drop: a failed assertion must not leave the daemon
+/// stopped (it would not see its SIGTERM).
+struct Resume(String);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+// NFLOG loss that does not depend on the host's speed: egret's reader is
+// held still (SIGSTOP) while an unprivileged user's bounded burst is logged,
+// so the socket overflows on any machine. nfnetlink_log then drops whole
+// batches (`__nfulnl_send` ignores the unicast's failure), the socket gets
+// ENOBUFS once per overrun, and the dropped messages' NFULA_SEQ numbers are
+// skipped: the books must find every message, first by the kernel's count
+// (tail loss: nothing arrives after it, no gap shows), then by the sequence
+// gap once messages flow again, counted once.
+#[test]
+fn a_stalled_reader_books_every_lost_message_whatever_the_host_speed() {
+    const BURST: u64 = 3000;
+    const AFTER: u64 = 100;
+    let pair = Pair::new();
+    let policy = enforce_policy("[metrics]\nlisten = \"127.0.0.1:9464\"\n");
+    let state_dir = policy.state_dir();
+    // 64 KiB (the kernel doubles it): a few hundred messages fit, far fewer
+    // than the burst.
+    let daemon = Running::start(
+        &pair.a,
+        &state_dir,
+        &["--policy", policy.path(), "--nflog-rcvbuf", "65536"],
+    );
+    let pid = daemon
+        .books()
+        .and_then(|b| b["pid"].as_u64())
+        .expect("the daemon's books name its pid");
+    let flood = |port: &str, n: u64| -> u64 {
+        let out = run_ok(
+            &mut pair
+                .a
+                .peer(Some(NOBODY), &["flood-udp", B4, port, &n.to_string()]),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("flood-udp prints a count")
+    };
+    let books = || daemon.books().unwrap_or(Value::Null);
+    let n = |b: &Value, p: &str| at(b, p).as_u64().unwrap_or(0);
+
+    let resume = Resume(pid.to_string());
+    daemon.signal("STOP");
+    daemon.wait_until("stopped", 10, || all_threads_stopped(pid));
+    assert_eq!(
+        flood("9999", BURST),
+        BURST,
+        "the ruleset refused each datagram"
+    );
+    // The kernel's own witnesses, egret still stopped: its log rule counted
+    // every datagram, and the full socket made it drop some.
+    assert_eq!(blocked_packets(&pair.a), BURST);
+    let (queued, drops) = nflog_socket(&pair.a, 5).expect("egret's NFLOG socket");
+    assert!(
+        drops > 0,
+        "the stopped reader's socket overflowed (queued {queued} bytes)"
+    );
+    drop(resume);
+
+    // Tail loss: found by the kernel's count once the stream is quiet.
+    daemon.wait_until("the books balancing after the burst", 30, || {
+        let b = books();
+        n(&b, "/loss/received") + n(&b, "/lost") == BURST
+    });
+    let b = books();
+    let (received, lost) = (n(&b, "/loss/received"), n(&b, "/lost"));
+    assert!(lost > 0 && received > 0, "{b:#}");
+    assert_eq!(n(&b, "/loss/kernel_logged"), BURST, "{b:#}");
+    assert!(n(&b, "/loss/enobufs") >= 1, "the overrun was seen: {b:#}");
+
+    // Messages flow again: their sequence numbers skip the lost ones.
+    assert_eq!(flood("9998", AFTER), AFTER);
+    daemon.wait_until("the sequence gap", 30, || {
+        let b = books();
+        n(&b, "/loss/received") + n(&b, "/lost") == BURST + AFTER && n(&b, "/loss/seq_lost") >= lost
+    });
+    let b = books();
+    let (received, lost, gaps) = (
+        n(&b, "/loss/received"),
+        n(&b, "/lost"),
+        n(&b, "/loss/seq_lost"),
+    );
+    assert_eq!(
+        lost, gaps,
+        "counted once, not as a gap and as tail loss: {b:#}"
+    );
+    assert_eq!(n(&b, "/loss/kernel_logged"), BURST + AFTER, "{b:#}");
+
+    note(&format!(
+        "a_stalled_reader: sent {}, received {received}, lost {lost} (sequence gaps {gaps}, overruns {})",
+        BURST + AFTER,
+        n(&b, "/loss/enobufs")
+    ));
+
+    // What the operator sees: an event, `egret status`, the metric.
+    let e = daemon.wait_event(15, "data-loss", |e| at(e, "/event/action") == "data-loss");
+    assert!(at(&e, "/egret/lost").as_u64().unwrap_or(0) > 0, "{e:#}");
+    let text = pair.a.egret_ok(&["status", "--state-dir", &state_dir]);
+    assert!(
+        text.contains(&format!(
+            "received {received}, lost {lost} (sequence gaps {gaps}"
+        )),
+        "{text}"
+    );
+    daemon.wait_until("the metric", 15, || {
+        let out = pair
+            .a
+            .cmd("curl", &["-s", "-m", "5", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.strip_prefix("egret_lost_packets_total ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                == Some(lost as f64)
+        })
+    });
 }
 
 #[test]
@@ -219,7 +421,8 @@ fn sighup_reloads_a_valid_policy_and_refuses_an_invalid_one() {
     )
     .unwrap();
     daemon.signal("HUP");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(10 * common::time_scale());
     while !daemon.stderr_text().contains("the running policy stays") {
         assert!(
             std::time::Instant::now() < deadline,
@@ -243,6 +446,9 @@ fn sighup_reloads_a_valid_policy_and_refuses_an_invalid_one() {
 
 #[test]
 fn unit_rules_follow_a_restarted_unit_to_its_new_cgroup() {
+    if lacks_unit_rules("unit_rules_follow_a_restarted_unit_to_its_new_cgroup") {
+        return;
+    }
     let pair = Pair::new();
     let _server = pair.b.server("tcp", B4, 7000);
     let cg = Cgroup::new("app.service");
@@ -271,6 +477,9 @@ fn unit_rules_follow_a_restarted_unit_to_its_new_cgroup() {
 // next full comparison takes egret's own swap for tampering.
 #[test]
 fn a_unit_restart_with_a_seeded_flow_is_not_tampering() {
+    if lacks_unit_rules("a_unit_restart_with_a_seeded_flow_is_not_tampering") {
+        return;
+    }
     let pair = Pair::new();
     let _app = pair.b.server("tcp", B4, 7000);
     let _old = pair.b.server("tcp", B4, 7001);
@@ -351,7 +560,11 @@ fn tampering_with_the_table_is_reported_and_with_restore_table_undone() {
         at(e, "/event/action") == "tamper"
     });
     assert_eq!(at(&e, "/egret/restored"), false);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Nothing to wait for: the point is that nothing more happens in a few
+    // of the daemon's one-second rounds.
+    std::thread::sleep(std::time::Duration::from_millis(
+        1500 * common::time_scale(),
+    ));
     assert!(!ns.nft_ruleset().contains("table inet egret"));
     let tampers = run
         .snapshot()
@@ -397,7 +610,8 @@ fn the_books_stay_continuous_across_a_tamper_restore_and_top_shows_traffic_only(
         at(e, "/event/action") == "tamper" && at(e, "/egret/restored") == true
     });
     run_ok(&mut a.peer(None, &["flood-udp", B4, "9998", "5"]));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(20 * common::time_scale());
     let s = loop {
         let s = status_of(a, &state);
         let n = |p: &str| at(&s, p).as_u64().unwrap_or(0);
