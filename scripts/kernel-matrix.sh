@@ -141,9 +141,23 @@ while read -r suite bin; do
   [ "$suite" = egret ] && continue
   start=$(date +%s)
   filters=$(awk -v s="$suite" -F: '$1 == s { print $2 }' "$res/../filters.txt")
+  # A second reader stamps each line with the second it was written: with
+  # one test thread a test's result line ends it, so $suite.times gets each
+  # test's duration (what it adds to CI on this kernel). The log itself is
+  # written as before: no pipe that a test's leftover child could hold open.
   # shellcheck disable=SC2086 # one word per filter
-  timeout -k 10 "$tmo" "$bin" --test-threads="$thr" $filters >"$res/$suite.log" 2>&1
-  echo "$suite rc=$? seconds=$(( $(date +%s) - start ))" >>"$res/runs.txt"
+  timeout -k 10 "$tmo" "$bin" --test-threads="$thr" $filters >"$res/$suite.log" 2>&1 &
+  tpid=$!
+  tail -n +1 -s 0.2 --pid="$tpid" -f "$res/$suite.log" 2>/dev/null \
+    | while IFS= read -r l || [ -n "$l" ]; do printf '%(%s)T %s\n' -1 "$l"; done >"$res/$suite.timed" &
+  wait "$tpid"
+  rc=$?
+  wait
+  echo "$suite rc=$rc seconds=$(( $(date +%s) - start ))" >>"$res/runs.txt"
+  awk -v t0="$start" '{ ts = $1; sub(/^[0-9]+ /, "") }
+    /^test [^ ]+ \.\.\. / { name = $2 }
+    name != "" && /(^| )(ok|FAILED|ignored)$/ { print ts - t0, name; t0 = ts; name = "" }' \
+    "$res/$suite.timed" >"$res/$suite.times" 2>/dev/null
 done <"$res/../bins.txt"
 echo done >"$res/finished"
 EOF
