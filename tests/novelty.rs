@@ -368,3 +368,29 @@ fn a_dispatched_rule_reports_its_first_seen_flow_and_counts_every_connection() {
         daemon.snapshot()
     );
 }
+
+/// In audit mode the allow rules accept as in enforce mode, so first-seen
+/// flows are reported the same way, beside the would-be blocks `suggest`
+/// learns from.
+#[test]
+fn in_audit_mode_first_seen_flows_are_reported_beside_the_would_be_blocks() {
+    let pair = Pair::new();
+    let _server = pair.b.server("tcp", B4, 443);
+    let policy = PolicyFile::new(&format!(
+        "mode = \"audit\"\n[novelty]\n\
+         [[allow]]\nname = \"web\"\ncidrs = [\"{B4}\"]\nports = [443]\nprotocol = \"tcp\"\n"
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let _allowed = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "443"]);
+    let e = daemon.wait_event(10, "allowed-new in audit mode", first_seen);
+    assert_eq!(at(&e, "/rule/name"), "web");
+    assert_eq!(at(&e, "/destination/port"), 443);
+    assert_eq!(at(&e, "/user/name"), "nobody");
+    let _other = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "8443"]);
+    let e = daemon.wait_event(10, "the would-be block", |e| {
+        at(e, "/destination/port") == 8443
+    });
+    assert_eq!(at(&e, "/event/action"), "would-block");
+    let news = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
+    assert_eq!(news, 1, "{:#?}", daemon.snapshot());
+}
