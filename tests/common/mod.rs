@@ -893,3 +893,71 @@ pub fn private_journald() -> (Spawned, u32) {
     }
     (journald, pid)
 }
+
+/// A program that resolves NAME with glibc (getaddrinfo, so resolv.conf's
+/// search list applies), connects to the first address on PORT and echoes a
+/// line. Prints its pid first, then what happened.
+const GLIBC_CLIENT: &str = r#"
+import os, socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+print(os.getpid(), flush=True)
+try:
+    addr = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+except socket.gaierror as e:
+    print("unresolved", e, flush=True)
+    sys.exit(2)
+with socket.create_connection(addr, timeout=5) as s:
+    s.sendall(b"ping\n")
+    print("connected", addr[0], s.recv(16) == b"ping\n", flush=True)
+"#;
+
+/// Writes a resolv.conf naming `nameserver` (and `search`, if any) into
+/// `dir`; its path.
+pub fn write_resolv_conf(dir: &std::path::Path, nameserver: &str, search: Option<&str>) -> String {
+    let path = dir.join(format!("resolv.conf.{nameserver}"));
+    let search = search.map(|s| format!("search {s}\n")).unwrap_or_default();
+    std::fs::write(
+        &path,
+        format!("nameserver {nameserver}\n{search}options timeout:2 attempts:1\n"),
+    )
+    .expect("writing resolv.conf");
+    path.to_string_lossy().into_owned()
+}
+
+/// GLIBC_CLIENT resolving `name` and connecting to `port`, as nobody in
+/// `ns`, with `resolv_conf` as its /etc/resolv.conf (bind-mounted in a mount
+/// namespace of its own). Returns its pid and output.
+pub fn glibc_client(ns: &Netns, resolv_conf: &str, name: &str, port: u16) -> (u32, String) {
+    let script = r#"mount --bind "$1" /etc/resolv.conf && exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c "$PROGRAM" "$2" "$3""#;
+    let out = ns
+        .cmd(
+            "unshare",
+            &[
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                resolv_conf,
+                name,
+                &port.to_string(),
+            ],
+        )
+        .env("PROGRAM", GLIBC_CLIENT)
+        .output()
+        .expect("running the program");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pid = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the program did not start: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (pid, text)
+}

@@ -3,7 +3,6 @@
 //! the world's resolvers (a default one and the split domain's) and servers.
 #![allow(dead_code)]
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -28,22 +27,6 @@ upstream = ["127.0.0.2"]
 name = "web"
 hosts = ["allowed.test", "db.corp.test", "fresh.test"]
 ports = [8080]
-"#;
-
-/// A program: resolves NAME with glibc (getaddrinfo), connects to the first
-/// address and echoes a line. Prints its pid first, then what happened.
-pub const PROGRAM: &str = r#"
-import os, socket, sys
-name, port = sys.argv[1], int(sys.argv[2])
-print(os.getpid(), flush=True)
-try:
-    addr = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-except socket.gaierror as e:
-    print("unresolved", e, flush=True)
-    sys.exit(2)
-with socket.create_connection(addr, timeout=5) as s:
-    s.sendall(b"ping\n")
-    print("connected", addr[0], s.recv(16) == b"ping\n", flush=True)
 "#;
 
 pub struct Lab {
@@ -163,52 +146,13 @@ pub fn wait_listening(ns: &Netns, addr: &str) {
 
 impl Lab {
     pub fn resolv_conf(&self, nameserver: &str) -> String {
-        let path = self.dir.path().join(format!("resolv.conf.{nameserver}"));
-        std::fs::write(
-            &path,
-            format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
-        )
-        .expect("writing resolv.conf");
-        path.to_string_lossy().into_owned()
+        write_resolv_conf(self.dir.path(), nameserver, None)
     }
 
-    /// PROGRAM as nobody in egret's namespace, with `resolv_conf` as its
+    /// The glibc client as nobody in egret's namespace, with `resolv_conf` as its
     /// /etc/resolv.conf (bind-mounted in a mount namespace of its own).
     pub fn program(&self, resolv_conf: &str, name: &str) -> (u32, String) {
-        let script = r#"mount --bind "$1" /etc/resolv.conf && exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c "$PROGRAM" "$2" "$3""#;
-        let out: Output = self
-            .pair
-            .a
-            .cmd(
-                "unshare",
-                &[
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "sh",
-                    "-c",
-                    script,
-                    "sh",
-                    resolv_conf,
-                    name,
-                    &PORT.to_string(),
-                ],
-            )
-            .env("PROGRAM", PROGRAM)
-            .output()
-            .expect("running the program");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let pid = text
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "the program did not start: {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-        (pid, text)
+        glibc_client(&self.pair.a, resolv_conf, name, PORT)
     }
 }
 
