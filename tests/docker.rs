@@ -20,7 +20,6 @@ use common::*;
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const DOCKER: &str = "/usr/bin/docker";
-const BUSYBOX: &str = "/bin/busybox";
 const IMAGE: &str = "egret-test/busybox:1";
 /// The host namespace's uplink, and the outside namespace's two servers.
 const HOST_UP: &str = "10.77.0.1";
@@ -31,7 +30,7 @@ fn require_docker() {
     for (path, package) in [
         (DOCKERD, "docker.io"),
         (DOCKER, "docker.io"),
-        (BUSYBOX, "busybox-static"),
+        ("/bin/busybox", "busybox-static"),
     ] {
         assert!(
             Path::new(path).exists(),
@@ -186,22 +185,11 @@ impl Dockerd {
 
     /// A one-file image: busybox, made here (no registry is reachable).
     fn import_busybox(&self) {
-        let root = self.path("rootfs");
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-        for applet in [
-            "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "wget",
-        ] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        let tar = self.path("rootfs.tar");
-        run_ok(
-            Command::new("tar")
-                .arg("-C")
-                .arg(&root)
-                .arg("-cf")
-                .arg(&tar)
-                .arg("."),
+        let tar = busybox_rootfs_tar(
+            self.dir.path(),
+            &[
+                "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "wget",
+            ],
         );
         self.docker_ok(&["import", &tar.display().to_string(), IMAGE]);
     }
@@ -428,29 +416,7 @@ fn egret_coexists_with_a_newer_docker_daemon_and_names_its_containers() {
 /// Returns the daemon's major version.
 fn coexists(dockerd: &Path) -> u32 {
     let (host, outside) = (Netns::new(), Netns::new());
-    let id = std::process::id() % 10_000;
-    let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
-    run_ok(&mut host.cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            &vh,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vo,
-            "netns",
-            &outside.name,
-        ],
-    ));
-    run_ok(&mut host.cmd("ip", &["addr", "add", &format!("{HOST_UP}/24"), "dev", &vh]));
-    run_ok(&mut host.cmd("ip", &["link", "set", &vh, "up"]));
-    for a in [ALLOWED, BLOCKED] {
-        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &vo]));
-    }
-    run_ok(&mut outside.cmd("ip", &["link", "set", &vo, "up"]));
+    link_to_outside(&host, &outside, HOST_UP, &[ALLOWED, BLOCKED]);
     let _servers = [
         outside.server("tcp", ALLOWED, 8080),
         outside.server("tcp", BLOCKED, 8080),
@@ -684,29 +650,7 @@ fn containers_of_a_newer_docker_resolve_through_the_guard_and_are_named() {
 /// Returns the daemon's major version.
 fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     let (host, outside) = (Netns::new(), Netns::new());
-    let id = std::process::id() % 10_000;
-    let (vh, vo) = (format!("dh{id}"), format!("do{id}"));
-    run_ok(&mut host.cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            &vh,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vo,
-            "netns",
-            &outside.name,
-        ],
-    ));
-    run_ok(&mut host.cmd("ip", &["addr", "add", &format!("{HOST_UP}/24"), "dev", &vh]));
-    run_ok(&mut host.cmd("ip", &["link", "set", &vh, "up"]));
-    for a in [ALLOWED, BLOCKED, RESOLVER] {
-        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &vo]));
-    }
-    run_ok(&mut outside.cmd("ip", &["link", "set", &vo, "up"]));
+    link_to_outside(&host, &outside, HOST_UP, &[ALLOWED, BLOCKED, RESOLVER]);
     let records = [
         format!("--host-record=allowed.test,{ALLOWED}"),
         format!("--host-record=blocked.test,{BLOCKED}"),

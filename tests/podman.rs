@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const PODMAN: &str = "/usr/bin/podman";
-const BUSYBOX: &str = "/bin/busybox";
 const IMAGE: &str = "egret-test/busybox:1";
 /// The host namespace's uplink, and the outside namespace's servers.
 const HOST_UP: &str = "10.77.0.1";
@@ -45,7 +44,7 @@ fn require_podman() {
         ("/usr/lib/podman/netavark", "netavark"),
         ("/usr/lib/podman/aardvark-dns", "aardvark-dns"),
         ("/usr/sbin/runc", "runc"),
-        (BUSYBOX, "busybox-static"),
+        ("/bin/busybox", "busybox-static"),
     ] {
         assert!(
             Path::new(path).exists(),
@@ -182,23 +181,11 @@ impl Podman {
 
     /// A one-file image: busybox, made here (no registry is reachable).
     fn import_busybox(&self) {
-        let root = self.path("rootfs");
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-        for applet in [
-            "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "cat",
-        ] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        let tar = self.path("rootfs.tar");
-        run_ok(
-            Command::new("tar")
-                .arg("-C")
-                .arg(&root)
-                .arg("-cf")
-                .arg(&tar)
-                .arg("."),
+        let tar = busybox_rootfs_tar(
+            self.dir.path(),
+            &[
+                "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "cat",
+            ],
         );
         self.podman_ok(&["import", &tar.display().to_string(), IMAGE]);
     }
@@ -353,29 +340,7 @@ fn lookup(p: &Podman, container: &str, name: &str) -> String {
 #[test]
 fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
     let (host, outside) = (Netns::new(), Netns::new());
-    let id = std::process::id() % 10_000;
-    let (vh, vo) = (format!("ph{id}"), format!("po{id}"));
-    run_ok(&mut host.cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            &vh,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vo,
-            "netns",
-            &outside.name,
-        ],
-    ));
-    run_ok(&mut host.cmd("ip", &["addr", "add", &format!("{HOST_UP}/24"), "dev", &vh]));
-    run_ok(&mut host.cmd("ip", &["link", "set", &vh, "up"]));
-    for a in [ALLOWED, BLOCKED, RESOLVER] {
-        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", &vo]));
-    }
-    run_ok(&mut outside.cmd("ip", &["link", "set", &vo, "up"]));
+    link_to_outside(&host, &outside, HOST_UP, &[ALLOWED, BLOCKED, RESOLVER]);
     // The host's default route, into the outside namespace: a host process
     // (aardvark-dns) can send to the host's resolver, which `intercept`
     // then takes to the guard (with no route, the send fails before any hook).

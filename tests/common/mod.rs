@@ -961,3 +961,56 @@ pub fn glibc_client(ns: &Netns, resolv_conf: &str, name: &str, port: u16) -> (u3
         });
     (pid, text)
 }
+
+/// `host` joined to a fresh `outside` namespace (a stand-in for the world)
+/// by a veth pair: `host_addr`/24 on the host's end, each of
+/// `outside_addrs`/24 on the other, both ends up.
+pub fn link_to_outside(host: &Netns, outside: &Netns, host_addr: &str, outside_addrs: &[&str]) {
+    let (up, world) = ("uplink", "world");
+    run_ok(&mut host.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            up,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            world,
+            "netns",
+            &outside.name,
+        ],
+    ));
+    run_ok(&mut host.cmd(
+        "ip",
+        &["addr", "add", &format!("{host_addr}/24"), "dev", up],
+    ));
+    run_ok(&mut host.cmd("ip", &["link", "set", up, "up"]));
+    for a in outside_addrs {
+        run_ok(&mut outside.cmd("ip", &["addr", "add", &format!("{a}/24"), "dev", world]));
+    }
+    run_ok(&mut outside.cmd("ip", &["link", "set", world, "up"]));
+}
+
+/// A one-file container image, made here (no registry is reachable): a tar
+/// of a root with /bin/busybox and `applets` linked to it, written under `dir`.
+pub fn busybox_rootfs_tar(dir: &std::path::Path, applets: &[&str]) -> PathBuf {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).expect("rootfs");
+    std::fs::create_dir_all(root.join("etc")).expect("rootfs");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (busybox-static)");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet");
+    }
+    let tar = dir.join("rootfs.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    );
+    tar
+}
