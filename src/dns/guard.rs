@@ -457,18 +457,15 @@ impl Shared {
         t: Transport,
         who: &Attribution,
     ) {
-        let first = {
-            let mut f = lock(&self.names);
-            let first = f.first(&who.identity(), &q.name, 0);
-            self.stats
-                .names_held
-                .store(f.len() as u64, Ordering::Relaxed);
-            first
-        };
+        let first = names::first_counted(
+            &self.names,
+            (&who.identity(), &q.name, 0),
+            &self.stats.names_held,
+            &self.stats.names_new,
+        );
         if !first {
             return;
         }
-        self.stats.names_new.fetch_add(1, Ordering::Relaxed);
         (self.on_new_name)(NameSeen {
             asked: Asked::Dns(DnsQuestion {
                 name: q.name.clone(),

@@ -13,6 +13,8 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::monitor::attribution::{Attribution, Identity};
@@ -113,6 +115,24 @@ impl Filter {
         self.current.clear();
         self.previous.clear();
     }
+}
+
+/// `filter.first(who, name, port)` under its lock, keeping the gauge of
+/// pairs `held` and the count of `new` ones (the guard's and the proxy's
+/// books) up to date.
+pub fn first_counted(
+    filter: &Mutex<Filter>,
+    (who, name, port): (&Identity, &str, u16),
+    held: &AtomicU64,
+    new: &AtomicU64,
+) -> bool {
+    let mut f = filter.lock().unwrap_or_else(PoisonError::into_inner);
+    let first = f.first(who, name, port);
+    held.store(f.len() as u64, Ordering::Relaxed);
+    if first {
+        new.fetch_add(1, Ordering::Relaxed);
+    }
+    first
 }
 
 /// Where a new name was asked.

@@ -920,19 +920,15 @@ async fn new_host(ask: &Ask<'_>, rule: &str, pattern: &str) {
         return;
     };
     let who = ask.who().await;
-    let first = {
-        let mut f = lock(&shared.seen_hosts);
-        let first = f.first(&who.identity(), host, target.port);
-        shared
-            .stats
-            .hosts_held
-            .store(f.len() as u64, Ordering::Relaxed);
-        first
-    };
+    let first = names::first_counted(
+        &shared.seen_hosts,
+        (&who.identity(), host, target.port),
+        &shared.stats.hosts_held,
+        &shared.stats.hosts_new,
+    );
     if !first {
         return;
     }
-    shared.stats.hosts_new.fetch_add(1, Ordering::Relaxed);
     (shared.on_new_host)(NameSeen {
         asked: Asked::Proxy(ProxyRequest {
             host: host.clone(),
