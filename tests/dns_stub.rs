@@ -95,20 +95,6 @@ impl Lab {
     }
 }
 
-fn doctor_check(ns: &Netns, args: &[&str], name: &str) -> (String, String) {
-    let mut a = vec!["doctor", "--json"];
-    a.extend_from_slice(args);
-    let out = ns.egret_out(&a);
-    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let c = checks
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no check {name}: {checks:#}"))
-        .clone();
-    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
-    (s("status"), s("detail"))
-}
-
 /// The recommended layout: programs ask the guard (resolv.conf names it,
 /// with the host's search domain, as resolved's uplink resolv.conf does in
 /// docs/dns.md). A refused name is reported with the program, as nobody; an

@@ -443,20 +443,13 @@ fn coexists(dockerd: &Path) -> u32 {
     // egret apply: Docker's rules stay as Docker wrote them.
     let file = PolicyFile::new(&policy(&docker.socket()));
     // doctor finds the runtime egret will ask for container names.
-    let doctor = host.egret_out(&[
-        "doctor",
-        "--json",
-        "--policy",
-        file.path(),
-        "--state-dir",
-        &file.state_dir(),
-    ]);
-    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
-    let runtime = checks
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == "container runtime"))
-        .unwrap_or_else(|| panic!("no container runtime check: {checks:#}"));
-    assert_eq!(runtime["status"], "ok", "{runtime:#}");
+    let state = file.state_dir();
+    let (status, detail) = doctor_check(
+        &host,
+        &["--policy", file.path(), "--state-dir", &state],
+        "container runtime",
+    );
+    assert_eq!(status, "ok", "{detail}");
     run_ok(&mut host.egret(&["apply", "--state-dir", &file.state_dir(), file.path()]));
     assert_eq!(
         docker_rules(&host),
@@ -699,20 +692,13 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     );
     let resolv = docker.exec("app", "cat /etc/resolv.conf").1;
     // doctor sees the redirect loaded and the guard listening for containers.
-    let doctor = host.egret_out(&[
-        "doctor",
-        "--json",
-        "--policy",
-        file.path(),
-        "--state-dir",
-        &file.state_dir(),
-    ]);
-    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
-    let dns_check = checks
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == "container dns"))
-        .unwrap_or_else(|| panic!("no container dns check: {checks:#}"));
-    assert_eq!(dns_check["status"], "ok", "{dns_check:#}");
+    let state = file.state_dir();
+    let (status, detail) = doctor_check(
+        &host,
+        &["--policy", file.path(), "--state-dir", &state],
+        "container dns",
+    );
+    assert_eq!(status, "ok", "{detail}");
 
     // The default bridge: Docker gave the container the host's (or public)
     // resolvers; the guard answers, and its answer opens the address.

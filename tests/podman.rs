@@ -396,30 +396,15 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
 
     let file = PolicyFile::new(&policy(&podman.socket()));
     let run = Running::start(&host, &file.state_dir(), &["--policy", file.path()]);
-    let doctor = host.egret_out(&[
-        "doctor",
-        "--json",
-        "--policy",
-        file.path(),
-        "--state-dir",
-        &file.state_dir(),
-    ]);
-    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_default();
-    let find = |name: &str| {
-        checks
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == name))
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} check: {checks:#}"))
-    };
-    assert_eq!(find("container runtime")["status"], "ok", "{checks:#}");
-    let dns_check = find("container dns");
-    assert_eq!(dns_check["status"], "warn", "{dns_check:#}");
+    let state = file.state_dir();
+    let args = ["--policy", file.path(), "--state-dir", &state];
+    let (status, detail) = doctor_check(&host, &args, "container runtime");
+    assert_eq!(status, "ok", "{detail}");
+    let (status, detail) = doctor_check(&host, &args, "container dns");
+    assert_eq!(status, "warn", "{detail}");
     assert!(
-        dns_check["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("aardvark-dns") && d.contains("forwards other names")),
-        "{dns_check:#}"
+        detail.contains("aardvark-dns") && detail.contains("forwards other names"),
+        "{detail}"
     );
 
     // The default network: the redirect takes the query to the guard.

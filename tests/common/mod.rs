@@ -1014,3 +1014,19 @@ pub fn busybox_rootfs_tar(dir: &std::path::Path, applets: &[&str]) -> PathBuf {
     );
     tar
 }
+
+/// The check `name` from `egret doctor --json ARGS` in `ns`: (status,
+/// detail). Panics, listing the checks, if there is none by that name.
+pub fn doctor_check(ns: &Netns, args: &[&str], name: &str) -> (String, String) {
+    let mut a = vec!["doctor", "--json"];
+    a.extend_from_slice(args);
+    let out = ns.egret_out(&a);
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let c = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name}: {checks:#}"))
+        .clone();
+    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+    (s("status"), s("detail"))
+}

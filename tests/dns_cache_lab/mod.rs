@@ -170,18 +170,4 @@ pub fn rule_packets(ns: &Netns, comment: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter: {line}"))
 }
 
-pub fn doctor_check(ns: &Netns, args: &[&str], name: &str) -> (String, String) {
-    let mut a = vec!["doctor", "--json"];
-    a.extend_from_slice(args);
-    let out = ns.egret_out(&a);
-    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let c = checks
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no check {name}: {checks:#}"))
-        .clone();
-    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
-    (s("status"), s("detail"))
-}
-
 pub const CACHE_QUERIES: &str = "dns guard: its local cache's upstream queries";
