@@ -23,21 +23,8 @@ command -v iptables-restore >/dev/null && command -v nft >/dev/null || apt-get i
 cargo build --release -q --bin egret --example conn_rate
 T=${CARGO_TARGET_DIR:-target}/release
 E=$PWD/$T/egret LOAD=$PWD/$T/examples/conn_rate
-A=egret-cr-a-$$ B=egret-cr-b-$$ TMP=$(mktemp -d)
-cleanup() {
-  for ns in "$A" "$B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
-  sleep 0.2; ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; rm -rf "$TMP"
-}
-trap cleanup EXIT
-ip netns add "$A"; ip netns add "$B"
-ip -n "$A" link add va type veth peer name vb netns "$B"
-ip -n "$A" addr add 10.1.0.1/24 dev va; ip -n "$B" addr add 10.1.0.2/24 dev vb
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set va up; ip -n "$B" link set vb up
-in_a() { nsenter --net=/run/netns/"$A" -- "$@"; }
-in_b() { nsenter --net=/run/netns/"$B" -- "$@"; }
-(in_b "$LOAD" server 10.1.0.2:5201 "$THREADS" > "$TMP/server.out" &) 2>/dev/null
-for _ in $(seq 50); do grep -q listening "$TMP/server.out" 2>/dev/null && break; sleep 0.1; done
+. "$(dirname "$0")/lib/conn_lab.sh"
+conn_lab cr
 
 python3 - "$TMP" <<'PY'
 import random, sys

@@ -30,21 +30,8 @@ command -v nft >/dev/null || apt-get install -y -qq nftables >/dev/null
 T=${CARGO_TARGET_DIR:-target}/release
 E=${EGRET:-$PWD/$T/egret} LOAD=${CONN_RATE:-$PWD/$T/examples/conn_rate}
 [ -n "${EGRET:-}" ] && [ -n "${CONN_RATE:-}" ] || cargo build --release -q --bin egret --example conn_rate
-A=egret-rl-a-$$ B=egret-rl-b-$$ TMP=$(mktemp -d)
-cleanup() {
-  for ns in "$A" "$B"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
-  sleep 0.2; ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true; rm -rf "$TMP"
-}
-trap cleanup EXIT
-ip netns add "$A"; ip netns add "$B"
-ip -n "$A" link add va type veth peer name vb netns "$B"
-ip -n "$A" addr add 10.1.0.1/24 dev va; ip -n "$B" addr add 10.1.0.2/24 dev vb
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set va up; ip -n "$B" link set vb up
-in_a() { nsenter --net=/run/netns/"$A" -- "$@"; }
-in_b() { nsenter --net=/run/netns/"$B" -- "$@"; }
-(in_b "$LOAD" server 10.1.0.2:5201 "$THREADS" > "$TMP/server.out" &) 2>/dev/null
-for _ in $(seq 50); do grep -q listening "$TMP/server.out" 2>/dev/null && break; sleep 0.1; done
+. "$(dirname "$0")/lib/conn_lab.sh"
+conn_lab rl
 
 python3 - "$TMP" <<'PY'
 import random, sys
