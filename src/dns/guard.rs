@@ -620,10 +620,11 @@ async fn serve_udp(
                 };
                 // A name only a wildcard allows: who asks it decides whether
                 // it is new for them.
-                let server = reachable(cfg.listen_for(listener), r.peer);
-                match shared.asker(r.peer, server, Transport::Udp, listener) {
+                let client = as_asked(r.peer);
+                let server = reachable(cfg.listen_for(listener), client);
+                match shared.asker(client, server, Transport::Udp, listener) {
                     Asker::Known(a) => {
-                        shared.new_name(w, &q, r.peer, Transport::Udp, &a);
+                        shared.new_name(w, &q, client, Transport::Udp, &a);
                         replies.push((reply, r.peer));
                     }
                     pending => {
@@ -639,7 +640,7 @@ async fn serve_udp(
                         tokio::spawn(async move {
                             if let (Some(a), Some(w)) = (pending.get().await, cfg.watched(&q.name))
                             {
-                                shared.new_name(w, &q, peer, Transport::Udp, &a);
+                                shared.new_name(w, &q, client, Transport::Udp, &a);
                             }
                             let _ = sock.send_to(&reply, peer).await;
                         });
@@ -726,10 +727,11 @@ async fn tcp_client(
                 match shared.cached(&cfg, &q, u16::MAX as usize) {
                     Some(r) => {
                         if let Some(w) = cfg.watched(&q.name) {
-                            let server = reachable(cfg.listen_for(listener), peer);
-                            let asker = shared.asker(peer, server, Transport::Tcp, listener);
+                            let client = as_asked(peer);
+                            let server = reachable(cfg.listen_for(listener), client);
+                            let asker = shared.asker(client, server, Transport::Tcp, listener);
                             if let Some(a) = asker.get().await {
-                                shared.new_name(w, &q, peer, Transport::Tcp, &a);
+                                shared.new_name(w, &q, client, Transport::Tcp, &a);
                             }
                         }
                         r
@@ -760,9 +762,7 @@ async fn answer(
     limit: usize,
     listener: Listener,
 ) -> Vec<u8> {
-    // An IPv4 client of a dual-stack listener (`[::]:10053`) arrives as
-    // ::ffff:a.b.c.d: reported, and its socket looked up, as the IPv4 it is.
-    let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+    let client = as_asked(client);
     let rules = cfg.matching(&q.name);
     let watched = cfg.watched(&q.name);
     let server = reachable(cfg.listen_for(listener), client);
@@ -900,6 +900,13 @@ async fn revalidation(
 /// own address for another local one (the kernel sends from the destination
 /// address to a local address), e.g. a process on the host asking the
 /// container listener at a bridge's address.
+/// The client as it asked: an IPv4 client of a dual-stack listener
+/// (`[::]:10053`) arrives as ::ffff:a.b.c.d, and is reported, and its socket
+/// looked up, as the IPv4 it is (replies still go to the address it came from).
+fn as_asked(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 fn reachable(listen: SocketAddr, client: SocketAddr) -> SocketAddr {
     if !listen.ip().is_unspecified() {
         return listen;
