@@ -197,7 +197,7 @@ fn the_kernel_filter_keeps_repeats_away_from_egret() {
     let out = run_ok(
         &mut pair
             .a
-            .cmd("nft", &["list", "chain", "inet", "egret", "n_web"]),
+            .cmd("nft", &["list", "chain", "inet", "egret", "n_web_v4"]),
     );
     let chain = String::from_utf8_lossy(&out.stdout).into_owned();
     let logged: Vec<&str> = chain
@@ -393,4 +393,76 @@ fn in_audit_mode_first_seen_flows_are_reported_beside_the_would_be_blocks() {
     assert_eq!(at(&e, "/event/action"), "would-block");
     let news = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
     assert_eq!(news, 1, "{:#?}", daemon.snapshot());
+}
+
+/// The kernel path for each kind of allow rule: one confined to IPv6
+/// addresses jumps straight to its family's chain; one with no address
+/// goes through the chain that sorts by family (both families tracked);
+/// ICMP has no port to key on and is accepted untracked, never logged.
+#[test]
+fn ipv6_rules_without_an_address_and_icmp_take_their_own_paths() {
+    let pair = Pair::new();
+    let _web6 = pair.b.server("tcp", B6, 443);
+    let _any4 = pair.b.server("tcp", B4, 8443);
+    let _any6 = pair.b.server("tcp", B6, 8443);
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[novelty]\n\
+         [[allow]]\nname = \"web6\"\ncidrs = [\"{B6}\"]\nports = [443]\nprotocol = \"tcp\"\n\
+         [[allow]]\nname = \"anywhere\"\nports = [8443]\nprotocol = \"tcp\"\n\
+         [[allow]]\nname = \"echo\"\ncidrs = [\"{B4}\"]\nprotocol = \"icmp\"\n"
+    ));
+    let daemon = Running::start(&pair.a, &policy.state_dir(), &["--policy", policy.path()]);
+    let ruleset = pair.a.nft_ruleset();
+    for expected in ["jump n_web6_v6", "jump n_anywhere_any", "jump n_echo_any"] {
+        assert!(ruleset.contains(expected), "{expected}: {ruleset}");
+    }
+    for (host, port) in [(B6, 443), (B6, 443), (B4, 8443), (B6, 8443), (B4, 8443)] {
+        assert!(pair.a.tcp_ok(Some(NOBODY), host, port), "{host} {port}");
+    }
+    // Three echo requests with ids of their own: three new ICMP flows.
+    let ping = "import socket, struct, sys\n\
+        def csum(b):\n    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))\n    s = (s >> 16) + (s & 0xffff)\n    return ~(s + (s >> 16)) & 0xffff\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n\
+        s.settimeout(5)\n\
+        for i in (1, 2, 3):\n    h = struct.pack('!BBHHH', 8, 0, 0, 0x4500 + i, 1)\n    s.sendto(struct.pack('!BBHHH', 8, 0, csum(h), 0x4500 + i, 1), (sys.argv[1], 0))\n    while s.recv(128)[20] != 0:\n        pass\n";
+    run_ok(&mut pair.a.cmd("python3", &["-c", ping, B4]));
+
+    let news = |rule: &str, host: &str| {
+        daemon
+            .snapshot()
+            .iter()
+            .filter(|e| {
+                first_seen(e) && at(e, "/rule/name") == rule && at(e, "/destination/ip") == host
+            })
+            .count()
+    };
+    daemon.wait_until("the three first-seen flows", 20, || {
+        news("web6", B6) == 1 && news("anywhere", B4) == 1 && news("anywhere", B6) == 1
+    });
+    daemon.wait_until("egret to receive all the kernel logged", 20, || {
+        let (k, r) = books(&daemon);
+        k == 3 && r == k
+    });
+    assert!(
+        !daemon
+            .snapshot()
+            .iter()
+            .any(|e| at(e, "/rule/name") == "echo"),
+        "{:#?}",
+        daemon.snapshot()
+    );
+    let packets = |rule: &str| -> u64 {
+        pair.a.status_json()["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["rule"] == rule)
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(packets("web6"), 2);
+    assert_eq!(packets("anywhere"), 3);
+    assert_eq!(packets("echo"), 3, "every echo request passed the rule");
+    let plan = pair.a.egret_ok(&["plan", policy.path()]);
+    assert!(plan.contains("no change"), "{plan}");
 }

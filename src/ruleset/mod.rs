@@ -87,10 +87,16 @@ pub fn novelty_set_name(rule: &str, family: Family) -> String {
     }
 }
 
-/// The chain a rule's accepted packets jump to, where first-seen flows are
-/// logged (`egret:allowed-new:<rule>`) before being accepted.
-pub fn novelty_chain_name(rule: &str) -> String {
-    format!("{NOVELTY_PREFIX}{rule}")
+/// The chains a rule's accepted packets jump to. Per family, named as its
+/// set (`n_<rule>_v4`): a flow not yet in the set is logged
+/// (`egret:allowed-new:<rule>`) and remembered before being accepted. With
+/// no family, `n_<rule>_any`, which sends each packet to its family's chain.
+/// (A rule name ending in `_v4` cannot make another rule's `_any` name.)
+pub fn novelty_chain_name(rule: &str, family: Option<Family>) -> String {
+    match family {
+        Some(f) => novelty_set_name(rule, f),
+        None => format!("{NOVELTY_PREFIX}{rule}_any"),
+    }
 }
 
 /// What the names of novelty sets and chains begin with; no other's does.
@@ -463,15 +469,18 @@ pub enum Match {
     /// written after the rule's matches. The guard's queries to a local cache
     /// hand [`cache_mark`] to the cache this way (see docs/dns.md).
     CtMarkSet(u32),
-    /// A flow not yet in a novelty set, keyed by what the kernel knows of
+    /// A flow already in a novelty set, keyed by what the kernel knows of
     /// its sender and destination:
-    /// `meta skuid . ip daddr . meta l4proto . th dport != @set`, and with
-    /// `add_timeout` (seconds) then `add @set { <the key> timeout Ns }`,
-    /// which does not match when the set is full (the kernel's NFT_BREAK).
-    FirstSeen {
+    /// `meta skuid . ip daddr . meta l4proto . th dport @set`.
+    Seen { family: Family, set: String },
+    /// `add @set { meta skuid . ip daddr . meta l4proto . th dport timeout Ns }`:
+    /// remembers the flow (a statement that matches unless the set is full,
+    /// the kernel's NFT_BREAK). After a [`Match::Seen`] rule, so only a flow
+    /// not yet seen gets here.
+    Remember {
         family: Family,
         set: String,
-        add_timeout: Option<u32>,
+        timeout: u32,
     },
     /// `socket wildcard 0`: a local socket bound to the packet's very
     /// destination address and port (not to a wildcard) would receive it,

@@ -240,20 +240,15 @@ pub fn render_rule(rule: &Rule, counters: bool) -> String {
                 let kw = family_kw(*f);
                 format!("meta l4proto . {kw} saddr . th sport . {kw} daddr . th dport @{set}")
             }
-            Match::FirstSeen {
+            Match::Seen { family, set } => format!("{} @{set}", novelty_key_text(*family)),
+            Match::Remember {
                 family,
                 set,
-                add_timeout,
-            } => {
-                let key = format!(
-                    "meta skuid . {} daddr . meta l4proto . th dport",
-                    family_kw(*family)
-                );
-                match add_timeout {
-                    None => format!("{key} != @{set}"),
-                    Some(t) => format!("{key} != @{set} add @{set} {{ {key} timeout {t}s }}"),
-                }
-            }
+                timeout,
+            } => format!(
+                "add @{set} {{ {} timeout {timeout}s }}",
+                novelty_key_text(*family)
+            ),
             Match::TcpFlagsZero(mask) => {
                 let names: Vec<&str> = ["fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"]
                     .iter()
@@ -320,4 +315,12 @@ mod tests {
         let all6 = Element::range(vec![0], Some(vec![u128::MAX]));
         assert_eq!(render_element(&[Field::Ipv6], true, &all6), "::/0");
     }
+}
+
+/// A novelty set's key as nft writes it.
+fn novelty_key_text(family: Family) -> String {
+    format!(
+        "meta skuid . {} daddr . meta l4proto . th dport",
+        family_kw(family)
+    )
 }

@@ -303,7 +303,7 @@ fn walk(rs: &Ruleset, chain: &str, policy: &Policy, flow: &Attempt) -> Option<(O
             Match::CtState(bits) => bits & CT_NEW != 0,
             Match::CtMarkSet(_) => true,
             // Only in novelty chains, which accept whatever they match.
-            Match::FirstSeen { .. } => false,
+            Match::Seen { .. } | Match::Remember { .. } => false,
             Match::NfProto(f) => *f == family,
             Match::L4Proto(p) => *p == flow.protocol,
             Match::L4ProtoIn(s) => in_set(set(s), &[flow.protocol as u128]),

@@ -20,9 +20,7 @@ const LOOKUP_SET: u16 = 1;
 const LOOKUP_SREG: u16 = 2;
 const LOOKUP_DREG: u16 = 3;
 const LOOKUP_SET_ID: u16 = 4;
-pub(super) const LOOKUP_FLAGS: u16 = 5;
-/// NFT_LOOKUP_F_INV: the lookup matches when the key is *not* in the set.
-pub(super) const LOOKUP_F_INV: u32 = 1;
+const LOOKUP_FLAGS: u16 = 5;
 pub(super) const DYNSET_SET_NAME: u16 = 1;
 const DYNSET_SET_ID: u16 = 2;
 pub(super) const DYNSET_OP: u16 = 3;
@@ -74,20 +72,15 @@ impl Batch {
     }
 
     pub(super) fn lookup(&mut self, set: &str, sreg: u32) {
-        self.lookup_into(set, sreg, None, 0);
+        self.lookup_into(set, sreg, None);
     }
 
     /// A lookup in a verdict map: the element's verdict is the rule's.
     pub(super) fn lookup_verdict(&mut self, map: &str, sreg: u32) {
-        self.lookup_into(map, sreg, Some(REG_VERDICT), 0);
+        self.lookup_into(map, sreg, Some(REG_VERDICT));
     }
 
-    /// A lookup; with [`LOOKUP_F_INV`] it matches keys not in the set.
-    pub(super) fn lookup_flags(&mut self, set: &str, sreg: u32, flags: u32) {
-        self.lookup_into(set, sreg, None, flags);
-    }
-
-    fn lookup_into(&mut self, set: &str, sreg: u32, dreg: Option<u32>, flags: u32) {
+    fn lookup_into(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
         let id = self.set_ids.get(set).copied();
         self.expr("lookup", |b| {
             b.attr_str(LOOKUP_SET, set);
@@ -97,9 +90,6 @@ impl Batch {
             }
             if let Some(id) = id {
                 b.attr_u32(LOOKUP_SET_ID, id);
-            }
-            if flags != 0 {
-                b.attr_u32(LOOKUP_FLAGS, flags);
             }
         });
     }
@@ -172,14 +162,6 @@ impl Expr<'_> {
 pub(super) fn lookup_set(e: Option<&Expr>) -> Option<String> {
     e.filter(|e| {
         e.is("lookup") && e.raw(LOOKUP_DREG).is_none() && e.u32(LOOKUP_FLAGS).unwrap_or(0) == 0
-    })
-    .and_then(|e| e.string(LOOKUP_SET))
-}
-
-/// The set of an inverted lookup (`!= @set`), if `e` is one.
-pub(super) fn lookup_inv_set(e: Option<&Expr>) -> Option<String> {
-    e.filter(|e| {
-        e.is("lookup") && e.raw(LOOKUP_DREG).is_none() && e.u32(LOOKUP_FLAGS) == Some(LOOKUP_F_INV)
     })
     .and_then(|e| e.string(LOOKUP_SET))
 }

@@ -78,11 +78,12 @@ impl Batch {
             Match::FiveTuple(f, set) => self.encode_flow(*f, set),
             Match::TcpFlagsZero(mask) => self.encode_tcp_flags_zero(*mask),
             Match::CtMarkSet(mark) => self.encode_ct_mark_set(*mark),
-            Match::FirstSeen {
+            Match::Seen { family, set } => self.encode_seen(*family, set),
+            Match::Remember {
                 family,
                 set,
-                add_timeout,
-            } => self.encode_first_seen(*family, set, *add_timeout),
+                timeout,
+            } => self.encode_remember(*family, set, *timeout),
             Match::BoundSocket => self.encode_bound_socket(),
         }
     }
@@ -112,7 +113,7 @@ pub(super) fn decode_match(x: &[Expr], family: Option<Family>) -> Option<Decoded
                 (META_L4PROTO, REG_1) => decode_l4proto(x),
                 (META_MARK, REG_1) => decode_mark(x),
                 (META_SKUID, REG_1 | REG32_00) if x.get(1).is_some_and(|n| n.is("payload")) => {
-                    decode_first_seen(x)
+                    decode_novelty(x)
                 }
                 (META_SKUID, REG_1) => decode_id(x, Match::SkUid),
                 (META_SKGID, REG_1) => decode_id(x, Match::SkGid),
@@ -386,12 +387,12 @@ fn decode_flow(x: &[Expr]) -> Decoded {
     }
 }
 
-// `meta skuid . ip daddr . meta l4proto . th dport != @set` then, optionally,
-// `add @set { <the same key> timeout Ns }`: four loads into consecutive
-// 32-bit registers → inverted lookup → dynset (reusing the registers).
+// A novelty set's key, `meta skuid . ip daddr . meta l4proto . th dport`:
+// four loads into consecutive 32-bit registers, then a lookup (`@set`,
+// Seen) or a dynset (`add @set { <key> timeout Ns }`, Remember).
 
 impl Batch {
-    fn encode_first_seen(&mut self, f: Family, set: &str, add_timeout: Option<u32>) {
+    fn encode_novelty_key(&mut self, f: Family) {
         let (daddr_off, len) = daddr(f);
         let words = len / 4;
         self.meta(META_SKUID, REG32_00);
@@ -404,20 +405,26 @@ impl Batch {
             dport_len,
             REG32_00 + 2 + words,
         );
-        self.lookup_flags(set, REG32_00, LOOKUP_F_INV);
-        if let Some(secs) = add_timeout {
-            self.dynset_add(set, REG32_00, u64::from(secs) * 1000);
-        }
+    }
+
+    fn encode_seen(&mut self, f: Family, set: &str) {
+        self.encode_novelty_key(f);
+        self.lookup(set, REG32_00);
+    }
+
+    fn encode_remember(&mut self, f: Family, set: &str, timeout: u32) {
+        self.encode_novelty_key(f);
+        self.dynset_add(set, REG32_00, u64::from(timeout) * 1000);
     }
 }
 
-fn decode_first_seen(x: &[Expr]) -> Decoded {
+fn decode_novelty(x: &[Expr]) -> Decoded {
     let at = payload_at(&x[1]);
-    let Some(f) = [Family::V4, Family::V6]
+    let Some(family) = [Family::V4, Family::V6]
         .into_iter()
         .find(|f| at == (Some(PAYLOAD_NETWORK), Some(daddr(*f))))
     else {
-        return Err(not_written("a first-seen key"));
+        return Err(not_written("a novelty key"));
     };
     let proto = x
         .get(2)
@@ -425,32 +432,25 @@ fn decode_first_seen(x: &[Expr]) -> Decoded {
     let port = x
         .get(3)
         .is_some_and(|e| payload_at(e) == (Some(PAYLOAD_TRANSPORT), Some(TH_DPORT)));
-    let Some(set) = lookup_inv_set(x.get(4)).filter(|_| proto && port) else {
-        return Err(not_written("a first-seen match"));
-    };
-    let add = x.get(5).filter(|e| e.is("dynset"));
-    let Some(add) = add else {
-        return Ok((
-            Match::FirstSeen {
-                family: f,
-                set,
-                add_timeout: None,
-            },
-            5,
-        ));
+    if !(proto && port) {
+        return Err(not_written("a novelty key"));
+    }
+    if let Some(set) = lookup_set(x.get(4)) {
+        return Ok((Match::Seen { family, set }, 5));
+    }
+    let Some(add) = x.get(4).filter(|e| e.is("dynset")) else {
+        return Err(not_written("a novelty match"));
     };
     let timeout_ms = add.raw(DYNSET_TIMEOUT).and_then(be_u64);
     match (add.string(DYNSET_SET_NAME), add.u32(DYNSET_OP), timeout_ms) {
-        (Some(s), Some(DYNSET_OP_ADD), Some(ms)) if s == set && ms % 1000 == 0 && plain(add) => {
-            Ok((
-                Match::FirstSeen {
-                    family: f,
-                    set,
-                    add_timeout: Some(u32::try_from(ms / 1000).unwrap_or(u32::MAX)),
-                },
-                6,
-            ))
-        }
+        (Some(set), Some(DYNSET_OP_ADD), Some(ms)) if ms % 1000 == 0 && plain(add) => Ok((
+            Match::Remember {
+                family,
+                set,
+                timeout: u32::try_from(ms / 1000).unwrap_or(u32::MAX),
+            },
+            5,
+        )),
         _ => Err(not_written("a dynset")),
     }
 }

@@ -174,11 +174,12 @@ fn match_kind(m: &Match) -> usize {
         Match::FiveTuple(..) => 13,
         Match::TcpFlagsZero(_) => 14,
         Match::CtMarkSet(_) => 15,
-        Match::FirstSeen { .. } => 16,
-        Match::BoundSocket => 17,
+        Match::Seen { .. } => 16,
+        Match::Remember { .. } => 17,
+        Match::BoundSocket => 18,
     }
 }
-const MATCH_KINDS: usize = 18;
+const MATCH_KINDS: usize = 19;
 
 /// One rule per match kind and spelling (each family, each id form), each
 /// preceded by what the decoder reads it with (an ICMP type's `nfproto`).
@@ -215,13 +216,15 @@ fn every_match() -> Vec<Vec<Match>> {
         rules.push(vec![Match::NfProto(f), Match::Daddr(f, set(addrs))]);
         rules.push(vec![Match::NfProto(f), Match::IcmpType(f, set(icmp))]);
         rules.push(vec![Match::FiveTuple(f, set(flows))]);
-        for add_timeout in [Some(3600), None] {
-            rules.push(vec![Match::FirstSeen {
-                family: f,
-                set: novelty_set_name("r", f),
-                add_timeout,
-            }]);
-        }
+        rules.push(vec![Match::Seen {
+            family: f,
+            set: novelty_set_name("r", f),
+        }]);
+        rules.push(vec![Match::Remember {
+            family: f,
+            set: novelty_set_name("r", f),
+            timeout: 3600,
+        }]);
     }
     rules
 }
