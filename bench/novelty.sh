@@ -2,8 +2,13 @@
 # What [novelty] (first-seen allowed flows, issue 20) costs. bench/conn_rate.sh's
 # setup: namespaces A (10.1.0.1) and B (10.1.0.2:5201) joined by a veth pair,
 # the firewall in A's output path, 100,000 allowed entries (the server last).
-#   1. new TCP connections per second with novelty off and on, interleaved
-#      rounds (median of ROUNDS runs of DURATION seconds): goal on/off >= 0.97;
+#   1. new TCP connections per second with novelty off and on: two such labs
+#      side by side, one loaded with each ruleset, measured in turn in short
+#      interleaved slices (ROUNDS pairs of DURATION seconds, the order
+#      alternating), so drift in the machine's speed falls on both alike;
+#      halfway the labs swap rulesets, so neither lab's own speed favours a
+#      side: goal on/off >= 0.97, by the median of the pairs' ratios (and of
+#      each side's rates). A=A (both off) measures the method's own bias;
 #   2. messages from the kernel while those connections run (all to one
 #      destination, so after the first the kernel's set filters them): the
 #      first-seen log rules' counters before and after, per second: goal ~0;
@@ -17,13 +22,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 command -v conntrack >/dev/null || apt-get install -y -qq conntrack >/dev/null
-ROUNDS=${ROUNDS:-5} SECONDS_PER_RUN=${DURATION:-5} THREADS=${THREADS:-2} NEW=${NEW:-10000}
+ROUNDS=${ROUNDS:-40} SECONDS_PER_RUN=${DURATION:-2} THREADS=${THREADS:-2} NEW=${NEW:-10000}
 # EGRET and CONN_RATE name prebuilt binaries (a debug egret only changes (3)).
 T=${CARGO_TARGET_DIR:-target}/release
 E=${EGRET:-$PWD/$T/egret} LOAD=${CONN_RATE:-$PWD/$T/examples/conn_rate}
 [ -n "${EGRET:-}" ] && [ -n "${CONN_RATE:-}" ] || cargo build --release -q --bin egret --example conn_rate
 . "$(dirname "$0")/lib/conn_lab.sh"
-conn_lab nv
+conn_lab nv-1
+LAB_1=$A
+conn_lab nv-2 # A and B stay this lab's: (3) runs in it
+LAB_2=$A
+in_lab() { local ns=$1; shift; nsenter --net=/run/netns/"$ns" -- "$@"; }
 
 python3 - "$TMP" <<'PY'
 import random, sys
@@ -43,38 +52,50 @@ for name, novelty in (("off", "[novelty]\nenabled = false\n"), ("on", "[novelty]
         f.write('mode = "enforce"\n' + novelty + rule + udp)
 PY
 
-# Packets the first-seen log rules counted (the messages the kernel sent).
-logged() { in_a nft list ruleset | { grep 'egret:allowed-new' || true; } | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | awk '{s+=$1} END{print s+0}'; }
-measure() { in_a "$LOAD" client 10.1.0.2:5201 "$SECONDS_PER_RUN" "$THREADS" | awk '{print $1}'; }
+# Packets the first-seen log rules of lab $1 counted (the messages its kernel sent).
+logged() { in_lab "$1" nft list ruleset | { grep 'egret:allowed-new' || true; } | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | awk '{s+=$1} END{print s+0}'; }
+measure() { in_lab "$1" "$LOAD" client 10.1.0.2:5201 "$SECONDS_PER_RUN" "$THREADS" | awk '{print $1}'; }
 
-echo "== 1, 2: new TCP connections/s, 100k entries, novelty off vs on ($ROUNDS interleaved rounds of ${SECONDS_PER_RUN}s, $THREADS threads)"
-for r in $(seq "$ROUNDS"); do
-  # The order alternates, and each run starts with an empty conntrack table:
-  # otherwise it inherits the run before it's ~70k entries (TIME_WAIT), which
-  # cost the second run of a round more than novelty does.
-  order="off on"; [ $((r % 2)) = 0 ] && order="on off"
-  for s in $order; do
-    in_a conntrack -F >/dev/null 2>&1 || true
-    in_a "$E" apply "$TMP/$s.toml" >/dev/null
+# $3 pairs of slices with novelty off in lab $1 and on in lab $2.
+msgs=0
+pairs() {
+  local LAB_off=$1 LAB_on=$2 s lab before
+  for s in off on; do
+    lab=LAB_$s
+    in_lab "${!lab}" nft flush ruleset
+    in_lab "${!lab}" "$E" apply "$TMP/${AA:-$s}.toml" >/dev/null
     # Warm-up: the one flow (uid 0 -> 10.1.0.2:5201/tcp) is first seen here.
-    in_a "$LOAD" client 10.1.0.2:5201 1 1 >/dev/null
-    before=$(logged)
-    rate=$(measure)
-    after=$(logged)
-    in_a nft flush ruleset
-    echo "$s $rate $((after - before))" | tee -a "$TMP/results"
+    in_lab "${!lab}" "$LOAD" client 10.1.0.2:5201 1 1 >/dev/null
   done
-done
+  before=$(logged "$LAB_on")
+  for r in $(seq "$3"); do
+    order="off on"; [ $((r % 2)) = 0 ] && order="on off"
+    for s in $order; do
+      # Each slice starts with empty conntrack tables in both labs: otherwise
+      # it inherits the entries of the slices before it (a closed connection's
+      # stays 10 s), which cost it more than novelty does.
+      in_lab "$LAB_off" conntrack -F >/dev/null 2>&1 || true
+      in_lab "$LAB_on" conntrack -F >/dev/null 2>&1 || true
+      lab=LAB_$s
+      echo "$s $(measure "${!lab}")" | tee -a "$TMP/results"
+    done
+  done
+  msgs=$((msgs + $(logged "$LAB_on") - before))
+}
+
+echo "== 1, 2: new TCP connections/s, 100k entries, novelty ${AA:+(A=A: both }off${AA:+)} vs on ($ROUNDS interleaved pairs of ${SECONDS_PER_RUN}s slices, $THREADS threads)"
+pairs "$LAB_1" "$LAB_2" $((ROUNDS / 2))
+pairs "$LAB_2" "$LAB_1" $((ROUNDS - ROUNDS / 2))
 median() { grep "^$1 " "$TMP/results" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 off=$(median off) on=$(median on)
-msgs=$(grep '^on ' "$TMP/results" | awk '{s+=$3} END{print s+0}')
 awk -v a="$on" -v b="$off" -v m="$msgs" -v t="$((ROUNDS * SECONDS_PER_RUN))" 'BEGIN{
-  printf "\noff %s conn/s, on %s conn/s: on / off = %.3f (goal >= 0.97)\n", b, a, a/b
+  printf "\noff %s conn/s, on %s conn/s (medians): on / off = %.3f\n", b, a, a/b
   printf "kernel messages after warm-up: %d in %d s = %.2f/s (goal ~0)\n", m, t, m/t }'
-awk '$1=="on"{on[++i]=$2} $1=="off"{off[++j]=$2} END{for(k=1;k<=i;k++) printf "round %d: on/off = %.3f\n", k, on[k]/off[k]}' "$TMP/results"
-
+awk '$1=="on"{on[++i]=$2} $1=="off"{off[++j]=$2} END{for(k=1;k<=i;k++) print on[k]/off[k]}' "$TMP/results" \
+  | sort -n | awk '{a[NR]=$1} END{printf "median of the %d pairs'"'"' on/off = %.3f (goal >= 0.97); quartiles %.3f, %.3f\n", NR, a[int((NR+1)/2)], a[int((NR+3)/4)], a[int((3*NR+1)/4)]}'
 echo
 echo "== 3: daemon CPU per 1,000 first-seen flows ($NEW distinct UDP ports, one client)"
+in_a nft flush ruleset
 in_a "$E" apply "$TMP/on.toml" >/dev/null
 (in_a "$E" run --policy "$TMP/on.toml" --state-dir "$TMP/state" > /dev/null 2> "$TMP/run.err" &)
 for _ in $(seq 100); do
