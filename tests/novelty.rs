@@ -7,6 +7,7 @@ mod common;
 
 use std::process::{Child, Stdio};
 
+use common::verdicts::rule_counters;
 use common::*;
 use serde_json::Value;
 
@@ -49,6 +50,11 @@ fn connect_until_logged_again(pair: &Pair, d: &Running, logged: u64) {
         let attempt = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "443"]);
         std::thread::sleep(std::time::Duration::from_millis(200));
         drop(attempt);
+        books(d).0 > logged
+    });
+    // No more connections now: each could be logged just before the
+    // daemon's next reading of the counters and be received just after it.
+    d.wait_until("egret to receive all the kernel logged", 20, || {
         let (k, r) = books(d);
         k > logged && r == k
     });
@@ -207,13 +213,7 @@ fn the_kernel_filter_keeps_repeats_away_from_egret() {
     assert_eq!(logged.len(), 1, "{chain}");
     assert!(logged[0].contains("counter packets 1 "), "{chain}");
     daemon.wait_event(10, "the one allowed-new", first_seen);
-    let rule_packets: u64 = pair.a.status_json()["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["rule"] == "web")
-        .map(|r| r["packets"].as_u64().unwrap())
-        .sum();
+    let rule_packets = rule_counters(&pair.a)["web"];
     assert_eq!(
         rule_packets, 20,
         "the allow rule still counts every new flow"
@@ -338,13 +338,7 @@ fn a_dispatched_rule_reports_its_first_seen_flow_and_counts_every_connection() {
     });
     let news = daemon.snapshot().iter().filter(|e| first_seen(e)).count();
     assert_eq!(news, 1, "{:#?}", daemon.snapshot());
-    let web: u64 = pair.a.status_json()["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["rule"] == "web")
-        .map(|r| r["packets"].as_u64().unwrap())
-        .sum();
+    let web = rule_counters(&pair.a)["web"];
     assert_eq!(web, 3, "the dispatched rule counts every new connection");
     // The live table (the kernel's own dump, with an element the packet
     // path added) reads back as what was compiled: `plan` sees no change,
@@ -451,18 +445,10 @@ fn ipv6_rules_without_an_address_and_icmp_take_their_own_paths() {
         "{:#?}",
         daemon.snapshot()
     );
-    let packets = |rule: &str| -> u64 {
-        pair.a.status_json()["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["rule"] == rule)
-            .map(|r| r["packets"].as_u64().unwrap())
-            .sum()
-    };
-    assert_eq!(packets("web6"), 2);
-    assert_eq!(packets("anywhere"), 3);
-    assert_eq!(packets("echo"), 3, "every echo request passed the rule");
+    let packets = rule_counters(&pair.a);
+    assert_eq!(packets["web6"], 2, "{packets:?}");
+    assert_eq!(packets["anywhere"], 3, "{packets:?}");
+    assert_eq!(packets["echo"], 3, "every echo request passed the rule");
     let plan = pair.a.egret_ok(&["plan", policy.path()]);
     assert!(plan.contains("no change"), "{plan}");
 }

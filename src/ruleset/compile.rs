@@ -1228,7 +1228,9 @@ impl Compiler {
 
     /// `n_<rule>_v4` or `_v6` (and its set), made once: a flow already
     /// seen is accepted, a new one is logged and remembered, and what the
-    /// full set could not remember is counted as the overflow.
+    /// full set could not remember is counted as the overflow. The family
+    /// is matched again (a compare) so that `nft list` can name the
+    /// addresses in the key (`ip daddr`, not `@nh,128,32`).
     fn novelty_family_chain(&mut self, r: &AllowRule, family: Family, policy: &Policy) -> String {
         let name = novelty_chain_name(&r.name, Some(family));
         if self.novelty_chains.iter().any(|c| c.name == name) {
@@ -1248,10 +1250,13 @@ impl Compiler {
         let seen = Rule {
             counter: None,
             ..rule(
-                vec![Match::Seen {
-                    family,
-                    set: set.clone(),
-                }],
+                vec![
+                    Match::NfProto(family),
+                    Match::Seen {
+                        family,
+                        set: set.clone(),
+                    },
+                ],
                 Verdict::Accept,
                 format!("{}: seen", r.name),
             )
@@ -1262,11 +1267,14 @@ impl Compiler {
                 prefix: format!("{PREFIX_ALLOWED_NEW}:{}", r.name),
             }),
             ..rule(
-                vec![Match::Remember {
-                    family,
-                    set,
-                    timeout,
-                }],
+                vec![
+                    Match::NfProto(family),
+                    Match::Remember {
+                        family,
+                        set,
+                        timeout,
+                    },
+                ],
                 Verdict::Accept,
                 format!("{}: first seen", r.name),
             )
@@ -2296,12 +2304,12 @@ mod tests {
         assert_eq!(n.len(), 3, "{t}");
         assert_eq!(
             render_rule(&n[0], false),
-            "meta skuid . ip daddr . meta l4proto . th dport @n_r3_v4 accept comment \"r3: seen\""
+            "meta nfproto ipv4 meta skuid . ip daddr . meta l4proto . th dport @n_r3_v4 accept comment \"r3: seen\""
         );
         let first = render_rule(&n[1], false);
         assert!(
             first.starts_with(
-                "add @n_r3_v4 { meta skuid . ip daddr . meta l4proto . th dport timeout 3600s }"
+                "meta nfproto ipv4 add @n_r3_v4 { meta skuid . ip daddr . meta l4proto . th dport timeout 3600s }"
             ),
             "{first}"
         );

@@ -4,7 +4,7 @@ use super::*;
 use crate::policy::{BlockAction, DnsConfig, HostPattern, PortRange, Refusal, Scope};
 use crate::ruleset::{
     compile, ip_to_u128, CompileInput, Element, Family, IdMatch, Match, Ruleset, Set, Verdict,
-    CT_NEW, OUTPUT_CHAIN, PREFIX_WOULD_BLOCK,
+    CT_NEW, NOVELTY_PREFIX, OUTPUT_CHAIN, PREFIX_WOULD_BLOCK,
 };
 
 fn allow(name: &str) -> AllowRule {
@@ -336,6 +336,15 @@ fn walk(rs: &Ruleset, chain: &str, policy: &Policy, flow: &Attempt) -> Option<(O
         let Some(verdict) = &rule.verdict else {
             continue;
         };
+        if let Verdict::Jump(to) = verdict {
+            if to.starts_with(NOVELTY_PREFIX) {
+                // A novelty chain accepts whatever arrives, new or known:
+                // the decision is the jumping allow rule's.
+                let decided = walk(rs, to, policy, flow).map(|(o, _)| o);
+                assert_eq!(decided, Some(Outcome::Allowed), "{to} decides");
+                return Some((Outcome::Allowed, rule.comment.clone().unwrap_or_default()));
+            }
+        }
         let next = match verdict {
             Verdict::Jump(to) => Some(to.clone()),
             Verdict::DaddrVmap(f, map) => {
