@@ -91,7 +91,7 @@ pub fn novelty_set_name(rule: &str, family: Family) -> String {
 /// set (`n_<rule>_v4`): a flow not yet in the set is logged
 /// (`egret:allowed-new:<rule>`) and remembered before being accepted. With
 /// no family, `n_<rule>_any`, which sends each packet to its family's chain.
-/// (A rule name ending in `_v4` cannot make another rule's `_any` name.)
+/// The suffixes keep rules apart: no family chain's name ends in `_any`.
 pub fn novelty_chain_name(rule: &str, family: Option<Family>) -> String {
     match family {
         Some(f) => novelty_set_name(rule, f),

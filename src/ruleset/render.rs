@@ -192,6 +192,14 @@ fn family_kw(f: Family) -> &'static str {
     }
 }
 
+/// A novelty set's key as nft writes it.
+fn novelty_key_text(family: Family) -> String {
+    format!(
+        "meta skuid . {} daddr . meta l4proto . th dport",
+        family_kw(family)
+    )
+}
+
 fn id_match(kw: &str, m: &IdMatch) -> String {
     match m {
         IdMatch::Eq(id) => format!("meta {kw} {id}"),
@@ -315,12 +323,4 @@ mod tests {
         let all6 = Element::range(vec![0], Some(vec![u128::MAX]));
         assert_eq!(render_element(&[Field::Ipv6], true, &all6), "::/0");
     }
-}
-
-/// A novelty set's key as nft writes it.
-fn novelty_key_text(family: Family) -> String {
-    format!(
-        "meta skuid . {} daddr . meta l4proto . th dport",
-        family_kw(family)
-    )
 }
