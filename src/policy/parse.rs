@@ -475,16 +475,18 @@ fn novelty_config(
     let kernel_timeout = duration(&raw.kernel_timeout, d.kernel_timeout, false);
     // The kernel takes a dynset timeout in milliseconds; egret writes whole
     // seconds, and a day is plenty for a filter the store stands behind.
+    let mut out_of_range = |span, what: String, hint: &str| {
+        errors.push(
+            Diagnostic::at(path, source, Some(span), format!("{what} is out of range"))
+                .with_hint(hint),
+        );
+    };
     let kernel_timeout = if kernel_timeout.as_secs() == 0 || kernel_timeout.as_secs() > 7 * 86_400 {
         if let Some(t) = &raw.kernel_timeout {
-            errors.push(
-                Diagnostic::at(
-                    path,
-                    source,
-                    Some(t.span()),
-                    format!("kernel_timeout {:?} is out of range", t.get_ref()),
-                )
-                .with_hint("from \"1s\" to \"7d\""),
+            out_of_range(
+                t.span(),
+                format!("kernel_timeout {:?}", t.get_ref()),
+                "from \"1s\" to \"7d\"",
             );
         }
         d.kernel_timeout
@@ -496,14 +498,10 @@ fn novelty_config(
         Some(n) => match u32::try_from(*n.get_ref()) {
             Ok(v) if (1..=16_777_216).contains(&v) => v,
             _ => {
-                errors.push(
-                    Diagnostic::at(
-                        path,
-                        source,
-                        Some(n.span()),
-                        format!("set_size {} is out of range", n.get_ref()),
-                    )
-                    .with_hint("from 1 to 16777216 elements per rule and address family"),
+                out_of_range(
+                    n.span(),
+                    format!("set_size {}", n.get_ref()),
+                    "from 1 to 16777216 elements per rule and address family",
                 );
                 d.set_size
             }
@@ -1390,6 +1388,20 @@ units = ["borg.service"]
         assert!(d.message.contains("reserved"));
         let d = first_error("mark = 0\n");
         assert!(d.message.contains("mark 0 is out of range"));
+        let errs = parse("[novelty]\nkernel_timeout = \"8d\"\nset_size = 0\n")
+            .expect_err("out of range")
+            .0;
+        let found: Vec<(&str, usize, usize)> = errs
+            .iter()
+            .map(|d| (d.message.as_str(), d.line, d.column))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("kernel_timeout \"8d\" is out of range", 2, 18),
+                ("set_size 0 is out of range", 3, 12),
+            ]
+        );
     }
 
     #[test]
