@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::runtime::*;
 use common::*;
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
@@ -41,7 +42,7 @@ fn require_docker() {
 
 /// The daemon's major version, as it answers.
 fn server_major(d: &Dockerd) -> u32 {
-    let v = d.docker_ok(&["version", "--format", "{{.Server.Version}}"]);
+    let v = d.client_ok(&["version", "--format", "{{.Server.Version}}"]);
     v.split('.')
         .next()
         .and_then(|m| m.parse().ok())
@@ -147,7 +148,7 @@ impl Dockerd {
             .expect("spawning dockerd");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.docker(&["version"]).status.success() {
+        while !self.client(&["version"]).status.success() {
             assert!(
                 Instant::now() < deadline,
                 "dockerd did not answer within 60 s:\n{}",
@@ -155,32 +156,6 @@ impl Dockerd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("dockerd.log")).unwrap_or_default()
-    }
-
-    fn docker(&self, args: &[&str]) -> Output {
-        Command::new(DOCKER)
-            .env("DOCKER_CONFIG", self.path("cli"))
-            .arg("--host")
-            .arg(format!("unix://{}", self.socket().display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running docker")
-    }
-
-    fn docker_ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// A one-file image: busybox, made here (no registry is reachable).
@@ -191,27 +166,7 @@ impl Dockerd {
                 "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "wget",
             ],
         );
-        self.docker_ok(&["import", &tar.display().to_string(), IMAGE]);
-    }
-
-    fn inspect(&self, container: &str, format: &str) -> String {
-        self.docker_ok(&["inspect", "--format", format, container])
-    }
-
-    fn ip(&self, container: &str) -> String {
-        self.inspect(
-            container,
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-        )
-    }
-
-    /// `sh -c script` in a running container; true when it exits 0.
-    fn exec(&self, container: &str, script: &str) -> (bool, String) {
-        let out = self.docker(&["exec", container, "sh", "-c", script]);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        self.client_ok(&["import", &tar.display().to_string(), IMAGE]);
     }
 
     /// SIGTERM, then SIGKILL after 30 s; the daemon stops the containerd it started.
@@ -234,35 +189,37 @@ impl Dockerd {
         self.stop();
         self.launch();
     }
+}
 
-    /// Processes this daemon started that outlived it (containerd, shims,
-    /// docker-proxy): they name its directory on their command line.
-    fn leftovers(&self) -> Vec<u32> {
-        let dir = self.dir.path().display().to_string();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&dir) {
-                pids.push(pid);
-            }
-        }
-        pids
+impl Engine for Dockerd {
+    const CLIENT: &'static str = "docker";
+
+    fn client(&self, args: &[&str]) -> Output {
+        Command::new(DOCKER)
+            .env("DOCKER_CONFIG", self.path("cli"))
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running docker")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("dockerd.log")).unwrap_or_default()
     }
 }
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let ids = self.docker(&["ps", "--all", "--quiet"]);
+            let ids = self.client(&["ps", "--all", "--quiet"]);
             for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-                let _ = self.docker(&["rm", "--force", id]);
+                let _ = self.client(&["rm", "--force", id]);
             }
         }
         self.stop();
-        for pid in self.leftovers() {
+        for pid in processes_naming(self.dir.path()) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         let parent = self.cgroup_parent();
@@ -335,7 +292,7 @@ ports = [8080]
 /// The containers: `web` serves HTTP on 8080, published on the host's 8081;
 /// `app` is where connections start from.
 fn start_containers(d: &Dockerd) {
-    d.docker_ok(&[
+    d.client_ok(&[
         "run",
         "--detach",
         "--name",
@@ -351,7 +308,7 @@ fn start_containers(d: &Dockerd) {
         "-c",
         "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 8080 -h /www",
     ]);
-    d.docker_ok(&[
+    d.client_ok(&[
         "run",
         "--detach",
         "--name",
@@ -364,12 +321,6 @@ fn start_containers(d: &Dockerd) {
         "sleep",
         "3600",
     ]);
-}
-
-/// A TCP round trip from `app` to an echo server of the outside namespace.
-fn app_connects(d: &Dockerd, to: &str) -> bool {
-    let (ok, out) = d.exec("app", &format!("echo ping | nc -w 3 {to} 8080"));
-    ok && out.contains("ping")
 }
 
 /// Container to container on the bridge.
@@ -390,15 +341,6 @@ fn outside_reaches_published(outside: &Netns) -> bool {
         .output()
         .expect("curl");
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello-from-web")
-}
-
-/// Polls for up to 20 s: Docker takes a moment to wire a (re)started container.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
@@ -428,10 +370,10 @@ fn coexists(dockerd: &Path) -> u32 {
 
     // Before egret: everything works, so what stops later is egret's doing.
     eventually("app reaches the allowed server", || {
-        app_connects(&docker, ALLOWED)
+        docker.connects("app", ALLOWED, 8080)
     });
     assert!(
-        app_connects(&docker, BLOCKED),
+        docker.connects("app", BLOCKED, 8080),
         "the lab routes to {BLOCKED}"
     );
     assert!(app_reaches_web(&docker), "container to container");
@@ -457,15 +399,15 @@ fn coexists(dockerd: &Path) -> u32 {
         "egret apply left Docker's rules alone"
     );
     assert!(
-        !app_connects(&docker, BLOCKED),
+        !docker.connects("app", BLOCKED, 8080),
         "egret blocks what no rule allows"
     );
 
     let run = Running::start(&host, &file.state_dir(), &["--policy", file.path()]);
     let app_id = docker.inspect("app", "{{.Id}}");
     let app_ip = docker.ip("app");
-    assert!(app_connects(&docker, ALLOWED), "allowed by rule web");
-    assert!(!app_connects(&docker, BLOCKED));
+    assert!(docker.connects("app", ALLOWED, 8080), "allowed by rule web");
+    assert!(!docker.connects("app", BLOCKED, 8080));
     let e = run.wait_event(15, "the container's blocked connection", |e| {
         at(e, "/destination/ip") == BLOCKED && at(e, "/source/ip") == app_ip.as_str()
     });
@@ -508,14 +450,14 @@ fn coexists(dockerd: &Path) -> u32 {
 
     // A container started after egret, on a network of its own (a br-*
     // bridge): the runtime is asked when its first packet arrives.
-    docker.docker_ok(&[
+    docker.client_ok(&[
         "network",
         "create",
         "--subnet",
         "172.30.0.0/24",
         "egret-net",
     ]);
-    let late = docker.docker(&[
+    let late = docker.client(&[
         "run",
         "--rm",
         "--name",
@@ -556,9 +498,9 @@ fn coexists(dockerd: &Path) -> u32 {
         egret_before,
         "Docker's restart left egret's table alone"
     );
-    assert!(app_connects(&docker, ALLOWED));
+    assert!(docker.connects("app", ALLOWED, 8080));
     assert!(
-        !app_connects(&docker, BLOCKED),
+        !docker.connects("app", BLOCKED, 8080),
         "still blocked after Docker's restart"
     );
     assert!(app_reaches_web(&docker));
@@ -580,7 +522,10 @@ fn coexists(dockerd: &Path) -> u32 {
             "{docker_chain} missing:\n{after}"
         );
     }
-    assert!(app_connects(&docker, BLOCKED), "open again without egret");
+    assert!(
+        docker.connects("app", BLOCKED, 8080),
+        "open again without egret"
+    );
     assert!(app_reaches_web(&docker));
     assert!(outside_reaches_published(&outside));
     let major = server_major(&docker);
@@ -613,17 +558,6 @@ ports = [8080, 8000]
 "#,
         socket.display()
     )
-}
-
-/// `nslookup NAME` in a container, through whatever resolver Docker gave it.
-fn lookup(d: &Dockerd, container: &str, name: &str) -> String {
-    d.exec(container, &format!("nslookup {name}")).1
-}
-
-/// An echo round trip to `allowed.test` by name.
-fn connects_by_name(d: &Dockerd, container: &str) -> bool {
-    let (ok, out) = d.exec(container, "echo ping | nc -w 3 allowed.test 8080");
-    ok && out.contains("ping")
 }
 
 #[test]
@@ -677,10 +611,10 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     docker.import_busybox();
     start_containers(&docker);
     eventually("app reaches the allowed server", || {
-        app_connects(&docker, ALLOWED)
+        docker.connects("app", ALLOWED, 8080)
     });
     assert!(
-        app_connects_port(&docker, RESOLVER, 853),
+        docker.connects("app", RESOLVER, 853),
         "DNS over TLS before egret"
     );
 
@@ -702,14 +636,14 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
 
     // The default bridge: Docker gave the container the host's (or public)
     // resolvers; the guard answers, and its answer opens the address.
-    let answer = lookup(&docker, "app", "allowed.test");
+    let answer = docker.lookup("app", "allowed.test");
     assert!(answer.contains(ALLOWED), "{answer}\nresolv.conf:\n{resolv}");
     assert!(
-        connects_by_name(&docker, "app"),
+        docker.connects("app", "allowed.test", 8080),
         "app reaches allowed.test by name"
     );
     // A name no rule allows: refused, and reported with the container.
-    let answer = lookup(&docker, "app", "x1y2.callback.test");
+    let answer = docker.lookup("app", "x1y2.callback.test");
     assert!(!answer.contains("Address: 10."), "{answer}");
     let app_id = docker.inspect("app", "{{.Id}}");
     let e = run.wait_event(15, "app's refused query", |e| {
@@ -722,7 +656,7 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     assert_eq!(at(&e, "/egret/attribution"), "container-runtime");
     assert_eq!(at(&e, "/observer/ingress/interface/name"), "docker0");
     // DNS around the guard (DNS over TLS): blocked, reported with the container.
-    assert!(!app_connects_port(&docker, RESOLVER, 853));
+    assert!(!docker.connects("app", RESOLVER, 853));
     let e = run.wait_event(15, "app's DNS over TLS", |e| {
         at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
     });
@@ -748,14 +682,14 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     // A user-defined network made after egret started (a new br-* bridge):
     // the embedded resolver (127.0.0.11) forwards from the container's
     // namespace, through the bridge, to the guard.
-    docker.docker_ok(&[
+    docker.client_ok(&[
         "network",
         "create",
         "--subnet",
         "172.30.0.0/24",
         "egret-net",
     ]);
-    docker.docker_ok(&[
+    docker.client_ok(&[
         "run",
         "--detach",
         "--name",
@@ -770,13 +704,13 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     ]);
     let resolv = docker.exec("late", "cat /etc/resolv.conf").1;
     assert!(resolv.contains("127.0.0.11"), "{resolv}");
-    let answer = lookup(&docker, "late", "allowed.test");
+    let answer = docker.lookup("late", "allowed.test");
     assert!(answer.contains(ALLOWED), "{answer}");
     assert!(
-        connects_by_name(&docker, "late"),
+        docker.connects("late", "allowed.test", 8080),
         "late reaches allowed.test by name"
     );
-    lookup(&docker, "late", "late.callback.test");
+    docker.lookup("late", "late.callback.test");
     let e = run.wait_event(15, "late's refused query", |e| {
         at(e, "/dns/question/name") == "late.callback.test"
     });
@@ -791,10 +725,4 @@ fn resolve_through_the_guard(dockerd: &Path) -> u32 {
     let major = server_major(&docker);
     drop(docker);
     major
-}
-
-/// A TCP connection from `app` to `to:port`, and a round trip.
-fn app_connects_port(d: &Dockerd, to: &str, port: u16) -> bool {
-    let (ok, out) = d.exec("app", &format!("echo ping | nc -w 3 {to} {port}"));
-    ok && out.contains("ping")
 }

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::runtime::*;
 use common::*;
 
 const PODMAN: &str = "/usr/bin/podman";
@@ -121,7 +122,7 @@ impl Podman {
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(60 * time_scale());
-        while !podman.podman(&["version"]).status.success() {
+        while !podman.client(&["version"]).status.success() {
             assert!(
                 Instant::now() < deadline,
                 "podman's service did not answer within 60 s:\n{}",
@@ -149,36 +150,6 @@ impl Podman {
         self.path("podman.sock")
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("podman.log")).unwrap_or_default()
-    }
-
-    /// The podman client, talking to this service only.
-    fn podman(&self, args: &[&str]) -> Output {
-        Command::new(PODMAN)
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("TMPDIR", self.path("vartmp"))
-            .arg("--remote")
-            .arg("--url")
-            .arg(format!("unix://{}", self.socket().display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running podman")
-    }
-
-    fn podman_ok(&self, args: &[&str]) -> String {
-        let out = self.podman(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}\n{}\nservice log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
     /// A one-file image: busybox, made here (no registry is reachable).
     fn import_busybox(&self) {
         let tar = busybox_rootfs_tar(
@@ -187,7 +158,7 @@ impl Podman {
                 "sh", "nc", "httpd", "printf", "sleep", "mkdir", "echo", "nslookup", "cat",
             ],
         );
-        self.podman_ok(&["import", &tar.display().to_string(), IMAGE]);
+        self.client_ok(&["import", &tar.display().to_string(), IMAGE]);
     }
 
     /// A container running `sh -c script`, on `network` (podman's default: None).
@@ -213,62 +184,46 @@ impl Podman {
             args.extend(["--network", n]);
         }
         args.extend([IMAGE, "sh", "-c", script]);
-        self.podman_ok(&args);
+        self.client_ok(&args);
+    }
+}
+
+impl Engine for Podman {
+    const CLIENT: &'static str = "podman";
+
+    fn client(&self, args: &[&str]) -> Output {
+        Command::new(PODMAN)
+            .env("CONTAINERS_CONF", self.path("containers.conf"))
+            .env("TMPDIR", self.path("vartmp"))
+            .arg("--remote")
+            .arg("--url")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running podman")
     }
 
-    fn inspect(&self, container: &str, format: &str) -> String {
-        self.podman_ok(&["inspect", "--format", format, container])
-    }
-
-    fn ip(&self, container: &str) -> String {
-        self.inspect(
-            container,
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-        )
-    }
-
-    /// `sh -c script` in a running container: (exit 0, stdout).
-    fn exec(&self, container: &str, script: &str) -> (bool, String) {
-        let out = self.podman(&["exec", container, "sh", "-c", script]);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// Processes this service started that may outlive it (conmon,
-    /// aardvark-dns): they name its directory on their command line.
-    fn leftovers(&self) -> Vec<u32> {
-        let dir = self.dir.path().display().to_string();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&dir) {
-                pids.push(pid);
-            }
-        }
-        pids
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("podman.log")).unwrap_or_default()
     }
 }
 
 impl Drop for Podman {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let _ = self.podman(&["rm", "--all", "--force", "--time", "1"]);
+            let _ = self.client(&["rm", "--all", "--force", "--time", "1"]);
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in self.leftovers() {
+        for pid in processes_naming(self.dir.path()) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         // A cgroup with a process left in it cannot be removed.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.leftovers().is_empty() && Instant::now() < deadline {
+        while !processes_naming(self.dir.path()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         // Conmon's and the containers' cgroups, deepest first, in every hierarchy.
@@ -319,24 +274,6 @@ ports = [8080]
     )
 }
 
-/// Polls for up to 20 s (scaled): podman takes a moment to wire a container.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20 * time_scale());
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn connects(p: &Podman, container: &str, to: &str, port: u16) -> bool {
-    let (ok, out) = p.exec(container, &format!("echo ping | nc -w 3 {to} {port}"));
-    ok && out.contains("ping")
-}
-
-fn lookup(p: &Podman, container: &str, name: &str) -> String {
-    p.exec(container, &format!("nslookup {name}")).1
-}
-
 #[test]
 fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
     let (host, outside) = (Netns::new(), Netns::new());
@@ -362,7 +299,7 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
     // Declared after the namespaces: dropped (stopped, cleaned) before them.
     let podman = Podman::start(&host);
     podman.import_busybox();
-    podman.podman_ok(&[
+    podman.client_ok(&[
         "network",
         "create",
         "--subnet",
@@ -378,18 +315,18 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
     podman.run("client", Some("egret-net"), "sleep 3600");
     // Before egret: the lab routes, and aardvark-dns names the network's containers.
     eventually("app reaches the allowed server", || {
-        connects(&podman, "app", ALLOWED, 8080)
+        podman.connects("app", ALLOWED, 8080)
     });
-    assert!(connects(&podman, "client", BLOCKED, 8080));
+    assert!(podman.connects("client", BLOCKED, 8080));
     assert!(
-        connects(&podman, "app", RESOLVER, 853),
+        podman.connects("app", RESOLVER, 853),
         "DNS over TLS before egret"
     );
     let web_ip = podman.ip("web");
     let resolv = podman.exec("client", "cat /etc/resolv.conf").1;
     assert!(resolv.contains(&format!("{USER_NET}.1")), "{resolv}");
     eventually("aardvark-dns names web", || {
-        lookup(&podman, "client", "web").contains(&web_ip)
+        podman.lookup("client", "web").contains(&web_ip)
     });
     let resolv = podman.exec("app", "cat /etc/resolv.conf").1;
     assert!(resolv.contains(HOST_RESOLVER), "{resolv}");
@@ -409,16 +346,16 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
 
     // The default network: the redirect takes the query to the guard.
     assert!(
-        !connects(&podman, "app", ALLOWED, 8080),
+        !podman.connects("app", ALLOWED, 8080),
         "closed until resolved"
     );
-    let answer = lookup(&podman, "app", "allowed.test");
+    let answer = podman.lookup("app", "allowed.test");
     assert!(answer.contains(ALLOWED), "{answer}");
     assert!(
-        connects(&podman, "app", "allowed.test", 8080),
+        podman.connects("app", "allowed.test", 8080),
         "app reaches allowed.test by name"
     );
-    lookup(&podman, "app", "x1y2.callback.test");
+    podman.lookup("app", "x1y2.callback.test");
     let app_id = podman.inspect("app", "{{.Id}}");
     let e = run.wait_event(15, "app's refused query", |e| {
         at(e, "/event/action") == "dns-refused"
@@ -439,7 +376,7 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
         "{e:#}"
     );
     // DNS over TLS, around the guard: blocked, reported with the container.
-    assert!(!connects(&podman, "app", RESOLVER, 853));
+    assert!(!podman.connects("app", RESOLVER, 853));
     let e = run.wait_event(15, "app's DNS over TLS", |e| {
         at(e, "/rule/name") == "dns-bypass" && at(e, "/destination/port") == 853
     });
@@ -447,7 +384,7 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
 
     // The user network: aardvark-dns still answers its containers' names...
     assert!(
-        lookup(&podman, "client", "web").contains(&web_ip),
+        podman.lookup("client", "web").contains(&web_ip),
         "aardvark-dns names web under egret"
     );
     let (ok, page) = podman.exec(
@@ -459,10 +396,10 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
         "client reaches web by name: {page}"
     );
     // ...and forwards the rest from the host, to the guard.
-    let answer = lookup(&podman, "client", "allowed.test");
+    let answer = podman.lookup("client", "allowed.test");
     assert!(answer.contains(ALLOWED), "{answer}");
     assert!(
-        connects(&podman, "client", "allowed.test", 8080),
+        podman.connects("client", "allowed.test", 8080),
         "client reaches allowed.test by name: {}\n{:#?}",
         podman
             .exec(
@@ -483,7 +420,7 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
             ))
             .collect::<Vec<_>>()
     );
-    let answer = lookup(&podman, "client", "net.callback.test");
+    let answer = podman.lookup("client", "net.callback.test");
     assert!(!answer.contains("Address: 10.77"), "{answer}");
     // The container's resolv.conf also lists the host's resolver, which a
     // client may try next: that query is the container's own (redirected).
@@ -497,7 +434,7 @@ fn podman_containers_resolve_through_the_guard_and_aardvark_keeps_its_names() {
         },
     );
     // Its packets name the container.
-    assert!(!connects(&podman, "client", BLOCKED, 8080));
+    assert!(!podman.connects("client", BLOCKED, 8080));
     let e = run.wait_event(15, "client's blocked connection", |e| {
         at(e, "/destination/ip") == BLOCKED && at(e, "/event/action") == "blocked"
     });

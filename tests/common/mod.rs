@@ -2,6 +2,7 @@
 //! themselves (even when a test fails), real peers, and the egret binary.
 #![allow(dead_code)]
 
+pub mod runtime;
 pub mod verdicts;
 
 use std::io::{BufRead, BufReader, Write};
