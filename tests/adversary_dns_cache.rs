@@ -107,15 +107,8 @@ fn only_the_guard_may_ask_the_cache_and_only_its_queries_leave() {
     assert!(rule_packets(a, CACHE_QUERIES) >= 1);
 
     // Doctor: programs pointed at the cache is a failure.
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &lab.resolv_conf(CACHE),
-    ];
-    let (s, detail) = doctor_check(a, &args, "resolver");
+    let resolv = lab.resolv_conf(CACHE);
+    let (s, detail) = doctor_check_for(a, &policy, &resolv, "resolver");
     assert_eq!(s, "fail", "{detail}");
     assert!(detail.contains("local cache"), "{detail}");
     drop(run);

@@ -54,27 +54,19 @@ fn programs_ask_the_guard_and_the_guard_asks_its_local_cache() {
     assert!(out.contains(&format!("connected {DB4} True")), "{out}");
     assert!(!a.tcp_ok(None, OTHER4, PORT));
 
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &conf,
-    ];
     // The live table (its `ct mark set` included) decodes as egret wrote it.
     let status = a.egret_ok(&["status", "--state-dir", &policy.state_dir()]);
     assert!(
         status.contains("its queries to the local cache"),
         "{status}"
     );
-    let (s, detail) = doctor_check(a, &args, "dns cache");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "dns cache");
     assert_eq!(s, "ok", "{detail}");
     assert!(
         detail.contains("dnsmasq") && detail.contains("--conntrack"),
         "{detail}"
     );
-    let (s, detail) = doctor_check(a, &args, "resolver");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "resolver");
     assert_eq!(s, "ok", "{detail}");
     drop(run);
 }
@@ -89,15 +81,8 @@ fn a_cache_without_conntrack_is_blocked_and_doctor_warns() {
     let _cache = cache(a, &[CACHE], &[]);
     wait_listening(a, CACHE);
     let policy = PolicyFile::new(POLICY);
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &lab.resolv_conf("127.0.0.1"),
-    ];
-    let (s, detail) = doctor_check(a, &args, "dns cache");
+    let resolv = lab.resolv_conf("127.0.0.1");
+    let (s, detail) = doctor_check_for(a, &policy, &resolv, "dns cache");
     assert_eq!(s, "warn", "{detail}");
     assert!(detail.contains("without --conntrack"), "{detail}");
 
@@ -164,15 +149,7 @@ fn unbound_as_the_cache_by_its_user() {
     });
     assert_ne!(at(&e, "/process/executable"), "/usr/sbin/unbound", "{e:#}");
 
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &guard,
-    ];
-    let (s, detail) = doctor_check(a, &args, "dns cache");
+    let (s, detail) = doctor_check_for(a, &policy, &guard, "dns cache");
     assert_eq!(s, "ok", "{detail}");
     assert!(
         detail.contains("unbound") && detail.contains("cache_user"),

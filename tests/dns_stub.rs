@@ -133,17 +133,9 @@ fn a_program_that_asks_the_guard_itself_is_named_and_connects() {
         run.books()
             .is_some_and(|b| b["dns_guard"]["queries"].as_u64() >= Some(2))
     });
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &conf,
-    ];
-    let (s, detail) = doctor_check(a, &args, "resolver");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "resolver");
     assert_eq!(s, "ok", "{detail}");
-    let (s, detail) = doctor_check(a, &args, "dns askers");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "dns askers");
     assert_eq!(s, "ok", "{detail}");
     drop(run);
 }
@@ -175,18 +167,10 @@ fn a_local_cache_in_front_of_the_guard_hides_the_program_and_doctor_warns() {
         run.books()
             .is_some_and(|b| b["dns_guard"]["via_stub"]["dnsmasq"].as_u64() >= Some(1))
     });
-    let args = [
-        "--policy",
-        policy.path(),
-        "--state-dir",
-        &policy.state_dir(),
-        "--resolv-conf",
-        &conf,
-    ];
-    let (s, detail) = doctor_check(a, &args, "resolver");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "resolver");
     assert_eq!(s, "warn", "{detail}");
     assert!(detail.contains(STUB), "{detail}");
-    let (s, detail) = doctor_check(a, &args, "dns askers");
+    let (s, detail) = doctor_check_for(a, &policy, &conf, "dns askers");
     assert_eq!(s, "warn", "{detail}");
     assert!(
         detail.contains("dnsmasq") && detail.contains("not the program that asked"),

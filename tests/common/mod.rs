@@ -1016,6 +1016,26 @@ pub fn busybox_rootfs_tar(dir: &std::path::Path, applets: &[&str]) -> PathBuf {
     tar
 }
 
+/// The check `name` from `egret doctor` in `ns` for `policy` (and its state
+/// directory) with `resolv_conf` as the programs' resolver configuration.
+pub fn doctor_check_for(
+    ns: &Netns,
+    policy: &PolicyFile,
+    resolv_conf: &str,
+    name: &str,
+) -> (String, String) {
+    let state = policy.state_dir();
+    let args = [
+        "--policy",
+        policy.path(),
+        "--state-dir",
+        &state,
+        "--resolv-conf",
+        resolv_conf,
+    ];
+    doctor_check(ns, &args, name)
+}
+
 /// The check `name` from `egret doctor --json ARGS` in `ns`: (status,
 /// detail). Panics, listing the checks, if there is none by that name.
 pub fn doctor_check(ns: &Netns, args: &[&str], name: &str) -> (String, String) {
