@@ -2,7 +2,7 @@
 //!
 //! The kernel reports a flow an allow rule accepted the first time it sees
 //! its (uid, destination, protocol, port) within its set's timeout
-//! (`ruleset::Match::FirstSeen`); that filter forgets, and it does not know
+//! (`ruleset::Match::Seen` and `Remember`); that filter forgets, and it does not know
 //! executables. This memory decides whether (identity, destination, port,
 //! protocol) is really new: kept in the store's `seen` table (so it survives
 //! restarts, capped by `--max-seen` with the least recently seen evicted, the
