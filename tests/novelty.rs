@@ -107,15 +107,40 @@ fn a_first_seen_flow_is_reported_once_per_identity_and_never_after_a_restart() {
 
     // Another executable, same user and destination: reported once the
     // kernel's filter (keyed on the uid) has forgotten the flow.
+    // Each shell lives until egret names it (attribution needs the process)
+    // or 1.5 s (scaled: an emulated kernel is slow to start a shell), then
+    // the next one tries, in case the filter still knew the flow.
+    let bash_seen = || {
+        daemon.snapshot().iter().any(|e| {
+            first_seen(e) && at(e, "/process/name") == "bash" && at(e, "/destination/port") == 443
+        })
+    };
     daemon.wait_until("allowed-new for bash", 20, || {
         let mut bash = bash_connect(&pair.a);
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let seen = daemon.snapshot().iter().any(|e| {
-            first_seen(e) && at(e, "/process/name") == "bash" && at(e, "/destination/port") == 443
-        });
+        let until =
+            std::time::Instant::now() + std::time::Duration::from_millis(1500 * time_scale());
+        while !bash_seen() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = bash.kill();
         let _ = bash.wait();
-        seen
+        bash_seen()
+    });
+
+    // The store has it (written in batches, after stdout); `egret events
+    // --action allowed-new` lists it.
+    let listed = || {
+        pair.a.egret_ok(&[
+            "events",
+            "--json",
+            "--action",
+            "allowed-new",
+            "--state-dir",
+            &state_dir,
+        ])
+    };
+    daemon.wait_until("both first-seen flows in the store", 10, || {
+        listed().lines().count() >= 2
     });
 
     // `egret explain` says for whom the flow is known.
@@ -136,16 +161,7 @@ fn a_first_seen_flow_is_reported_once_per_identity_and_never_after_a_restart() {
         "{explained}"
     );
 
-    // The store has it; `egret events --action allowed-new` lists it.
-    let listed = pair.a.egret_ok(&[
-        "events",
-        "--json",
-        "--action",
-        "allowed-new",
-        "--state-dir",
-        &state_dir,
-    ]);
-    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert_eq!(listed().lines().count(), 2, "{}", listed());
     let table = pair.a.egret_ok(&[
         "events",
         "--action",
