@@ -1197,9 +1197,10 @@ impl Compiler {
     /// rule of its own whose counter is the overflow.
     ///
     /// A kernel rule that fixes its family and a protocol with ports jumps
-    /// straight to that family's chain, where a flow already seen costs one
-    /// set lookup: this is the path of a busy server's steady traffic, so
-    /// nothing else is on it (`bench/novelty.sh` measures it). Other kernel
+    /// straight to that family's chain, where a flow already seen costs a
+    /// compare and one set lookup: this is the path of a busy server's
+    /// steady traffic, so nothing more is on it (`bench/novelty.sh`
+    /// measures it). Other kernel
     /// rules go through `n_<rule>_any`, which sorts by family and protocol.
     fn novelty(&mut self, r: &AllowRule, policy: &Policy, kernel_rules: &mut [Rule]) {
         if !policy.novelty.tracks(&r.name) {
