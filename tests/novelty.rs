@@ -48,7 +48,9 @@ fn books(d: &Running) -> (u64, u64) {
 fn connect_until_logged_again(pair: &Pair, d: &Running, logged: u64) {
     d.wait_until("the kernel to report the flow again", 20, || {
         let attempt = Attempt::start(&pair.a, Some(NOBODY), &["try-tcp", B4, "443"]);
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Alive while egret attributes it (scaled: emulated kernels are slow),
+        // or the flow would be reported as the bare uid's.
+        std::thread::sleep(std::time::Duration::from_millis(200 * time_scale()));
         drop(attempt);
         books(d).0 > logged
     });
