@@ -62,6 +62,18 @@ fn connect_until_logged_again(pair: &Pair, d: &Running, logged: u64) {
     });
 }
 
+/// `egret events --json --action allowed-new`: the first-seen flows in the store.
+fn stored_first_seen(ns: &Netns, state_dir: &str) -> String {
+    ns.egret_ok(&[
+        "events",
+        "--json",
+        "--action",
+        "allowed-new",
+        "--state-dir",
+        state_dir,
+    ])
+}
+
 /// A shell (another executable) holding a connection to B4:443, as `nobody`.
 /// (`read` is a builtin: no child inherits the socket.)
 fn bash_connect(ns: &Netns) -> Child {
@@ -131,16 +143,7 @@ fn a_first_seen_flow_is_reported_once_per_identity_and_never_after_a_restart() {
 
     // The store has it (written in batches, after stdout); `egret events
     // --action allowed-new` lists it.
-    let listed = || {
-        pair.a.egret_ok(&[
-            "events",
-            "--json",
-            "--action",
-            "allowed-new",
-            "--state-dir",
-            &state_dir,
-        ])
-    };
+    let listed = || stored_first_seen(&pair.a, &state_dir);
     daemon.wait_until("both first-seen flows in the store", 10, || {
         listed().lines().count() >= 2
     });
@@ -265,16 +268,7 @@ fn during_the_learning_period_first_seen_flows_are_recorded_not_alerted() {
     let alerted = std::fs::read_to_string(&hook).unwrap();
     assert!(!alerted.contains("allowed-new"), "{alerted}");
     // Recorded all the same (once the store has written it).
-    let listed = || {
-        pair.a.egret_ok(&[
-            "events",
-            "--json",
-            "--action",
-            "allowed-new",
-            "--state-dir",
-            &state_dir,
-        ])
-    };
+    let listed = || stored_first_seen(&pair.a, &state_dir);
     daemon.wait_until("the first-seen flow in the store", 20, || {
         !listed().trim().is_empty()
     });
